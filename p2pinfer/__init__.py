@@ -1,0 +1,1 @@
+"""p2pinfer: peer-to-peer AI inference."""

@@ -1,0 +1,391 @@
+"""The RPC client: unary and server-streaming calls to peers.
+
+One long-lived RPC stream per peer carries every call to that peer,
+multiplexed by call id; it is opened on first use and reopened after it
+breaks. Each call sends the caller's remaining trio deadline, so a
+``with trio.fail_after(2):`` around a call also bounds the work on the
+server. Cancelling a call (or leaving an :class:`RpcStream` early) sends a
+CANCEL frame that stops the handler on the server.
+
+    async with RpcClient.open(host) as client:
+        peer = await client.connect("/ip4/127.0.0.1/tcp/4001/p2p/12D3KooW...")
+        health = await client.call(peer, "getServiceHealth")
+        async with client.stream(peer, "processPrompt", {...}) as chunks:
+            async for chunk in chunks:
+                ...
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from .. import wire
+from ..errors import (
+    MalformedFrame,
+    P2PInferError,
+    PeerUnavailable,
+    StreamBroken,
+    error_from_code,
+)
+from ..tracing import current_request_id
+from .channel import FramedChannel, libp2p_errors
+from .host import RPC_PROTOCOL, peer_info
+from .server import DEFAULT_STREAM_WINDOW
+
+__all__ = ["RpcClient", "RpcStream"]
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=4096)
+def _peer_id_obj(peer_id: str) -> Any:
+    from libp2p.peer.id import ID
+
+    from ..errors import InvalidParams
+
+    try:
+        return ID.from_base58(peer_id)
+    except Exception as exc:
+        raise InvalidParams(f"not a peer id: {peer_id[:64]!r}") from exc
+
+
+class _Unary:
+    __slots__ = ("event", "result", "error")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def resolve(self, result: Any) -> None:
+        self.result = result
+        self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.event.is_set():
+            self.error = error
+            self.event.set()
+
+
+class _Streaming:
+    __slots__ = ("send", "recv", "done")
+
+    def __init__(self, window: int) -> None:
+        # A well-behaved server sends at most `window` chunks ahead of our
+        # credits, plus END or ERROR: the buffer can never overflow.
+        self.send, self.recv = trio.open_memory_channel[tuple[str, Any]](window + 2)
+        self.done = False
+
+    def push(self, kind: str, value: Any) -> bool:
+        try:
+            self.send.send_nowait((kind, value))
+        except trio.WouldBlock:
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        return True
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            try:
+                self.send.send_nowait(("error", error))
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                # Buffer full of chunks the caller has not read: make room.
+                try:
+                    while True:
+                        self.recv.receive_nowait()
+                except (trio.WouldBlock, trio.ClosedResourceError, trio.EndOfChannel):
+                    pass
+                try:
+                    self.send.send_nowait(("error", error))
+                except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                    pass
+
+
+class _PeerChannel:
+    """All calls to one peer, over one RPC stream."""
+
+    def __init__(self, channel: FramedChannel, peer_id: str) -> None:
+        self.channel = channel
+        self.peer_id = peer_id
+        self.pending: dict[int, _Unary | _Streaming] = {}
+        self._next_id = 1
+        self.closed = False
+
+    def new_id(self) -> int:
+        call_id = self._next_id
+        self._next_id += 1
+        return call_id
+
+    async def run(self) -> None:
+        error: BaseException = StreamBroken(f"RPC stream to {self.peer_id} closed")
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.channel.run_writer)
+                async for item in self.channel.messages():
+                    self._dispatch(item)
+                nursery.cancel_scope.cancel()
+        except StreamBroken as exc:
+            error = exc
+        except Exception as exc:  # never let one broken peer take the client down
+            log.exception("RPC channel to %s failed", self.peer_id)
+            error = StreamBroken(f"RPC stream to {self.peer_id} failed: {exc}")
+        finally:
+            self.closed = True
+            for pending in list(self.pending.values()):
+                pending.fail(error)
+            self.pending.clear()
+            await self.channel.aclose(reset=True)
+
+    def _dispatch(self, item: wire.Message | wire.DecodeError) -> None:
+        if isinstance(item, wire.DecodeError):
+            log.warning("bad frame from %s: %s", self.peer_id, item.error.message)
+            pending = self.pending.get(item.call_id) if item.call_id else None
+            if pending is not None:
+                pending.fail(item.error)
+            return
+        pending = self.pending.get(item.id)
+        if pending is None:
+            if isinstance(item, wire.Error) and item.id == 0:
+                log.warning("peer %s: %s (code %d)", self.peer_id, item.message, item.code)
+            return  # a late answer to a call we already gave up on
+        if isinstance(item, wire.Error):
+            pending.fail(error_from_code(item.code, item.message, item.data))
+        elif isinstance(pending, _Unary):
+            if isinstance(item, wire.Response):
+                pending.resolve(item.result)
+            else:
+                pending.fail(MalformedFrame(f"unexpected {type(item).__name__} for a unary call"))
+        elif isinstance(item, wire.Chunk):
+            if not pending.push("chunk", item.data):
+                pending.fail(MalformedFrame("the server sent more chunks than it had credit for"))
+        elif isinstance(item, wire.End):
+            pending.done = True
+            pending.push("end", item.trailer)
+        else:
+            pending.fail(MalformedFrame(f"unexpected {type(item).__name__} for a stream call"))
+
+    def send_request(self, call_id: int, method: str, params: Any, meta: dict[str, Any]) -> None:
+        if self.closed:
+            raise StreamBroken(f"RPC stream to {self.peer_id} is closed")
+        deadline = trio.current_effective_deadline()
+        timeout = None if deadline == math.inf else max(0.0, deadline - trio.current_time())
+        self.channel.send_nowait(wire.Request(call_id, method, params, timeout, meta))
+
+    def cancel(self, call_id: int) -> None:
+        self.pending.pop(call_id, None)
+        if not self.closed:
+            self.channel.send_nowait(wire.Cancel(call_id))
+
+
+class RpcStream:
+    """A server-streaming call: iterate over its chunks; ``trailer`` holds the
+    END frame's value once the stream is exhausted."""
+
+    def __init__(
+        self,
+        client: RpcClient,
+        peer_id: str,
+        method: str,
+        params: Any,
+        meta: dict[str, Any] | None,
+        window: int,
+    ) -> None:
+        self._client = client
+        self._peer_id = peer_id
+        self._method = method
+        self._params = params
+        self._meta = meta
+        self._window = window
+        self._channel: _PeerChannel | None = None
+        self._call_id = 0
+        self._pending: _Streaming | None = None
+        self._consumed = 0
+        self._finished = False
+        self.trailer: Any = None
+
+    async def __aenter__(self) -> RpcStream:
+        channel = await self._client._channel_for(self._peer_id)
+        self._channel = channel
+        self._call_id = channel.new_id()
+        self._pending = _Streaming(self._window)
+        channel.pending[self._call_id] = self._pending
+        meta = self._client._call_meta(self._meta)
+        meta["credit"] = self._window
+        channel.send_request(self._call_id, self._method, self._params, meta)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._channel is not None
+        if not self._finished:
+            self._channel.cancel(self._call_id)
+        else:
+            self._channel.pending.pop(self._call_id, None)
+
+    def __aiter__(self) -> RpcStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._finished:
+            raise StopAsyncIteration
+        assert self._pending is not None and self._channel is not None
+        kind, value = await self._pending.recv.receive()
+        if kind == "chunk":
+            self._consumed += 1
+            if self._consumed >= max(1, self._window // 2) and not self._channel.closed:
+                self._channel.channel.send_nowait(wire.Credit(self._call_id, self._consumed))
+                self._consumed = 0
+            return value
+        self._finished = True
+        self._channel.pending.pop(self._call_id, None)
+        if kind == "end":
+            self.trailer = value
+            raise StopAsyncIteration
+        raise value
+
+
+class RpcClient:
+    """Calls RPC methods on peers. Needs :meth:`run` (or :meth:`open`)."""
+
+    def __init__(
+        self,
+        host: Any,
+        *,
+        max_frame: int = wire.DEFAULT_MAX_FRAME,
+        stream_window: int = DEFAULT_STREAM_WINDOW,
+    ) -> None:
+        self.host = host
+        self.max_frame = max_frame
+        self.stream_window = stream_window
+        self._channels: dict[str, _PeerChannel] = {}
+        self._opening: dict[str, trio.Lock] = {}
+        self._nursery: trio.Nursery | None = None
+        self._errors = libp2p_errors()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._nursery = None
+                nursery.cancel_scope.cancel()
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, host: Any, **kwargs: Any) -> AsyncIterator[RpcClient]:
+        client = cls(host, **kwargs)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+
+    # -- connections -------------------------------------------------------------
+    async def connect(self, addr: str) -> str:
+        """Dial ``/…/p2p/<peer id>``; returns the peer id. Idempotent."""
+        info = peer_info(addr)
+        try:
+            await self.host.connect(info)
+        except self._errors as exc:
+            raise PeerUnavailable(f"cannot reach {addr}: {exc}") from exc
+        except Exception as exc:  # py-libp2p raises bare Exceptions on dial failures
+            raise PeerUnavailable(f"cannot reach {addr}: {type(exc).__name__}: {exc}") from exc
+        return str(info.peer_id.to_base58())
+
+    def is_connected(self, peer_id: str) -> bool:
+        return bool(self.host.get_network().connections.get(_peer_id_obj(peer_id)))
+
+    async def _channel_for(self, peer_id: str) -> _PeerChannel:
+        channel = self._channels.get(peer_id)
+        if channel is not None and not channel.closed:
+            return channel
+        lock = self._opening.setdefault(peer_id, trio.Lock())
+        async with lock:
+            channel = self._channels.get(peer_id)
+            if channel is not None and not channel.closed:
+                return channel
+            if self._nursery is None:
+                raise RuntimeError("RpcClient is not running (use RpcClient.open or run())")
+            pid = _peer_id_obj(peer_id)
+            try:
+                stream = await self.host.new_stream(pid, [RPC_PROTOCOL])
+            except self._errors as exc:
+                raise PeerUnavailable(f"cannot open an RPC stream to {peer_id}: {exc}") from exc
+            except Exception as exc:
+                raise PeerUnavailable(
+                    f"cannot open an RPC stream to {peer_id}: {type(exc).__name__}: {exc}"
+                ) from exc
+            channel = _PeerChannel(FramedChannel(stream, max_frame=self.max_frame), peer_id)
+            self._channels[peer_id] = channel
+            self._nursery.start_soon(channel.run)
+            return channel
+
+    def drop(self, peer_id: str) -> None:
+        """Forget the stream to ``peer_id`` (it will be reopened on next use)."""
+        channel = self._channels.pop(peer_id, None)
+        if channel is not None:
+            channel.channel.close_writer()
+
+    @staticmethod
+    def _call_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
+        out = dict(meta) if meta else {}
+        rid = current_request_id.get()
+        if rid is not None and "rid" not in out:
+            out["rid"] = rid
+        return out
+
+    # -- calls ---------------------------------------------------------------------
+    async def call(
+        self, peer_id: str, method: str, params: Any = None, *, meta: dict[str, Any] | None = None
+    ) -> Any:
+        """Call ``method`` on ``peer_id`` and return its result.
+
+        Raises:
+            P2PInferError: the remote error, with its code; ``PeerUnavailable``
+                if the peer cannot be reached; ``StreamBroken`` if the
+                connection died during the call.
+        """
+        channel = await self._channel_for(peer_id)
+        call_id = channel.new_id()
+        pending = _Unary()
+        channel.pending[call_id] = pending
+        try:
+            channel.send_request(call_id, method, params, self._call_meta(meta))
+            await pending.event.wait()
+        except BaseException:
+            if not pending.event.is_set():
+                channel.cancel(call_id)
+            raise
+        finally:
+            channel.pending.pop(call_id, None)
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def stream(
+        self,
+        peer_id: str,
+        method: str,
+        params: Any = None,
+        *,
+        meta: dict[str, Any] | None = None,
+        window: int | None = None,
+    ) -> RpcStream:
+        """A server-streaming call, used as ``async with client.stream(...) as s``."""
+        return RpcStream(self, peer_id, method, params, meta, window or self.stream_window)
+
+
+def is_remote(exc: BaseException) -> bool:
+    """True for errors a peer sent us (as opposed to transport failures)."""
+    return isinstance(exc, P2PInferError) and not isinstance(exc, PeerUnavailable | StreamBroken)
