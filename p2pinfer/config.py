@@ -78,7 +78,9 @@ class Section:
         if not isinstance(value, str):
             raise ConfigError(f"{self._path(key)}: must be a string, got {value!r}")
         if choices is not None and value not in choices:
-            raise ConfigError(f"{self._path(key)}: must be one of {', '.join(choices)}; got {value!r}")
+            raise ConfigError(
+                f"{self._path(key)}: must be one of {', '.join(choices)}; got {value!r}"
+            )
         return value
 
     def get_optional_str(self, key: str) -> str | None:
@@ -169,12 +171,13 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _sqlite_path(url: str, home: Path) -> Path:
+    """``sqlite:///relative/to/home.db`` or ``sqlite:////absolute/path.db``."""
     if url.startswith("sqlite:///"):
         rest = url[len("sqlite:///"):]
-        if not rest:
+        if not rest or rest.endswith("/"):
             raise ConfigError("node.database_url: sqlite:/// needs a file path")
-        return Path(rest if rest.startswith("/") else "/" + rest) if url.startswith(
-            "sqlite:////") else (Path(rest) if Path(rest).is_absolute() else home / rest)
+        path = Path(rest).expanduser()
+        return path if path.is_absolute() else home / path
     if url.startswith("sqlite://"):
         raise ConfigError(f"node.database_url: use sqlite:///path/to/node.db, got {url!r}")
     raise ConfigError(
@@ -201,6 +204,7 @@ class NodeConfig:
     max_frame: int = 4 * 1024 * 1024
     max_streams_per_peer: int = 16
     log_format: str = "text"
+    network: str = "default"
     tree: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def section(self, name: str) -> Section:
@@ -240,7 +244,8 @@ class NodeConfig:
                         "ledger", "discovery", "scaling", "tls", "privacy"}
         for key in tree:
             if key not in known_tables:
-                raise ConfigError(f"{key}: unknown config table (known: {', '.join(sorted(known_tables))})")
+                known = ", ".join(sorted(known_tables))
+                raise ConfigError(f"{key}: unknown config table (known: {known})")
         for var, (table, key) in ENV_KEYS.items():
             if var in env and env[var] != "":
                 value: Any = env[var]
@@ -293,5 +298,6 @@ class NodeConfig:
             max_frame=node.get_int("max_frame", 4 * 1024 * 1024, minimum=4096, maximum=64 * 2**20),
             max_streams_per_peer=node.get_int("max_streams_per_peer", 16, minimum=1, maximum=1024),
             log_format=log_format,
+            network=node.get_str("network", "default"),
             tree=tree,
         )

@@ -56,6 +56,7 @@ __all__ = [
     "encode_many",
     "pack",
     "unpack",
+    "canonical_pack",
 ]
 
 VERSION = 1
@@ -219,7 +220,8 @@ def _decode_body(body: bytes) -> Message | DecodeError:
                 meta = {}
             if not isinstance(meta, dict):
                 raise ValueError("meta must be a map")
-            return Request(call_id, method, params, None if timeout is None else float(timeout), meta)
+            timeout = None if timeout is None else float(timeout)
+            return Request(call_id, method, params, timeout, meta)
         if kind == Kind.RESPONSE and n == 4:
             return Response(call_id, obj[3])
         if kind == Kind.CHUNK and n == 4:
@@ -309,3 +311,17 @@ class FrameDecoder:
         if pos:
             del buf[:pos]
         return out
+
+
+def _canonical(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _canonical(obj[k]) for k in sorted(obj, key=lambda k: (str(type(k)), k))}
+    if isinstance(obj, list | tuple):
+        return [_canonical(v) for v in obj]
+    return obj
+
+
+def canonical_pack(obj: Any) -> bytes:
+    """A deterministic msgpack encoding (map keys sorted, tuples as arrays):
+    the bytes that signatures cover, identical on every node."""
+    return pack(_canonical(obj))

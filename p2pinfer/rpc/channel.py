@@ -78,7 +78,7 @@ class FramedChannel:
                     while size < WRITE_BATCH:
                         try:
                             nxt = recv.receive_nowait()
-                        except trio.WouldBlock:
+                        except (trio.WouldBlock, trio.EndOfChannel):
                             break
                         parts.append(nxt)
                         size += len(nxt)

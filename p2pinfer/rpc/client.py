@@ -317,19 +317,34 @@ class RpcClient:
                 return channel
             if self._nursery is None:
                 raise RuntimeError("RpcClient is not running (use RpcClient.open or run())")
-            pid = _peer_id_obj(peer_id)
-            try:
-                stream = await self.host.new_stream(pid, [RPC_PROTOCOL])
-            except self._errors as exc:
-                raise PeerUnavailable(f"cannot open an RPC stream to {peer_id}: {exc}") from exc
-            except Exception as exc:
-                raise PeerUnavailable(
-                    f"cannot open an RPC stream to {peer_id}: {type(exc).__name__}: {exc}"
-                ) from exc
+            stream = await self._open_stream(peer_id)
             channel = _PeerChannel(FramedChannel(stream, max_frame=self.max_frame), peer_id)
             self._channels[peer_id] = channel
             self._nursery.start_soon(channel.run)
             return channel
+
+    async def _open_stream(self, peer_id: str) -> Any:
+        pid = _peer_id_obj(peer_id)
+        network = self.host.get_network()
+        for attempt in (1, 2):
+            try:
+                return await self.host.new_stream(pid, [RPC_PROTOCOL])
+            except Exception as exc:
+                # py-libp2p 0.8.1 keeps connections the peer has closed in its
+                # table ("No valid connections available"), so a peer that
+                # restarted could never be reached again: drop them and redial.
+                if attempt == 1 and network.get_connections(pid):
+                    log.debug("stale connection to %s (%s); redialing", peer_id, exc)
+                    with trio.move_on_after(1):
+                        try:
+                            await network.close_peer(pid)
+                        except Exception:
+                            log.debug("closing stale connection failed", exc_info=True)
+                    continue
+                raise PeerUnavailable(
+                    f"cannot open an RPC stream to {peer_id}: {type(exc).__name__}: {exc}"
+                ) from exc
+        raise AssertionError("unreachable")
 
     def drop(self, peer_id: str) -> None:
         """Forget the stream to ``peer_id`` (it will be reopened on next use)."""

@@ -54,7 +54,7 @@ def make_host(
     kwargs: dict[str, Any] = {}
     if announce_addrs:
         kwargs["announce_addrs"] = [multiaddr.Multiaddr(a) for a in announce_addrs]
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         sec_opt=sec_opt,
         muxer_opt=muxer_opt,
@@ -62,6 +62,26 @@ def make_host(
         enable_mDNS=enable_mdns,
         **kwargs,
     )
+    _disable_auto_dial(host)
+    return host
+
+
+def _disable_auto_dial(host: Any) -> None:
+    """Turn off py-libp2p's auto-connector.
+
+    Left on, it dials up to 150 peers from the peerstore whenever the node has
+    fewer connections than that, and redials peers that went away. p2pinfer
+    decides itself whom to dial: bootstrap peers (with backoff) and the peers
+    a call is addressed to.
+    """
+    connector = getattr(host.get_network(), "auto_connector", None)
+    if connector is None:
+        return
+
+    async def no_auto_dial() -> None:
+        return None
+
+    connector.maybe_connect = no_auto_dial
 
 
 def guard_handler(

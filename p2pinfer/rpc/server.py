@@ -238,7 +238,7 @@ class RpcServer:
                 await channel.run_writer()
             except StreamBroken:
                 pass
-        await channel.aclose(reset=True)
+        await channel.aclose()
 
     async def _serve(self, stream: Any, peer_id: str) -> None:
         channel = FramedChannel(stream, max_frame=self.max_frame)

@@ -1,0 +1,360 @@
+"""A p2pinfer node: one libp2p host running any set of roles.
+
+:class:`Node` composes, in start order:
+
+1. the libp2p host (Noise only, yamux) with the RPC protocol handler;
+2. the RPC client;
+3. the ledger (SQLite store, membership, replication), which also decides
+   who is a network member;
+4. discovery (KadDHT + signed descriptors), then the bootstrap dials;
+5. the roles, each started with ``nursery.start(role.run)``.
+
+``await nursery.start(node.run)`` returns once all of that is serving.
+Cancelling ``run`` (Ctrl-C, SIGTERM in the daemon) shuts everything down.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from typing import Any, Protocol
+
+import trio
+from prometheus_client import CollectorRegistry
+
+from . import __version__
+from .config import NodeConfig
+from .discovery import Descriptor, Discovery
+from .errors import ConfigError, InvalidParams, PeerUnavailable
+from .identity import Identity
+from .rpc import RPC_PROTOCOL, Access, CallContext, RpcClient, RpcServer, make_host, rpc_method
+from .rpc.host import guard_handler, parse_multiaddr
+
+__all__ = ["Node", "Role", "ROLE_CLASSES"]
+
+log = logging.getLogger(__name__)
+
+# Roles are imported lazily: a gateway-only node never imports llama.cpp.
+ROLE_CLASSES: dict[str, str] = {
+    "auth": "p2pinfer.auth.role:AuthRole",
+    "gateway": "p2pinfer.gateway.role:GatewayRole",
+    "inference": "p2pinfer.inference.role:InferenceRole",
+    "metrics": "p2pinfer.metrics.role:MetricsRole",
+    "web": "p2pinfer.web.role:WebRole",
+}
+
+# What a non-member peer may look up through ``findPeers``: the entry points.
+PUBLIC_ROLES = ("gateway", "web")
+BOOTSTRAP_RETRY_MAX = 30.0
+
+
+class Role(Protocol):
+    name: str
+
+    async def run(self, *, task_status: Any = ...) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def topics(self) -> list[str]: ...
+
+
+def load_role_class(name: str) -> type[Any]:
+    try:
+        target = ROLE_CLASSES[name]
+    except KeyError:
+        raise ConfigError(f"node.roles: unknown role {name!r}") from None
+    module_name, _, attr = target.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attr)  # type: ignore[no-any-return]
+
+
+class _Notifee:
+    """Forwards libp2p connection events to the node."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def connected(self, network: Any, conn: Any) -> None:
+        self.node._on_connected(conn.muxed_conn.peer_id.to_base58())
+
+    async def disconnected(self, network: Any, conn: Any) -> None:
+        self.node._on_disconnected(conn.muxed_conn.peer_id.to_base58())
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+
+class Node:
+    """One p2pinfer node.
+
+    Args:
+        config: the node's configuration.
+        identity: the node key (default: ``<home>/node.key``, created on first use).
+        registry: the Prometheus registry the node's metrics go to (default: a
+            new one per node, never the global registry).
+        role_factories: optional overrides ``{role name: callable(node) -> role}``,
+            for embedding a custom role implementation.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        *,
+        identity: Identity | None = None,
+        registry: CollectorRegistry | None = None,
+        role_factories: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.identity = identity or Identity.load_or_create(config.home)
+        self.peer_id = self.identity.peer_id
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.started_at = time.time()
+        self.host = make_host(
+            self.identity, announce_addrs=config.announce, enable_mdns=config.enable_mdns
+        )
+        self.rpc_server = RpcServer(
+            is_member=self.is_member,
+            max_frame=config.max_frame,
+            max_streams_per_peer=config.max_streams_per_peer,
+        )
+        self.rpc = RpcClient(self.host, max_frame=config.max_frame)
+        self.ledger: Any = None
+        self._init_ledger()
+        self.discovery = Discovery(
+            self.host,
+            self.rpc,
+            self.descriptor,
+            network=self.network_id,
+            dht_server=config.dht_server,
+            announce_interval=config.announce_interval,
+            descriptor_ttl=config.descriptor_ttl,
+        )
+        factories = role_factories or {}
+        self.roles: dict[str, Any] = {}
+        for name in config.roles:
+            factory = factories.get(name) or load_role_class(name)
+            self.roles[name] = factory(self)
+        self.rpc_server.register(self)
+        for role in self.roles.values():
+            self.rpc_server.register(role)
+        self.ready = trio.Event()
+        self._descriptor: tuple[float, Descriptor] | None = None
+        self._cancel_scope: trio.CancelScope | None = None
+        self._bootstrap_peers: list[str] = []
+
+    # -- membership --------------------------------------------------------------
+    def _init_ledger(self) -> None:
+        """The ledger owns the store and membership (see p2pinfer.ledger)."""
+        try:
+            from .ledger import Ledger
+        except ImportError:  # ledger package not present in this build
+            self.ledger = None
+            return
+        self.ledger = Ledger.for_node(self)
+
+    @property
+    def network_id(self) -> str:
+        if self.ledger is not None:
+            return str(self.ledger.network_id)
+        return self.config.network
+
+    def is_member(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` is an admitted member of this node's network."""
+        if peer_id == self.peer_id:
+            return True
+        if self.ledger is None:
+            return False
+        return bool(self.ledger.is_member(peer_id))
+
+    # -- addresses and descriptor -----------------------------------------------
+    @property
+    def addrs(self) -> list[str]:
+        """This node's dialable multiaddrs, each ending in ``/p2p/<peer id>``."""
+        out = []
+        for addr in self.host.get_addrs():
+            text = str(addr)
+            if "/ip4/0.0.0.0/" in text or "/ip6/::/" in text:
+                continue
+            out.append(text if "/p2p/" in text else f"{text}/p2p/{self.peer_id}")
+        if not out:  # listening on a wildcard: advertise the real interfaces
+            from libp2p.utils.address_validation import get_available_interfaces
+
+            for addr in self.host.get_transport_addrs():
+                port = addr.value_for_protocol("tcp")
+                if port:
+                    for iface in get_available_interfaces(int(port)):
+                        out.append(f"{iface}/p2p/{self.peer_id}")
+        return out
+
+    def topics(self) -> list[str]:
+        topics = [f"role/{name}" for name in self.roles]
+        for role in self.roles.values():
+            extra = getattr(role, "topics", None)
+            if extra is not None:
+                topics.extend(t for t in extra() if t not in topics)
+        return topics
+
+    def descriptor(self) -> Descriptor:
+        """This node's signed descriptor (re-signed at most once a second)."""
+        now = trio.current_time()
+        if self._descriptor is not None and self._descriptor[0] > now:
+            return self._descriptor[1]
+        info: dict[str, Any] = {}
+        for name, role in self.roles.items():
+            describe = getattr(role, "describe", None)
+            if describe is not None:
+                try:
+                    info[name] = describe()
+                except Exception:
+                    log.exception("role %s failed to describe itself", name)
+        desc = Descriptor.create(
+            self.identity,
+            addrs=self.addrs,
+            roles=list(self.roles),
+            topics=self.topics(),
+            info=info,
+            network=self.network_id,
+        )
+        self._descriptor = (now + 1.0, desc)
+        return desc
+
+    def invalidate_descriptor(self) -> None:
+        """Something in the descriptor changed (e.g. a model loaded)."""
+        self._descriptor = None
+        self.discovery.request_announce()
+
+    # -- RPC served by every node -----------------------------------------------
+    @rpc_method("getDescriptor", access=Access.PUBLIC)
+    async def rpc_get_descriptor(self, ctx: CallContext, params: Any) -> dict[str, Any]:
+        """This node's signed descriptor."""
+        return self.descriptor().to_wire()
+
+    @rpc_method("findPeers", access=Access.PUBLIC)
+    async def rpc_find_peers(self, ctx: CallContext, params: Any) -> list[dict[str, Any]]:
+        """Descriptors of nodes with a role (``{"role": ...}``) or serving a
+        model (``{"model": ...}``). Non-members may only look up entry points
+        (gateway and web roles)."""
+        if not isinstance(params, dict) or len(params) != 1:
+            raise InvalidParams('findPeers takes {"role": name} or {"model": name}')
+        if "role" in params:
+            role = params["role"]
+            if not isinstance(role, str) or role not in ROLE_CLASSES:
+                raise InvalidParams(f"role must be one of {', '.join(ROLE_CLASSES)}")
+            if not ctx.is_member and role not in PUBLIC_ROLES:
+                from .errors import NotMember
+
+                raise NotMember(f"non-members may look up only {', '.join(PUBLIC_ROLES)} nodes")
+            found = await self.discovery.find_role(role)
+        elif "model" in params:
+            model = params["model"]
+            if not isinstance(model, str) or not 0 < len(model) <= 200:
+                raise InvalidParams("model must be a non-empty string of at most 200 characters")
+            if not ctx.is_member:
+                from .errors import NotMember
+
+                raise NotMember("model lookups are for network members")
+            found = await self.discovery.find_model(model)
+        else:
+            raise InvalidParams('findPeers takes {"role": name} or {"model": name}')
+        return [d.to_wire() for d in found]
+
+    @rpc_method("ping", access=Access.PUBLIC)
+    async def rpc_ping(self, ctx: CallContext, params: Any) -> dict[str, Any]:
+        """Liveness: peer id, version, uptime, whether the caller is a member."""
+        return {
+            "peer_id": self.peer_id,
+            "version": __version__,
+            "uptime": time.time() - self.started_at,
+            "member": ctx.is_member,
+            "network": self.network_id,
+        }
+
+    # -- connections ----------------------------------------------------------------
+    def _on_connected(self, peer_id: str) -> None:
+        if self.ledger is not None and hasattr(self.ledger, "on_peer_connected"):
+            self.ledger.on_peer_connected(peer_id)
+
+    def _on_disconnected(self, peer_id: str) -> None:
+        self.discovery.forget(peer_id)
+        self.rpc.drop(peer_id)
+
+    def connected_peers(self) -> list[str]:
+        return [p.to_base58() for p in self.host.get_connected_peers()]
+
+    async def connect(self, addr: str) -> str:
+        """Dial a peer by multiaddr and add it to the DHT routing table."""
+        peer_id = await self.rpc.connect(addr)
+        await self.discovery.add_peer(peer_id)
+        return peer_id
+
+    async def _bootstrap(self, addr: str) -> None:
+        """Dial one bootstrap peer, retrying with backoff until it answers."""
+        delay = 0.2
+        while True:
+            try:
+                peer_id = await self.connect(addr)
+            except PeerUnavailable as exc:
+                log.info("bootstrap %s not reachable (%s); retrying in %.1fs", addr, exc, delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, BOOTSTRAP_RETRY_MAX)
+                continue
+            self._bootstrap_peers.append(peer_id)
+            await self.discovery.refresh()
+            self.discovery.request_announce()
+            log.info("joined through bootstrap peer %s", peer_id)
+            return
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the node until cancelled."""
+        listen = [parse_multiaddr(a) for a in self.config.listen]
+        with trio.CancelScope() as scope:
+            self._cancel_scope = scope
+            async with self.host.run(listen_addrs=listen):
+                self.host.set_stream_handler(
+                    RPC_PROTOCOL, guard_handler("rpc", self.rpc_server.handle_stream)
+                )
+                self.host.get_network().register_notifee(_Notifee(self))
+                try:
+                    await self._run_services(task_status)
+                finally:
+                    # host.run() leaves connections to the GC: close them now so
+                    # peers see us leave at once instead of a silent socket.
+                    with trio.CancelScope(shield=True), trio.move_on_after(2):
+                        try:
+                            await self.host.close()
+                        except Exception:
+                            log.debug("closing the host failed", exc_info=True)
+
+    async def _run_services(self, task_status: Any) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.rpc.run)
+            if self.ledger is not None:
+                await nursery.start(self.ledger.run)
+            await nursery.start(self.discovery.run)
+            for addr in self.config.bootstrap:
+                nursery.start_soon(self._bootstrap, addr)
+            for name, role in self.roles.items():
+                log.debug("starting role %s", name)
+                await nursery.start(role.run)
+            self.invalidate_descriptor()
+            log.info("node %s up on %s with roles %s", self.peer_id,
+                     ", ".join(self.addrs), ", ".join(self.roles) or "none")
+            self.ready.set()
+            task_status.started()
+            await trio.sleep_forever()
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return."""
+        if self._cancel_scope is not None:
+            self._cancel_scope.cancel()

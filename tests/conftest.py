@@ -1,0 +1,27 @@
+"""Shared fixtures: every test gets its own P2PINFER_HOME and a clean environment.
+Helpers to run real nodes live in ``tests/helpers.py``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+# py-libp2p logs harmless multi-line WARNINGs on every closed stream.
+logging.getLogger("libp2p").setLevel(logging.ERROR)
+logging.getLogger("multiaddr").setLevel(logging.WARNING)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "home"
+    monkeypatch.setenv("P2PINFER_HOME", str(home))
+    # Design-document variables from the developer's shell must not leak in.
+    for var in ("DATABASE_URL", "WEB_SERVICE_PORT", "OLLAMA_URL", "OPENAI_API_KEY",
+                "OPENAI_BASE_URL", "DEFAULT_RATE_LIMIT", "PREMIUM_RATE_LIMIT",
+                "PROMETHEUS_PORT", "METRICS_ENABLED", "P2PINFER_ROLES", "P2PINFER_LISTEN",
+                "P2PINFER_BOOTSTRAP", "P2PINFER_ANNOUNCE"):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
