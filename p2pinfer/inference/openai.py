@@ -1,0 +1,159 @@
+"""The OpenAI-compatible backend: any server with ``/v1/chat/completions``.
+
+OpenAI itself, vLLM, llama.cpp's servers, LM Studio, ... The base URL
+includes the version path (``https://api.openai.com/v1``, the default;
+``OPENAI_BASE_URL`` overrides it) and ``OPENAI_API_KEY`` is sent as a bearer
+token when set.
+
+Requests stream (``"stream": true``) as server-sent events: ``data: {json}``
+chunks with ``choices[0].delta.content``, a chunk with ``finish_reason``, and
+``data: [DONE]``. Usage is requested with ``stream_options.include_usage``;
+servers that ignore it (llama-cpp-python's server does) get estimated counts
+(one per streamed delta, ~4 characters a prompt token) and the result says
+``usage_exact=False``. A stream that ends before ``[DONE]`` is a
+:class:`~p2pinfer.errors.MalformedBackendResponse`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from typing import Any
+
+import httpx
+
+from ..errors import BackendError, MalformedBackendResponse
+from .backend import (
+    GenerationRequest,
+    GenerationResult,
+    ModelInfo,
+    StreamEvent,
+    TextChunk,
+    estimate_tokens,
+)
+from .remote import HttpBackend, SSEDecoder, parse_json_line
+
+__all__ = ["DEFAULT_OPENAI_URL", "OpenAIBackend"]
+
+DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
+
+
+def _int(value: Any, what: str) -> int:
+    if type(value) is not int or value < 0:
+        raise MalformedBackendResponse(f"{what}: expected a token count, got {value!r}")
+    return value
+
+
+class OpenAIBackend(HttpBackend):
+    """A model on an OpenAI-compatible server."""
+
+    kind = "openai"
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        base_url: str = DEFAULT_OPENAI_URL,
+        api_key: str | None = None,
+        remote_model: str | None = None,
+        slots: int = 4,
+        timeout: float = 60.0,
+        connect_timeout: float = 5.0,
+        probe_interval: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        super().__init__(
+            name,
+            base_url=base_url,
+            remote_model=remote_model or name,
+            slots=slots,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            probe_interval=probe_interval,
+            transport=transport,
+            headers=headers,
+        )
+
+    async def list_models(self) -> list[ModelInfo]:
+        """``GET /models``: the server's catalog."""
+        body = await self.get_json("/models")
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise MalformedBackendResponse(f"GET /models on the {self.where}: no 'data' list")
+        out = []
+        for item in data:
+            if isinstance(item, dict) and isinstance(item.get("id"), str):
+                ctx = item.get("context_length") or item.get("max_model_len")
+                out.append(ModelInfo(item["id"], self.kind,
+                                     ctx if type(ctx) is int else None,
+                                     {"owned_by": str(item.get("owned_by", ""))[:64]}))
+        return out
+
+    def request_body(self, request: GenerationRequest) -> dict[str, Any]:
+        """The JSON body of ``POST /chat/completions`` for ``request``."""
+        params = request.params
+        body: dict[str, Any] = {
+            "model": self.remote_model,
+            "messages": [m.to_dict() for m in request.messages],
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.seed is not None:
+            body["seed"] = params.seed
+        return body
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
+        what = f"chat completion on the {self.where}"
+        decoder = SSEDecoder()
+        deltas = 0
+        finish: str | None = None
+        usage: dict[str, Any] | None = None
+        done = False
+        async with self.open_stream("/chat/completions", self.request_body(request)) as lines:
+            async for line in lines:
+                for data in decoder.feed_line(line):
+                    if data.strip() == "[DONE]":
+                        done = True
+                        break
+                    obj = parse_json_line(data, what)
+                    if "error" in obj:
+                        err = obj["error"]
+                        message = err.get("message") if isinstance(err, dict) else err
+                        raise BackendError(f"{what}: {str(message)[:300]}")
+                    if isinstance(obj.get("usage"), dict):
+                        usage = obj["usage"]
+                    choices = obj.get("choices")
+                    if not isinstance(choices, list):
+                        raise MalformedBackendResponse(f"{what}: a chunk without 'choices'")
+                    for choice in choices[:1]:
+                        if not isinstance(choice, dict):
+                            raise MalformedBackendResponse(f"{what}: a choice is not an object")
+                        delta = choice.get("delta") or {}
+                        content = delta.get("content") if isinstance(delta, dict) else None
+                        if content is not None and not isinstance(content, str):
+                            raise MalformedBackendResponse(f"{what}: delta.content is not text")
+                        if content:
+                            deltas += 1
+                            yield TextChunk(content)
+                        reason = choice.get("finish_reason")
+                        if isinstance(reason, str) and reason:
+                            finish = reason[:32]
+                if done:
+                    break
+        if not done:
+            for data in decoder.close():
+                done = data.strip() == "[DONE]"
+        if not done:
+            raise MalformedBackendResponse(f"{what}: the stream ended before [DONE]")
+        if usage is not None and "completion_tokens" in usage:
+            prompt = _int(usage.get("prompt_tokens", 0), f"{what}: usage.prompt_tokens")
+            completion = _int(usage["completion_tokens"], f"{what}: usage.completion_tokens")
+            yield GenerationResult(prompt, completion, finish or "stop")
+        else:
+            yield GenerationResult(estimate_tokens(request.messages), deltas, finish or "stop",
+                                   usage_exact=False)

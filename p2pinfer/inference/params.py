@@ -1,0 +1,243 @@
+"""Validation of ``processPrompt`` parameters (pure functions, no I/O).
+
+Accepted shape (a msgpack map; every field is checked and an error names it)::
+
+    {
+      "prompt": "text",              # or "messages", not both
+      "system": "text",              # optional, only with "prompt"
+      "messages": [{"role": "system"|"user"|"assistant", "content": "text"}, ...],
+      "model": "smollm2",            # optional: the node's default model
+      "max_tokens": 256,             # 1 .. [inference] max_tokens_limit   (alias maxTokens)
+      "temperature": 0.7,            # 0 .. 2
+      "top_p": 0.95,                 # (0, 1]                              (alias topP)
+      "stop": ["\\n\\n"],              # a string or up to 4 strings of 1..64 chars
+      "seed": 42,                    # 0 .. 2**32-1
+      "cache": true,                 # false skips the response cache
+      "modelConfig": {...}           # the design document's form: model, max_tokens,
+    }                                # temperature, top_p, stop, seed may go here instead
+
+A bare string is taken as ``{"prompt": <string>}``. Unknown keys are
+rejected, so a typo (``temprature``) is an error rather than a silent default.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from ..errors import InvalidParams
+from .backend import ROLES, GenerationParams, Message
+
+__all__ = ["ParamLimits", "PromptRequest", "parse_model_name", "parse_prompt_params"]
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
+MAX_SEED = 2**32 - 1
+
+_MODEL_KEYS = {"model", "max_tokens", "maxTokens", "temperature", "top_p", "topP", "stop", "seed"}
+_TOP_KEYS = {"prompt", "messages", "system", "modelConfig", "cache"} | _MODEL_KEYS
+_CANONICAL = {"maxTokens": "max_tokens", "topP": "top_p"}
+
+
+@dataclass(frozen=True)
+class ParamLimits:
+    """Bounds and defaults for prompt parameters (from ``[inference]``)."""
+
+    max_tokens: int = 4096
+    default_max_tokens: int = 256
+    default_temperature: float = 0.7
+    default_top_p: float = 0.95
+    max_messages: int = 64
+    max_prompt_chars: int = 32_000
+    max_stop: int = 4
+    max_stop_chars: int = 64
+
+
+@dataclass(frozen=True)
+class PromptRequest:
+    """A validated ``processPrompt`` call. ``model`` None means the default."""
+
+    model: str | None
+    messages: tuple[Message, ...]
+    params: GenerationParams
+    use_cache: bool = True
+
+
+def _fail(field: str, problem: str) -> InvalidParams:
+    return InvalidParams(f"{field}: {problem}", data={"field": field})
+
+
+def parse_model_name(value: Any, field: str = "model") -> str:
+    """A model name (``smollm2``, ``llama3:8b``, ``org/name``) or InvalidParams."""
+    if not isinstance(value, str) or not MODEL_NAME.match(value):
+        _raise(field, f"must be a model name (letters, digits, ._:/@+-; at most 128), "
+                             f"got {_show(value)}")
+    return value
+
+
+def _raise(field: str, problem: str) -> NoReturn:
+    raise _fail(field, problem)
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _number(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        _raise(field, f"must be a number, got {_show(value)}")
+    number = float(value)
+    if not math.isfinite(number):
+        _raise(field, "must be a finite number")
+    return number
+
+
+def _integer(value: Any, field: str, low: int, high: int) -> int:
+    if type(value) is not int:
+        _raise(field, f"must be an integer, got {_show(value)}")
+    if not low <= value <= high:
+        _raise(field, f"must be between {low} and {high}, got {value}")
+    return int(value)
+
+
+def _text(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        _raise(field, f"must be a string, got {_show(value)}")
+    return str(value)
+
+
+def _messages(value: Any, limits: ParamLimits) -> tuple[Message, ...]:
+    if not isinstance(value, list):
+        _raise("messages", f"must be a list of {{role, content}} maps, got {_show(value)}")
+    if not value:
+        _raise("messages", "must not be empty")
+    if len(value) > limits.max_messages:
+        _raise("messages", f"at most {limits.max_messages} messages, got {len(value)}")
+    out = []
+    for i, item in enumerate(value):
+        field = f"messages[{i}]"
+        if not isinstance(item, dict):
+            _raise(field, f"must be a map with role and content, got {_show(item)}")
+        extra = set(item) - {"role", "content"}
+        if extra:
+            _raise(f"{field}.{sorted(map(str, extra))[0]}", "unknown key")
+        role = item.get("role")
+        if role not in ROLES:
+            _raise(f"{field}.role", f"must be one of {', '.join(ROLES)}, got {_show(role)}")
+        if "content" not in item:
+            _raise(f"{field}.content", "is required")
+        out.append(Message(str(role), _text(item["content"], f"{field}.content")))
+    return tuple(out)
+
+
+def _stop(value: Any, limits: ParamLimits) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list):
+        _raise("stop", f"must be a string or a list of strings, got {_show(value)}")
+    if len(items) > limits.max_stop:
+        _raise("stop", f"at most {limits.max_stop} stop sequences, got {len(items)}")
+    out = []
+    for i, item in enumerate(items):
+        field = "stop" if isinstance(value, str) else f"stop[{i}]"
+        text = _text(item, field)
+        if not 1 <= len(text) <= limits.max_stop_chars:
+            _raise(field, f"must be 1 to {limits.max_stop_chars} characters long")
+        out.append(text)
+    return tuple(out)
+
+
+def _merge_model_config(params: dict[str, Any]) -> dict[str, Any]:
+    """Top-level and ``modelConfig`` fields as one map of canonical names."""
+    merged: dict[str, Any] = {}
+    sources: list[tuple[str, dict[str, Any]]] = [("", params)]
+    config = params.get("modelConfig")
+    if config is not None:
+        if not isinstance(config, dict):
+            _raise("modelConfig", f"must be a map, got {_show(config)}")
+        sources.append(("modelConfig.", config))
+    for prefix, source in sources:
+        allowed = _TOP_KEYS if not prefix else _MODEL_KEYS
+        for key in source:
+            if not isinstance(key, str) or key not in allowed:
+                _raise(f"{prefix}{key}", "unknown key")
+            if key not in _MODEL_KEYS:
+                continue
+            name = _CANONICAL.get(key, key)
+            if name in merged:
+                _raise(f"{prefix}{key}", "given twice")
+            merged[name] = source[key]
+    return merged
+
+
+def parse_prompt_params(params: Any, limits: ParamLimits | None = None) -> PromptRequest:
+    """Check ``processPrompt`` params and build a :class:`PromptRequest`.
+
+    Raises:
+        InvalidParams: naming the first bad field (``data["field"]``).
+    """
+    limits = limits or ParamLimits()
+    if isinstance(params, str):
+        params = {"prompt": params}
+    if not isinstance(params, dict):
+        _raise("params", f"must be a map (or a prompt string), got {_show(params)}")
+    fields = _merge_model_config(params)
+
+    if "prompt" in params and "messages" in params:
+        _raise("prompt", "give either prompt or messages, not both")
+    if "messages" in params:
+        if "system" in params:
+            _raise("system", "only with prompt; put a system message in messages instead")
+        messages = _messages(params["messages"], limits)
+    elif "prompt" in params:
+        prompt = _text(params["prompt"], "prompt")
+        head: list[Message] = []
+        if params.get("system") is not None:
+            head.append(Message("system", _text(params["system"], "system")))
+        messages = (*head, Message("user", prompt))
+    else:
+        _raise("prompt", "a prompt or messages are required")
+    chars = sum(len(m.content) for m in messages)
+    if chars == 0:
+        _raise("prompt" if "prompt" in params else "messages", "is empty")
+    if chars > limits.max_prompt_chars:
+        _raise("prompt" if "prompt" in params else "messages",
+               f"at most {limits.max_prompt_chars} characters, got {chars}")
+
+    model = fields.get("model")
+    if model is not None:
+        model = parse_model_name(model)
+    max_tokens = limits.default_max_tokens
+    if fields.get("max_tokens") is not None:
+        max_tokens = _integer(fields["max_tokens"], "max_tokens", 1, limits.max_tokens)
+    temperature = limits.default_temperature
+    if fields.get("temperature") is not None:
+        temperature = _number(fields["temperature"], "temperature")
+        if not 0.0 <= temperature <= 2.0:
+            _raise("temperature", f"must be between 0 and 2, got {temperature}")
+    top_p = limits.default_top_p
+    if fields.get("top_p") is not None:
+        top_p = _number(fields["top_p"], "top_p")
+        if not 0.0 < top_p <= 1.0:
+            _raise("top_p", f"must be greater than 0 and at most 1, got {top_p}")
+    seed = None
+    if fields.get("seed") is not None:
+        seed = _integer(fields["seed"], "seed", 0, MAX_SEED)
+    use_cache = params.get("cache", True)
+    if not isinstance(use_cache, bool):
+        _raise("cache", f"must be true or false, got {_show(use_cache)}")
+    return PromptRequest(
+        model=model,
+        messages=messages,
+        params=GenerationParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            stop=_stop(fields.get("stop"), limits),
+            seed=seed,
+        ),
+        use_cache=use_cache,
+    )

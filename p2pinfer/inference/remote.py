@@ -1,0 +1,312 @@
+"""What the HTTP backends (OpenAI-compatible, Ollama) share.
+
+- :class:`HttpBackend`: owns an :class:`httpx.AsyncClient` for the life of
+  :meth:`~HttpBackend.run`, probes the server's catalog now and then to keep
+  the model's state honest, and opens streaming requests whose failures come
+  out as our own errors. The transport is injectable, so tests can put an
+  :class:`httpx.MockTransport` where the network would be.
+- :func:`translate_http_error` and :func:`error_for_status`: httpx errors and
+  HTTP statuses into the :mod:`p2pinfer.errors` tree (the boundary rule:
+  ``raise OurError(...) from exc``).
+- :class:`SSEDecoder` (server-sent events) and :func:`parse_json_line` (NDJSON),
+  sans-IO: lines in, payloads out.
+
+Error mapping, for every HTTP backend:
+
+    connection refused, reset, DNS failure  -> BackendUnavailable
+    any timeout (connect, read, pool)       -> BackendTimeout
+    HTTP 404 on the generation endpoint     -> UnknownModel (the server lacks it)
+    HTTP 408 / 504                          -> BackendTimeout
+    HTTP 429                                -> Overloaded (retry_after from Retry-After)
+    HTTP 503                                -> BackendUnavailable
+    any other HTTP >= 400                   -> BackendError (data: status)
+    unparsable or truncated stream          -> MalformedBackendResponse
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import trio
+
+from ..errors import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    InferenceError,
+    MalformedBackendResponse,
+    Overloaded,
+    P2PInferError,
+    UnknownModel,
+)
+from .backend import Backend, ModelState
+
+__all__ = [
+    "HttpBackend",
+    "SSEDecoder",
+    "error_for_status",
+    "parse_json_line",
+    "translate_http_error",
+]
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 1024 * 1024  # one SSE or NDJSON line; a larger one is not a token stream
+MAX_ERROR_BODY = 4096
+
+
+def translate_http_error(exc: httpx.HTTPError, what: str) -> InferenceError:
+    """Our error for an httpx failure while doing ``what``."""
+    if isinstance(exc, httpx.TimeoutException):
+        return BackendTimeout(f"{what}: timed out ({type(exc).__name__})")
+    if isinstance(exc, httpx.TransportError):
+        return BackendUnavailable(f"{what}: {type(exc).__name__}: {exc}")
+    if isinstance(exc, httpx.DecodingError):
+        return MalformedBackendResponse(f"{what}: undecodable body: {exc}")
+    return BackendError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def _retry_after(response: httpx.Response, default: float) -> float:
+    value = response.headers.get("retry-after", "")
+    try:
+        seconds = float(value)
+    except ValueError:
+        return default
+    return min(max(seconds, 0.0), 3600.0)
+
+
+def _error_message(body: bytes) -> str:
+    """The ``error`` text of an OpenAI- or Ollama-style error body, else the body."""
+    text = body[:MAX_ERROR_BODY].decode("utf-8", errors="replace").strip()
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return text[:300]
+    if isinstance(obj, dict):
+        err = obj.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])[:300]
+        if isinstance(err, str):
+            return err[:300]
+    return text[:300]
+
+
+def error_for_status(response: httpx.Response, body: bytes, what: str,
+                     *, model: str) -> P2PInferError:
+    """Our error for a non-2xx answer (``body`` is its first bytes)."""
+    status = response.status_code
+    message = f"{what}: HTTP {status}: {_error_message(body)}"
+    data: dict[str, Any] = {"status": status}
+    if status == 404:
+        return UnknownModel(message, data={**data, "model": model})
+    if status in (408, 504):
+        return BackendTimeout(message, data=data)
+    if status == 429:
+        return Overloaded(message, data={**data, "retry_after": _retry_after(response, 1.0)})
+    if status == 503:
+        return BackendUnavailable(message,
+                                  data={**data, "retry_after": _retry_after(response, 1.0)})
+    return BackendError(message, data=data)
+
+
+def parse_json_line(line: str, what: str) -> dict[str, Any]:
+    """One JSON object from an NDJSON or SSE line, or MalformedBackendResponse."""
+    if len(line) > MAX_LINE:
+        raise MalformedBackendResponse(f"{what}: a stream line of {len(line)} bytes")
+    try:
+        obj = json.loads(line)
+    except ValueError as exc:
+        raise MalformedBackendResponse(f"{what}: not JSON: {line[:80]!r}") from exc
+    if not isinstance(obj, dict):
+        raise MalformedBackendResponse(f"{what}: expected a JSON object, got {line[:80]!r}")
+    return obj
+
+
+class SSEDecoder:
+    """Sans-IO server-sent events: feed it lines (without their newline),
+    get back the ``data`` payload of each completed event."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def feed_line(self, line: str) -> list[str]:
+        if len(line) > MAX_LINE:
+            raise MalformedBackendResponse(f"an SSE line of {len(line)} bytes")
+        if line == "":
+            return self._dispatch()
+        if line.startswith(":"):
+            return []  # a comment (keep-alive)
+        name, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        return []  # event:, id:, retry: carry nothing we use
+
+    def close(self) -> list[str]:
+        """The last event, if the stream ended without its blank line."""
+        return self._dispatch()
+
+    def _dispatch(self) -> list[str]:
+        if not self._data:
+            return []
+        data, self._data = "\n".join(self._data), []
+        return [data]
+
+
+class HttpBackend(Backend):
+    """Base of the backends that talk to a model server over HTTP.
+
+    Args:
+        name: the model's name on this node.
+        base_url: the server's base URL.
+        remote_model: the model's name on the server.
+        slots: requests sent to the server at once.
+        timeout: seconds allowed between two reads of a response (and for
+            writes and the connection pool).
+        connect_timeout: seconds allowed to connect.
+        probe_interval: seconds between two catalog probes.
+        transport: an httpx transport to use instead of the network.
+        headers: sent with every request (authorization).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        base_url: str,
+        remote_model: str,
+        slots: int = 4,
+        timeout: float = 60.0,
+        connect_timeout: float = 5.0,
+        probe_interval: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(name, slots=slots)
+        self.base_url = base_url.rstrip("/")
+        self.remote_model = remote_model
+        self.timeout = httpx.Timeout(timeout, connect=connect_timeout)
+        self.probe_interval = probe_interval
+        self._transport = transport
+        self._headers = dict(headers or {})
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def where(self) -> str:
+        """The server, for messages (never the credentials)."""
+        url = httpx.URL(self.base_url)
+        return f"{self.kind} server {url.scheme}://{url.host}{f':{url.port}' if url.port else ''}"
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the HTTP client, then probe the catalog every ``probe_interval``
+        (every few seconds while the server is failing)."""
+        async with httpx.AsyncClient(
+            base_url=self.base_url + "/",
+            timeout=self.timeout,
+            transport=self._transport,
+            headers=self._headers,
+        ) as client:
+            self._client = client
+            try:
+                task_status.started()
+                while True:
+                    await self.probe()
+                    interval = self.probe_interval
+                    if self.state is not ModelState.LOADED:
+                        interval = min(interval, 5.0)
+                    await trio.sleep(interval)
+            finally:
+                self._client = None
+
+    async def probe(self) -> None:
+        """Ask the server for its catalog and set the model's state from it."""
+        try:
+            infos = await self.list_models()
+        except P2PInferError as exc:
+            if self.state is not ModelState.ERROR:
+                log.warning("model %s: %s", self.name, exc.message)
+            self._set_state(ModelState.ERROR, exc.message)
+            return
+        names = {info.name for info in infos}
+        if self.remote_model in names or f"{self.remote_model}:latest" in names:
+            for info in infos:
+                if info.name in (self.remote_model, f"{self.remote_model}:latest"):
+                    self.context_length = info.context_length or self.context_length
+            self._set_state(ModelState.LOADED)
+        else:
+            self._set_state(
+                ModelState.ERROR, f"the {self.where} does not list model {self.remote_model!r}"
+            )
+
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            raise BackendUnavailable(f"model {self.name}: backend is not running")
+        return self._client
+
+    async def get_json(self, path: str) -> Any:
+        """GET ``path`` and decode its JSON body, with our errors."""
+        what = f"GET {path} on the {self.where}"
+        try:
+            response = await self.client().get(path.lstrip("/"))
+        except httpx.HTTPError as exc:
+            raise translate_http_error(exc, what) from exc
+        if response.status_code >= 400:
+            raise error_for_status(response, response.content, what, model=self.name)
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise MalformedBackendResponse(f"{what}: not JSON") from exc
+
+    async def post_json(self, path: str, body: dict[str, Any]) -> Any:
+        """POST ``body`` to ``path`` and decode the JSON answer, with our errors."""
+        what = f"POST {path} on the {self.where}"
+        try:
+            response = await self.client().post(path.lstrip("/"), json=body)
+        except httpx.HTTPError as exc:
+            raise translate_http_error(exc, what) from exc
+        if response.status_code >= 400:
+            raise error_for_status(response, response.content, what, model=self.name)
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise MalformedBackendResponse(f"{what}: not JSON") from exc
+
+    @asynccontextmanager
+    async def open_stream(self, path: str, body: dict[str, Any]) -> AsyncIterator[
+            AsyncIterator[str]]:
+        """POST ``body`` to ``path`` and yield the response's lines.
+
+        Every failure, before or during the stream, is raised as our error;
+        a server that is reachable again after a failure marks the model
+        loaded.
+        """
+        what = f"POST {path} on the {self.where}"
+        try:
+            async with self.client().stream("POST", path.lstrip("/"), json=body) as response:
+                if response.status_code >= 400:
+                    body_start = b""
+                    async for piece in response.aiter_bytes():
+                        body_start += piece
+                        if len(body_start) >= MAX_ERROR_BODY:
+                            break
+                    raise error_for_status(response, body_start, what, model=self.name)
+                self._set_state(ModelState.LOADED)
+                yield _lines(response, what)
+        except httpx.HTTPError as exc:
+            err = translate_http_error(exc, what)
+            if isinstance(err, BackendUnavailable):
+                self._set_state(ModelState.ERROR, err.message)
+            raise err from exc
+
+
+async def _lines(response: httpx.Response, what: str) -> AsyncIterator[str]:
+    async for line in response.aiter_lines():
+        if len(line) > MAX_LINE:
+            raise MalformedBackendResponse(f"{what}: a stream line of {len(line)} bytes")
+        yield line

@@ -1,0 +1,168 @@
+"""The inference role: the design document's inference service on a node.
+
+RPC methods (all ``Access.MEMBER``: only network members, i.e. gateways and
+other nodes, call a worker; users go through a gateway):
+
+``processPrompt`` (server stream)
+    params: see :mod:`p2pinfer.inference.params` (``prompt`` or
+    ``messages``, ``model``, ``max_tokens``, ``temperature``, ``top_p``,
+    ``stop``, ``seed``, ``cache``; or the same inside ``modelConfig``).
+    Chunks: ``{"delta": "<text>"}`` in generation order. Trailer (END
+    frame)::
+
+        {"model": "smollm2", "backend": "llamacpp", "finish_reason": "stop",
+         "usage": {"prompt_tokens": 38, "completion_tokens": 12, "total_tokens": 50},
+         "usage_exact": true, "cached": false,
+         "ttft_ms": 190.2, "latency_ms": 410.7, "queue_ms": 0.1}
+
+    ``finish_reason`` is ``stop`` (end of answer or a stop sequence),
+    ``length`` (``max_tokens`` or the context) or ``cancelled`` (the node is
+    shutting down). Errors: InvalidParams, UnknownModel, Overloaded
+    (``data.retry_after``), BackendUnavailable, BackendError,
+    BackendTimeout, MalformedBackendResponse.
+
+``listAvailableModels``
+    ``{"models": [{"name", "aliases", "backend", "context_length", "status",
+    "default", "details"}], "default_model": "smollm2"}``
+
+``getModelStatus`` (params: ``"smollm2"``, ``{"model": ...}`` or ``{"modelId": ...}``)
+    ``{"model", "aliases", "backend", "status": "loaded"|"loading"|"error",
+    "error", "context_length", "slots", "free_slots", "in_flight",
+    "queue_depth", "max_queue", "tok_s", "ttft_ms", "latency_ms",
+    "requests": {outcome: n}, "tokens_generated", "prompt_tokens",
+    "cache": {"hits", "misses"}}``
+
+The node builds the role with ``InferenceRole(node)`` (it reads
+``node.config`` and ``node.registry``), registers it on its RPC server,
+runs :meth:`InferenceRole.run` in its nursery, merges :meth:`describe` into
+its signed descriptor and announces :meth:`topics` on the DHT.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import trio
+
+from ..errors import InvalidParams
+from ..rpc.server import Access, CallContext, rpc_method
+from .cache import ResponseCache
+from .engine import Completion, InferenceEngine
+from .metrics import InferenceMetrics
+from .params import parse_model_name, parse_prompt_params
+from .settings import InferenceSettings, build_models
+
+if TYPE_CHECKING:  # pragma: no cover
+    from prometheus_client import CollectorRegistry
+
+__all__ = ["InferenceRole"]
+
+log = logging.getLogger(__name__)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+def trailer_for(done: Completion) -> dict[str, Any]:
+    """The END-frame trailer of ``processPrompt`` for a finished answer."""
+    return {
+        "model": done.model,
+        "backend": done.backend,
+        "finish_reason": done.finish_reason,
+        "usage": {
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "total_tokens": done.total_tokens,
+        },
+        "usage_exact": done.usage_exact,
+        "cached": done.cached,
+        "ttft_ms": _ms(done.ttft),
+        "latency_ms": _ms(done.latency),
+        "queue_ms": _ms(done.queued),
+    }
+
+
+class InferenceRole:
+    """Serves the node's models over RPC (see the module docstring).
+
+    Args:
+        node: anything with ``config`` (a :class:`~p2pinfer.config.NodeConfig`)
+            and, optionally, ``registry`` (a prometheus ``CollectorRegistry``).
+        http_transport: an httpx transport for every HTTP backend (tests).
+
+    Raises:
+        ConfigError: a bad ``[inference]`` or ``[[models]]`` value, named.
+    """
+
+    name = "inference"
+
+    def __init__(self, node: Any, *, http_transport: httpx.AsyncBaseTransport | None = None
+                 ) -> None:
+        self.node = node
+        self.settings = InferenceSettings.from_config(node.config)
+        registry: CollectorRegistry | None = getattr(node, "registry", None)
+        self.metrics = InferenceMetrics(registry) if registry is not None else None
+        cache = (ResponseCache(self.settings.cache_size, self.settings.cache_ttl)
+                 if self.settings.cache else None)
+        self.engine = InferenceEngine(cache=cache, metrics=self.metrics)
+        for entry in build_models(node.config.tree, self.settings, transport=http_transport):
+            self.engine.add_model(entry.backend, aliases=entry.aliases,
+                                  max_queue=entry.max_queue, default=entry.default)
+        if self.settings.default_model is not None:
+            self.engine.default_model = self.engine.resolve(self.settings.default_model).name
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the backends (models load in the background; requests wait for
+        them) and serve until cancelled."""
+        await self.engine.run(task_status=task_status)
+
+    def describe(self) -> dict[str, Any]:
+        """Models and load figures for the node's signed descriptor."""
+        return self.engine.describe()
+
+    def topics(self) -> list[str]:
+        """``model/<name>`` for every model name and alias served here."""
+        return [f"model/{name}" for name in self.engine.names()]
+
+    @rpc_method("processPrompt", access=Access.MEMBER)
+    async def rpc_process_prompt(self, ctx: CallContext, params: Any
+                                 ) -> AsyncGenerator[dict[str, str], None]:
+        """Stream an answer to a prompt; the trailer carries usage and timing."""
+        request = parse_prompt_params(params, self.settings.limits)
+        async with aclosing(self.engine.generate(request)) as events:
+            async for event in events:
+                if isinstance(event, Completion):
+                    ctx.trailer = trailer_for(event)
+                else:
+                    yield {"delta": event.text}
+
+    @rpc_method("listAvailableModels", access=Access.MEMBER)
+    async def rpc_list_available_models(self, ctx: CallContext, params: Any) -> dict[str, Any]:
+        """The model catalog of this node."""
+        if params not in (None, {}):
+            raise InvalidParams("params: listAvailableModels takes none",
+                                data={"field": "params"})
+        return {"models": self.engine.list_models(),
+                "default_model": self.engine.default_model}
+
+    @rpc_method("getModelStatus", access=Access.MEMBER)
+    async def rpc_get_model_status(self, ctx: CallContext, params: Any) -> dict[str, Any]:
+        """Health and load of one model (the default model if none is named)."""
+        name: Any = params
+        if isinstance(params, dict):
+            extra = set(params) - {"model", "modelId"}
+            if extra:
+                raise InvalidParams(f"{sorted(map(str, extra))[0]}: unknown key",
+                                    data={"field": str(sorted(map(str, extra))[0])})
+            if "model" in params and "modelId" in params:
+                raise InvalidParams("modelId: give model or modelId, not both",
+                                    data={"field": "modelId"})
+            name = params.get("model", params.get("modelId"))
+        if name is not None:
+            name = parse_model_name(name, "model")
+        return self.engine.status(name)
