@@ -1,0 +1,81 @@
+"""Logging for the daemon and the CLI (the library itself never configures logging).
+
+Two formats: ``text`` for people and ``json`` (one object per line) for log
+collectors. Both carry the request id (see :mod:`p2pinfer.tracing`), so one
+request can be followed through the gateway and the worker that served it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from p2pinfer.tracing import RequestIdFilter
+
+__all__ = ["configure_logging", "JsonFormatter"]
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ts, level, logger, msg, request_id, exc."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "request_id": getattr(record, "request_id", "-"),
+        }
+        node = getattr(record, "node", None)
+        if node:
+            out["node"] = node
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+class _NodeFilter(logging.Filter):
+    def __init__(self, node: str) -> None:
+        super().__init__()
+        self.node = node
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.node = self.node
+        return True
+
+
+def configure_logging(
+    *, level: str | int = "INFO", fmt: str = "text", node: str = "", stream: Any = None
+) -> None:
+    """Configure the root logger once for a daemon or CLI process.
+
+    py-libp2p logs multi-line warnings about ordinary events (a peer closing a
+    DHT stream), so its loggers are held at ERROR unless ``level`` is DEBUG.
+    """
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(RequestIdFilter())
+    if node:
+        handler.addFilter(_NodeFilter(node))
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s [%(request_id)s] %(message)s")
+        )
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    quiet = logging.DEBUG if logging.getLevelName(level) == "DEBUG" or level == logging.DEBUG \
+        else logging.ERROR
+    for name in ("libp2p", "multiaddr", "hypercorn.access", "httpx", "httpcore", "zeroconf"):
+        logging.getLogger(name).setLevel(quiet if name != "hypercorn.access" else logging.WARNING)
+    # py-libp2p's loggers do not propagate; give them our handler.
+    libp2p = logging.getLogger("libp2p")
+    libp2p.handlers = [handler]
+    libp2p.propagate = False
