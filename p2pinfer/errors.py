@@ -60,7 +60,8 @@ so callers match on types, never on message strings.
         ├── InvalidEvent               1801 (malformed body / fields)
         ├── BadSignature               1802
         ├── WrongNetwork               1803
-        ├── UnauthorizedAuthor         1804 (not a member / kind not allowed)
+        ├── UnauthorizedAuthor         1804 (not a member, or removed)
+        │   └── KindNotAllowed         1807 (a member whose certificate lacks the kind)
         ├── ReplayedEvent              1805
         └── StorageError               1806
 
@@ -378,6 +379,10 @@ class ReplayedEvent(LedgerError):
 class StorageError(LedgerError):
     code = 1806
     http_status = 500
+
+
+class KindNotAllowed(UnauthorizedAuthor):
+    code = 1807
 
 
 def _all_subclasses(cls: type[P2PInferError]) -> list[type[P2PInferError]]:
