@@ -128,6 +128,9 @@ class Node:
             max_streams_per_peer=config.max_streams_per_peer,
         )
         self.rpc = RpcClient(self.host, max_frame=config.max_frame)
+        # Node-wide metrics, kept by every node whatever its roles (see
+        # p2pinfer.metrics): set up here, before the ledger and the roles.
+        self.metrics: Any = None
         self.ledger: Any = None
         self._init_ledger()
         self.discovery = Discovery(
