@@ -1,0 +1,304 @@
+"""The OpenAI-compatible backend: against a real llama-cpp-python server on
+loopback, and (for the failure cases) against real sockets that misbehave or
+an httpx MockTransport."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing
+from functools import partial
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from p2pinfer.errors import (
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    MalformedBackendResponse,
+    Overloaded,
+    UnknownModel,
+)
+from p2pinfer.inference import (
+    Completion,
+    InferenceEngine,
+    OpenAIBackend,
+    TextChunk,
+    embedded_model_path,
+    parse_prompt_params,
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def llama_server() -> Iterator[str]:
+    """A real ``python -m llama_cpp.server`` on 127.0.0.1; yields its /v1 URL."""
+    port = free_port()
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_model_path()),
+         "--model_alias", "smollm2", "--host", "127.0.0.1", "--port", str(port),
+         "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1", "--verbose", "False"],
+        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"llama_cpp.server exited: {log.read()[-2000:]!r}")
+            try:
+                if httpx.get(f"{url}/models", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("llama_cpp.server did not start within 60 s")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+async def started_engine(nursery: trio.Nursery, backend: OpenAIBackend) -> InferenceEngine:
+    engine = InferenceEngine()
+    engine.add_model(backend)
+    await nursery.start(engine.run)
+    return engine
+
+
+async def ask(engine: InferenceEngine, params: Any,
+              on_chunk: Callable[[str], None] | None = None) -> tuple[list[str], Completion]:
+    chunks: list[str] = []
+    done: Completion | None = None
+    async with aclosing(engine.generate(parse_prompt_params(params))) as events:
+        async for event in events:
+            if isinstance(event, TextChunk):
+                chunks.append(event.text)
+                if on_chunk:
+                    on_chunk(event.text)
+            else:
+                done = event
+    assert done is not None
+    return chunks, done
+
+
+# -- against the real server ------------------------------------------------------------
+async def test_streams_from_a_real_llama_cpp_server(llama_server: str,
+                                                    nursery: trio.Nursery) -> None:
+    backend = OpenAIBackend("remote", base_url=llama_server, remote_model="smollm2",
+                            api_key="sk-unused")
+    engine = await started_engine(nursery, backend)
+    arrivals: list[float] = []
+    with trio.fail_after(60):
+        assert await engine.wait_settled() == {"remote": "loaded"}
+        assert [m.name for m in await backend.list_models()] == ["smollm2"]
+        chunks, done = await ask(
+            engine, {"prompt": "Write a short story about a robot.", "max_tokens": 24,
+                     "temperature": 0}, on_chunk=lambda _: arrivals.append(trio.current_time()))
+        ended = trio.current_time()
+        async with httpx.AsyncClient() as client:
+            plain = (await client.post(f"{llama_server}/chat/completions", json={
+                "model": "smollm2", "max_tokens": 24, "temperature": 0,
+                "messages": [{"role": "user", "content": "Write a short story about a robot."}],
+            }, timeout=30)).json()
+    # Streamed token by token, in order, before the answer ended.
+    assert len(chunks) >= 20 and arrivals[0] < arrivals[-1] <= ended
+    assert arrivals[-1] - arrivals[0] > 0.05
+    assert "".join(chunks) == plain["choices"][0]["message"]["content"]
+    assert (done.model, done.backend, done.finish_reason) == ("remote", "openai", "length")
+    # This server sends no usage in streams: the count of deltas stands in, and says so.
+    assert not done.usage_exact
+    assert done.completion_tokens == plain["usage"]["completion_tokens"] == 24
+    assert done.prompt_tokens > 0
+
+
+async def test_stop_and_end_of_answer_on_the_real_server(llama_server: str,
+                                                         nursery: trio.Nursery) -> None:
+    engine = await started_engine(
+        nursery, OpenAIBackend("remote", base_url=llama_server, remote_model="smollm2"))
+    with trio.fail_after(60):
+        chunks, done = await ask(engine, {"prompt": "Say hi", "max_tokens": 200,
+                                          "temperature": 0})
+        assert done.finish_reason == "stop" and 0 < done.completion_tokens < 200
+        chunks, done = await ask(engine, {"prompt": "Write a short story about a robot.",
+                                          "max_tokens": 24, "temperature": 0, "stop": [","]})
+    text = "".join(chunks)
+    assert text.startswith("In the year") and "," not in text
+    assert done.finish_reason == "stop" and done.completion_tokens < 24
+
+
+# -- misbehaving servers on real sockets -----------------------------------------------------
+async def test_backend_down_is_unavailable(nursery: trio.Nursery) -> None:
+    backend = OpenAIBackend("remote", base_url=f"http://127.0.0.1:{free_port()}/v1",
+                            probe_interval=3600)
+    engine = await started_engine(nursery, backend)
+    with trio.fail_after(10):
+        assert await engine.wait_settled() == {"remote": "error"}
+        with pytest.raises(BackendUnavailable, match="ConnectError"):
+            await ask(engine, "hello")
+    assert engine.status("remote")["status"] == "error"
+    assert engine.status("remote")["free_slots"] == backend.slots
+
+
+async def silent_server(nursery: trio.Nursery, reply: bytes) -> int:
+    """A TCP server that sends ``reply`` and then nothing, forever."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        await stream.receive_some(65536)
+        if reply:
+            await stream.send_all(reply)
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    return int(listeners[0].socket.getsockname()[1])
+
+
+async def test_a_server_that_never_answers_times_out(nursery: trio.Nursery) -> None:
+    port = await silent_server(nursery, b"")
+    engine = await started_engine(nursery, OpenAIBackend(
+        "remote", base_url=f"http://127.0.0.1:{port}/v1", timeout=0.3, probe_interval=3600))
+    with trio.fail_after(10), pytest.raises(BackendTimeout):
+        await ask(engine, "hello")
+
+
+async def test_a_stream_that_stalls_mid_answer_times_out(nursery: trio.Nursery) -> None:
+    chunk = json.dumps({"choices": [{"delta": {"content": "Hel"}, "finish_reason": None}]})
+    reply = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+             b"transfer-encoding: chunked\r\n\r\n")
+    event = f"data: {chunk}\n\n".encode()
+    reply += f"{len(event):x}\r\n".encode() + event + b"\r\n"
+    port = await silent_server(nursery, reply)
+    engine = await started_engine(nursery, OpenAIBackend(
+        "remote", base_url=f"http://127.0.0.1:{port}/v1", timeout=0.3, probe_interval=3600))
+    got: list[str] = []
+    with trio.fail_after(10), pytest.raises(BackendTimeout):
+        await ask(engine, "hello", on_chunk=got.append)
+    assert got == ["Hel"]
+
+
+# -- MockTransport: exact failure shapes ------------------------------------------------------
+def sse(*events: Any) -> bytes:
+    out = b""
+    for event in events:
+        data = event if isinstance(event, str) else json.dumps(event)
+        out += f"data: {data}\n\n".encode()
+    return out
+
+
+def delta(text: str | None = None, finish: str | None = None) -> dict[str, Any]:
+    d = {} if text is None else {"content": text}
+    return {"id": "x", "object": "chat.completion.chunk",
+            "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
+
+
+class FakeOpenAI:
+    """A MockTransport handler whose answer the test sets."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+        self.response = httpx.Response(200, content=sse(delta("ok", "stop"), "[DONE]"))
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"object": "list", "data": [{"id": "gpt-x"}]})
+        self.requests.append(request)
+        return self.response
+
+
+@pytest.fixture
+async def fake(nursery: trio.Nursery) -> AsyncIterator[tuple[FakeOpenAI, InferenceEngine]]:
+    handler = FakeOpenAI()
+    backend = OpenAIBackend("gpt", base_url="https://api.example.test/v1", api_key="sk-secret",
+                            remote_model="gpt-x", transport=httpx.MockTransport(handler))
+    engine = await started_engine(nursery, backend)
+    yield handler, engine
+
+
+async def test_request_shape_and_exact_usage(fake: tuple[FakeOpenAI, InferenceEngine]) -> None:
+    handler, engine = fake
+    handler.response = httpx.Response(200, content=sse(
+        delta("Hello"), delta(" world"), delta(None, "length"),
+        {"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 2,
+                                  "total_tokens": 13}}, "[DONE]"))
+    with trio.fail_after(10):
+        assert await engine.wait_settled() == {"gpt": "loaded"}
+        chunks, done = await ask(engine, {"prompt": "hi", "max_tokens": 2, "temperature": 0.5,
+                                          "top_p": 0.9, "stop": ["\n"], "seed": 3})
+    assert chunks == ["Hello", " world"]
+    assert (done.prompt_tokens, done.completion_tokens, done.finish_reason) == (11, 2, "length")
+    assert done.usage_exact
+    sent = handler.requests[0]
+    assert str(sent.url) == "https://api.example.test/v1/chat/completions"
+    assert sent.headers["authorization"] == "Bearer sk-secret"
+    assert json.loads(sent.content) == {
+        "model": "gpt-x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+        "temperature": 0.5, "top_p": 0.9, "stream": True,
+        "stream_options": {"include_usage": True}, "stop": ["\n"], "seed": 3}
+
+
+@pytest.mark.parametrize(
+    "response, error, check",
+    [
+        (httpx.Response(500, json={"error": {"message": "boom inside"}}), BackendError,
+         lambda e: e.data["status"] == 500 and "boom inside" in e.message),
+        (httpx.Response(401, json={"error": {"message": "bad key"}}), BackendError,
+         lambda e: e.data["status"] == 401),
+        (httpx.Response(404, json={"error": {"message": "no such model"}}), UnknownModel,
+         lambda e: e.data["model"] == "gpt"),
+        (httpx.Response(429, headers={"retry-after": "7"}, text="slow down"), Overloaded,
+         lambda e: e.retry_after == 7.0),
+        (httpx.Response(503, text="maintenance"), BackendUnavailable, lambda e: True),
+        (httpx.Response(504, text="gateway timeout"), BackendTimeout, lambda e: True),
+        (httpx.Response(200, content=b"data: {not json\n\n"), MalformedBackendResponse,
+         lambda e: "not JSON" in e.message),
+        (httpx.Response(200, content=sse(delta("Hel"))), MalformedBackendResponse,
+         lambda e: "[DONE]" in e.message),
+        (httpx.Response(200, content=sse({"object": "chunk"}, "[DONE]")),
+         MalformedBackendResponse, lambda e: "choices" in e.message),
+        (httpx.Response(200, content=sse({"choices": [{"delta": {"content": 5}}]}, "[DONE]")),
+         MalformedBackendResponse, lambda e: "not text" in e.message),
+        (httpx.Response(200, content=sse({"error": {"message": "overheated"}})), BackendError,
+         lambda e: "overheated" in e.message),
+        (httpx.Response(200, content=sse(delta("a"), {"choices": [], "usage": {
+            "prompt_tokens": -1, "completion_tokens": 1}}, "[DONE]")),
+         MalformedBackendResponse, lambda e: "prompt_tokens" in e.message),
+    ],
+)
+async def test_each_failure_is_a_specific_error_and_the_backend_recovers(
+        fake: tuple[FakeOpenAI, InferenceEngine], response: httpx.Response,
+        error: type[Exception], check: Callable[[Any], bool]) -> None:
+    handler, engine = fake
+    handler.response = response
+    with trio.fail_after(10):
+        with pytest.raises(error) as ei:
+            await ask(engine, "hi")
+        assert check(ei.value), ei.value
+        assert "sk-secret" not in str(ei.value)
+        assert engine.status("gpt")["free_slots"] == 4
+        handler.response = httpx.Response(200, content=sse(delta("fine", "stop"), "[DONE]"))
+        chunks, done = await ask(engine, "hi")
+    assert chunks == ["fine"] and done.finish_reason == "stop"
+    assert engine.status("gpt")["requests"] == {
+        "success": 1, "error": 1, "cancelled": 0, "overloaded": 0, "cached": 0}
