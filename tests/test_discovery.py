@@ -134,4 +134,11 @@ async def test_find_peers_rpc_rules(tmp_path: Any, nursery: trio.Nursery) -> Non
                                 {"role": "gateway", "model": "m"}):
                         with pytest.raises(errors.InvalidParams):
                             await client.call(peer, "findPeers", bad)
+        # a node calls its own methods in-process (a gateway routing to itself)
+        with trio.fail_after(5):
+            assert (await node.rpc.call(node.peer_id, "ping"))["member"] is True
+            async with node.rpc.stream(node.peer_id, "noSuchStream") as s:
+                with pytest.raises(errors.UnknownMethod):
+                    async for _ in s:
+                        pass
         node.stop()

@@ -124,7 +124,3 @@ class FramedChannel:
                     await self.stream.close()
             except Exception:
                 log.debug("closing stream failed", exc_info=True)
-
-
-def ceil_credit(window: int) -> int:
-    return max(1, math.ceil(window / 2))

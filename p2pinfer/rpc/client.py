@@ -37,6 +37,7 @@ from ..errors import (
 from ..tracing import current_request_id
 from .channel import FramedChannel, libp2p_errors
 from .host import RPC_PROTOCOL, peer_info
+from .local import memory_stream_pair
 from .server import DEFAULT_STREAM_WINDOW
 
 __all__ = ["RpcClient", "RpcStream"]
@@ -269,6 +270,13 @@ class RpcClient:
         self._opening: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
         self._errors = libp2p_errors()
+        self.local_peer_id: str | None = None
+        self.local_server: Any = None
+
+    def serve_locally(self, peer_id: str, server: Any) -> None:
+        """Route calls addressed to ``peer_id`` (this node) to ``server`` in-process."""
+        self.local_peer_id = peer_id
+        self.local_server = server
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -317,7 +325,11 @@ class RpcClient:
                 return channel
             if self._nursery is None:
                 raise RuntimeError("RpcClient is not running (use RpcClient.open or run())")
-            stream = await self._open_stream(peer_id)
+            if peer_id == self.local_peer_id and self.local_server is not None:
+                stream, server_end = memory_stream_pair()
+                self._nursery.start_soon(self.local_server.serve_stream, server_end, peer_id)
+            else:
+                stream = await self._open_stream(peer_id)
             channel = _PeerChannel(FramedChannel(stream, max_frame=self.max_frame), peer_id)
             self._channels[peer_id] = channel
             self._nursery.start_soon(channel.run)

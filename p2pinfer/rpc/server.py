@@ -204,7 +204,10 @@ class RpcServer:
     # -- serving ---------------------------------------------------------------
     async def handle_stream(self, stream: Any) -> None:
         """The libp2p stream handler (wrap with ``guard_handler``)."""
-        peer_id = stream.muxed_conn.peer_id.to_base58()
+        await self.serve_stream(stream, stream.muxed_conn.peer_id.to_base58())
+
+    async def serve_stream(self, stream: Any, peer_id: str) -> None:
+        """Serve calls arriving on ``stream`` from ``peer_id`` until it closes."""
         open_now = self._streams_by_peer.get(peer_id, 0)
         if open_now >= self.max_streams_per_peer:
             self.stats.rejected_streams += 1
