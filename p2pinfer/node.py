@@ -148,6 +148,7 @@ class Node:
             factory = factories.get(name) or load_role_class(name)
             self.roles[name] = factory(self)
         self.rpc_server.register(self)
+        self.rpc.serve_locally(self.peer_id, self.rpc_server)
         for role in self.roles.values():
             self.rpc_server.register(role)
         self.ready = trio.Event()
