@@ -169,7 +169,7 @@ async def test_cancel_frees_the_slot_within_a_token(engine: InferenceEngine) -> 
                                        "cache": False})
         got = 0
         async with aclosing(engine.generate(request)) as events:
-            async for event in events:
+            async for _ in events:
                 got += 1
                 if got == 5:
                     break

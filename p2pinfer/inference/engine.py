@@ -248,14 +248,17 @@ class InferenceEngine:
                 f"queued (max {model.max_queue}); retry in {retry:.2f}s",
                 data={"retry_after": retry, "model": model.name, "queue_depth": model.waiting},
             )
-        model.waiting += 1
         try:
-            await model.semaphore.acquire()
-        except BaseException:
-            self._count(model, "cancelled")
-            raise
-        finally:
-            model.waiting -= 1
+            model.semaphore.acquire_nowait()
+        except trio.WouldBlock:
+            model.waiting += 1  # only requests that really wait count as queued
+            try:
+                await model.semaphore.acquire()
+            except BaseException:
+                self._count(model, "cancelled")
+                raise
+            finally:
+                model.waiting -= 1
 
         acquired = trio.current_time()
         outcome = "error"

@@ -119,7 +119,18 @@ class InferenceRole:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Start the backends (models load in the background; requests wait for
         them) and serve until cancelled."""
-        await self.engine.run(task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.engine.run)
+            nursery.start_soon(self._announce_when_settled)
+            task_status.started()
+
+    async def _announce_when_settled(self) -> None:
+        """Re-sign the node's descriptor once every model has loaded (or failed)."""
+        states = await self.engine.wait_settled()
+        log.info("models settled: %s", ", ".join(f"{k}={v}" for k, v in states.items()))
+        invalidate = getattr(self.node, "invalidate_descriptor", None)
+        if invalidate is not None:
+            invalidate()
 
     def describe(self) -> dict[str, Any]:
         """Models and load figures for the node's signed descriptor."""
