@@ -1,0 +1,125 @@
+"""The quota coordinator's bookkeeping (sans-IO, no sockets)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from p2pinfer import errors
+from p2pinfer.gateway.quota import WINDOW_SECONDS, Limits, QuotaBook, rendezvous_order
+
+T0 = 1_800_000_000.0  # a fixed moment, 20 min into an hour
+T0 = T0 - T0 % WINDOW_SECONDS + 1200
+
+
+def test_admits_exactly_the_limit_then_says_when_to_retry() -> None:
+    book = QuotaBook()
+    limits = Limits(requests_per_window=5)
+    for i in range(5):
+        book.release(book.acquire("u", "k", limits, holder="g", now=T0 + i).id)
+    with pytest.raises(errors.RateLimited) as ei:
+        book.acquire("u", "k", limits, holder="g", now=T0 + 10)
+    assert ei.value.data["scope"] == "user" and ei.value.data["limit"] == 5
+    assert ei.value.retry_after == WINDOW_SECONDS - 1200 - 10
+    # next hour: a fresh window
+    book.acquire("u", "k", limits, holder="g", now=T0 + WINDOW_SECONDS)
+
+
+def test_key_limit_token_quota_and_concurrency() -> None:
+    book = QuotaBook()
+    limits = Limits(requests_per_window=100, key_requests_per_window=2,
+                    tokens_per_window=50, concurrent_per_key=1)
+    t = book.acquire("u", "k1", limits, holder="g", now=T0)
+    with pytest.raises(errors.ConcurrencyLimited) as ei:
+        book.acquire("u", "k1", limits, holder="g", now=T0)
+    assert ei.value.retry_after == 1.0
+    book.release(t.id, tokens=20)
+    book.release(book.acquire("u", "k1", limits, holder="g", now=T0).id, tokens=10)
+    with pytest.raises(errors.RateLimited) as rl:  # key k1 used its 2
+        book.acquire("u", "k1", limits, holder="g", now=T0)
+    assert rl.value.data["scope"] == "key"
+    book.release(book.acquire("u", "k2", limits, holder="g", now=T0).id, tokens=25)
+    with pytest.raises(errors.QuotaExceeded):  # 55 tokens >= 50
+        book.acquire("u", "k3", limits, holder="g", now=T0)
+    assert book.usage("u", now=T0)["tokens"] == 55
+
+
+def test_slots_come_back_on_release_holder_and_expiry() -> None:
+    book = QuotaBook()
+    limits = Limits(requests_per_window=100, concurrent_per_key=2)
+    book.acquire("u", "k", limits, holder="gw-a", now=T0)
+    book.acquire("u", "k", limits, holder="gw-b", now=T0, ttl=5)
+    with pytest.raises(errors.ConcurrencyLimited):
+        book.acquire("u", "k", limits, holder="gw-a", now=T0)
+    assert book.release_holder("gw-a") == 1
+    book.acquire("u", "k", limits, holder="gw-a", now=T0 + 1)
+    # gw-b's ticket expires
+    book.acquire("u", "k", limits, holder="gw-a", now=T0 + 6)
+    assert book.held() == 2
+    assert not book.release("no-such-ticket")
+
+
+def test_seed_counts_what_other_coordinators_admitted() -> None:
+    seen = []
+
+    def seed(user: str, window: int) -> tuple[int, int]:
+        seen.append((user, window))
+        return (4, 100)
+
+    book = QuotaBook(seed=seed)
+    book.acquire("u", "k", Limits(requests_per_window=5), holder="g", now=T0)
+    with pytest.raises(errors.RateLimited):
+        book.acquire("u", "k", Limits(requests_per_window=5), holder="g", now=T0)
+    assert seen == [("u", QuotaBook.window_of(T0))]
+
+
+def test_limits_from_wire_validates() -> None:
+    assert Limits.from_wire(Limits(3, 2, 1, 1).to_wire()) == Limits(3, 2, 1, 1)
+    for bad in (None, {}, {"requests": -1}, {"requests": "10"}, {"requests": 1, "tokens": 1.5}):
+        with pytest.raises(errors.InvalidParams):
+            Limits.from_wire(bad)
+
+
+def test_rendezvous_is_stable_and_spreads() -> None:
+    peers = [f"peer{i}" for i in range(3)]
+    assert rendezvous_order("user-1", peers) == rendezvous_order("user-1", list(reversed(peers)))
+    firsts = {rendezvous_order(f"user-{i}", peers)[0] for i in range(50)}
+    assert firsts == set(peers)
+    # removing a gateway moves only its own users
+    for i in range(50):
+        order = rendezvous_order(f"user-{i}", peers)
+        if order[0] != "peer2":
+            assert rendezvous_order(f"user-{i}", peers[:2])[0] == order[0]
+
+
+ops = st.lists(st.tuples(st.sampled_from(["acq", "rel", "drop"]), st.integers(0, 3),
+                         st.integers(0, 50)), max_size=120)
+
+
+@settings(max_examples=200, deadline=None)
+@given(ops)
+def test_never_over_the_limit_and_slots_never_leak(seq: list[tuple[str, int, int]]) -> None:
+    book = QuotaBook()
+    limits = Limits(requests_per_window=10, concurrent_per_key=3, tokens_per_window=None)
+    held: list[str] = []
+    granted = 0
+    for op, key, tokens in seq:
+        if op == "acq":
+            try:
+                held.append(book.acquire("u", f"k{key}", limits, holder=f"g{key % 2}",
+                                         now=T0).id)
+                granted += 1
+            except errors.LimitError:
+                pass
+        elif op == "rel" and held:
+            assert book.release(held.pop(tokens % len(held)), tokens)
+        elif op == "drop":
+            book.release_holder(f"g{key % 2}")
+            held = [t for t in held if t in book.tickets]
+        assert granted <= 10
+        assert sum(book.in_flight.values()) == len(book.tickets) == len(held)
+        assert all(v <= 3 for v in book.in_flight.values())
+    for ticket in held:
+        book.release(ticket)
+    assert book.in_flight == {} and book.tickets == {}
