@@ -333,8 +333,8 @@ async def test_the_node_runs_the_role_and_publishes_models(tmp_path: Path,
     config = node_config(tmp_path / "n1", roles=["inference"],
                          tables={"models": [{"name": "fake", "backend": "synthetic",
                                              "aliases": ["f"]}]})
-    async with run_nodes(nursery, [config]) as (node,):
-        with trio.fail_after(30):
+    with trio.fail_after(30):
+        async with run_nodes(nursery, [config]) as (node,):
             role = node.roles["inference"]
             assert isinstance(role, InferenceRole)
             assert {"processPrompt", "listAvailableModels", "getModelStatus"} <= set(

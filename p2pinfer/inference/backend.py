@@ -207,7 +207,8 @@ class StopMatcher:
     """Sans-IO stop-sequence filter over streamed text.
 
     :meth:`feed` returns the text that is safe to emit and whether a stop
-    sequence was reached (the stop sequence itself is never emitted). Text
+    sequence was reached (the stop sequence itself is never emitted). The
+    answer ends where the first stop sequence to be completed begins. Text
     that might be the beginning of a stop sequence is held back until the
     next piece decides it; :meth:`flush` releases it when the stream ends.
     """
@@ -223,12 +224,15 @@ class StopMatcher:
         if not self.stops:
             return text, False
         buf = self._held + text
-        cut = -1
+        # The stop sequence completed first wins (then the one starting first),
+        # so the answer does not depend on how the text was cut into pieces.
+        best: tuple[int, int] | None = None
         for stop in self.stops:
             idx = buf.find(stop)
-            if idx >= 0 and (cut < 0 or idx < cut):
-                cut = idx
-        if cut >= 0:
+            if idx >= 0 and (best is None or (idx + len(stop), idx) < best):
+                best = (idx + len(stop), idx)
+        if best is not None:
+            cut = best[1]
             self._held = ""
             self.stopped = True
             return buf[:cut], True
