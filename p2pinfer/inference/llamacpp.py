@@ -143,12 +143,12 @@ class _Job:
 
 
 def _common_prefix(cached: Any, tokens: list[int]) -> int:
-    n = 0
-    for a, b in zip(cached, tokens, strict=False):
-        if int(a) != b:
-            break
-        n += 1
-    return n
+    """How many leading tokens the KV cache (a numpy array) shares with ``tokens``."""
+    import numpy as np
+
+    n = min(len(cached), len(tokens))
+    differ = np.flatnonzero(np.asarray(cached[:n]) != np.asarray(tokens[:n], dtype=cached.dtype))
+    return int(differ[0]) if len(differ) else n
 
 
 class LlamaCppBackend(Backend):
@@ -160,7 +160,10 @@ class LlamaCppBackend(Backend):
         super().__init__(name, slots=options.slots)
         self.options = options
         self.context_length = options.n_ctx
-        self._free_send, self._free_recv = trio.open_memory_channel[Any](options.slots)
+        # Free instances, most recently used last: a request takes the warmest
+        # one, whose KV cache most likely shares a prefix with its prompt.
+        self._free: list[Any] = []
+        self._free_count = trio.Semaphore(0)
         self._instances: list[Any] = []
         self._jobs: set[_Job] = set()
         self._nursery: trio.Nursery | None = None
@@ -208,7 +211,7 @@ class LlamaCppBackend(Backend):
                 if self._formatter is None:
                     self._formatter = self._make_formatter(llm)
                 self._instances.append(llm)
-                self._free_send.send_nowait(llm)
+                self._release(llm)
         except ImportError as exc:
             self._set_state(ModelState.ERROR, f"llama-cpp-python is not installed: {exc}")
             log.error("model %s: %s", self.name, self.error)
@@ -258,7 +261,8 @@ class LlamaCppBackend(Backend):
         nursery = self._nursery
         if nursery is None:
             raise BackendUnavailable(f"model {self.name} is not running")
-        llm = await self._free_recv.receive()
+        await self._free_count.acquire()
+        llm = self._free.pop()
         send, recv = trio.open_memory_channel[StreamEvent | P2PInferError](math.inf)
         job = _Job(trio.lowlevel.current_trio_token(), send)
         done = trio.Event()
@@ -267,7 +271,7 @@ class LlamaCppBackend(Backend):
             nursery.start_soon(self._drive, llm, request, job, done)
         except BaseException:
             self._jobs.discard(job)
-            self._free_send.send_nowait(llm)
+            self._release(llm)
             raise
         try:
             async for item in recv:
@@ -289,8 +293,12 @@ class LlamaCppBackend(Backend):
             await trio.to_thread.run_sync(self._run_job, llm, request, job)
         finally:
             self._jobs.discard(job)
-            self._free_send.send_nowait(llm)
+            self._release(llm)
             done.set()
+
+    def _release(self, llm: Any) -> None:
+        self._free.append(llm)
+        self._free_count.release()
 
     def _run_job(self, llm: Any, request: GenerationRequest, job: _Job) -> None:
         """Worker thread: every outcome, errors included, goes through ``job.emit``
@@ -328,15 +336,16 @@ class LlamaCppBackend(Backend):
             )
         max_tokens = min(params.max_tokens, n_ctx - n_prompt)
 
-        # Evaluate all but the last prompt token in chunks, checking for a
-        # cancel in between; keep the part of the KV cache that matches.
-        keep = _common_prefix(llm.input_ids[: llm.n_tokens], prompt[:-1])
+        # Evaluate the prompt in chunks, checking for a cancel in between;
+        # keep the part of the KV cache that matches the last request. The
+        # last prompt token is always evaluated again, for fresh logits.
+        keep = min(_common_prefix(llm.input_ids[: llm.n_tokens], prompt), n_prompt - 1)
         llm.n_tokens = keep
         chunk = max(1, self.options.prefill_chunk)
-        for i in range(keep, n_prompt - 1, chunk):
+        for i in range(keep, n_prompt, chunk):
             if job.cancelled:
                 return GenerationResult(n_prompt, 0, "cancelled")
-            llm.eval(prompt[i: min(i + chunk, n_prompt - 1)])
+            llm.eval(prompt[i: i + chunk])
 
         llm.set_seed(params.seed if params.seed is not None else secrets.randbits(32))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -345,7 +354,7 @@ class LlamaCppBackend(Backend):
         is_eog = self._is_eog
         n = 0
         finish = "length"
-        # generate() sees the evaluated prefix and only evaluates the last token.
+        # generate() finds the whole prompt evaluated and samples at once.
         tokens = llm.generate(
             prompt, top_k=_TOP_K, top_p=params.top_p, min_p=_MIN_P,
             temp=params.temperature, repeat_penalty=_REPEAT_PENALTY,
