@@ -13,7 +13,7 @@ from p2pinfer.discovery import Descriptor, topic_key
 from p2pinfer.identity import Identity
 from p2pinfer.node import Node
 
-from .helpers import node_config, run_nodes, wait_for
+from .helpers import make_network, node_config, run_nodes, wait_for
 
 
 class ProbeRole:
@@ -69,14 +69,15 @@ async def test_five_nodes_find_roles_and_models(tmp_path: Any, nursery: trio.Nur
         ("w2", ["inference"], ["smollm2"]),
         ("g2", ["gateway", "inference"], ["tiny"]),
     ]
+    homes = make_network(tmp_path, [name for name, _, _ in plan])
     with trio.fail_after(60):
-        boot_cfg = node_config(tmp_path / "boot", roles=plan[0][1], announce_interval=1.0,
+        boot_cfg = node_config(homes[0], roles=plan[0][1], announce_interval=1.0,
                                descriptor_ttl=1.0)
         async with run_nodes(nursery, [boot_cfg], role_factories=factories([])) as (boot,):
             bootstrap = [boot.addrs[0]]
             others = []
-            for name, roles, models in plan[1:]:
-                cfg = node_config(tmp_path / name, roles=roles, bootstrap=bootstrap,
+            for home, (_, roles, models) in zip(homes[1:], plan[1:], strict=True):
+                cfg = node_config(home, roles=roles, bootstrap=bootstrap,
                                   announce_interval=1.0, descriptor_ttl=1.0)
                 node = Node(cfg, role_factories=factories(models))
                 await nursery.start(node.run)

@@ -1,0 +1,414 @@
+"""Ledger events: the immutable, signed unit of replication (sans-IO).
+
+An event is the msgpack array::
+
+    [v, network, author, seq, hlc, kind, body, sig]
+
+- ``v``: protocol version (:data:`PROTOCOL_VERSION`);
+- ``network``: the network id; events of another network are refused;
+- ``author``: the peer id of the node that wrote it (its key signs it);
+- ``seq``: the author's sequence number, 1, 2, 3, … with no gaps;
+- ``hlc``: a hybrid-logical-clock timestamp (:mod:`.clock`);
+- ``kind``: one of :data:`KINDS`; ``body``: a map whose shape depends on it;
+- ``sig``: Ed25519 signature by the author's node key over
+  :func:`~p2pinfer.wire.canonical_pack` of the first seven fields.
+
+``(author, seq)`` identifies an event. Its *content hash* is the SHA-256 of
+the signed bytes: the same ``(author, seq)`` with a different hash is a
+replay (or an author that equivocates) and is refused.
+
+This module only encodes, decodes, signs and checks shapes: it never touches
+the store or the network. :func:`decode` raises the ledger error that names
+what is wrong: :class:`~p2pinfer.errors.InvalidEvent` (malformed),
+:class:`~p2pinfer.errors.WrongNetwork`, :class:`~p2pinfer.errors.BadSignature`.
+
+Body shapes (times are float seconds since the epoch; ids are UUID strings):
+
+==================  ==========================================================
+kind                body
+==================  ==========================================================
+member.admitted     ``cert``: owner-signed certificate (see :mod:`.membership`)
+member.removed      ``removal``: owner-signed removal
+user.registered     ``user_id, username, email, password_hash, created_at``,
+                    optional ``tier`` ("default"/"premium"), ``is_active``
+user.updated        ``user_id, updated_at`` and ``tier`` and/or ``is_active``
+user.erased         ``user_id, erased_at``
+apikey.issued       ``key_id, user_id, public_id, key_hash, name, created_at``
+apikey.revoked      ``key_id, revoked_at``
+apikey.used         ``entries``: list of ``{key_id, at}`` (batched)
+session.revoked     ``jti, exp``
+usage               ``entries``: list of ``{user_id, key_id, hour, requests,
+                    tokens}`` (counter deltas; ``hour`` = epoch seconds of
+                    the UTC hour, a multiple of 3600)
+request.logged      ``rows``: list of ``{id, user_id, api_key_id, prompt_hash,
+                    model_used, response_time_ms, tokens_used, status,
+                    created_at}``
+audit               ``actor, action, outcome, time``, optional ``target,
+                    source, detail`` (a small map)
+==================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import BadSignature, InvalidEvent, WrongNetwork
+from ..identity import Identity, verify_peer
+from ..wire import canonical_pack, unpack
+from .clock import wall_of
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MAX_EVENT_BYTES",
+    "KINDS",
+    "KIND_ROLES",
+    "MEMBER_KINDS",
+    "Event",
+    "decode",
+    "decode_trusted",
+    "sign_event",
+    "validate_body",
+    "rank_of",
+]
+
+PROTOCOL_VERSION = 1
+MAX_EVENT_BYTES = 256 * 1024
+MAX_BATCH = 1000
+TIERS = ("default", "premium")
+
+# Which certificate roles may author which kinds. Membership kinds carry
+# owner-signed documents and are valid from any member.
+MEMBER_KINDS = frozenset({"member.admitted", "member.removed"})
+_AUTH = frozenset({"auth"})
+_GATEWAY = frozenset({"gateway"})
+KIND_ROLES: dict[str, frozenset[str]] = {
+    "user.registered": _AUTH,
+    "user.updated": _AUTH,
+    "user.erased": _AUTH,
+    "apikey.issued": _AUTH,
+    "apikey.revoked": _AUTH,
+    "session.revoked": _AUTH,
+    "audit": _AUTH,
+    "apikey.used": _GATEWAY,
+    "usage": _GATEWAY,
+    "request.logged": _GATEWAY,
+}
+KINDS = frozenset(KIND_ROLES) | MEMBER_KINDS
+
+
+def rank_of(hlc: int, author: str, seq: int) -> str:
+    """The total order used to break ties between events: ``(hlc, author,
+    seq)`` as a string that sorts the same way (SQLite compares it as text)."""
+    return f"{hlc:020d}|{author}|{seq:020d}"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A decoded, signature-checked event. Build with :func:`sign_event` or
+    :func:`decode`, never directly from untrusted data."""
+
+    network: str
+    author: str
+    seq: int
+    hlc: int
+    kind: str
+    body: dict[str, Any]
+    sig: bytes = field(repr=False)
+    raw: bytes = field(repr=False, compare=False)
+    hash: bytes = field(repr=False, compare=False)
+    v: int = PROTOCOL_VERSION
+
+    @property
+    def id(self) -> tuple[str, int]:
+        return (self.author, self.seq)
+
+    @property
+    def wall(self) -> float:
+        """The wall-clock time the author stamped on it (seconds)."""
+        return wall_of(self.hlc)
+
+    @property
+    def rank(self) -> str:
+        return rank_of(self.hlc, self.author, self.seq)
+
+
+def _signed_part(v: int, network: str, author: str, seq: int, hlc: int, kind: str,
+                 body: Mapping[str, Any]) -> bytes:
+    return canonical_pack([v, network, author, seq, hlc, kind, body])
+
+
+def sign_event(identity: Identity, network: str, seq: int, hlc: int, kind: str,
+               body: dict[str, Any]) -> Event:
+    """Build and sign an event authored by ``identity``. The body is checked
+    first (:class:`~p2pinfer.errors.InvalidEvent` if it is malformed)."""
+    if kind not in KINDS:
+        raise InvalidEvent(f"unknown event kind {kind!r}")
+    validate_body(kind, body)
+    signed = _signed_part(PROTOCOL_VERSION, network, identity.peer_id, seq, hlc, kind, body)
+    sig = identity.sign(signed)
+    raw = canonical_pack([PROTOCOL_VERSION, network, identity.peer_id, seq, hlc, kind, body, sig])
+    if len(raw) > MAX_EVENT_BYTES:
+        raise InvalidEvent(
+            f"event of {len(raw)} bytes; at most {MAX_EVENT_BYTES} (split the batch)")
+    return Event(network, identity.peer_id, seq, hlc, kind, body, sig, raw,
+                 hashlib.sha256(signed).digest())
+
+
+def decode(raw: bytes, network: str) -> Event:
+    """Decode and check an event received from anywhere.
+
+    Checks, in order: size and msgpack shape, protocol version, network id,
+    kind, signature, body shape.
+
+    Raises:
+        InvalidEvent: malformed fields or body, unknown kind or version.
+        WrongNetwork: the event belongs to another network.
+        BadSignature: the signature is not the author's.
+    """
+    if not isinstance(raw, bytes | bytearray) or len(raw) > MAX_EVENT_BYTES:
+        raise InvalidEvent("an event is at most 256 KiB of bytes")
+    try:
+        obj = unpack(bytes(raw))
+    except Exception as exc:  # msgpack raises many types on garbage
+        raise InvalidEvent(f"event is not valid msgpack: {type(exc).__name__}") from exc
+    if not isinstance(obj, list) or len(obj) != 8:
+        raise InvalidEvent("an event is an array of 8 fields")
+    v, net, author, seq, hlc, kind, body, sig = obj
+    if v != PROTOCOL_VERSION:
+        raise InvalidEvent(f"unsupported event version {v!r}")
+    if not isinstance(net, str):
+        raise InvalidEvent("network id must be a string")
+    if net != network:
+        raise WrongNetwork(f"event of network {net[:64]!r}, this is {network!r}")
+    if not isinstance(author, str) or not 0 < len(author) <= 128:
+        raise InvalidEvent("author must be a peer id")
+    if type(seq) is not int or not 0 < seq < 2**62:
+        raise InvalidEvent("seq must be a positive integer")
+    if type(hlc) is not int or not 0 < hlc < 2**63:
+        raise InvalidEvent("hlc must be a positive integer")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise InvalidEvent(f"unknown event kind {str(kind)[:64]!r}")
+    if not isinstance(body, dict):
+        raise InvalidEvent("body must be a map")
+    if not isinstance(sig, bytes) or len(sig) != 64:
+        raise InvalidEvent("sig must be 64 bytes")
+    try:
+        signed = _signed_part(v, net, author, seq, hlc, kind, body)
+    except (TypeError, ValueError) as exc:
+        raise InvalidEvent(f"body cannot be encoded canonically: {exc}") from exc
+    if not verify_peer(author, signed, sig):
+        raise BadSignature(f"event {author}#{seq} is not signed by its author")
+    validate_body(kind, body)
+    canonical = canonical_pack([v, net, author, seq, hlc, kind, body, sig])
+    return Event(net, author, seq, hlc, kind, body, sig, canonical,
+                 hashlib.sha256(signed).digest())
+
+
+def decode_trusted(raw: bytes) -> Event:
+    """Decode an event this node stored after checking it (no verification)."""
+    v, net, author, seq, hlc, kind, body, sig = unpack(raw)
+    signed = _signed_part(v, net, author, seq, hlc, kind, body)
+    return Event(net, author, seq, hlc, kind, body, sig, raw, hashlib.sha256(signed).digest())
+
+
+# --- body shapes ---------------------------------------------------------------
+Check = Callable[[str, Any], Any]
+
+
+def _str(max_len: int, min_len: int = 1, pattern: re.Pattern[str] | None = None) -> Check:
+    def check(name: str, value: Any) -> Any:
+        if not isinstance(value, str) or not min_len <= len(value) <= max_len:
+            raise InvalidEvent(f"{name} must be a string of {min_len}-{max_len} characters")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise InvalidEvent(f"{name} has invalid characters")
+        return value
+
+    return check
+
+
+def _optional(inner: Check) -> Check:
+    def check(name: str, value: Any) -> Any:
+        return None if value is None else inner(name, value)
+
+    return check
+
+
+def _uuid(name: str, value: Any) -> Any:
+    if not isinstance(value, str) or len(value) != 36:
+        raise InvalidEvent(f"{name} must be a UUID string")
+    try:
+        canonical = str(uuid.UUID(value))
+    except ValueError:
+        raise InvalidEvent(f"{name} must be a UUID string") from None
+    if canonical != value:
+        raise InvalidEvent(f"{name} must be a lower-case hyphenated UUID")
+    return value
+
+
+def _time(name: str, value: Any) -> Any:
+    if type(value) not in (int, float) or not math.isfinite(value) or not 0 <= value < 1e11:
+        raise InvalidEvent(f"{name} must be a time in seconds since the epoch")
+    return value
+
+
+def _count(maximum: int = 2**53) -> Check:
+    def check(name: str, value: Any) -> Any:
+        if type(value) is not int or not 0 <= value <= maximum:
+            raise InvalidEvent(f"{name} must be an integer between 0 and {maximum}")
+        return value
+
+    return check
+
+
+def _number(name: str, value: Any) -> Any:
+    if type(value) not in (int, float) or not math.isfinite(value) or not 0 <= value < 1e12:
+        raise InvalidEvent(f"{name} must be a non-negative number")
+    return value
+
+
+def _bool(name: str, value: Any) -> Any:
+    if not isinstance(value, bool):
+        raise InvalidEvent(f"{name} must be true or false")
+    return value
+
+
+def _choice(*choices: str) -> Check:
+    def check(name: str, value: Any) -> Any:
+        if value not in choices:
+            raise InvalidEvent(f"{name} must be one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+def _hour(name: str, value: Any) -> Any:
+    if type(value) is not int or value % 3600 or not 0 <= value < 1e11:
+        raise InvalidEvent(f"{name} must be the epoch second of a UTC hour (multiple of 3600)")
+    return value
+
+
+def _small_map(name: str, value: Any) -> Any:
+    if not isinstance(value, dict) or len(value) > 32:
+        raise InvalidEvent(f"{name} must be a map of at most 32 entries")
+    try:
+        size = len(canonical_pack(value))
+    except (TypeError, ValueError) as exc:
+        raise InvalidEvent(f"{name} cannot be encoded: {exc}") from exc
+    if size > 4096:
+        raise InvalidEvent(f"{name} must encode to at most 4096 bytes")
+    return value
+
+
+def _doc(name: str, value: Any) -> Any:
+    if (not isinstance(value, dict) or set(value) != {"doc", "sig"}
+            or not isinstance(value["doc"], dict) or not isinstance(value["sig"], bytes)):
+        raise InvalidEvent(f"{name} must be a signed document {{doc, sig}}")
+    return value
+
+
+def _record(fields: dict[str, Check], optional: dict[str, Check] | None = None) -> Check:
+    optional = optional or {}
+
+    def check(name: str, value: Any) -> Any:
+        _check_map(name, value, fields, optional)
+        return value
+
+    return check
+
+
+def _list_of(item: Check, max_len: int = MAX_BATCH) -> Check:
+    def check(name: str, value: Any) -> Any:
+        if not isinstance(value, list) or not 0 < len(value) <= max_len:
+            raise InvalidEvent(f"{name} must be a list of 1-{max_len} items")
+        for i, v in enumerate(value):
+            item(f"{name}[{i}]", v)
+        return value
+
+    return check
+
+
+def _check_map(name: str, value: Any, fields: dict[str, Check],
+               optional: dict[str, Check]) -> None:
+    if not isinstance(value, dict):
+        raise InvalidEvent(f"{name} must be a map")
+    for key in value:
+        if key not in fields and key not in optional:
+            raise InvalidEvent(f"{name}: unexpected field {str(key)[:64]!r}")
+    for key, check in fields.items():
+        if key not in value:
+            raise InvalidEvent(f"{name}: missing field {key!r}")
+        check(f"{name}.{key}", value[key])
+    for key, check in optional.items():
+        if key in value:
+            check(f"{name}.{key}", value[key])
+
+
+_PUBLIC_ID = re.compile(r"[A-Za-z0-9_-]+")
+_HEX = re.compile(r"[0-9a-f]+")
+
+_SHAPES: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
+    "member.admitted": ({"cert": _doc}, {}),
+    "member.removed": ({"removal": _doc}, {}),
+    "user.registered": (
+        {"user_id": _uuid, "username": _str(50), "email": _str(100, 3),
+         "password_hash": _str(255), "created_at": _time},
+        {"tier": _choice(*TIERS), "is_active": _bool},
+    ),
+    "user.updated": (
+        {"user_id": _uuid, "updated_at": _time},
+        {"tier": _choice(*TIERS), "is_active": _bool},
+    ),
+    "user.erased": ({"user_id": _uuid, "erased_at": _time}, {}),
+    "apikey.issued": (
+        {"key_id": _uuid, "user_id": _uuid, "public_id": _str(32, 4, _PUBLIC_ID),
+         "key_hash": _str(255), "name": _optional(_str(100, 0)), "created_at": _time},
+        {},
+    ),
+    "apikey.revoked": ({"key_id": _uuid, "revoked_at": _time}, {}),
+    "apikey.used": (
+        {"entries": _list_of(_record({"key_id": _uuid, "at": _time}))},
+        {},
+    ),
+    "session.revoked": ({"jti": _str(128), "exp": _time}, {}),
+    "usage": (
+        {"entries": _list_of(_record({
+            "user_id": _uuid, "key_id": _optional(_uuid), "hour": _hour,
+            "requests": _count(), "tokens": _count(),
+        }))},
+        {},
+    ),
+    "request.logged": (
+        {"rows": _list_of(_record({
+            "id": _uuid, "user_id": _optional(_uuid), "api_key_id": _optional(_uuid),
+            "prompt_hash": _str(128, 8, _HEX), "model_used": _str(200),
+            "response_time_ms": _number, "tokens_used": _count(), "status": _str(32),
+            "created_at": _time,
+        }), max_len=500)},
+        {},
+    ),
+    "audit": (
+        {"actor": _str(200), "action": _str(64), "outcome": _str(32), "time": _time},
+        {"target": _optional(_str(200)), "source": _optional(_str(200)),
+         "detail": _small_map},
+    ),
+}
+
+
+def validate_body(kind: str, body: Any) -> None:
+    """Check that ``body`` has the shape ``kind`` requires.
+
+    Raises:
+        InvalidEvent: naming the first field that is wrong.
+    """
+    shape = _SHAPES.get(kind)
+    if shape is None:
+        raise InvalidEvent(f"unknown event kind {kind!r}")
+    _check_map("body", body, shape[0], shape[1])
+    if kind == "user.updated" and "tier" not in body and "is_active" not in body:
+        raise InvalidEvent("user.updated needs tier or is_active")

@@ -1,0 +1,196 @@
+"""GossipSub as a fast hint for new ledger events.
+
+Each node publishes the events it writes on the topic
+``/p2pinfer/<network id>/ledger/1``; a message is a msgpack array of raw
+events (a burst is sent as a few batches, not one message per event).
+Receivers hand the events to the store like any other; gossip is never
+trusted to deliver everything: anti-entropy (:mod:`.replication`) repairs
+what it loses.
+
+py-libp2p 0.8.1 drops messages silently with its defaults (see the project's
+libp2p notes), so:
+
+- spam protection is off (it allows ~10 messages per second per topic);
+- the heartbeat runs every second (default: 120 s);
+- the subscription channel and the per-peer outbound queues are enlarged
+  (:func:`tune_pubsub`; these are module globals of py-libp2p, so the change
+  is process-wide and made once);
+- one task reads the subscription continuously;
+- a topic validator drops messages whose origin is not a network member
+  before they are forwarded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from ..wire import pack, unpack
+
+__all__ = ["Gossip", "tune_pubsub", "topic_for"]
+
+log = logging.getLogger(__name__)
+
+QUEUE_SIZE = 100_000
+MAX_BATCH_EVENTS = 256
+MAX_BATCH_BYTES = 512 * 1024
+_tuned = False
+
+
+def topic_for(network_id: str) -> str:
+    return f"/p2pinfer/{network_id}/ledger/1"
+
+
+def tune_pubsub() -> None:
+    """Enlarge py-libp2p's pubsub buffers (process-wide, idempotent)."""
+    global _tuned
+    if _tuned:
+        return
+    import libp2p.pubsub.pubsub as ps
+    import libp2p.pubsub.rpc_queue as rq
+
+    ps.SUBSCRIPTION_CHANNEL_SIZE = QUEUE_SIZE  # type: ignore[attr-defined]
+
+    class _BigRpcQueue(rq.RpcQueue):  # type: ignore[misc]
+        def __init__(self, max_size: int = QUEUE_SIZE,
+                     max_message_size: int = rq.DefaultMaxMessageSize) -> None:
+            super().__init__(max_size, max_message_size)
+
+    ps.RpcQueue = _BigRpcQueue  # type: ignore[attr-defined]
+    _tuned = True
+
+
+def encode_batch(raws: list[bytes]) -> bytes:
+    return pack(raws)
+
+
+def decode_batch(data: bytes) -> list[bytes]:
+    """The raw events of a gossip message (ValueError if it is not one)."""
+    try:
+        obj = unpack(data)
+    except Exception as exc:
+        raise ValueError(f"not msgpack: {type(exc).__name__}") from exc
+    if not isinstance(obj, list) or not all(isinstance(x, bytes) for x in obj):
+        raise ValueError("a gossip message is an array of raw events")
+    return obj
+
+
+class Gossip:
+    """Publishes local events and delivers received ones.
+
+    Args:
+        host: the running libp2p host.
+        topic: the pubsub topic (see :func:`topic_for`).
+        deliver: called with ``(raw events, origin peer id)`` for each message.
+        accept_from: whether a peer id is a member (messages from others are
+            dropped, not forwarded).
+        on_drop: called when an event could not be queued for publishing.
+    """
+
+    def __init__(
+        self,
+        host: Any,
+        topic: str,
+        *,
+        deliver: Callable[[list[bytes], str], None],
+        accept_from: Callable[[str], bool],
+        on_drop: Callable[[], None] | None = None,
+    ) -> None:
+        self.host = host
+        self.topic = topic
+        self.deliver = deliver
+        self.accept_from = accept_from
+        self.on_drop = on_drop
+        self.pubsub: Any = None
+        self.router: Any = None
+        self._send, self._recv = trio.open_memory_channel[bytes](QUEUE_SIZE)
+        self.published = 0
+        self.received = 0
+        self.started = trio.Event()
+
+    def publish_nowait(self, raw: bytes) -> bool:
+        """Queue one event for publishing; False (and counted) if the queue is
+        full. Losing a hint is harmless: anti-entropy delivers it later."""
+        try:
+            self._send.send_nowait(raw)
+        except trio.WouldBlock:
+            if self.on_drop is not None:
+                self.on_drop()
+            return False
+        return True
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run pubsub until cancelled. Start it before any peer is dialled:
+        a pubsub stream opened before the service runs crashes the host."""
+        from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+        from libp2p.pubsub.pubsub import Pubsub
+        from libp2p.tools.anyio_service import background_trio_service
+
+        tune_pubsub()
+        self.router = GossipSub(
+            protocols=[PROTOCOL_ID_V11],
+            degree=6,
+            degree_low=4,
+            degree_high=12,
+            heartbeat_initial_delay=0.1,
+            heartbeat_interval=1,
+            spam_protection_enabled=False,
+        )
+        self.pubsub = Pubsub(self.host, self.router, strict_signing=True)
+        async with background_trio_service(self.pubsub), background_trio_service(self.router):
+            await self.pubsub.wait_until_ready()
+            self.pubsub.set_topic_validator(self.topic, self._validate, False)
+            subscription = await self.pubsub.subscribe(self.topic)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader, subscription)
+                nursery.start_soon(self._publisher)
+                self.started.set()
+                task_status.started()
+
+    def _validate(self, forwarder: Any, msg: Any) -> bool:
+        from libp2p.peer.id import ID
+
+        try:
+            return self.accept_from(ID(msg.from_id).to_base58())
+        except Exception:  # a malformed origin: drop the message
+            return False
+
+    async def _reader(self, subscription: Any) -> None:
+        from libp2p.peer.id import ID
+
+        me = self.host.get_id().to_base58()
+        while True:
+            msg = await subscription.get()
+            try:
+                origin = ID(msg.from_id).to_base58()
+            except Exception:
+                continue
+            if origin == me:
+                continue
+            try:
+                raws = decode_batch(msg.data)
+            except ValueError as exc:
+                log.warning("malformed ledger gossip from %s: %s", origin, exc)
+                continue
+            self.received += len(raws)
+            self.deliver(raws, origin)
+
+    async def _publisher(self) -> None:
+        async for first in self._recv:
+            batch, size = [first], len(first)
+            while len(batch) < MAX_BATCH_EVENTS and size < MAX_BATCH_BYTES:
+                try:
+                    raw = self._recv.receive_nowait()
+                except trio.WouldBlock:
+                    break
+                batch.append(raw)
+                size += len(raw)
+            try:
+                await self.pubsub.publish(self.topic, encode_batch(batch))
+                self.published += len(batch)
+            except Exception as exc:  # py-libp2p raises bare exceptions; gossip is a hint
+                log.warning("publishing %d ledger events failed: %s: %s", len(batch),
+                            type(exc).__name__, exc)

@@ -1,0 +1,149 @@
+"""Schema migrations of the ledger store, in the style of simonw/llm.
+
+Each migration is a function named ``mNNN_description`` appended to
+:data:`MIGRATIONS` by the ``@migration`` decorator; :func:`migrate` runs the
+ones not yet recorded in the ``_migrations`` table, each in its own
+transaction, in list order. Never edit a migration that has shipped: add a
+new one.
+
+Tables (timestamps are REAL seconds since the epoch, ids UUID strings):
+
+- the design document's ``users``, ``api_keys``, ``usage_stats`` and
+  ``request_logs`` (same columns; ``users`` adds ``tier`` and ``updated_at``,
+  ``api_keys`` adds ``public_id``, ``revoked_at`` and ``rank``);
+- ``events``: every accepted event, ``applied`` = 0 while it waits for its
+  author's earlier events; ``heads``: the highest contiguous seq applied per
+  author (the version vector);
+- ``membership_docs`` (owner-signed certificates and removals) and
+  ``members`` (what follows from them);
+- bookkeeping that makes materialisation order-independent:
+  ``registrations`` (every registration and whether it won),
+  ``user_attrs`` (last-writer-wins fields), ``key_revocations``,
+  ``key_last_used``, ``usage_hourly`` (per-gateway counters per hour);
+- ``audit`` and ``revoked_sessions``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from sqlite_utils import Database
+
+__all__ = ["MIGRATIONS", "migrate", "applied_migrations"]
+
+MIGRATIONS: list[Callable[[Database], None]] = []
+migration = MIGRATIONS.append
+
+TEXT, INT, REAL, BLOB = str, int, float, bytes
+
+
+@migration
+def m001_initial(db: Database) -> None:
+    db.table("events").create(
+        {"author": TEXT, "seq": INT, "hlc": INT, "kind": TEXT, "hash": BLOB, "raw": BLOB,
+         "applied": INT, "received_at": REAL},
+        pk=("author", "seq"), not_null={"hlc", "kind", "hash", "raw", "applied"},
+    )
+    db.table("events").create_index(["kind", "hlc"])
+    db.table("heads").create({"author": TEXT, "seq": INT, "hlc": INT}, pk="author",
+                       not_null={"seq"})
+    db.table("membership_docs").create(
+        {"hash": BLOB, "peer_id": TEXT, "type": TEXT, "doc": BLOB, "added_at": REAL},
+        pk="hash", not_null={"peer_id", "type", "doc"},
+    )
+    db.table("members").create(
+        {"peer_id": TEXT, "roles": TEXT, "admitted_at": INT, "expires_at": INT,
+         "removed_after": INT},
+        pk="peer_id",
+    )
+    db.table("registrations").create(
+        {"user_id": TEXT, "username": TEXT, "email": TEXT, "username_key": TEXT,
+         "email_key": TEXT, "password_hash": TEXT, "created_at": REAL, "tier": TEXT,
+         "is_active": INT, "rank": TEXT, "status": TEXT, "lost_to": TEXT},
+        pk="user_id", not_null={"username_key", "email_key", "rank", "status"},
+    )
+    db.table("registrations").create_index(["username_key"])
+    db.table("registrations").create_index(["email_key"])
+    db.table("user_attrs").create(
+        {"user_id": TEXT, "tier": TEXT, "tier_rank": TEXT, "is_active": INT,
+         "active_rank": TEXT, "updated_at": REAL},
+        pk="user_id",
+    )
+    db.table("users").create(
+        {"id": TEXT, "username": TEXT, "email": TEXT, "password_hash": TEXT,
+         "created_at": REAL, "is_active": INT, "tier": TEXT, "updated_at": REAL},
+        pk="id", not_null={"username", "email", "password_hash"},
+        defaults={"is_active": 1, "tier": "default"},
+    )
+    db.table("users").create_index(["username"], unique=True)
+    db.table("users").create_index(["email"], unique=True)
+    db.table("api_keys").create(
+        {"id": TEXT, "user_id": TEXT, "key_hash": TEXT, "name": TEXT, "created_at": REAL,
+         "last_used_at": REAL, "is_active": INT, "public_id": TEXT, "revoked_at": REAL,
+         "rank": TEXT},
+        pk="id", not_null={"user_id", "key_hash", "public_id", "rank"},
+        defaults={"is_active": 1},
+    )
+    db.table("api_keys").create_index(["public_id"])
+    db.table("api_keys").create_index(["user_id"])
+    db.table("key_revocations").create({"key_id": TEXT, "revoked_at": REAL}, pk="key_id")
+    db.table("key_last_used").create({"key_id": TEXT, "last_used_at": REAL}, pk="key_id")
+    db.table("usage_stats").create(
+        {"id": TEXT, "user_id": TEXT, "api_key_id": TEXT, "request_count": INT,
+         "tokens_used": INT, "date": TEXT, "created_at": REAL},
+        pk="id", not_null={"date"}, defaults={"request_count": 0, "tokens_used": 0},
+    )
+    db.table("usage_stats").create_index(["user_id", "date"])
+    db.table("usage_stats").create_index(["api_key_id", "date"])
+    db.table("usage_hourly").create(
+        {"author": TEXT, "user_id": TEXT, "api_key_id": TEXT, "hour": INT, "requests": INT,
+         "tokens": INT},
+        pk=("author", "user_id", "api_key_id", "hour"),
+    )
+    db.table("usage_hourly").create_index(["user_id", "hour"])
+    db.table("usage_hourly").create_index(["api_key_id", "hour"])
+    db.table("request_logs").create(
+        {"id": TEXT, "user_id": TEXT, "api_key_id": TEXT, "prompt_hash": TEXT,
+         "model_used": TEXT, "response_time_ms": REAL, "tokens_used": INT, "status": TEXT,
+         "created_at": REAL, "author": TEXT, "rank": TEXT},
+        pk="id",
+    )
+    db.table("request_logs").create_index(["created_at"])
+    db.table("request_logs").create_index(["user_id", "created_at"])
+    db.table("audit").create(
+        {"id": TEXT, "time": REAL, "actor": TEXT, "action": TEXT, "target": TEXT,
+         "outcome": TEXT, "source": TEXT, "detail": TEXT, "author": TEXT, "seq": INT},
+        pk="id",
+    )
+    db.table("audit").create_index(["time"])
+    db.table("audit").create_index(["actor", "time"])
+    db.table("revoked_sessions").create({"jti": TEXT, "exp": REAL}, pk="jti")
+
+
+@migration
+def m002_erasure(db: Database) -> None:
+    """Erased users (issue 11): the user id and when; no personal data."""
+    db.table("erased_users").create({"user_id": TEXT, "erased_at": REAL}, pk="user_id")
+
+
+def applied_migrations(db: Database) -> list[str]:
+    if not db.table("_migrations").exists():
+        return []
+    return [row["name"] for row in db.query("select name from _migrations order by rowid")]
+
+
+def migrate(db: Database) -> list[str]:
+    """Apply pending migrations; returns the names applied now."""
+    if not db.table("_migrations").exists():
+        db.table("_migrations").create({"name": TEXT, "applied_at": REAL}, pk="name")
+    done = set(applied_migrations(db))
+    ran = []
+    for fn in MIGRATIONS:
+        if fn.__name__ in done:
+            continue
+        with db.atomic():
+            fn(db)
+            db.table("_migrations").insert({"name": fn.__name__, "applied_at": time.time()})
+        ran.append(fn.__name__)
+    return ran

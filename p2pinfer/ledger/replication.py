@@ -1,0 +1,284 @@
+"""Anti-entropy: members compare version vectors and pull what they lack.
+
+Correctness never depends on gossip. On every new connection, periodically
+(``[ledger] sync_interval``, to a few random connected members), and
+whenever gossip shows a gap, a node runs a *round* with a peer:
+
+1. ``ledgerHello`` (public, once per connection): both sides hand over
+   their own owner-signed certificates, so two members that never met learn
+   that the other is a member before any member-only call;
+2. ``ledgerSync`` (members only): exchange version vectors (highest
+   contiguous seq per author) and membership digests; a differing digest
+   brings the whole document set back;
+3. ``ledgerPull`` (members only, server stream): the events of each author
+   after our head, in batches, applied as they arrive.
+
+A peer that learns from ``ledgerSync`` that the caller has events it lacks
+starts its own round back at once, so a node that returns after a day is
+both brought up to date and has its own writes collected promptly.
+
+RPC parameters and results:
+
+- ``ledgerHello {net, docs: [signed doc]}`` → ``{net, docs, member: bool}``
+- ``ledgerSync {vv: {author: seq}, digest: bytes}`` → ``{vv, digest, docs?}``
+- ``ledgerPull {after: {author: seq}, limit: int}`` → stream of
+  ``[raw event, ...]`` batches, in ascending seq per author.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from ..errors import (
+    InvalidParams,
+    NotMember,
+    P2PInferError,
+    PeerUnavailable,
+    StorageError,
+    UnknownMethod,
+    WrongNetwork,
+)
+from ..rpc import Access, CallContext, rpc_method
+from .membership import short
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .ledger import Ledger
+
+__all__ = ["LedgerService", "AntiEntropy"]
+
+log = logging.getLogger(__name__)
+
+MAX_VV_ENTRIES = 100_000
+MAX_HELLO_DOCS = 64
+PULL_BATCH_BYTES = 1024 * 1024
+CALL_TIMEOUT = 10.0
+MAX_CONCURRENT_ROUNDS = 4
+
+
+def _vv(value: Any, name: str) -> dict[str, int]:
+    if not isinstance(value, dict) or len(value) > MAX_VV_ENTRIES:
+        raise InvalidParams(f"{name} must be a map of author -> seq")
+    for author, seq in value.items():
+        if not isinstance(author, str) or type(seq) is not int or seq < 0:
+            raise InvalidParams(f"{name} must map peer ids to non-negative integers")
+    return value
+
+
+def _params(params: Any) -> dict[str, Any]:
+    if not isinstance(params, dict):
+        raise InvalidParams("expected a map")
+    return params
+
+
+class LedgerService:
+    """The ledger's RPC handlers (registered on the node's RPC server)."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    @rpc_method("ledgerHello", access=Access.PUBLIC)
+    async def rpc_hello(self, ctx: CallContext, params: Any) -> dict[str, Any]:
+        """Exchange own certificates (public: the caller may not be known yet)."""
+        p = _params(params)
+        if p.get("net") != self.ledger.network_id:
+            raise WrongNetwork(f"this node belongs to network {self.ledger.network_id}")
+        docs = p.get("docs", [])
+        if not isinstance(docs, list) or len(docs) > MAX_HELLO_DOCS:
+            raise InvalidParams(f"docs must be a list of at most {MAX_HELLO_DOCS} documents")
+        self.ledger.store.absorb_docs(docs, source=f"hello from {short(ctx.peer_id)}")
+        return {
+            "net": self.ledger.network_id,
+            "docs": [d.to_wire() for d in self.ledger.own_docs()],
+            "member": self.ledger.is_member(ctx.peer_id),
+        }
+
+    @rpc_method("ledgerSync", access=Access.MEMBER)
+    async def rpc_sync(self, ctx: CallContext, params: Any) -> dict[str, Any]:
+        """Version vectors and membership digests."""
+        p = _params(params)
+        theirs = _vv(p.get("vv"), "vv")
+        store = self.ledger.store
+        mine = store.version_vector()
+        digest = store.membership.digest()
+        out: dict[str, Any] = {"vv": mine, "digest": digest}
+        if p.get("digest") != digest:
+            out["docs"] = [d.to_wire() for d in store.membership.docs()]
+        if any(seq > mine.get(author, 0) for author, seq in theirs.items()):
+            self.ledger.request_sync(ctx.peer_id)
+        return out
+
+    @rpc_method("ledgerPull", access=Access.MEMBER)
+    async def rpc_pull(self, ctx: CallContext, params: Any) -> AsyncIterator[list[bytes]]:
+        """Stream the caller's missing events, author by author."""
+        p = _params(params)
+        after = _vv(p.get("after"), "after")
+        limit = p.get("limit", 10_000)
+        if type(limit) is not int or not 0 < limit <= 1_000_000:
+            raise InvalidParams("limit must be an integer between 1 and 1000000")
+        store = self.ledger.store
+        batch_size = self.ledger.settings.batch_size
+        sent = 0
+        for author in sorted(after):
+            cursor = after[author]
+            while sent < limit and cursor < store.heads.get(author, 0):
+                raws = store.read_range(author, cursor, min(batch_size, limit - sent))
+                if not raws:
+                    break
+                chunk: list[bytes] = []
+                size = 0
+                for raw in raws:
+                    if chunk and size + len(raw) > PULL_BATCH_BYTES:
+                        yield chunk
+                        chunk, size = [], 0
+                    chunk.append(raw)
+                    size += len(raw)
+                yield chunk
+                cursor += len(raws)
+                sent += len(raws)
+
+
+class AntiEntropy:
+    """Runs sync rounds with peers: on request, and periodically.
+
+    Args:
+        ledger: the local ledger.
+        rpc: an :class:`~p2pinfer.rpc.RpcClient`.
+        peers: returns the currently connected peer ids.
+    """
+
+    def __init__(self, ledger: Ledger, rpc: Any, peers: Callable[[], list[str]]) -> None:
+        self.ledger = ledger
+        self.rpc = rpc
+        self.peers = peers
+        self.settings = ledger.settings
+        self._pending: set[str] = set()
+        self._running: set[str] = set()
+        self._greeted: set[str] = set()
+        self._strangers: set[str] = set()
+        self._candidates: set[str] = set()
+        self._wake = trio.Event()
+        self.rounds = 0
+
+    def request(self, peer_id: str) -> None:
+        """Sync with ``peer_id`` soon (non-blocking)."""
+        self._pending.add(peer_id)
+        self._wake.set()
+
+    def connected(self, peer_id: str) -> None:
+        """A new connection to a peer worth greeting: greet, then sync. Until
+        a greeting succeeds the peer is retried with the periodic rounds."""
+        self._greeted.discard(peer_id)
+        self._strangers.discard(peer_id)
+        self._candidates.add(peer_id)
+        self.request(peer_id)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            next_periodic = trio.current_time() + self.settings.sync_interval
+            while True:
+                with trio.move_on_at(next_periodic):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                if trio.current_time() >= next_periodic:
+                    self._pending.update(self._periodic_targets())
+                    next_periodic = trio.current_time() + self.settings.sync_interval
+                for peer in sorted(self._pending):
+                    if len(self._running) >= MAX_CONCURRENT_ROUNDS:
+                        break
+                    if peer in self._running:
+                        continue
+                    self._pending.discard(peer)
+                    self._running.add(peer)
+                    nursery.start_soon(self._round, peer)
+
+    def _periodic_targets(self) -> list[str]:
+        connected = set(self.peers())
+        self._candidates &= connected
+        members = [p for p in connected
+                   if p not in self._strangers and self.ledger.is_member(p)]
+        random.shuffle(members)
+        return members[: self.settings.sync_fanout] + sorted(self._candidates)
+
+    async def _round(self, peer: str) -> None:
+        outcome = "error"
+        try:
+            outcome = await self._sync_with(peer)
+        except NotMember:
+            self._greeted.discard(peer)
+            outcome = "not_member"
+        except (WrongNetwork, UnknownMethod, PeerUnavailable) as exc:
+            if peer not in self._greeted:  # not a member node of this network: leave it be
+                self._strangers.add(peer)
+                self._candidates.discard(peer)
+                outcome = "stranger"
+            log.debug("sync with %s failed: %s", short(peer), exc)
+        except (P2PInferError, trio.TooSlowError) as exc:
+            if isinstance(exc, StorageError):
+                log.error("ledger store failed during sync with %s: %s", short(peer), exc)
+            else:
+                log.debug("sync with %s failed: %s", short(peer), exc)
+        finally:
+            self._running.discard(peer)
+            self.rounds += 1
+            self.ledger.metrics.syncs.labels(outcome).inc()
+            self._wake.set()
+
+    async def _sync_with(self, peer: str) -> str:
+        ledger = self.ledger
+        store = ledger.store
+        if peer not in self._greeted:
+            with trio.fail_after(CALL_TIMEOUT):
+                reply = await self.rpc.call(peer, "ledgerHello", {
+                    "net": ledger.network_id,
+                    "docs": [d.to_wire() for d in ledger.own_docs()],
+                })
+            if not isinstance(reply, dict) or reply.get("net") != ledger.network_id:
+                self._strangers.add(peer)
+                self._candidates.discard(peer)
+                return "stranger"
+            docs = reply.get("docs")
+            if isinstance(docs, list):
+                store.absorb_docs(docs[:MAX_HELLO_DOCS], source=f"hello to {short(peer)}")
+            self._greeted.add(peer)
+            self._candidates.discard(peer)
+        if not ledger.is_member(peer):
+            self._strangers.add(peer)
+            return "stranger"
+        with trio.fail_after(CALL_TIMEOUT):
+            reply = await self.rpc.call(peer, "ledgerSync", {
+                "vv": store.version_vector(), "digest": store.membership.digest()})
+        if not isinstance(reply, dict):
+            raise InvalidParams("malformed ledgerSync reply")
+        docs = reply.get("docs")
+        if isinstance(docs, list):
+            store.absorb_docs(docs, source=f"sync with {short(peer)}")
+        theirs = _vv(reply.get("vv"), "vv")
+        mine = store.version_vector()
+        want = {a: mine.get(a, 0) for a, s in theirs.items() if s > mine.get(a, 0)}
+        behind = sum(theirs[a] - mine.get(a, 0) for a in want)
+        ledger.metrics.behind.set(behind)
+        if not want:
+            return "in_sync"
+        limit = self.settings.pull_limit
+        received = 0
+        async with self.rpc.stream(peer, "ledgerPull", {"after": want, "limit": limit}) as chunks:
+            while True:
+                with trio.fail_after(CALL_TIMEOUT):
+                    try:
+                        chunk = await chunks.__anext__()
+                    except StopAsyncIteration:
+                        break
+                if not isinstance(chunk, list) or not all(isinstance(r, bytes) for r in chunk):
+                    raise InvalidParams("malformed ledgerPull chunk")
+                received += len(chunk)
+                ledger.ingest(chunk, source="sync", origin=peer)
+                await trio.lowlevel.checkpoint()
+        if received >= limit:
+            self.request(peer)  # more to fetch
+        return "pulled"
