@@ -28,6 +28,7 @@ from .config import NodeConfig
 from .discovery import Descriptor, Discovery
 from .errors import ConfigError, InvalidParams, PeerUnavailable
 from .identity import Identity
+from .metrics.node_metrics import NodeMetrics
 from .rpc import RPC_PROTOCOL, Access, CallContext, RpcClient, RpcServer, make_host, rpc_method
 from .rpc.host import guard_handler, parse_multiaddr
 
@@ -130,7 +131,7 @@ class Node:
         self.rpc = RpcClient(self.host, max_frame=config.max_frame)
         # Node-wide metrics, kept by every node whatever its roles (see
         # p2pinfer.metrics): set up here, before the ledger and the roles.
-        self.metrics: Any = None
+        self.metrics = NodeMetrics(self)
         self.ledger: Any = None
         self._init_ledger()
         self.discovery = Discovery(

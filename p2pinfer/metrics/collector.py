@@ -1,0 +1,210 @@
+"""Collecting every node's metrics over RPC into one :class:`SwarmSnapshot`.
+
+Which nodes: every member node found through discovery (``role/<name>`` for
+each role, refreshed every ``discover_interval`` seconds) or connected to
+this node, and every node seen before. A node keeps its place in the
+snapshot while it is down (``up = false``, which is what the ``NodeDown``
+alert watches) until it has been down ``forget_after`` seconds, or as soon
+as it stops being a network member.
+
+How: one ``getNodeMetrics`` call per node per round, all at once, each
+bounded by ``peer_timeout``; a node that does not answer in time, fails, or
+answers with malformed data counts as down for that round. A round therefore
+never takes much longer than ``peer_timeout``, however many nodes are dead.
+Concurrent callers share one round (:meth:`ClusterCollector.snapshot`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ..errors import P2PInferError
+from . import catalogue as cat
+from .alerts import Alert, AlertRule
+from .samples import Family, NodeSample, Sample, SwarmSnapshot, decode_families, encode_families
+from .settings import MetricsSettings
+
+__all__ = ["ClusterCollector", "swarm_families"]
+
+log = logging.getLogger(__name__)
+
+DISCOVERED_ROLES = ("auth", "gateway", "inference", "metrics", "web")
+
+
+@dataclass
+class _Peer:
+    first_seen: float
+    last_up: float | None = None
+
+
+class ClusterCollector:
+    """Collects the swarm's metrics for a node with the metrics role.
+
+    Args:
+        node: the running :class:`~p2pinfer.node.Node`.
+        settings: ``[metrics]`` settings (timeouts, intervals).
+    """
+
+    def __init__(self, node: Any, settings: MetricsSettings) -> None:
+        self.node = node
+        self.settings = settings
+        self.known: dict[str, _Peer] = {}
+        self.last: SwarmSnapshot | None = None
+        self.listeners: list[Callable[[SwarmSnapshot], None]] = []
+        self.rounds = 0
+        self._lock = trio.Lock()
+        self._models_seen: dict[str, float] = {}
+
+    # -- peers -------------------------------------------------------------------
+    def add_peer(self, peer_id: str) -> None:
+        """Start watching a member node (ignored for non-members and self)."""
+        if peer_id == self.node.peer_id or peer_id in self.known:
+            return
+        if not self.node.is_member(peer_id):
+            return
+        self.known[peer_id] = _Peer(first_seen=trio.current_time())
+
+    async def discover(self) -> None:
+        """Find member nodes of every role through the DHT."""
+        found: set[str] = set()
+
+        async def lookup(role: str) -> None:
+            try:
+                for desc in await self.node.discovery.find_role(role):
+                    found.add(desc.peer_id)
+            except P2PInferError as exc:
+                log.debug("looking up role %s failed: %s", role, exc)
+
+        async with trio.open_nursery() as nursery:
+            for role in DISCOVERED_ROLES:
+                nursery.start_soon(lookup, role)
+        for peer_id in sorted(found):
+            self.add_peer(peer_id)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Look for nodes every ``discover_interval`` seconds until cancelled."""
+        task_status.started()
+        while True:
+            await self.discover()
+            await trio.sleep(self.settings.discover_interval)
+
+    def _prune(self, now: float) -> None:
+        for peer_id in list(self.known):
+            peer = self.known[peer_id]
+            since = peer.last_up if peer.last_up is not None else peer.first_seen
+            if not self.node.is_member(peer_id) or now - since > self.settings.forget_after:
+                log.info("no longer watching node %s", peer_id)
+                del self.known[peer_id]
+
+    # -- collection -----------------------------------------------------------------
+    async def snapshot(self, max_age: float = 0.0) -> SwarmSnapshot:
+        """The latest snapshot if it is at most ``max_age`` seconds old, else a
+        new round (shared with any caller already waiting for one)."""
+        if self.last is not None and trio.current_time() - self.last.at <= max_age:
+            return self.last
+        async with self._lock:
+            if self.last is not None and trio.current_time() - self.last.at <= max_age:
+                return self.last
+            snap = await self._collect()
+            self.last = snap
+            self.rounds += 1
+            for listener in self.listeners:
+                listener(snap)
+            return snap
+
+    def local_sample(self) -> NodeSample:
+        """This node's own metrics, without RPC."""
+        started = trio.current_time()
+        metrics = self.node.metrics
+        return NodeSample(self.node.peer_id, True,
+                          families=decode_families(encode_families(self.node.registry)),
+                          health=metrics.health(), seconds=trio.current_time() - started)
+
+    async def _ask(self, peer_id: str, out: dict[str, NodeSample]) -> None:
+        started = trio.current_time()
+        timeout = self.settings.peer_timeout
+        sample = NodeSample(peer_id, False, error=f"no answer within {timeout:g}s")
+        with trio.move_on_after(timeout):
+            try:
+                raw = await self.node.rpc.call(peer_id, "getNodeMetrics")
+                if not isinstance(raw, dict):
+                    raise ValueError("getNodeMetrics answered with a non-map")
+                health = raw.get("health")
+                sample = NodeSample(peer_id, True, families=decode_families(raw.get("families")),
+                                    health=health if isinstance(health, dict) else {})
+            except P2PInferError as exc:
+                sample = NodeSample(peer_id, False, error=f"{type(exc).__name__}: {exc.message}")
+            except ValueError as exc:
+                sample = NodeSample(peer_id, False, error=f"malformed metrics: {exc}")
+        sample.seconds = trio.current_time() - started
+        out[peer_id] = sample
+
+    async def _collect(self) -> SwarmSnapshot:
+        for peer_id in self.node.connected_peers():
+            self.add_peer(peer_id)
+        now = trio.current_time()
+        self._prune(now)
+        samples: dict[str, NodeSample] = {self.node.peer_id: self.local_sample()}
+        async with trio.open_nursery() as nursery:
+            for peer_id in list(self.known):
+                nursery.start_soon(self._ask, peer_id, samples)
+        done = trio.current_time()
+        for peer_id, sample in samples.items():
+            peer = self.known.get(peer_id)
+            if peer is not None and sample.up:
+                peer.last_up = done
+            elif peer is not None:
+                log.debug("node %s is down: %s", peer_id, sample.error)
+        return SwarmSnapshot(at=done, wall=time.time(), collector=self.node.peer_id,
+                             nodes=samples, models=self._count_models(samples, done))
+
+    def _count_models(self, samples: dict[str, NodeSample], now: float) -> dict[str, int]:
+        counts: dict[str, int] = {m: 0 for m in self.settings.expected_models}
+        for sample in samples.values():
+            if not sample.up:
+                continue
+            for model in sample.health.get("models", []) or []:
+                if not isinstance(model, dict):
+                    continue
+                name = cat.clean_label(model.get("name"))
+                if name == "_invalid":
+                    continue
+                self._models_seen[name] = now
+                counts.setdefault(name, 0)
+                if model.get("status") == "loaded":
+                    counts[name] += 1
+        for name, seen in list(self._models_seen.items()):
+            if now - seen > self.settings.forget_after:
+                del self._models_seen[name]
+            else:
+                counts.setdefault(name, 0)
+        return counts
+
+
+def swarm_families(snapshot: SwarmSnapshot, firing: list[Alert],
+                   rules: list[AlertRule]) -> list[Family]:
+    """The swarm-level series a metrics node adds to the swarm view."""
+    up = Family(cat.NODE_UP.removesuffix("_total"), "gauge",
+                "1 if the node answered the last collection, else 0",
+                [Sample(cat.NODE_UP, {"node": n.peer_id}, 1.0 if n.up else 0.0)
+                 for n in snapshot.nodes.values()])
+    took = Family("ai_platform_node_collect_seconds", "gauge",
+                  "How long collecting the node's metrics took",
+                  [Sample("ai_platform_node_collect_seconds", {"node": n.peer_id}, n.seconds)
+                   for n in snapshot.nodes.values()])
+    workers = Family(cat.MODEL_WORKERS, "gauge", "Nodes where the model is loaded",
+                     [Sample(cat.MODEL_WORKERS, {"model": m}, float(c))
+                      for m, c in sorted(snapshot.models.items())])
+    counts: dict[tuple[str, str], int] = {(r.name, r.severity): 0 for r in rules}
+    for alert in firing:
+        counts[(alert.name, alert.severity)] = counts.get((alert.name, alert.severity), 0) + 1
+    alerts = Family(cat.ALERTS_FIRING, "gauge", "Alert instances firing now (built-in rules)",
+                    [Sample(cat.ALERTS_FIRING, {"alertname": n, "severity": s}, float(c))
+                     for (n, s), c in sorted(counts.items())])
+    return [up, took, workers, alerts]
