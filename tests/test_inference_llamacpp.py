@@ -194,6 +194,23 @@ async def test_cancel_frees_the_slot_within_a_token(engine: InferenceEngine) -> 
     assert done.completion_tokens == 4
 
 
+async def test_a_slow_consumer_gets_waiting_tokens_in_one_chunk(
+        engine: InferenceEngine, reference_llm: Any) -> None:
+    request = parse_prompt_params({"prompt": STORY, "max_tokens": 24, "temperature": 0,
+                                   "cache": False})
+    chunks: list[str] = []
+    with trio.fail_after(60):
+        async with aclosing(engine.generate(request)) as events:
+            async for event in events:
+                if isinstance(event, TextChunk):
+                    chunks.append(event.text)
+                    if len(chunks) == 1:
+                        await trio.sleep(0.2)  # ~15 tokens are generated meanwhile
+    text, _, _ = reference(reference_llm, STORY, max_tokens=24, temperature=0.0)
+    assert "".join(chunks) == text
+    assert len(chunks) < 24 - 5
+
+
 async def test_prompt_longer_than_the_context_is_invalid(engine: InferenceEngine) -> None:
     with trio.fail_after(30), pytest.raises(InvalidParams) as ei:
         await ask(engine, {"prompt": "lorem ipsum dolor " * 1500, "max_tokens": 5})

@@ -97,7 +97,8 @@ async def test_process_prompt_streams_the_real_model_over_rpc() -> None:
     text = "".join(c["delta"] for c in chunks)
     assert text.startswith("In the year")
     # Chunks arrive one by one while the model generates, before the call ends.
-    assert len(chunks) >= 20 and ended - arrivals[0] > 0.1
+    # (A consumer that falls behind gets the waiting tokens merged into one chunk.)
+    assert len(chunks) >= 8 and ended - arrivals[0] > 0.1
     assert arrivals == sorted(arrivals)
     assert trailer["model"] == "smollm2" and trailer["backend"] == "llamacpp"
     assert trailer["finish_reason"] == "length" and trailer["cached"] is False

@@ -268,19 +268,37 @@ class LlamaCppBackend(Backend):
         done = trio.Event()
         self._jobs.add(job)
         try:
-            nursery.start_soon(self._drive, llm, request, job, done)
+            nursery.start_soon(self._drive, llm, request, job, send, done)
         except BaseException:
             self._jobs.discard(job)
             self._release(llm)
             raise
         try:
-            async for item in recv:
+            pending: StreamEvent | P2PInferError | None = None
+            while True:
+                item = pending if pending is not None else await recv.receive()
+                pending = None
                 if isinstance(item, P2PInferError):
                     raise item
+                if isinstance(item, TextChunk):
+                    # Tokens that piled up while the consumer was busy go out
+                    # as one chunk: fewer frames when the loop falls behind.
+                    text = item.text
+                    while True:
+                        try:
+                            pending = recv.receive_nowait()
+                        except trio.WouldBlock:
+                            break
+                        if not isinstance(pending, TextChunk):
+                            break
+                        text += pending.text
+                        pending = None
+                    item = TextChunk(text) if text is not item.text else item
                 yield item
                 if isinstance(item, GenerationResult):
                     return
-            raise BackendError(f"model {self.name}: generation ended without a result")
+        except trio.EndOfChannel:
+            raise BackendError(f"model {self.name}: generation ended without a result") from None
         finally:
             job.cancel()
             recv.close()
@@ -288,10 +306,14 @@ class LlamaCppBackend(Backend):
                 await done.wait()
 
     async def _drive(self, llm: Any, request: GenerationRequest, job: _Job,
+                     send: trio.MemorySendChannel[StreamEvent | P2PInferError],
                      done: trio.Event) -> None:
         try:
             await trio.to_thread.run_sync(self._run_job, llm, request, job)
         finally:
+            # to_thread reports back through the same run_sync_soon queue as
+            # job.emit, so everything the thread emitted is delivered by now.
+            send.close()
             self._jobs.discard(job)
             self._release(llm)
             done.set()
