@@ -17,6 +17,7 @@ Concurrent callers share one round (:meth:`ClusterCollector.snapshot`).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +60,7 @@ class ClusterCollector:
         self.listeners: list[Callable[[SwarmSnapshot], None]] = []
         self.rounds = 0
         self._lock = trio.Lock()
+        self._last_started = -math.inf
         self._models_seen: dict[str, float] = {}
 
     # -- peers -------------------------------------------------------------------
@@ -105,18 +107,26 @@ class ClusterCollector:
     # -- collection -----------------------------------------------------------------
     async def snapshot(self, max_age: float = 0.0) -> SwarmSnapshot:
         """The latest snapshot if it is at most ``max_age`` seconds old, else a
-        new round (shared with any caller already waiting for one)."""
-        if self.last is not None and trio.current_time() - self.last.at <= max_age:
+        round that starts after this call (shared with any caller already
+        waiting for one). ``max_age=0`` always gives fresh figures."""
+        asked = trio.current_time()
+        if self._fresh(asked, max_age):
+            assert self.last is not None
             return self.last
         async with self._lock:
-            if self.last is not None and trio.current_time() - self.last.at <= max_age:
+            if self._fresh(asked, max_age) or self._last_started >= asked:
+                assert self.last is not None
                 return self.last
+            self._last_started = trio.current_time()
             snap = await self._collect()
             self.last = snap
             self.rounds += 1
             for listener in self.listeners:
                 listener(snap)
             return snap
+
+    def _fresh(self, now: float, max_age: float) -> bool:
+        return self.last is not None and max_age > 0 and now - self.last.at <= max_age
 
     def local_sample(self) -> NodeSample:
         """This node's own metrics, without RPC."""

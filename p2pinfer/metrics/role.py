@@ -70,7 +70,6 @@ __all__ = ["MetricsRole"]
 
 log = logging.getLogger(__name__)
 
-SCRAPE_MAX_AGE = 1.0
 PUBLIC_ALERT_LABELS = ("service", "model")
 
 
@@ -148,7 +147,7 @@ class MetricsRole:
     # -- views -----------------------------------------------------------------------
     async def swarm_text(self) -> bytes:
         """The swarm-wide Prometheus exposition."""
-        snap = await self.collector.snapshot(SCRAPE_MAX_AGE)
+        snap = await self.collector.snapshot()
         return render_swarm(snap, swarm_families(snap, self.evaluator.firing(), self.rules))
 
     def alerts_view(self) -> dict[str, Any]:
