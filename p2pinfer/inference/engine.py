@@ -31,7 +31,13 @@ from typing import Any
 
 import trio
 
-from ..errors import MalformedBackendResponse, Overloaded, P2PInferError, UnknownModel
+from ..errors import (
+    BackendUnavailable,
+    MalformedBackendResponse,
+    Overloaded,
+    P2PInferError,
+    UnknownModel,
+)
 from .backend import Backend, GenerationRequest, GenerationResult, ModelState, TextChunk
 from .cache import CachedAnswer, ResponseCache, cache_key
 from .metrics import UNKNOWN_MODEL, InferenceMetrics
@@ -228,6 +234,8 @@ class InferenceEngine:
             if self.metrics is not None:
                 self.metrics.requests.labels(UNKNOWN_MODEL, "error").inc()
             raise
+        if not self.running:
+            raise BackendUnavailable("the inference engine is not running")
         params = request.params
         key = None
         if self.cache is not None and request.use_cache and params.deterministic:

@@ -11,14 +11,15 @@ registry.
     ai_platform_inference_queue_depth{model}             gauge   requests waiting for a slot
     ai_platform_inference_in_flight{model}               gauge   slots in use
     ai_platform_inference_free_slots{model}              gauge
-    ai_platform_inference_requests_total{model,status}   counter by outcome (success, error,
-                                                                 cancelled, overloaded, cached)
+    ai_platform_inference_requests_total{model,status}   counter by outcome (see below)
     ai_platform_inference_tokens_generated_total{model}  counter completion tokens (backend counts)
     ai_platform_inference_prompt_tokens_total{model}     counter
     ai_platform_inference_cache_hits_total{model}        counter
     ai_platform_inference_cache_misses_total{model}      counter
     ai_platform_inference_duration_seconds{model}        histogram  whole request
     ai_platform_inference_ttft_seconds{model}            histogram  time to first token
+
+``status`` is one of success, error, cancelled, overloaded, cached.
 """
 
 from __future__ import annotations

@@ -233,6 +233,10 @@ class HttpBackend(Backend):
                 log.warning("model %s: %s", self.name, exc.message)
             self._set_state(ModelState.ERROR, exc.message)
             return
+        except Exception as exc:  # a probe must never take the node down
+            log.exception("model %s: catalog probe failed", self.name)
+            self._set_state(ModelState.ERROR, f"catalog probe failed: {type(exc).__name__}")
+            return
         names = {info.name for info in infos}
         if self.remote_model in names or f"{self.remote_model}:latest" in names:
             for info in infos:
