@@ -3,6 +3,9 @@
 Two formats: ``text`` for people and ``json`` (one object per line) for log
 collectors. Both carry the request id (see :mod:`p2pinfer.tracing`), so one
 request can be followed through the gateway and the worker that served it.
+In JSON, fields passed with ``extra=`` (``log.info("served", extra={"model":
+m, "latency_ms": 12.5})``) become keys of the object, so collectors can
+filter on them without parsing messages.
 """
 
 from __future__ import annotations
@@ -17,9 +20,14 @@ from p2pinfer.tracing import RequestIdFilter
 
 __all__ = ["configure_logging", "JsonFormatter"]
 
+# Attributes every LogRecord has: anything else on a record came from extra=.
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
+    "message", "asctime", "request_id", "node", "taskName"}
+
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record: ts, level, logger, msg, request_id, exc."""
+    """One JSON object per record: ts, level, logger, msg, request_id, node,
+    the record's ``extra=`` fields, exc."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -33,9 +41,12 @@ class JsonFormatter(logging.Formatter):
         node = getattr(record, "node", None)
         if node:
             out["node"] = node
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and key not in out and not key.startswith("_"):
+                out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
+        return json.dumps(out, ensure_ascii=False, default=str)
 
 
 class _NodeFilter(logging.Filter):

@@ -152,3 +152,19 @@ def test_families_round_trip_and_swarm_render() -> None:
 def test_decode_families_refuses_malformed(bad: Any) -> None:
     with pytest.raises(ValueError):
         decode_families(bad)
+
+
+def test_audit_query_params() -> None:
+    from p2pinfer.metrics.audit import parse_audit_query
+
+    assert parse_audit_query(None) == {"limit": 100}
+    assert parse_audit_query({"actor": "u-1", "action": "login", "since": 5, "limit": 7}) == {
+        "actor": "u-1", "action": "login", "since": 5.0, "limit": 7}
+    for bad, field in [({"limit": 0}, "limit"), ({"limit": 5000}, "limit"),
+                       ({"limit": "9"}, "limit"), ({"since": math.nan}, "since"),
+                       ({"since": True}, "since"), ({"actor": ""}, "actor"),
+                       ({"action": "x" * 201}, "action"), ({"who": 1}, "who"),
+                       ("all", "params")]:
+        with pytest.raises(InvalidParams) as info:
+            parse_audit_query(bad)
+        assert info.value.data["field"] == field

@@ -263,3 +263,31 @@ async def test_error_rate_alert_fires_and_resolves_with_webhook(
             assert resolved["alerts"][0]["endsAt"] != "0001-01-01T00:00:00Z"
             assert role.evaluator.firing() == []
             assert role.notifier is not None and role.notifier.statistics().sent == 2
+
+
+async def test_audit_log_query(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """Audit rows the ledger holds come back filtered and newest first."""
+    import time
+
+    cfg = node_config(tmp_path / "m", roles=["metrics"], tables=metrics_tables())
+    with trio.fail_after(30):
+        async with run_nodes(nursery, [cfg]) as (node,):
+            now = time.time()
+            for i, (action, outcome) in enumerate([("user.register", "success"),
+                                                   ("user.login", "failure"),
+                                                   ("apikey.issue", "success")]):
+                node.ledger.append("audit", {"actor": "user-1", "action": action,
+                                             "outcome": outcome, "time": now + i,
+                                             "target": "key-1", "source": "web"})
+            got = await node.rpc.call(node.peer_id, "getAuditLog")
+            assert [r["action"] for r in got["rows"]] == ["apikey.issue", "user.login",
+                                                          "user.register"]
+            assert got["rows"][0]["author"] == node.peer_id
+            assert got["rows"][0]["target"] == "key-1" and got["rows"][0]["source"] == "web"
+            logins = await node.rpc.call(node.peer_id, "getAuditLog",
+                                         {"action": "user.login", "limit": 5})
+            assert [r["outcome"] for r in logins["rows"]] == ["failure"]
+            recent = await node.rpc.call(node.peer_id, "getAuditLog", {"since": now + 1.5})
+            assert [r["action"] for r in recent["rows"]] == ["apikey.issue"]
+            with pytest.raises(errors.InvalidParams, match="limit"):
+                await node.rpc.call(node.peer_id, "getAuditLog", {"limit": 10_000})

@@ -16,10 +16,12 @@
 - ``webhook.py``: Alertmanager-style JSON notifications on fire and resolve.
 - ``exporter.py``: the Starlette app (``/metrics``, ``/health``, ``/alerts``)
   served by Hypercorn on trio.
+- ``audit.py``: the query side of the audit trail (``getAuditLog``).
 - ``settings.py``: the ``[metrics]`` table (``METRICS_ENABLED``,
   ``PROMETHEUS_PORT``).
 - ``role.py``: :class:`~p2pinfer.metrics.role.MetricsRole` and its RPC
-  methods (``recordMetric``, ``getMetrics``, ``getSystemHealth``, ...).
+  methods (``recordMetric``, ``getMetrics``, ``getSystemHealth``,
+  ``getAuditLog``).
 
 Importing this package does not import the HTTP stack: the role module
 (Starlette, Hypercorn, httpx) is imported only on nodes that hold the role.

@@ -45,8 +45,12 @@ RPC methods:
     ``critical``: a critical alert fires; ``degraded``: a warning alert
     fires, a node is down, or a node reports a model in error.
 
-``getAuditLog`` (MEMBER; see :mod:`.audit`)
-    Filtered audit rows from the node's ledger.
+``getAuditLog`` (MEMBER)
+    params: ``{"actor", "action", "since", "limit"}`` (all optional).
+    Result: ``{"rows": [{"id", "time", "actor", "action", "target",
+    "outcome", "source", "detail", "author"}]}``, newest first, from this
+    node's replica of the ledger (see :mod:`.audit`). Errors: InvalidParams;
+    StorageError if the node has no ledger.
 """
 
 from __future__ import annotations
@@ -56,9 +60,10 @@ from typing import Any
 
 import trio
 
-from ..errors import InvalidParams
+from ..errors import InvalidParams, StorageError
 from ..rpc.server import Access, CallContext, rpc_method
 from .alerts import AlertEvaluator, CounterHistory, build_rules, lag_p95_by_node
+from .audit import audit_row, parse_audit_query
 from .collector import ClusterCollector, swarm_families
 from .exporter import build_app, serve_http
 from .node_metrics import NodeMetrics
@@ -224,7 +229,9 @@ class MetricsRole:
         try:
             return self.node_metrics.record(params)
         except InvalidParams as exc:
-            log.info("recordMetric from %s refused: %s", ctx.peer_id, exc.message)
+            log.info("recordMetric from %s refused: %s", ctx.peer_id, exc.message,
+                     extra={"peer": ctx.peer_id, "rpc_method": ctx.method,
+                            "field": exc.data.get("field")})
             raise
 
     @rpc_method("getMetrics", access=Access.MEMBER)
@@ -248,3 +255,12 @@ class MetricsRole:
         if params not in (None, {}, []):
             raise InvalidParams("params: getSystemHealth takes none", data={"field": "params"})
         return await self.system_health(member=ctx.is_member)
+
+    @rpc_method("getAuditLog", access=Access.MEMBER)
+    async def rpc_get_audit_log(self, ctx: CallContext, params: Any) -> dict[str, Any]:
+        """Audit rows of sensitive operations across the swarm, newest first."""
+        query = parse_audit_query(params)
+        ledger = self.node.ledger
+        if ledger is None:
+            raise StorageError("this node keeps no ledger")
+        return {"rows": [audit_row(r) for r in ledger.audit(**query)]}
