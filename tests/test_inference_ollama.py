@@ -237,13 +237,13 @@ async def test_missing_counts_are_estimated_and_flagged(
 
 
 async def test_ollama_down(nursery: trio.Nursery) -> None:
-    with socket.socket() as s:
+    with socket.socket() as s:  # bound, not listening: connections are refused
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    engine = InferenceEngine()
-    engine.add_model(OllamaBackend("llama3.2", base_url=f"http://127.0.0.1:{port}"))
-    await nursery.start(engine.run)
-    with trio.fail_after(10):
-        assert await engine.wait_settled() == {"llama3.2": "error"}
-        with pytest.raises(BackendUnavailable):
-            await ask(engine, "hi")
+        engine = InferenceEngine()
+        engine.add_model(OllamaBackend("llama3.2", base_url=f"http://127.0.0.1:{port}"))
+        await nursery.start(engine.run)
+        with trio.fail_after(10):
+            assert await engine.wait_settled() == {"llama3.2": "error"}
+            with pytest.raises(BackendUnavailable):
+                await ask(engine, "hi")

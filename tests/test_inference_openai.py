@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import aclosing
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -38,38 +40,43 @@ from p2pinfer.inference import (
 )
 
 
-def free_port() -> int:
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port bound but not listening: connecting is refused, and no
+    other process can take it while the test runs."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        yield int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
 def llama_server() -> Iterator[str]:
-    """A real ``python -m llama_cpp.server`` on 127.0.0.1; yields its /v1 URL."""
-    port = free_port()
-    log = tempfile.TemporaryFile()
+    """A real ``python -m llama_cpp.server`` on 127.0.0.1; yields its /v1 URL.
+
+    It binds port 0 itself and we read the port from its own log, so no
+    other process can take the port between choosing and binding it.
+    """
+    log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log")
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_model_path()),
-         "--model_alias", "smollm2", "--host", "127.0.0.1", "--port", str(port),
+         "--model_alias", "smollm2", "--host", "127.0.0.1", "--port", "0",
          "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1", "--verbose", "False"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + 60
         while True:
+            output = Path(log.name).read_text(errors="replace")
+            found = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", output)
+            if found:
+                break
             if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"llama_cpp.server exited: {log.read()[-2000:]!r}")
-            try:
-                if httpx.get(f"{url}/models", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
+                pytest.fail(f"llama_cpp.server exited: {output[-2000:]}")
             if time.monotonic() > deadline:
                 pytest.fail("llama_cpp.server did not start within 60 s")
-            time.sleep(0.1)
+            time.sleep(0.05)
+        url = found.group(1) + "/v1"
+        assert httpx.get(f"{url}/models", timeout=5).json()["data"][0]["id"] == "smollm2"
         yield url
     finally:
         proc.terminate()
@@ -150,8 +157,8 @@ async def test_stop_and_end_of_answer_on_the_real_server(llama_server: str,
 
 
 # -- misbehaving servers on real sockets -----------------------------------------------------
-async def test_backend_down_is_unavailable(nursery: trio.Nursery) -> None:
-    backend = OpenAIBackend("remote", base_url=f"http://127.0.0.1:{free_port()}/v1",
+async def test_backend_down_is_unavailable(nursery: trio.Nursery, refused_port: int) -> None:
+    backend = OpenAIBackend("remote", base_url=f"http://127.0.0.1:{refused_port}/v1",
                             probe_interval=3600)
     engine = await started_engine(nursery, backend)
     with trio.fail_after(10):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
@@ -182,14 +182,17 @@ async def test_invalid_params_name_the_field_over_rpc() -> None:
 
 
 # -- failures: each a specific error, and the worker keeps serving -----------------------
-def free_port() -> int:
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port bound but not listening: connecting is refused, and no
+    other process can take it while the test runs."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        yield int(s.getsockname()[1])
 
 
 async def test_each_backend_failure_is_specific_and_the_worker_keeps_serving(
-        nursery: trio.Nursery) -> None:
+        nursery: trio.Nursery, refused_port: int) -> None:
     mode = {"gpt": "500"}
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -219,7 +222,7 @@ async def test_each_backend_failure_is_specific_and_the_worker_keeps_serving(
             {"name": "fake", "backend": "synthetic", "tokens": 3},
             {"name": "gpt", "backend": "openai", "url": "https://api.example.test/v1"},
             {"name": "olla", "backend": "ollama", "url": "http://ollama.test:11434"},
-            {"name": "down", "backend": "openai", "url": f"http://127.0.0.1:{free_port()}/v1"},
+            {"name": "down", "backend": "openai", "url": f"http://127.0.0.1:{refused_port}/v1"},
             {"name": "slow", "backend": "ollama", "url": f"http://127.0.0.1:{silent}",
              "timeout": 0.3},
         ]}, http_transport=httpx.MockTransport(handler))
