@@ -239,6 +239,9 @@ async def test_error_rate_alert_fires_and_resolves_with_webhook(
     with trio.fail_after(40):
         async with run_nodes(nursery, [cfg]) as (node,), stranger_client() as client:
             role = node.roles["metrics"]
+            heard: list[tuple[str, str]] = []
+            role.transition_listeners.append(
+                lambda changes: heard.extend((t.status, t.alert.name) for t in changes))
             peer = await client.connect(node.addrs[0])
             await wait_for(lambda: role.collector.rounds >= 2)
             assert role.evaluator.firing() == []
@@ -263,6 +266,36 @@ async def test_error_rate_alert_fires_and_resolves_with_webhook(
             assert resolved["alerts"][0]["endsAt"] != "0001-01-01T00:00:00Z"
             assert role.evaluator.firing() == []
             assert role.notifier is not None and role.notifier.statistics().sent == 2
+            assert heard == [("firing", "HighErrorRate"), ("resolved", "HighErrorRate")]
+
+
+async def test_extra_rules_join_the_built_in_ones(tmp_path: Path,
+                                                  nursery: trio.Nursery) -> None:
+    """Another consumer (e.g. scaling triggers) adds a rule over the same samples."""
+    from p2pinfer.metrics.alerts import AlertRule
+
+    def tokens_flowing(snap: Any, hist: Any) -> dict[Any, float]:
+        total = sum(inc for _node, _labels, inc in hist.increases(cat.TOKENS_USED))
+        return {(): total} if total > 0 else {}
+
+    cfg = node_config(tmp_path / "m", roles=["metrics"],
+                      tables=metrics_tables(interval=0.1, window=1.0))
+    with trio.fail_after(30):
+        async with run_nodes(nursery, [cfg]) as (node,):
+            role = node.roles["metrics"]
+            role.add_rule(AlertRule("TokensFlowing", "warning", 0.0,
+                                    f"rate({cat.TOKENS_USED}[1m]) > 0",
+                                    "{{ $value }} tokens", tokens_flowing),
+                          track=(cat.TOKENS_USED,))
+            await wait_for(lambda: role.collector.rounds >= 2)
+            node.metrics.observe_request(service="gateway", model="m", seconds=0.1, tokens=5)
+            await wait_for(lambda: [a.name for a in role.evaluator.firing()] == ["TokensFlowing"])
+            assert role.evaluator.firing()[0].value == 5.0
+            text = await node.rpc.call(node.peer_id, "getMetrics", {"scope": "swarm"})
+            firing = {s.labels["alertname"]: s.value
+                      for s in families(text)[cat.ALERTS_FIRING].samples}
+            assert firing["TokensFlowing"] == 1.0 and firing["NodeDown"] == 0.0
+            await wait_for(lambda: role.evaluator.firing() == [])  # the window moved on
 
 
 async def test_audit_log_query(tmp_path: Path, nursery: trio.Nursery) -> None:

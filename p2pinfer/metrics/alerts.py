@@ -90,6 +90,12 @@ class CounterHistory:
     def __len__(self) -> int:
         return len(self._rounds)
 
+    def track(self, name: str) -> None:
+        """Keep ``name`` (a counter or ``_bucket`` sample name) from the next round on,
+        for rules added later (e.g. scaling triggers)."""
+        if name not in self.names:
+            self.names = (*self.names, name)
+
     def add(self, snapshot: SwarmSnapshot) -> None:
         """Remember the counters of every node that answered in ``snapshot``."""
         nodes: dict[str, dict[tuple[str, LabelKey], float]] = {}

@@ -56,13 +56,21 @@ RPC methods:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from ..errors import InvalidParams, StorageError
 from ..rpc.server import Access, CallContext, rpc_method
-from .alerts import AlertEvaluator, CounterHistory, build_rules, lag_p95_by_node
+from .alerts import (
+    AlertEvaluator,
+    AlertRule,
+    CounterHistory,
+    Transition,
+    build_rules,
+    lag_p95_by_node,
+)
 from .audit import audit_row, parse_audit_query
 from .collector import ClusterCollector, swarm_families
 from .exporter import build_app, serve_http
@@ -109,6 +117,9 @@ class MetricsRole:
                                             timeout=self.settings.webhook_timeout,
                                             transport=webhook_transport)
         self.url: str | None = None
+        # Called with each round's transitions (after the webhook is queued):
+        # the hook for other consumers of the evaluator, e.g. scaling triggers.
+        self.transition_listeners: list[Callable[[list[Transition]], None]] = []
         self.app = build_app(metrics=self.swarm_text, health=self._member_health,
                              alerts=self.alerts_view)
 
@@ -140,7 +151,20 @@ class MetricsRole:
                         alert.labels, alert.summary)
         if self.notifier is not None:
             self.notifier.notify_nowait(changes)
+        for listener in self.transition_listeners:
+            try:
+                listener(changes)
+            except Exception:
+                log.exception("alert transition listener failed")
         return snap
+
+    def add_rule(self, rule: AlertRule, *, track: tuple[str, ...] = ()) -> None:
+        """Evaluate one more rule with the built-in ones (its transitions go to
+        the webhook and the listeners); ``track`` names counter samples its
+        check reads through ``history.increases``."""
+        for name in track:
+            self.history.track(name)
+        self.evaluator.rules.append(rule)
 
     def describe(self) -> dict[str, Any]:
         """For the node's descriptor: whether the exporter runs (not where)."""
