@@ -270,3 +270,24 @@ def test_promtool_unit_tests_fire_the_prometheus_rules(tmp_path: Path) -> None:
     out = subprocess.run([PROMTOOL or "promtool", "test", "rules", str(spec)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_broken_rule_neither_stops_the_others_nor_resolves_its_alerts() -> None:
+    from p2pinfer.metrics.alerts import AlertRule
+
+    calls = {"n": 0}
+
+    def flaky(snapshot: SwarmSnapshot, history: CounterHistory) -> dict[Any, float]:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise RuntimeError("bug in a rule")
+        return {(): 1.0}
+
+    rules = build_rules(settings())
+    rules.append(AlertRule("Flaky", "warning", 0.0, "vector(1)", "flaky", flaky))
+    ev = AlertEvaluator(rules)
+    hist = CounterHistory(10.0)
+    assert [t.alert.name for t in ev.evaluate(snap(0.0, {"A": []}), hist)] == ["Flaky"]
+    changes = ev.evaluate(snap(1.0, {"A": [], "B": None}), hist)
+    assert [(t.status, t.alert.name) for t in changes] == [("firing", "NodeDown")]
+    assert {a.name for a in ev.firing()} == {"Flaky", "NodeDown"}

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 import sys
@@ -60,6 +61,8 @@ __all__ = [
     "lag_p95_by_node",
     "render_rules_yaml",
 ]
+
+log = logging.getLogger(__name__)
 
 LabelKey = tuple[tuple[str, str], ...]
 Findings = dict[LabelKey, float]
@@ -379,7 +382,14 @@ class AlertEvaluator:
         out: list[Transition] = []
         holding: set[tuple[str, LabelKey]] = set()
         for rule in self.rules:
-            for key, value in rule.check(snapshot, history).items():
+            try:
+                found = rule.check(snapshot, history)
+            except Exception:
+                # A broken (added) rule keeps its alerts as they are; the others run.
+                log.exception("alert rule %s failed", rule.name)
+                holding.update(i for i in self._active if i[0] == rule.name)
+                continue
+            for key, value in found.items():
                 ident = (rule.name, key)
                 holding.add(ident)
                 labels = dict(key)

@@ -152,6 +152,11 @@ class ClusterCollector:
                 sample = NodeSample(peer_id, False, error=f"{type(exc).__name__}: {exc.message}")
             except ValueError as exc:
                 sample = NodeSample(peer_id, False, error=f"malformed metrics: {exc}")
+            except Exception as exc:
+                # One peer must never take the collecting node down: count it as
+                # down, and keep the traceback for whoever fixes the cause.
+                log.warning("collecting from %s failed", peer_id, exc_info=True)
+                sample = NodeSample(peer_id, False, error=f"{type(exc).__name__}: {exc}")
         sample.seconds = trio.current_time() - started
         out[peer_id] = sample
 

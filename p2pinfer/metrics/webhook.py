@@ -144,7 +144,7 @@ class WebhookNotifier:
                     self._stats.sent += 1
                     return
                 problem = f"HTTP {response.status_code}"
-            except httpx.HTTPError as exc:
+            except (httpx.HTTPError, httpx.InvalidURL) as exc:
                 problem = f"{type(exc).__name__}: {exc}"
             log.warning("alert webhook %s failed (attempt %d/%d): %s", self.url, attempt,
                         self.attempts, problem)
