@@ -398,8 +398,8 @@ class Ledger:
         except Exception:  # not a peer id libp2p can parse
             return False
         for conn in conns:
-            direction = getattr(conn, "direction", None)
-            if str(getattr(direction, "value", direction)).lower() == "outbound":
+            direction = getattr(conn, "direction", None)  # an IntEnum in py-libp2p 0.8.1
+            if str(getattr(direction, "name", direction)).lower() == "outbound":
                 return True
         return False
 

@@ -110,7 +110,7 @@ class Store:
             self.db = Database(conn)
             migrate(self.db)
             self._reload()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StorageError(f"cannot open the ledger store {self.path}: {exc}") from exc
 
     def close(self) -> None:
