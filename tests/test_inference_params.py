@@ -175,7 +175,7 @@ def test_cache_key_and_ttl() -> None:
                                                                             max_tokens=3))
     now = [0.0]
     cache = ResponseCache(maxsize=2, ttl=10, timer=lambda: now[0])
-    answer = CachedAnswer(("a",), 1, 1, "stop")
+    answer = CachedAnswer("a", 1, 1, "stop")
     assert cache.get("k") is None
     cache.put("k", answer)
     assert cache.get("k") == answer

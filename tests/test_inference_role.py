@@ -107,8 +107,10 @@ async def test_process_prompt_streams_the_real_model_over_rpc() -> None:
     assert trailer["usage"]["total_tokens"] == 32 + trailer["usage"]["prompt_tokens"]
     assert trailer["usage_exact"] is True
     assert 0 < trailer["ttft_ms"] <= trailer["latency_ms"]
-    # Temperature 0: the cache replays the same stream; a fresh run gives the same text.
-    assert again == chunks and cached["cached"] is True and cached["usage"] == trailer["usage"]
+    # Temperature 0: the cache sends the same answer in one chunk; a fresh run gives the
+    # same text.
+    assert again == [{"delta": text}] and cached["cached"] is True
+    assert cached["usage"] == trailer["usage"] and cached["finish_reason"] == "length"
     assert "".join(c["delta"] for c in fresh) == text and uncached["cached"] is False
     assert sample(role, "ai_platform_inference_tokens_generated_total",
                   {"model": "smollm2"}) == 64

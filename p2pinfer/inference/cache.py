@@ -3,11 +3,12 @@
 Only a request that gives the same answer every time may be served from the
 cache: temperature 0 (greedy) or a fixed seed. The key is a SHA-256 over the
 canonical JSON of (model, messages, parameters); the value keeps the answer's
-chunks as they were streamed, so a hit replays the same stream, plus the
-token counts the backend reported. Errors and cancelled generations are
-never stored (the engine only calls :meth:`ResponseCache.put` for finished
-answers). Entries expire ``ttl`` seconds after they were stored, and the
-least recently used go first when the cache is full.
+text and the token counts the backend reported. A hit is sent as one chunk:
+the answer exists already, so there is nothing to stream token by token.
+Errors and cancelled generations are never stored (the engine only calls
+:meth:`ResponseCache.put` for finished answers). Entries expire ``ttl``
+seconds after they were stored, and the least recently used go first when
+the cache is full.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ __all__ = ["CachedAnswer", "ResponseCache", "cache_key"]
 
 @dataclass(frozen=True)
 class CachedAnswer:
-    """A finished answer as it was streamed."""
+    """A finished answer."""
 
-    chunks: tuple[str, ...]
+    text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str

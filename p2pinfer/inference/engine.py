@@ -11,8 +11,8 @@ before its cancellation completes (see :mod:`.llamacpp` for how a running
 generation stops within a token).
 
 Deterministic requests (temperature 0 or a seed) are looked up in the
-:class:`~.cache.ResponseCache` first; a hit replays the stored stream
-without taking a slot.
+:class:`~.cache.ResponseCache` first; a hit sends the stored answer as one
+chunk, without taking a slot.
 
 Per model the engine keeps moving averages (EWMA) of decode speed
 (tokens/s after the first token), time to first token (queue wait
@@ -299,7 +299,7 @@ class InferenceEngine:
         self._record(model, result, started, first, ended)
         if key is not None and self.cache is not None and result.finish_reason in (
                 "stop", "length"):
-            self.cache.put(key, CachedAnswer(tuple(chunks), result.prompt_tokens,
+            self.cache.put(key, CachedAnswer("".join(chunks), result.prompt_tokens,
                                              result.completion_tokens, result.finish_reason,
                                              result.usage_exact))
         yield Completion(
@@ -318,10 +318,9 @@ class InferenceEngine:
     async def _replay(self, model: ServedModel, answer: CachedAnswer,
                       started: float) -> AsyncGenerator[TextChunk | Completion, None]:
         first: float | None = None
-        for text in answer.chunks:
-            if first is None:
-                first = trio.current_time()
-            yield TextChunk(text)
+        if answer.text:
+            first = trio.current_time()
+            yield TextChunk(answer.text)
         self._count(model, "cached")
         yield Completion(
             model=model.name,

@@ -7,8 +7,9 @@ other nodes, call a worker; users go through a gateway):
     params: see :mod:`p2pinfer.inference.params` (``prompt`` or
     ``messages``, ``model``, ``max_tokens``, ``temperature``, ``top_p``,
     ``stop``, ``seed``, ``cache``; or the same inside ``modelConfig``).
-    Chunks: ``{"delta": "<text>"}`` in generation order. Trailer (END
-    frame)::
+    Chunks: ``{"delta": "<text>"}`` in generation order, usually one token
+    each (tokens that wait while the stream is busy are merged; a cached
+    answer comes as one chunk). Trailer (END frame)::
 
         {"model": "smollm2", "backend": "llamacpp", "finish_reason": "stop",
          "usage": {"prompt_tokens": 38, "completion_tokens": 12, "total_tokens": 50},
