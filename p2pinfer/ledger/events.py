@@ -31,7 +31,8 @@ member.admitted     ``cert``: owner-signed certificate (see :mod:`.membership`)
 member.removed      ``removal``: owner-signed removal
 user.registered     ``user_id, username, email, password_hash, created_at``,
                     optional ``tier`` ("default"/"premium"), ``is_active``
-user.updated        ``user_id, updated_at`` and ``tier`` and/or ``is_active``
+user.updated        ``user_id, updated_at`` and at least one of ``tier``,
+                    ``is_active``, ``is_admin``
 user.erased         ``user_id, erased_at``
 apikey.issued       ``key_id, user_id, public_id, key_hash, name, created_at``
 apikey.revoked      ``key_id, revoked_at``
@@ -362,7 +363,7 @@ _SHAPES: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
     ),
     "user.updated": (
         {"user_id": _uuid, "updated_at": _time},
-        {"tier": _choice(*TIERS), "is_active": _bool},
+        {"tier": _choice(*TIERS), "is_active": _bool, "is_admin": _bool},
     ),
     "user.erased": ({"user_id": _uuid, "erased_at": _time}, {}),
     "apikey.issued": (
@@ -410,5 +411,5 @@ def validate_body(kind: str, body: Any) -> None:
     if shape is None:
         raise InvalidEvent(f"unknown event kind {kind!r}")
     _check_map("body", body, shape[0], shape[1])
-    if kind == "user.updated" and "tier" not in body and "is_active" not in body:
-        raise InvalidEvent("user.updated needs tier or is_active")
+    if kind == "user.updated" and not {"tier", "is_active", "is_admin"} & set(body):
+        raise InvalidEvent("user.updated needs tier, is_active or is_admin")

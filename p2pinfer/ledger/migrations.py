@@ -10,7 +10,8 @@ Tables (timestamps are REAL seconds since the epoch, ids UUID strings):
 
 - the design document's ``users``, ``api_keys``, ``usage_stats`` and
   ``request_logs`` (same columns; ``users`` adds ``tier`` and ``updated_at``,
-  ``api_keys`` adds ``public_id``, ``revoked_at`` and ``rank``);
+  ``api_keys`` adds ``public_id``, ``revoked_at`` and ``rank``; ``m003``
+  adds ``users.is_admin``);
 - ``events``: every accepted event, ``applied`` = 0 while it waits for its
   author's earlier events; ``heads``: the highest contiguous seq applied per
   author (the version vector);
@@ -125,6 +126,15 @@ def m001_initial(db: Database) -> None:
 def m002_erasure(db: Database) -> None:
     """Erased users (issue 11): the user id and when; no personal data."""
     db.table("erased_users").create({"user_id": TEXT, "erased_at": REAL}, pk="user_id")
+
+
+@migration
+def m003_admin_flag(db: Database) -> None:
+    """The auth role's admin flag: ``users.is_admin`` and its last-writer-wins
+    bookkeeping in ``user_attrs`` (set by ``user.updated``)."""
+    db.table("users").add_column("is_admin", INT, not_null_default=0)
+    db.table("user_attrs").add_column("is_admin", INT)
+    db.table("user_attrs").add_column("admin_rank", TEXT)
 
 
 def applied_migrations(db: Database) -> list[str]:

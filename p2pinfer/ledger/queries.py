@@ -48,6 +48,7 @@ class User:
     is_active: bool
     tier: str
     updated_at: float | None
+    is_admin: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,13 +127,14 @@ class AuditRow:
 
 
 _USER_COLS = "u.id, u.username, u.email, u.password_hash, u.created_at, u.is_active, " \
-             "u.tier, u.updated_at"
+             "u.tier, u.updated_at, u.is_admin"
 
 
 def _user(row: Any) -> User | None:
     if row is None:
         return None
-    return User(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], row[7])
+    return User(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], row[7],
+                bool(row[8]))
 
 
 def user_by_id(conn: sqlite3.Connection, user_id: str) -> User | None:

@@ -11,8 +11,9 @@ order leaves the same rows (the property test checks it). The rules:
   loser's status is ``lost`` and the auth role turns that into
   :class:`~p2pinfer.errors.RegistrationLost`. A user id registered twice keeps
   its lowest-ranked registration.
-- **User fields** (``user.updated``): ``tier`` and ``is_active`` are
-  last-writer-wins by rank; the registration counts as the first write.
+- **User fields** (``user.updated``): ``tier``, ``is_active`` and
+  ``is_admin`` are each last-writer-wins by rank; the registration counts as
+  the first write (``is_admin`` starts false).
 - **API keys**: ``apikey.issued`` inserts (lowest rank wins for a repeated
   key id); revocation is a tombstone (earliest ``revoked_at`` kept) and is
   permanent; ``apikey.used`` keeps the latest ``last_used_at`` (max).
@@ -151,22 +152,27 @@ def _write_user(conn: sqlite3.Connection, user_id: str) -> None:
         return
     username, email, password_hash, created_at, tier, is_active, rank, _ = reg
     attrs = conn.execute(
-        "SELECT tier, tier_rank, is_active, active_rank, updated_at FROM user_attrs "
-        "WHERE user_id=?", (user_id,)).fetchone()
+        "SELECT tier, tier_rank, is_active, active_rank, updated_at, is_admin, admin_rank "
+        "FROM user_attrs WHERE user_id=?", (user_id,)).fetchone()
     updated_at = None
+    is_admin = 0
     if attrs is not None:
         if attrs[1] is not None and attrs[1] > rank:
             tier = attrs[0]
         if attrs[3] is not None and attrs[3] > rank:
             is_active = attrs[2]
+        if attrs[6] is not None and attrs[6] > rank:
+            is_admin = attrs[5]
         updated_at = attrs[4]
     conn.execute(
         "INSERT INTO users (id, username, email, password_hash, created_at, is_active, tier, "
-        "updated_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+        "updated_at, is_admin) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
         "username=excluded.username, email=excluded.email, "
         "password_hash=excluded.password_hash, created_at=excluded.created_at, "
-        "is_active=excluded.is_active, tier=excluded.tier, updated_at=excluded.updated_at",
-        (user_id, username, email, password_hash, created_at, is_active, tier, updated_at),
+        "is_active=excluded.is_active, tier=excluded.tier, updated_at=excluded.updated_at, "
+        "is_admin=excluded.is_admin",
+        (user_id, username, email, password_hash, created_at, is_active, tier, updated_at,
+         is_admin),
     )
 
 
@@ -176,18 +182,21 @@ def _user_updated(conn: sqlite3.Connection, ev: Event) -> None:
     if conn.execute("SELECT 1 FROM erased_users WHERE user_id=?", (user_id,)).fetchone():
         return
     row = conn.execute(
-        "SELECT tier, tier_rank, is_active, active_rank, updated_at FROM user_attrs "
-        "WHERE user_id=?", (user_id,)).fetchone()
-    tier, tier_rank, active, active_rank, updated_at = row or (None, None, None, None, None)
+        "SELECT tier, tier_rank, is_active, active_rank, updated_at, is_admin, admin_rank "
+        "FROM user_attrs WHERE user_id=?", (user_id,)).fetchone()
+    tier, tier_rank, active, active_rank, updated_at, admin, admin_rank = \
+        row or (None,) * 7
     if "tier" in b and (tier_rank is None or ev.rank > tier_rank):
         tier, tier_rank = b["tier"], ev.rank
     if "is_active" in b and (active_rank is None or ev.rank > active_rank):
         active, active_rank = int(b["is_active"]), ev.rank
+    if "is_admin" in b and (admin_rank is None or ev.rank > admin_rank):
+        admin, admin_rank = int(b["is_admin"]), ev.rank
     updated_at = b["updated_at"] if updated_at is None else max(updated_at, b["updated_at"])
     conn.execute(
         "INSERT OR REPLACE INTO user_attrs (user_id, tier, tier_rank, is_active, active_rank, "
-        "updated_at) VALUES (?,?,?,?,?,?)",
-        (user_id, tier, tier_rank, active, active_rank, updated_at),
+        "updated_at, is_admin, admin_rank) VALUES (?,?,?,?,?,?,?,?)",
+        (user_id, tier, tier_rank, active, active_rank, updated_at, admin, admin_rank),
     )
     _write_user(conn, user_id)
 
