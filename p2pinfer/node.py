@@ -129,6 +129,9 @@ class Node:
             max_streams_per_peer=config.max_streams_per_peer,
         )
         self.rpc = RpcClient(self.host, max_frame=config.max_frame)
+        # Called with a peer id when its connection closes (e.g. the gateway
+        # returns the quota tickets a vanished gateway held).
+        self.disconnect_listeners: list[Any] = []
         # Node-wide metrics, kept by every node whatever its roles (see
         # p2pinfer.metrics): set up here, before the ledger and the roles.
         self.metrics = NodeMetrics(self)
@@ -292,6 +295,11 @@ class Node:
     def _on_disconnected(self, peer_id: str) -> None:
         self.discovery.forget(peer_id)
         self.rpc.drop(peer_id)
+        for listener in self.disconnect_listeners:
+            try:
+                listener(peer_id)
+            except Exception:
+                log.exception("disconnect listener failed")
 
     def connected_peers(self) -> list[str]:
         return [p.to_base58() for p in self.host.get_connected_peers()]

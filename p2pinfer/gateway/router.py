@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,7 +181,7 @@ class WorkerRouter:
     # -- streaming ---------------------------------------------------------------------
     async def stream(
         self, model: str, params: dict[str, Any], route: RoutedStream
-    ) -> AsyncIterator[dict[str, Any]]:
+    ) -> AsyncGenerator[dict[str, Any], None]:
         """Yield the worker's chunks; fail over before the first one.
 
         ``route`` is filled in: the worker that answered, every attempt, and

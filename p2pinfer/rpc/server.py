@@ -98,6 +98,20 @@ class CallContext:
     meta: dict[str, Any] = field(default_factory=dict)
     deadline: float = float("inf")
     trailer: Any = None
+    _scope: trio.CancelScope | None = field(default=None, repr=False)
+
+    def shorten_deadline(self, seconds: float) -> None:
+        """Let the call run at most ``seconds`` more (never extends the
+        caller's deadline). Past it the caller gets ``DeadlineExceeded``.
+
+        Streaming handlers must use this rather than a cancel scope of their
+        own around ``yield``, which trio does not support.
+        """
+        deadline = trio.current_time() + seconds
+        if deadline < self.deadline:
+            self.deadline = deadline
+            if self._scope is not None:
+                self._scope.deadline = deadline
 
     def remaining(self) -> float | None:
         """Seconds left before the caller's deadline, or None if it has none."""
@@ -331,6 +345,7 @@ class RpcServer:
             request_id=valid_request_id(req.meta.get("rid")) or new_request_id(),
             meta=req.meta,
             deadline=call.cancel_scope.deadline,
+            _scope=call.cancel_scope,
         )
         nursery.start_soon(self._run_call, method, ctx, req.params, call, channel, calls)
 

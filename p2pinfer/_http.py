@@ -1,0 +1,98 @@
+"""The SDK's HTTP transport: the web role's REST API, spoken with httpx.
+
+Errors come back as ``{"error": {"code", "type", "message", "data"}}`` with
+the matching HTTP status; the code rebuilds the same error class the
+peer-to-peer path raises. ``POST /api/inference`` with ``"stream": true``
+answers NDJSON: ``{"delta": "..."}`` lines, then one ``{"done": true, ...}``
+line carrying the trailer (model, finish_reason, usage, request_id, ...).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from .errors import (
+    MalformedBackendResponse,
+    P2PInferError,
+    PeerUnavailable,
+    error_from_code,
+)
+
+__all__ = ["HttpStream", "error_from_response", "get_json"]
+
+
+def error_from_response(status: int, body: bytes) -> P2PInferError:
+    try:
+        data = json.loads(body)
+        err = data["error"]
+        exc = error_from_code(int(err["code"]), str(err.get("message", "")), err.get("data"))
+    except (ValueError, KeyError, TypeError):
+        exc = P2PInferError(f"HTTP {status}: {body[:200].decode(errors='replace')}")
+    exc.data.setdefault("http_status", status)
+    return exc
+
+
+async def get_json(http: httpx.AsyncClient, path: str, headers: dict[str, str],
+                   params: dict[str, str] | None = None) -> Any:
+    try:
+        resp = await http.get(path, headers=headers, params=params)
+    except httpx.HTTPError as exc:
+        raise PeerUnavailable(f"{http.base_url}: {exc}") from exc
+    if resp.status_code >= 400:
+        raise error_from_response(resp.status_code, resp.content)
+    return resp.json()
+
+
+class HttpStream:
+    """One streamed ``POST /api/inference``."""
+
+    def __init__(self, resp: httpx.Response) -> None:
+        self._resp = resp
+        self._lines: AsyncIterator[str] = resp.aiter_lines()
+        self.trailer: dict[str, Any] | None = None
+
+    @classmethod
+    async def open(cls, http: httpx.AsyncClient, request: dict[str, Any],
+                   headers: dict[str, str]) -> HttpStream:
+        req = http.build_request("POST", "/api/inference", json={**request, "stream": True},
+                                 headers=headers)
+        try:
+            resp = await http.send(req, stream=True)
+        except httpx.HTTPError as exc:
+            raise PeerUnavailable(f"{http.base_url}: {exc}") from exc
+        if resp.status_code >= 400:
+            body = await resp.aread()
+            await resp.aclose()
+            raise error_from_response(resp.status_code, body)
+        return cls(resp)
+
+    async def next_event(self) -> str | None:
+        """The next text delta, or None once the answer is complete."""
+        async for line in self._lines:
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError as exc:
+                raise MalformedBackendResponse(f"not NDJSON: {line[:100]!r}") from exc
+            if "error" in event:
+                err = event["error"]
+                raise error_from_code(int(err.get("code", 1)), str(err.get("message", "")),
+                                      err.get("data"))
+            if event.get("done"):
+                self.trailer = event
+                return None
+            return str(event.get("delta", ""))
+        raise MalformedBackendResponse("the stream ended before its final line")
+
+    def response(self, parts: list[str]) -> Any:
+        from .client import InferenceResponse
+
+        return InferenceResponse.from_trailer("".join(parts), self.trailer)
+
+    async def aclose(self) -> None:
+        await self._resp.aclose()

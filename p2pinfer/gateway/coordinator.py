@@ -1,0 +1,183 @@
+"""Quota tickets over RPC: each gateway coordinates some users and asks the
+coordinator of the others (see :mod:`.quota` for the mechanism and its
+overshoot bound).
+
+RPC methods (member-only, served by every gateway):
+
+    quota.acquire {user_id, key_id, limits}  -> {ticket, coordinator, usage}
+    quota.release {ticket, tokens}           -> {released: bool}
+    quota.usage   {user_id}                  -> {requests, tokens, window_start, reset}
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ..errors import CallError, InvalidParams, LimitError, NoWorkerAvailable
+from ..rpc.server import Access, CallContext, rpc_method
+from .quota import Limits, QuotaBook, rendezvous_order
+
+__all__ = ["Lease", "QuotaService"]
+
+log = logging.getLogger(__name__)
+
+_ID = re.compile(r"^[A-Za-z0-9:_.-]{1,64}$")
+COORDINATOR_COOLDOWN = 5.0
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A ticket held for one request, and who issued it."""
+
+    ticket: str
+    coordinator: str
+
+
+def _id(params: dict[str, Any], key: str, *, optional: bool = False) -> str | None:
+    value = params.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not _ID.match(value):
+        raise InvalidParams(f"{key}: must be an id", data={"field": key})
+    return value
+
+
+class QuotaService:
+    """The quota book of this gateway plus the client side of other books."""
+
+    def __init__(self, node: Any, *, timeout: float = 2.0) -> None:
+        self.node = node
+        self.timeout = timeout
+        self.book = QuotaBook(seed=self._seed)
+        self._down: dict[str, float] = {}
+        self.failovers = 0
+
+    # -- who coordinates whom ------------------------------------------------------
+    def _seed(self, user_id: str, window: int) -> tuple[int, int]:
+        ledger = self.node.ledger
+        if ledger is None:
+            return (0, 0)
+        requests, tokens = ledger.usage_in_hour(window * 3600, user_id=user_id)
+        return (int(requests), int(tokens))
+
+    def gateways(self) -> list[str]:
+        """Peer ids of the network's gateway members (this node included)."""
+        ledger = self.node.ledger
+        peers: set[str] = {self.node.peer_id}
+        if ledger is not None:
+            wall = time.time()
+            for member in ledger.members():
+                if "gateway" in member.roles and member.active(wall):
+                    peers.add(member.peer_id)
+        return sorted(peers)
+
+    def order(self, user_id: str) -> list[str]:
+        """Coordinators for ``user_id``, best first; ones that recently failed last."""
+        now = trio.current_time()
+        ranked = rendezvous_order(user_id, self.gateways())
+        up = [p for p in ranked if self._down.get(p, 0.0) <= now]
+        return up + [p for p in ranked if p not in up]
+
+    def on_peer_disconnected(self, peer_id: str) -> None:
+        released = self.book.release_holder(peer_id)
+        if released:
+            log.info("released %d quota tickets held by %s (disconnected)", released, peer_id)
+
+    # -- client side ---------------------------------------------------------------
+    async def acquire(self, user_id: str, key_id: str, limits: Limits) -> Lease:
+        """A ticket from the user's coordinator, failing over if it is unreachable.
+
+        Raises:
+            LimitError: the request must not run (with ``retry_after``).
+            NoWorkerAvailable: no coordinator could be reached.
+        """
+        last: Exception | None = None
+        for peer in self.order(user_id):
+            if peer == self.node.peer_id:
+                ticket = self.book.acquire(user_id, key_id, limits, holder=self.node.peer_id)
+                return Lease(ticket.id, peer)
+            try:
+                with trio.fail_after(self.timeout):
+                    out = await self.node.rpc.call(peer, "quota.acquire", {
+                        "user_id": user_id, "key_id": key_id, "limits": limits.to_wire()})
+                return Lease(str(out["ticket"]), peer)
+            except LimitError:
+                raise
+            except (CallError, trio.TooSlowError) as exc:
+                log.warning("quota coordinator %s unreachable (%s); failing over", peer, exc)
+                self._down[peer] = trio.current_time() + COORDINATOR_COOLDOWN
+                self.failovers += 1
+                last = exc
+        raise NoWorkerAvailable("no quota coordinator reachable",
+                                data={"retry_after": 2.0}) from last
+
+    async def release(self, lease: Lease, tokens: int) -> None:
+        """Return a ticket (never raises: an unreturned ticket expires)."""
+        if lease.coordinator == self.node.peer_id:
+            self.book.release(lease.ticket, tokens)
+            return
+        try:
+            with trio.fail_after(self.timeout):
+                await self.node.rpc.call(lease.coordinator, "quota.release",
+                                         {"ticket": lease.ticket, "tokens": tokens})
+        except (CallError, trio.TooSlowError, InvalidParams) as exc:
+            log.warning("could not return quota ticket to %s: %s", lease.coordinator, exc)
+
+    async def usage(self, user_id: str) -> dict[str, Any]:
+        for peer in self.order(user_id):
+            if peer == self.node.peer_id:
+                return self.book.usage(user_id)
+            try:
+                with trio.fail_after(self.timeout):
+                    out = await self.node.rpc.call(peer, "quota.usage", {"user_id": user_id})
+                return dict(out)
+            except (CallError, trio.TooSlowError) as exc:
+                self._down[peer] = trio.current_time() + COORDINATOR_COOLDOWN
+                log.info("quota coordinator %s unreachable for usage: %s", peer, exc)
+        return self.book.usage(user_id)
+
+    # -- server side ---------------------------------------------------------------
+    @rpc_method("quota.acquire", access=Access.MEMBER)
+    async def rpc_acquire(self, ctx: CallContext, params: Any) -> dict[str, Any]:
+        if not isinstance(params, dict):
+            raise InvalidParams("params: must be a map")
+        user_id = _id(params, "user_id")
+        key_id = _id(params, "key_id")
+        assert user_id is not None and key_id is not None
+        limits = Limits.from_wire(params.get("limits"))
+        ticket = self.book.acquire(user_id, key_id, limits, holder=ctx.peer_id)
+        return {"ticket": ticket.id, "coordinator": self.node.peer_id}
+
+    @rpc_method("quota.release", access=Access.MEMBER)
+    async def rpc_release(self, ctx: CallContext, params: Any) -> dict[str, Any]:
+        if not isinstance(params, dict):
+            raise InvalidParams("params: must be a map")
+        ticket = params.get("ticket")
+        tokens = params.get("tokens", 0)
+        if not isinstance(ticket, str) or len(ticket) > 64:
+            raise InvalidParams("ticket: must be a ticket id", data={"field": "ticket"})
+        if type(tokens) is not int or not 0 <= tokens <= 10**9:
+            raise InvalidParams("tokens: must be a non-negative integer",
+                                data={"field": "tokens"})
+        return {"released": self.book.release(ticket, tokens)}
+
+    @rpc_method("quota.usage", access=Access.MEMBER)
+    async def rpc_usage(self, ctx: CallContext, params: Any) -> dict[str, Any]:
+        if not isinstance(params, dict):
+            raise InvalidParams("params: must be a map")
+        user_id = _id(params, "user_id")
+        assert user_id is not None
+        return self.book.usage(user_id)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Expire abandoned tickets."""
+        task_status.started()
+        while True:
+            await trio.sleep(5)
+            self.book.expire(time.time())

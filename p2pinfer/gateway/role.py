@@ -1,0 +1,333 @@
+"""The gateway role: the design document's inference request flow.
+
+    client ──processInferenceRequest──▶ gateway
+        1. authenticate (API key or session token) from the local ledger copy
+        2. ask the user's quota coordinator for a ticket (swarm-wide limits)
+        3. pick a worker for the model (power of two choices), fail over
+           before the first token
+        4. stream the worker's tokens to the client
+        5. return the ticket with the exact token count; record usage, a
+           request log row (prompt hash only) and metrics
+
+RPC methods (public ones authenticate the caller from ``auth`` in params):
+
+    processInferenceRequest {request, auth}   stream of {"delta": text};
+                                              trailer: model, finish_reason, usage,
+                                              worker, request_id, latency_ms, ttft_ms
+    getServiceHealth        {}                the gateway's view: workers, models,
+                                              ledger, quota
+    getUserQuota            {auth, userId?}   usage and limits (admins may name a user)
+    getUsage                {auth, since?, until?}  the caller's usage per day and key
+    listModels              {auth}            every model served in the swarm
+
+``request`` takes the inference role's prompt parameters (``prompt`` or
+``messages``, ``model``, ``max_tokens``, ``temperature``, ``top_p``,
+``stop``, ``seed``; see :mod:`p2pinfer.inference.params`).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import Any
+
+import trio
+
+from .. import __version__
+from ..errors import (
+    AuthenticationRequired,
+    BackendTimeout,
+    DeadlineExceeded,
+    InvalidParams,
+    LimitError,
+    P2PInferError,
+    PermissionDenied,
+)
+from ..inference.params import ParamLimits, parse_prompt_params
+from ..rpc.server import Access, CallContext, rpc_method
+from .coordinator import QuotaService
+from .router import RoutedStream, WorkerRouter
+from .settings import GatewaySettings
+from .usage import UsageRecorder, prompt_hash
+
+__all__ = ["GatewayRole"]
+
+_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+log = logging.getLogger(__name__)
+
+# Shape checks at the gateway are generous: the worker applies its own limits.
+GATEWAY_LIMITS = ParamLimits(max_tokens=1_000_000, max_messages=1024,
+                             max_prompt_chars=1_000_000)
+
+
+def _auth_params(params: Any) -> dict[str, Any]:
+    if not isinstance(params, dict):
+        raise InvalidParams("params: must be a map with an auth entry", data={"field": "params"})
+    auth = params.get("auth")
+    if auth is None:
+        raise AuthenticationRequired("an API key or a session token is required",
+                                     data={"field": "auth"})
+    if not isinstance(auth, dict):
+        raise InvalidParams('auth: must be {"api_key": ...} or {"token": ...}',
+                            data={"field": "auth"})
+    return auth
+
+
+class GatewayRole:
+    """Serves the gateway RPC methods (see the module docstring)."""
+
+    name = "gateway"
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+        self.settings = GatewaySettings.from_config(node.config)
+        self.router = WorkerRouter(node, candidate_ttl=self.settings.candidate_ttl,
+                                   cooldown=self.settings.cooldown,
+                                   max_attempts=self.settings.max_attempts)
+        self.quota = QuotaService(node, timeout=self.settings.coordinator_timeout)
+        self.usage: UsageRecorder | None = None
+        if node.ledger is not None:
+            self.usage = UsageRecorder(node.ledger,
+                                       flush_interval=self.settings.usage_flush_interval)
+        node.rpc_server.register(self.quota)
+        node.disconnect_listeners.append(self.quota.on_peer_disconnected)
+        from ..auth import Authenticator
+
+        self.auth = Authenticator(node)
+        self.in_flight = 0
+        self.served = 0
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.router.run)
+            await nursery.start(self.quota.run)
+            if self.usage is not None:
+                await nursery.start(self.usage.run)
+            task_status.started()
+
+    def describe(self) -> dict[str, Any]:
+        return {"in_flight": self.in_flight, "served": self.served}
+
+    def topics(self) -> list[str]:
+        return []
+
+    def _metrics(self) -> Any:
+        return getattr(self.node, "metrics", None)
+
+    # -- the inference flow ---------------------------------------------------------
+    @rpc_method("processInferenceRequest", access=Access.PUBLIC)
+    async def rpc_process_inference_request(
+        self, ctx: CallContext, params: Any
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """Authenticate, admit, route and stream one inference request."""
+        started = trio.current_time()
+        ctx.shorten_deadline(self.settings.request_timeout)
+        auth = _auth_params(params)
+        request = params.get("request")
+        if isinstance(request, str):
+            request = {"prompt": request}
+        if not isinstance(request, dict):
+            raise InvalidParams("request: must be a map of prompt parameters",
+                                data={"field": "request"})
+        principal = self.auth.authenticate(auth, source=ctx.peer_id)
+        parsed = parse_prompt_params(request, GATEWAY_LIMITS)
+        model = parsed.model or self.settings.default_model
+        worker_params = {k: v for k, v in request.items() if k != "modelConfig"}
+        if isinstance(request.get("modelConfig"), dict):
+            worker_params.update(request["modelConfig"])
+        worker_params["model"] = model
+        digest = prompt_hash(request)
+        quota_key = principal.api_key_id or f"session-{principal.user_id}"
+        limits = self.settings.limits_for(principal.tier)
+        metrics = self._metrics()
+        if metrics is not None:
+            metrics.touch_user(principal.user_id)
+        try:
+            lease = await self.quota.acquire(principal.user_id, quota_key, limits)
+        except LimitError:
+            if metrics is not None:
+                metrics.rate_limit_violation(principal.user_id, principal.api_key_id)
+            self._record(principal, model, digest, "rate_limited", 0, started, counted=False)
+            raise
+        route = RoutedStream(model=model)
+        chunks = 0
+        # Until the stream ends we assume the caller went away (GeneratorExit
+        # or Cancelled reach us when the client cancels or the deadline hits).
+        status = "cancelled"
+        self.in_flight += 1
+        try:
+            async with aclosing(self.router.stream(model, worker_params, route)) as stream:
+                async for chunk in stream:
+                    chunks += 1
+                    yield chunk
+            status = "success"
+            ctx.trailer = self._trailer(route, model, ctx, started)
+        except P2PInferError as exc:
+            status = "timeout" if isinstance(exc, DeadlineExceeded | BackendTimeout) else "error"
+            raise
+        except Exception:
+            status = "error"
+            raise
+        finally:
+            self.in_flight -= 1
+            self.served += 1
+            if status == "cancelled" and trio.current_time() >= ctx.deadline:
+                status = "timeout"
+            usage = (route.trailer or {}).get("usage")
+            if status == "success" and isinstance(usage, dict):
+                tokens = int(usage.get("total_tokens") or 0)
+            else:
+                tokens = chunks  # the worker's count never arrived: one token per chunk
+            with trio.CancelScope(shield=True):
+                await self.quota.release(lease, tokens)
+            served_model = str((route.trailer or {}).get("model") or model)
+            self._record(principal, served_model, digest, status, tokens, started, counted=True)
+            if metrics is not None:
+                metrics.observe_request(service="gateway", model=served_model,
+                                        seconds=trio.current_time() - started, tokens=tokens,
+                                        user_id=principal.user_id)
+
+    @staticmethod
+    def _trailer(route: RoutedStream, model: str, ctx: CallContext,
+                 started: float) -> dict[str, Any]:
+        trailer = route.trailer or {}
+        usage = trailer.get("usage") if isinstance(trailer.get("usage"), dict) else {}
+        return {
+            "model": trailer.get("model", model),
+            "finish_reason": trailer.get("finish_reason"),
+            "usage": usage,
+            "usage_exact": trailer.get("usage_exact", True),
+            "cached": trailer.get("cached", False),
+            "worker": route.worker,
+            "request_id": ctx.request_id,
+            "latency_ms": round((trio.current_time() - started) * 1000, 1),
+            "ttft_ms": None if route.first_token_at is None
+            else round((route.first_token_at - started) * 1000, 1),
+        }
+
+    def _record(self, principal: Any, model: str, digest: str, status: str, tokens: int,
+                started: float, *, counted: bool) -> None:
+        if self.usage is None:
+            return
+        self.usage.record(
+            user_id=principal.user_id,
+            api_key_id=principal.api_key_id,
+            model=model,
+            prompt_sha256=digest,
+            status=status,
+            tokens=tokens,
+            latency_ms=(trio.current_time() - started) * 1000,
+            counted=counted,
+        )
+
+    # -- views ------------------------------------------------------------------------
+    @rpc_method("getServiceHealth", access=Access.PUBLIC)
+    async def rpc_get_service_health(self, ctx: CallContext, params: Any) -> dict[str, Any]:
+        """The gateway's view of the swarm (no user data)."""
+        if params not in (None, {}):
+            raise InvalidParams("params: getServiceHealth takes none")
+        workers = await self.node.discovery.find_role("inference")
+        models: dict[str, list[str]] = {}
+        for desc in workers:
+            if not self.node.is_member(desc.peer_id):
+                continue
+            for entry in desc.models():
+                name = str(entry.get("name"))
+                if entry.get("status") in (None, "loaded", "loading"):
+                    models.setdefault(name, []).append(desc.peer_id)
+        metrics = self._metrics()
+        ledger = metrics.ledger_health() if metrics is not None else None
+        status = "ok" if models else "degraded"
+        return {
+            "status": status,
+            "peer_id": self.node.peer_id,
+            "version": __version__,
+            "uptime": time.time() - self.node.started_at,
+            "workers": len([d for d in workers if self.node.is_member(d.peer_id)]),
+            "models": models,
+            "in_flight": self.in_flight,
+            "served": self.served,
+            "ledger": ledger,
+            "quota": {"tickets_held": self.quota.book.held(),
+                      "granted": self.quota.book.granted, "denied": self.quota.book.denied,
+                      "coordinator_failovers": self.quota.failovers},
+            "usage_pending": self.usage.pending() if self.usage is not None else 0,
+            "cooling_down": [p for p, s in self.router.stats.items()
+                             if s.cooled_until > trio.current_time()],
+        }
+
+    @rpc_method("getUserQuota", access=Access.PUBLIC)
+    async def rpc_get_user_quota(self, ctx: CallContext, params: Any) -> dict[str, Any]:
+        """Usage in the current window and the limits that apply."""
+        principal = self.auth.authenticate(_auth_params(params), source=ctx.peer_id)
+        user_id = principal.user_id
+        tier = principal.tier
+        wanted = params.get("userId", params.get("user_id"))
+        if wanted is not None and wanted != user_id:
+            if not principal.is_admin:
+                raise PermissionDenied("only admins may read another user's quota")
+            user = self.node.ledger.user(wanted) if self.node.ledger is not None else None
+            if user is None:
+                from ..errors import NotFound
+
+                raise NotFound(f"no user {str(wanted)[:64]!r}")
+            user_id, tier = user.id, user.tier
+        limits = self.settings.limits_for(tier)
+        usage = await self.quota.usage(user_id)
+        remaining = max(0, limits.requests_per_window - int(usage.get("requests", 0)))
+        tokens_left = (None if limits.tokens_per_window is None
+                       else max(0, limits.tokens_per_window - int(usage.get("tokens", 0))))
+        return {
+            "user_id": user_id,
+            "tier": tier,
+            "window": "hour",
+            "limits": limits.to_wire(),
+            "usage": usage,
+            "remaining": {"requests": remaining, "tokens": tokens_left},
+            "reset": usage.get("reset"),
+        }
+
+    @rpc_method("getUsage", access=Access.PUBLIC)
+    async def rpc_get_usage(self, ctx: CallContext, params: Any) -> dict[str, Any]:
+        """The caller's usage per day and API key, from this gateway's ledger
+        copy (``since``/``until``: ``YYYY-MM-DD``, inclusive)."""
+        principal = self.auth.authenticate(_auth_params(params), source=ctx.peer_id)
+        since, until = params.get("since"), params.get("until")
+        for name, value in (("since", since), ("until", until)):
+            if value is not None and (not isinstance(value, str)
+                                      or not _DATE.match(value)):
+                raise InvalidParams(f"{name}: must be a date YYYY-MM-DD", data={"field": name})
+        rows = [] if self.node.ledger is None else self.node.ledger.usage(
+            user_id=principal.user_id, since=since, until=until)
+        return {"user_id": principal.user_id,
+                "usage": [{"date": r.date, "api_key_id": r.api_key_id,
+                           "requests": r.request_count, "tokens": r.tokens_used} for r in rows]}
+
+    @rpc_method("listModels", access=Access.PUBLIC)
+    async def rpc_list_models(self, ctx: CallContext, params: Any) -> dict[str, Any]:
+        """Every model served by a member worker, with how many workers serve it."""
+        self.auth.authenticate(_auth_params(params), source=ctx.peer_id)
+        return {"models": await self.swarm_models()}
+
+    async def swarm_models(self) -> list[dict[str, Any]]:
+        merged: dict[str, dict[str, Any]] = {}
+        for desc in await self.node.discovery.find_role("inference"):
+            if not self.node.is_member(desc.peer_id):
+                continue
+            for entry in desc.models():
+                name = str(entry.get("name"))
+                item = merged.setdefault(name, {
+                    "name": name, "aliases": sorted(set(entry.get("aliases") or [])),
+                    "backend": entry.get("backend"), "context_length": entry.get("context_length"),
+                    "workers": 0, "free_slots": 0, "queue_depth": 0, "status": "error"})
+                item["workers"] += 1
+                item["free_slots"] += int(entry.get("free_slots") or 0)
+                item["queue_depth"] += int(entry.get("queue_depth") or 0)
+                if entry.get("status") == "loaded" or item["status"] != "loaded":
+                    item["status"] = entry.get("status") or item["status"]
+        return sorted(merged.values(), key=lambda m: m["name"])
+
