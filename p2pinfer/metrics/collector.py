@@ -7,10 +7,16 @@ snapshot while it is down (``up = false``, which is what the ``NodeDown``
 alert watches) until it has been down ``forget_after`` seconds, or as soon
 as it stops being a network member.
 
-How: one ``getNodeMetrics`` call per node per round, all at once, each
-bounded by ``peer_timeout``; a node that does not answer in time, fails, or
-answers with malformed data counts as down for that round. A round therefore
-never takes much longer than ``peer_timeout``, however many nodes are dead.
+How: one ``getNodeMetrics`` call per node per round, all at once; a round
+waits ``peer_timeout`` for each, and a node that has not answered by then,
+fails, or answers with malformed data counts as down for that round. A round
+therefore never takes much longer than ``peer_timeout``, however many nodes
+are dead. While :meth:`ClusterCollector.run` runs, a call that is still
+going when its round ends carries on in the background (up to
+``CALL_TIMEOUT``) and the next rounds wait on it instead of starting another:
+a dead node gets at most one dial at a time, and a node that restarted is
+reached even when reconnecting takes longer than ``peer_timeout`` (py-libp2p
+needs about ten seconds to give up on a connection the peer closed).
 Concurrent callers share one round (:meth:`ClusterCollector.snapshot`).
 """
 
@@ -36,12 +42,23 @@ __all__ = ["ClusterCollector", "swarm_families"]
 log = logging.getLogger(__name__)
 
 DISCOVERED_ROLES = ("auth", "gateway", "inference", "metrics", "web")
+CALL_TIMEOUT = 30.0
+
+
+class _Call:
+    """One ``getNodeMetrics`` call to a peer, possibly outliving the round
+    that started it."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.sample: NodeSample | None = None
 
 
 @dataclass
 class _Peer:
     first_seen: float
     last_up: float | None = None
+    inflight: _Call | None = None
 
 
 class ClusterCollector:
@@ -61,6 +78,7 @@ class ClusterCollector:
         self.rounds = 0
         self._lock = trio.Lock()
         self._last_started = -math.inf
+        self._nursery: trio.Nursery | None = None
         self._models_seen: dict[str, float] = {}
 
     # -- peers -------------------------------------------------------------------
@@ -90,11 +108,17 @@ class ClusterCollector:
             self.add_peer(peer_id)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Look for nodes every ``discover_interval`` seconds until cancelled."""
-        task_status.started()
-        while True:
-            await self.discover()
-            await trio.sleep(self.settings.discover_interval)
+        """Look for nodes every ``discover_interval`` seconds, and host the
+        calls that outlive their round, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                while True:
+                    await self.discover()
+                    await trio.sleep(self.settings.discover_interval)
+            finally:
+                self._nursery = None
 
     def _prune(self, now: float) -> None:
         for peer_id in list(self.known):
@@ -139,26 +163,49 @@ class ClusterCollector:
     async def _ask(self, peer_id: str, out: dict[str, NodeSample]) -> None:
         started = trio.current_time()
         timeout = self.settings.peer_timeout
-        sample = NodeSample(peer_id, False, error=f"no answer within {timeout:g}s")
-        with trio.move_on_after(timeout):
-            try:
+        peer = self.known.get(peer_id)
+        call = peer.inflight if peer is not None else None
+        if call is None or call.done.is_set():
+            call = _Call()
+            if peer is not None:
+                peer.inflight = call
+            if self._nursery is not None:
+                self._nursery.start_soon(self._call, peer_id, call, CALL_TIMEOUT)
+                with trio.move_on_after(timeout):
+                    await call.done.wait()
+            else:  # not running (collection on demand only): bound the call itself
+                await self._call(peer_id, call, timeout)
+        else:
+            with trio.move_on_after(timeout):
+                await call.done.wait()
+        sample = call.sample if call.done.is_set() else None
+        if sample is None:
+            sample = NodeSample(peer_id, False, error=f"no answer within {timeout:g}s")
+        out[peer_id] = NodeSample(sample.peer_id, sample.up, sample.families, sample.health,
+                                  sample.error, trio.current_time() - started)
+
+    async def _call(self, peer_id: str, call: _Call, limit: float) -> None:
+        sample = NodeSample(peer_id, False, error=f"no answer within {limit:g}s")
+        try:
+            with trio.move_on_after(limit):
                 raw = await self.node.rpc.call(peer_id, "getNodeMetrics")
                 if not isinstance(raw, dict):
                     raise ValueError("getNodeMetrics answered with a non-map")
                 health = raw.get("health")
                 sample = NodeSample(peer_id, True, families=decode_families(raw.get("families")),
                                     health=health if isinstance(health, dict) else {})
-            except P2PInferError as exc:
-                sample = NodeSample(peer_id, False, error=f"{type(exc).__name__}: {exc.message}")
-            except ValueError as exc:
-                sample = NodeSample(peer_id, False, error=f"malformed metrics: {exc}")
-            except Exception as exc:
-                # One peer must never take the collecting node down: count it as
-                # down, and keep the traceback for whoever fixes the cause.
-                log.warning("collecting from %s failed", peer_id, exc_info=True)
-                sample = NodeSample(peer_id, False, error=f"{type(exc).__name__}: {exc}")
-        sample.seconds = trio.current_time() - started
-        out[peer_id] = sample
+        except P2PInferError as exc:
+            sample = NodeSample(peer_id, False, error=f"{type(exc).__name__}: {exc.message}")
+        except ValueError as exc:
+            sample = NodeSample(peer_id, False, error=f"malformed metrics: {exc}")
+        except Exception as exc:
+            # One peer must never take the collecting node down: count it as
+            # down, and keep the traceback for whoever fixes the cause.
+            log.warning("collecting from %s failed", peer_id, exc_info=True)
+            sample = NodeSample(peer_id, False, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            call.sample = sample
+            call.done.set()
 
     async def _collect(self) -> SwarmSnapshot:
         for peer_id in self.node.connected_peers():
