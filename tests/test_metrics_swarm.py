@@ -127,3 +127,33 @@ async def test_worker_down_fires_alerts_and_recovery_resolves_them(
                     assert role.evaluator.firing() == []
                     health = await g.rpc.call(m.peer_id, "getSystemHealth")
                     assert health["status"] == "ok" and health["models"] == {"fake": 1}
+
+
+async def test_audit_rows_written_on_one_node_are_queryable_from_another(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    """An auth node records sensitive operations; after replication any member
+    asks the metrics node for them."""
+    import time
+
+    homes = make_network(tmp_path, ["m", "a"])
+    with trio.fail_after(40):
+        async with run_nodes(nursery, [metrics_cfg(homes[0])]) as (m,):
+            async with run_nodes(nursery, [node_config(homes[1], roles=[],
+                                                       bootstrap=[m.addrs[0]])]) as (a,):
+                now = time.time()
+                last = None
+                for i, (action, outcome) in enumerate([("user.register", "success"),
+                                                       ("user.login", "failure"),
+                                                       ("apikey.revoke", "success")]):
+                    last = a.ledger.append("audit", {
+                        "actor": "user-7", "action": action, "outcome": outcome,
+                        "time": now + i, "target": "key-3", "source": a.peer_id})
+                assert last is not None
+                await m.ledger.wait_for_event(last.author, last.seq)
+                got = await a.rpc.call(m.peer_id, "getAuditLog", {"actor": "user-7"})
+                assert [(r["action"], r["outcome"]) for r in got["rows"]] == [
+                    ("apikey.revoke", "success"), ("user.login", "failure"),
+                    ("user.register", "success")]
+                assert {r["author"] for r in got["rows"]} == {a.peer_id}
+                failed = await a.rpc.call(m.peer_id, "getAuditLog", {"action": "user.login"})
+                assert [r["time"] for r in failed["rows"]] == [now + 1]
