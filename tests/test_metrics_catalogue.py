@@ -168,3 +168,20 @@ def test_audit_query_params() -> None:
         with pytest.raises(InvalidParams) as info:
             parse_audit_query(bad)
         assert info.value.data["field"] == field
+
+
+def test_package_exports_and_stays_light() -> None:
+    import subprocess
+    import sys
+
+    import p2pinfer.metrics as pkg
+
+    assert sorted(pkg.__all__) == ["BoundedLabels", "MetricsSettings", "NodeMetrics",
+                                   "RECORDABLE", "validate_record"]
+    assert all(hasattr(pkg, name) for name in pkg.__all__)
+    # every node imports the package; only metrics nodes need the HTTP stack
+    code = ("import sys, p2pinfer.metrics; "
+            "print(sorted(m for m in ('starlette', 'hypercorn', 'httpx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
