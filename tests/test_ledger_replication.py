@@ -3,6 +3,7 @@ membership changes and rejections over the network."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from pathlib import Path
@@ -137,6 +138,30 @@ async def test_member_only_rpc_and_hello(tmp_path: Path, nursery: trio.Nursery) 
                     assert node.ledger.metrics.rejected_count("bad_signature") == 1
                     # the ping of a client is not disturbed by the ledger
                     assert (await client.call(peer, "ping"))["member"] is False
+        node.stop()
+
+
+async def test_garbage_on_the_gossip_protocol_does_not_kill_the_node(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    """py-libp2p's pubsub handler lets a protobuf DecodeError escape, which
+    would take the host down; the ledger guards it."""
+    from libp2p.peer.id import ID
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11
+
+    homes = make_network(tmp_path, 1, roles=[["auth"]])
+    async with run_network(nursery, homes) as (node,):
+        stranger = make_host(Identity.generate())
+        async with stranger.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            async with RpcClient.open(stranger) as client:
+                with trio.fail_after(15):
+                    peer = await client.connect(node.addrs[0])
+                    stream = await stranger.new_stream(ID.from_base58(peer), [PROTOCOL_ID_V11])
+                    await stream.write(b"\x05\xff\xff\xff\xff\xff")  # a 5-byte non-protobuf
+                    with trio.move_on_after(5), contextlib.suppress(Exception):
+                        await stream.read(1)  # the node resets the stream
+                    assert (await client.call(peer, "ping"))["peer_id"] == node.peer_id
+                    ev = node.ledger.append("audit", audit(1))
+                    assert node.ledger.version_vector()[node.peer_id] == ev.seq
         node.stop()
 
 

@@ -17,7 +17,11 @@ libp2p notes), so:
   is process-wide and made once);
 - one task reads the subscription continuously;
 - a topic validator drops messages whose origin is not a network member
-  before they are forwarded.
+  before they are forwarded;
+- the pubsub stream handler is guarded: py-libp2p lets a malformed frame's
+  DecodeError escape it, which would take the host down;
+- the mesh is small (degree 3) and neither IP-diversity nor "opportunistic"
+  grafting run, which otherwise put every peer in every mesh.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 
 import trio
 
+from ..rpc.host import guard_handler
 from ..wire import pack, unpack
 
 __all__ = ["Gossip", "tune_pubsub", "topic_for"]
@@ -36,7 +41,10 @@ log = logging.getLogger(__name__)
 
 QUEUE_SIZE = 100_000
 MAX_BATCH_EVENTS = 256
-MAX_BATCH_BYTES = 512 * 1024
+# Small messages: py-libp2p 0.8.1 may write a replay of recent messages to a
+# new peer's stream while its sender task writes the same stream; writes that
+# span several Noise frames can then interleave and corrupt the stream.
+MAX_BATCH_BYTES = 32 * 1024
 _tuned = False
 
 
@@ -61,6 +69,19 @@ def tune_pubsub() -> None:
 
     ps.RpcQueue = _BigRpcQueue  # type: ignore[attr-defined]
     _tuned = True
+
+
+def _router_class(base: Any) -> Any:
+    """GossipSub without "opportunistic grafting": py-libp2p 0.8.1 grafts two
+    more peers per heartbeat whenever all scores are equal (always, without
+    score parameters), so every mesh grows to every peer and each message is
+    sent to everyone by everyone."""
+
+    class LedgerGossipSub(base):  # type: ignore[misc, valid-type]
+        def _perform_opportunistic_grafting(self, topic: str, peers_to_graft: Any) -> int:
+            return 0
+
+    return LedgerGossipSub
 
 
 def encode_batch(raws: list[bytes]) -> bytes:
@@ -130,16 +151,31 @@ class Gossip:
         from libp2p.tools.anyio_service import background_trio_service
 
         tune_pubsub()
-        self.router = GossipSub(
+        self.router = _router_class(GossipSub)(
             protocols=[PROTOCOL_ID_V11],
-            degree=6,
-            degree_low=4,
+            # A small mesh: every extra mesh peer costs a full copy of every
+            # message, and py-libp2p's stream stack is CPU-bound.
+            degree=3,
+            degree_low=2,
             degree_high=12,
+            # Pruned peers may graft again after 5 s (default 60 s, during
+            # which a node pruned by a busy bootstrap peer can be cut off).
+            prune_back_off=5,
+            # IP-diversity grafting assumes peers on distinct public IPs; on a
+            # LAN or loopback it grafts every peer into the mesh.
+            eclipse_protection_enabled=False,
+            adaptive_gossip_enabled=False,
             heartbeat_initial_delay=0.1,
             heartbeat_interval=1,
             spam_protection_enabled=False,
         )
         self.pubsub = Pubsub(self.host, self.router, strict_signing=True)
+        # Pubsub's own stream handler lets a protobuf DecodeError escape, and
+        # an exception escaping a stream handler takes the whole host down:
+        # any peer could crash us with one garbage frame. Guard it.
+        for protocol in self.router.get_protocols():
+            self.host.set_stream_handler(
+                protocol, guard_handler("pubsub", self.pubsub.stream_handler))
         async with background_trio_service(self.pubsub), background_trio_service(self.router):
             await self.pubsub.wait_until_ready()
             self.pubsub.set_topic_validator(self.topic, self._validate, False)

@@ -244,7 +244,7 @@ class Ledger:
         """Apply events received from a peer (checked; refusals are counted)."""
         report = self.store.ingest(raws, source=source)
         if report.gaps and self.anti_entropy is not None and origin is not None:
-            self.anti_entropy.request(origin)
+            self.anti_entropy.hint(origin, report.gaps)
         return report
 
     def _on_gossip(self, raws: list[bytes], origin: str) -> None:
@@ -404,8 +404,15 @@ class Ledger:
         return False
 
     def request_sync(self, peer_id: str) -> None:
+        """Run an anti-entropy round with ``peer_id`` now (non-blocking)."""
         if self.anti_entropy is not None and peer_id != self.peer_id:
             self.anti_entropy.request(peer_id)
+
+    def hint_sync(self, peer_id: str, want: Mapping[str, int]) -> None:
+        """``peer_id`` has events up to ``want`` that we lack: sync soon unless
+        gossip brings them first (rate-limited per peer)."""
+        if self.anti_entropy is not None and peer_id != self.peer_id:
+            self.anti_entropy.hint(peer_id, want)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Start GossipSub, then anti-entropy; run until cancelled."""

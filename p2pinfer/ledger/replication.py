@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -58,6 +58,8 @@ MAX_HELLO_DOCS = 64
 PULL_BATCH_BYTES = 1024 * 1024
 CALL_TIMEOUT = 10.0
 MAX_CONCURRENT_ROUNDS = 4
+HINT_DELAY = 0.25
+HINT_COOLDOWN = 1.0
 
 
 def _vv(value: Any, name: str) -> dict[str, int]:
@@ -108,8 +110,9 @@ class LedgerService:
         out: dict[str, Any] = {"vv": mine, "digest": digest}
         if p.get("digest") != digest:
             out["docs"] = [d.to_wire() for d in store.membership.docs()]
-        if any(seq > mine.get(author, 0) for author, seq in theirs.items()):
-            self.ledger.request_sync(ctx.peer_id)
+        ahead = {a: s for a, s in theirs.items() if s > mine.get(a, 0)}
+        if ahead:
+            self.ledger.hint_sync(ctx.peer_id, ahead)
         return out
 
     @rpc_method("ledgerPull", access=Access.MEMBER)
@@ -156,7 +159,10 @@ class AntiEntropy:
         self.rpc = rpc
         self.peers = peers
         self.settings = ledger.settings
-        self._pending: set[str] = set()
+        self._due: dict[str, float] = {}
+        # why a round is due: None = unconditionally, else the events wanted
+        self._wants: dict[str, dict[str, int] | None] = {}
+        self._last_start: dict[str, float] = {}
         self._running: set[str] = set()
         self._greeted: set[str] = set()
         self._strangers: set[str] = set()
@@ -165,9 +171,33 @@ class AntiEntropy:
         self.rounds = 0
 
     def request(self, peer_id: str) -> None:
-        """Sync with ``peer_id`` soon (non-blocking)."""
-        self._pending.add(peer_id)
+        """Sync with ``peer_id`` as soon as possible (non-blocking)."""
+        self._wants[peer_id] = None
+        self._schedule(peer_id, trio.current_time())
+
+    def hint(self, peer_id: str, want: Mapping[str, int]) -> None:
+        """``peer_id`` has events up to ``want`` that we lack (a gossip gap,
+        or it told us it is ahead). Events in flight on gossip usually arrive
+        within milliseconds, so the round waits :data:`HINT_DELAY` and is
+        dropped if by then we have them; it also runs at most once per
+        :data:`HINT_COOLDOWN` per peer, so busy writers set off no storm."""
+        if peer_id not in self._wants or self._wants[peer_id] is not None:
+            wanted = self._wants.setdefault(peer_id, {})
+            assert wanted is not None
+            for author, seq in want.items():
+                wanted[author] = max(wanted.get(author, 0), seq)
+        start = self._last_start.get(peer_id, -HINT_COOLDOWN)
+        now = trio.current_time()
+        self._schedule(peer_id, max(now + HINT_DELAY, start + HINT_COOLDOWN))
+
+    def _schedule(self, peer_id: str, due: float) -> None:
+        self._due[peer_id] = min(due, self._due.get(peer_id, due))
         self._wake.set()
+
+    def _still_needed(self, peer_id: str) -> bool:
+        """False for a hinted round whose events have arrived meanwhile."""
+        want = self._wants.pop(peer_id, None)
+        return want is None or not self.ledger.covers(want)
 
     def connected(self, peer_id: str) -> None:
         """A new connection to a peer worth greeting: greet, then sync. Until
@@ -182,20 +212,26 @@ class AntiEntropy:
             task_status.started()
             next_periodic = trio.current_time() + self.settings.sync_interval
             while True:
-                with trio.move_on_at(next_periodic):
+                now = trio.current_time()
+                if now >= next_periodic:
+                    for peer in self._periodic_targets():
+                        self._wants[peer] = None
+                        self._due[peer] = now
+                    next_periodic = now + self.settings.sync_interval
+                wake_at = next_periodic
+                for peer, due in sorted(self._due.items(), key=lambda kv: kv[1]):
+                    if due > now:
+                        wake_at = min(wake_at, due)
+                    elif peer not in self._running and len(self._running) < MAX_CONCURRENT_ROUNDS:
+                        del self._due[peer]
+                        if not self._still_needed(peer):
+                            continue
+                        self._running.add(peer)
+                        self._last_start[peer] = now
+                        nursery.start_soon(self._round, peer)
+                with trio.move_on_at(wake_at):
                     await self._wake.wait()
                 self._wake = trio.Event()
-                if trio.current_time() >= next_periodic:
-                    self._pending.update(self._periodic_targets())
-                    next_periodic = trio.current_time() + self.settings.sync_interval
-                for peer in sorted(self._pending):
-                    if len(self._running) >= MAX_CONCURRENT_ROUNDS:
-                        break
-                    if peer in self._running:
-                        continue
-                    self._pending.discard(peer)
-                    self._running.add(peer)
-                    nursery.start_soon(self._round, peer)
 
     def _periodic_targets(self) -> list[str]:
         connected = set(self.peers())

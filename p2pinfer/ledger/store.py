@@ -64,7 +64,7 @@ class IngestReport:
     held: int = 0
     duplicates: int = 0
     rejected: list[LedgerError] = field(default_factory=list)
-    gaps: set[str] = field(default_factory=set)
+    gaps: dict[str, int] = field(default_factory=dict)  # author -> seq we now wait for
 
 
 class Store:
@@ -267,7 +267,7 @@ class Store:
             self._insert(ev, applied=False)
             self.held_count += 1
             report.held += 1
-            report.gaps.add(ev.author)
+            report.gaps[ev.author] = max(report.gaps.get(ev.author, 0), ev.seq - 1)
             return
         self._insert(ev, applied=True)
         views.apply(self.conn, ev)
