@@ -208,3 +208,13 @@ def test_membership_rules() -> None:
         m.add(owner.sign({**forged.doc, "net": "p2p-elsewhere"}))
     with pytest.raises(errors.InvalidEvent):
         m.add(owner.sign({**forged.doc, "roles": ["wizard"]}))
+
+
+def test_package_exports() -> None:
+    import p2pinfer.ledger as ledger_pkg
+
+    assert set(ledger_pkg.__all__) >= {"Ledger", "Event", "Store", "create_network", "admit",
+                                       "import_join_token", "make_join_token", "ApiKey", "User"}
+    for name in ledger_pkg.__all__:
+        assert getattr(ledger_pkg, name) is not None, name
+    assert ledger_pkg.KINDS == set(ledger_pkg.KIND_ROLES) | {"member.admitted", "member.removed"}

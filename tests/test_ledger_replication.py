@@ -78,6 +78,25 @@ async def test_five_nodes_apply_each_others_events(tmp_path: Path,
                 node.stop()
 
 
+async def test_anti_entropy_alone_converges(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """Gossip is only a hint: with it switched off, sync rounds deliver everything."""
+    homes = make_network(tmp_path, 3, roles=[["auth", "gateway"]] * 3)
+    tables = {"ledger": {"gossip": False, "sync_interval": 0.2}}
+    with trio.fail_after(60):
+        async with run_network(nursery, homes, tables=tables) as nodes:
+            assert all(n.ledger.gossip is None for n in nodes)
+            for i in range(100):
+                nodes[i % 3].ledger.append("audit", audit(i))
+            await converge(nodes)
+            assert all(n.ledger.store.count_events() == nodes[0].ledger.store.count_events()
+                       for n in nodes)
+            applied = nodes[1].ledger.metrics.registry.get_sample_value(
+                "ai_platform_ledger_events_applied_total", {"kind": "audit", "source": "sync"})
+            assert applied is not None and applied >= 66
+            for node in nodes:
+                node.stop()
+
+
 async def test_rejections_over_gossip_change_nothing(tmp_path: Path,
                                                      nursery: trio.Nursery) -> None:
     homes = make_network(tmp_path, 3, roles=[["auth"], ["gateway"], ["auth"]])
