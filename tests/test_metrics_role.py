@@ -116,7 +116,7 @@ async def test_exporter_serves_metrics_that_parse_and_pass_promtool(
             requests = {(s.labels["service"], s.labels["method"], s.labels["status"]): s.value
                         for s in fams["ai_platform_requests"].samples}
             assert requests[("node", "ping", "success")] >= 1
-            assert requests[("metrics", "getSystemHealth", "error")] == 1
+            assert requests[("metrics", "getSystemHealth", "client_error")] == 1
             users = {s.labels["time_window"]: s.value for s in fams[cat.ACTIVE_USERS].samples}
             assert users == {"5m": 1.0, "1h": 1.0, "24h": 1.0}
             tokens = fams["ai_platform_tokens_used"].samples
@@ -247,9 +247,22 @@ async def test_error_rate_alert_fires_and_resolves_with_webhook(
             assert role.evaluator.firing() == []
             for _ in range(5):
                 await client.call(peer, "getSystemHealth")
-            for _ in range(20):
+            # A broken dependency makes the handler fail (HandlerError, a
+            # server error); a caller's bad params would be client errors,
+            # which must not page anyone.
+            for _ in range(5):
                 with pytest.raises(errors.InvalidParams):
                     await client.call(peer, "getSystemHealth", "not params")
+            working = role.collector.snapshot
+
+            async def broken(*args: Any, **kwargs: Any) -> Any:
+                raise RuntimeError("collector broke")
+
+            role.collector.snapshot = broken
+            for _ in range(20):
+                with pytest.raises(errors.HandlerError):
+                    await client.call(peer, "getSystemHealth")
+            role.collector.snapshot = working
             await wait_for(lambda: receiver.statuses("HighErrorRate") == ["firing"], limit=10)
             firing = [b for b in receiver.bodies if b["status"] == "firing"][0]
             assert firing["commonLabels"] == {"alertname": "HighErrorRate",

@@ -87,7 +87,7 @@ ACTIVE_USER_WINDOWS: dict[str, float] = {"5m": 300.0, "1h": 3600.0, "24h": 86400
 SERVICES = frozenset({"auth", "gateway", "inference", "metrics", "web", "node", "ledger",
                       "cli", "client", "_other", "_unknown"})
 STATUSES = frozenset({"success", "error", "timeout", "cancelled", "denied", "unknown",
-                      "rate_limited"})
+                      "rate_limited", "client_error"})
 # What the error-rate alert counts as a failed request.
 ERROR_STATUSES = frozenset({"error", "timeout"})
 

@@ -46,6 +46,7 @@ from ..errors import (
     DeadlineExceeded,
     FrameTooLarge,
     HandlerError,
+    LimitError,
     MalformedFrame,
     NotMember,
     P2PInferError,
@@ -129,6 +130,16 @@ class Method:
     func: Handler
     access: Access
     streaming: bool
+
+
+def status_of(exc: P2PInferError) -> str:
+    """The metrics status of a call that raised ``exc``: limits and the
+    caller's own mistakes are not server errors (they must not page anyone)."""
+    if isinstance(exc, LimitError):
+        return "rate_limited"
+    if exc.http_status < 500:
+        return "client_error"
+    return "error"
 
 
 class _ServerCall:
@@ -376,7 +387,7 @@ class RpcServer:
                         result = await method.func(ctx, params)  # type: ignore[misc]
                         channel.send_nowait(wire.Response(ctx.call_id, result))
                 except P2PInferError as exc:
-                    status = "error"
+                    status = status_of(exc)
                     if isinstance(exc, FrameTooLarge | HandlerError):
                         log.warning("%s from %s: %s", method.name, ctx.peer_id, exc.message)
                     channel.send_error_nowait(ctx.call_id, exc)
