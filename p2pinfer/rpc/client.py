@@ -44,6 +44,11 @@ __all__ = ["RpcClient", "RpcStream"]
 
 log = logging.getLogger(__name__)
 
+# Seconds to open an RPC stream over an existing connection before treating
+# the connection as stale, and to dial a new one.
+STALE_STREAM_TIMEOUT = 2.0
+OPEN_TIMEOUT = 10.0
+
 
 @functools.lru_cache(maxsize=4096)
 def _peer_id_obj(peer_id: str) -> Any:
@@ -339,14 +344,20 @@ class RpcClient:
         pid = _peer_id_obj(peer_id)
         network = self.host.get_network()
         for attempt in (1, 2):
+            existing = bool(network.get_connections(pid))
             try:
-                return await self.host.new_stream(pid, [RPC_PROTOCOL])
-            except Exception as exc:
-                # py-libp2p 0.8.1 keeps connections the peer has closed in its
-                # table ("No valid connections available"), so a peer that
+                # Over a live connection a stream opens in milliseconds; one
+                # that takes seconds rides a connection the peer abandoned
+                # (py-libp2p would wait out its own 10 s negotiation timeout).
+                limit = STALE_STREAM_TIMEOUT if existing else OPEN_TIMEOUT
+                with trio.fail_after(limit):
+                    return await self.host.new_stream(pid, [RPC_PROTOCOL])
+            except (Exception, trio.TooSlowError) as exc:
+                # py-libp2p 0.8.1 also keeps connections the peer has closed in
+                # its table ("No valid connections available"), so a peer that
                 # restarted could never be reached again: drop them and redial.
-                if attempt == 1 and network.get_connections(pid):
-                    log.debug("stale connection to %s (%s); redialing", peer_id, exc)
+                if attempt == 1 and existing:
+                    log.debug("stale connection to %s (%r); redialing", peer_id, exc)
                     with trio.move_on_after(1):
                         try:
                             await network.close_peer(pid)
