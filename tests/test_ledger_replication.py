@@ -133,31 +133,33 @@ async def test_rejections_over_gossip_change_nothing(tmp_path: Path,
 
 async def test_member_only_rpc_and_hello(tmp_path: Path, nursery: trio.Nursery) -> None:
     homes = make_network(tmp_path, 1, roles=[["auth"]])
-    async with run_network(nursery, homes) as (node,):
-        stranger = make_host(Identity.generate())
-        async with stranger.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
-            async with RpcClient.open(stranger) as client:
-                with trio.fail_after(15):
-                    peer = await client.connect(node.addrs[0])
-                    for method in ("ledgerSync", "ledgerPull"):
-                        with pytest.raises(errors.NotMember):
-                            await client.call(peer, method, {"vv": {}, "after": {}})
-                    with pytest.raises(errors.WrongNetwork):
-                        await client.call(peer, "ledgerHello", {"net": "p2p-x", "docs": []})
-                    reply = await client.call(peer, "ledgerHello",
-                                              {"net": node.ledger.network_id, "docs": []})
-                    assert reply["member"] is False and reply["docs"]
-                    assert node.ledger.metrics.rejected_count("bad_signature") == 0
-                    fake = {**reply["docs"][0],
-                            "doc": {**reply["docs"][0]["doc"], "peer": stranger.get_id()
-                                    .to_base58()}}
-                    reply = await client.call(peer, "ledgerHello",
-                                              {"net": node.ledger.network_id, "docs": [fake]})
-                    assert reply["member"] is False
-                    assert node.ledger.metrics.rejected_count("bad_signature") == 1
-                    # the ping of a client is not disturbed by the ledger
-                    assert (await client.call(peer, "ping"))["member"] is False
-        node.stop()
+    with trio.fail_after(30):
+        async with run_network(nursery, homes) as (node,):
+            stranger = make_host(Identity.generate())
+            async with stranger.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+                async with RpcClient.open(stranger) as client:
+                    with trio.fail_after(15):
+                        peer = await client.connect(node.addrs[0])
+                        for method in ("ledgerSync", "ledgerPull"):
+                            with pytest.raises(errors.NotMember):
+                                await client.call(peer, method, {"vv": {}, "after": {}})
+                        with pytest.raises(errors.WrongNetwork):
+                            await client.call(peer, "ledgerHello",
+                                              {"net": "p2p-x", "docs": []})
+                        reply = await client.call(peer, "ledgerHello",
+                                                  {"net": node.ledger.network_id, "docs": []})
+                        assert reply["member"] is False and reply["docs"]
+                        assert node.ledger.metrics.rejected_count("bad_signature") == 0
+                        fake = {**reply["docs"][0],
+                                "doc": {**reply["docs"][0]["doc"], "peer": stranger.get_id()
+                                        .to_base58()}}
+                        reply = await client.call(peer, "ledgerHello", {
+                            "net": node.ledger.network_id, "docs": [fake]})
+                        assert reply["member"] is False
+                        assert node.ledger.metrics.rejected_count("bad_signature") == 1
+                        # the ping of a client is not disturbed by the ledger
+                        assert (await client.call(peer, "ping"))["member"] is False
+            node.stop()
 
 
 async def test_garbage_on_the_gossip_protocol_does_not_kill_the_node(
@@ -168,20 +170,22 @@ async def test_garbage_on_the_gossip_protocol_does_not_kill_the_node(
     from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11
 
     homes = make_network(tmp_path, 1, roles=[["auth"]])
-    async with run_network(nursery, homes) as (node,):
-        stranger = make_host(Identity.generate())
-        async with stranger.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
-            async with RpcClient.open(stranger) as client:
-                with trio.fail_after(15):
-                    peer = await client.connect(node.addrs[0])
-                    stream = await stranger.new_stream(ID.from_base58(peer), [PROTOCOL_ID_V11])
-                    await stream.write(b"\x05\xff\xff\xff\xff\xff")  # a 5-byte non-protobuf
-                    with trio.move_on_after(5), contextlib.suppress(Exception):
-                        await stream.read(1)  # the node resets the stream
-                    assert (await client.call(peer, "ping"))["peer_id"] == node.peer_id
-                    ev = node.ledger.append("audit", audit(1))
-                    assert node.ledger.version_vector()[node.peer_id] == ev.seq
-        node.stop()
+    with trio.fail_after(30):
+        async with run_network(nursery, homes) as (node,):
+            stranger = make_host(Identity.generate())
+            async with stranger.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+                async with RpcClient.open(stranger) as client:
+                    with trio.fail_after(15):
+                        peer = await client.connect(node.addrs[0])
+                        stream = await stranger.new_stream(ID.from_base58(peer),
+                                                           [PROTOCOL_ID_V11])
+                        await stream.write(b"\x05\xff\xff\xff\xff\xff")  # not protobuf
+                        with trio.move_on_after(5), contextlib.suppress(Exception):
+                            await stream.read(1)  # the node resets the stream
+                        assert (await client.call(peer, "ping"))["peer_id"] == node.peer_id
+                        ev = node.ledger.append("audit", audit(1))
+                        assert node.ledger.version_vector()[node.peer_id] == ev.seq
+            node.stop()
 
 
 async def test_stopped_node_catches_up_with_nothing_missing(tmp_path: Path,
