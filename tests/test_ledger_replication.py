@@ -256,3 +256,38 @@ async def test_late_joiner_and_removal(tmp_path: Path, nursery: trio.Nursery) ->
                     await n1.rpc.call(n0.peer_id, "ledgerSync", {"vv": {}})
             for node in (n0, n1, late):
                 node.stop()
+
+
+async def test_erasure_leaves_no_personal_data_on_any_node(tmp_path: Path,
+                                                           nursery: trio.Nursery) -> None:
+    homes = make_network(tmp_path, 3, roles=[["auth", "gateway"]] * 3)
+    with trio.fail_after(90):
+        async with run_network(nursery, homes[:2], tables=LEDGER) as (n0, n1):
+            reg = n0.ledger.append("user.registered", register("zoe"))
+            uid = reg.body["user_id"]
+            hour = int(time.time()) // 3600 * 3600
+            n1.ledger.append("usage", {"entries": [{"user_id": uid, "key_id": None,
+                                                    "hour": hour, "requests": 3, "tokens": 42}]})
+            await converge([n0, n1])
+            assert n1.ledger.user_by_email("zoe@example.org") is not None
+            n0.ledger.erase_user(uid)
+            await converge([n0, n1])
+            late = Node(node_config(homes[2], roles=[], bootstrap=[n0.addrs[0]], tables=LEDGER))
+            await nursery.start(late.run)
+            await converge([n0, n1, late])
+            for node in (n0, n1, late):
+                lg = node.ledger
+                assert lg.user(uid) is None and lg.user_by_username("zoe") is None
+                assert lg.user_by_email("zoe@example.org") is None
+                assert [(u.request_count, u.tokens_used) for u in lg.usage(user_id=uid)] \
+                    == [(3, 42)]
+                for (raw,) in lg.store.conn.execute("SELECT raw FROM events"):
+                    assert b"zoe" not in raw
+                assert lg.store.snapshot() == n0.ledger.store.snapshot()
+            # the name is free again
+            again = n1.ledger.append("user.registered", register("zoe"))
+            await late.ledger.wait_for_event(again.author, again.seq)
+            user = late.ledger.user_by_username("zoe")
+            assert user is not None and user.id == again.body["user_id"]
+            for node in (n0, n1, late):
+                node.stop()

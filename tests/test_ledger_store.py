@@ -78,7 +78,7 @@ def build_scenario() -> Scenario:
     # share an email, dave is earlier; erasing dave later frees the email for bob.
     s.add("a1", T0 + 1, "user.registered", reg(1, "alice", "alice@x.org", T0 + 1))
     s.add("a2", T0 + 2, "user.registered", reg(3, "Alice", "alice2@x.org", T0 + 2))
-    s.add("a2", T0 + 0.5, "user.registered", reg(4, "dave", "bob@x.org", T0 + 0.5))
+    dave = s.add("a2", T0 + 0.5, "user.registered", reg(4, "dave", "bob@x.org", T0 + 0.5))
     s.add("a1", T0 + 3, "user.registered", reg(2, "bob", "bob@x.org", T0 + 3))
     s.add("a1", T0 + 4, "apikey.issued", {"key_id": uid(101), "user_id": uid(1),
                                           "public_id": "pk_alice1", "key_hash": "kh1",
@@ -117,7 +117,8 @@ def build_scenario() -> Scenario:
                                    "detail": {"method": "password"}})
     s.add("a2", T0 + 15, "apikey.revoked", {"key_id": uid(102), "revoked_at": T0 + 15})
     s.add("a1", T0 + 16, "apikey.revoked", {"key_id": uid(102), "revoked_at": T0 + 14})
-    s.add("a2", T0 + 17, "user.erased", {"user_id": uid(4), "erased_at": T0 + 17})
+    s.add("a2", T0 + 17, "user.erased", {"user_id": uid(4), "erased_at": T0 + 17, "redacts": [
+        {"author": dave.author, "seq": dave.seq, "hash": dave.hash}]})
     # x writes three events; the owner removes it after its second
     s.add("x", T0 + 18, "user.registered", reg(6, "eve", "eve@x.org", T0 + 18))
     s.add("x", T0 + 19, "user.registered", reg(7, "mallory", "m@x.org", T0 + 19))
@@ -175,9 +176,18 @@ def test_reference_outcome(tmp_path: Path) -> None:
                         (uid(500),)).fetchone() == ("error",)  # g2's row ranks first
     assert conn.execute("SELECT removed_after FROM members WHERE peer_id=?",
                         (SCENARIO.peer("x"),)).fetchone() == (2,)
+    # erasure: dave's registration is a stub now, nothing stored names him
+    assert_no_pii(store)
+    assert conn.execute("SELECT count(*) FROM events WHERE redacted=1").fetchone() == (1,)
     before = store.snapshot()
     store.rebuild()
     assert store.snapshot() == before
+
+
+def assert_no_pii(store: Store) -> None:
+    for table in ("events", "registrations", "users", "audit", "request_logs"):
+        for row in store.conn.execute(f"SELECT * FROM {table}"):
+            assert b"dave" not in repr(row).encode(), (table, row)
 
 
 @settings(max_examples=40, deadline=None,
@@ -208,8 +218,40 @@ def test_any_order_and_duplication_gives_the_same_tables(data: st.DataObject,
         assert not voided, voided  # only x's voided event may be refused
     assert store.snapshot() == reference.snapshot()
     assert store.held_count == reference.held_count
+    if keep == [True] * n:
+        assert_no_pii(store)
     store.close()
     reference.close()
+
+
+def test_erasure_stubs_replicate_without_personal_data(tmp_path: Path) -> None:
+    """A peer that pulls from a node holding a redacted registration gets the
+    stub, accepts it once it holds the erasure, and converges."""
+    source = open_store(tmp_path / "a.db")
+    source.ingest([e.raw for e in SCENARIO.events])
+    heads = source.version_vector()
+    sink = open_store(tmp_path / "b.db")
+    deferred = 0
+    for _ in range(3):  # pull rounds, author by author as ledgerPull serves them
+        for author in sorted(heads):
+            got = sink.version_vector().get(author, 0)
+            report = sink.ingest(source.read_range(author, got, 10_000))
+            deferred += report.deferred
+            assert not [r for r in report.rejected
+                        if not isinstance(r, errors.UnauthorizedAuthor)]
+    assert deferred == 0  # the erasure came in the same pull as the stub it vouches for
+    assert sink.version_vector() == heads
+    assert sink.snapshot() == source.snapshot()
+    assert_no_pii(sink)
+    # a stub nobody vouches for is not accepted
+    other = open_store(tmp_path / "c.db")
+    dave = next(e for e in SCENARIO.events if e.kind == "user.registered"
+                and e.body["username"] == "dave")
+    stub = source.read_range(dave.author, dave.seq - 1, 1)
+    assert b"dave" not in stub[0]
+    report = other.ingest(stub)
+    assert report.deferred == 1 and not report.rejected
+    assert other.version_vector().get(dave.author, 0) < dave.seq
 
 
 # --- rejections -------------------------------------------------------------------

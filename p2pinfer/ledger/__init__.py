@@ -29,6 +29,7 @@ Using the ledger from a role (``ledger = node.ledger``)::
     ledger.usage_in_hour(hour, user_id=... | api_key_id=..., exclude_gateway=peer_id)
     ledger.request_logs(user_id=..., limit=100) / audit(actor=..., action=..., since=...)
     ledger.is_session_revoked(jti)
+    ledger.erase_user(user_id)                  # user.erased + redaction of its registrations
     ledger.subscribe(callback)                  # callback(events) after each commit
     await ledger.wait_for_version(vv) / wait_for_event(author, seq) / wait_until(pred)
 

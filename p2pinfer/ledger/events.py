@@ -17,6 +17,13 @@ An event is the msgpack array::
 the signed bytes: the same ``(author, seq)`` with a different hash is a
 replay (or an author that equivocates) and is refused.
 
+**Redaction** (erasure in an append-only ledger): a ``user.erased`` event
+lists the ``(author, seq, hash)`` of the user's ``user.registered`` events.
+Every node that applies it replaces those stored events by a :class:`Stub`
+(``["stub", v, network, author, seq, hlc, kind, hash]``): the sequence stays
+gap-free and the content hash still detects replays, but the username, email
+and password hash are gone, and stubs, not events, are what peers pull.
+
 This module only encodes, decodes, signs and checks shapes: it never touches
 the store or the network. :func:`decode` raises the ledger error that names
 what is wrong: :class:`~p2pinfer.errors.InvalidEvent` (malformed),
@@ -33,7 +40,8 @@ user.registered     ``user_id, username, email, password_hash, created_at``,
                     optional ``tier`` ("default"/"premium"), ``is_active``
 user.updated        ``user_id, updated_at`` and at least one of ``tier``,
                     ``is_active``, ``is_admin``
-user.erased         ``user_id, erased_at``
+user.erased         ``user_id, erased_at``, optional ``redacts``: list of
+                    ``{author, seq, hash}`` of that user's registrations
 apikey.issued       ``key_id, user_id, public_id, key_hash, name, created_at``
 apikey.revoked      ``key_id, revoked_at``
 apikey.used         ``entries``: list of ``{key_id, at}`` (batched)
@@ -72,7 +80,12 @@ __all__ = [
     "MEMBER_KINDS",
     "Event",
     "decode",
+    "decode_any",
+    "decode_stub",
     "decode_trusted",
+    "Stub",
+    "make_stub",
+    "REDACTABLE_KINDS",
     "sign_event",
     "validate_body",
     "rank_of",
@@ -168,16 +181,29 @@ def decode(raw: bytes, network: str) -> Event:
     kind, signature, body shape.
 
     Raises:
-        InvalidEvent: malformed fields or body, unknown kind or version.
+        InvalidEvent: malformed fields or body, unknown kind or version (or a
+            redacted stub: see :func:`decode_any`).
         WrongNetwork: the event belongs to another network.
         BadSignature: the signature is not the author's.
     """
+    out = decode_any(raw, network)
+    if isinstance(out, Stub):
+        raise InvalidEvent("a redacted stub where an event was expected")
+    return out
+
+
+def decode_any(raw: bytes, network: str) -> Event | Stub:
+    """Like :func:`decode`, but also accepts a redacted :class:`Stub` (whose
+    signature can no longer be checked: the store accepts it only if it holds
+    an erasure that lists it)."""
     if not isinstance(raw, bytes | bytearray) or len(raw) > MAX_EVENT_BYTES:
         raise InvalidEvent("an event is at most 256 KiB of bytes")
     try:
         obj = unpack(bytes(raw))
     except Exception as exc:  # msgpack raises many types on garbage
         raise InvalidEvent(f"event is not valid msgpack: {type(exc).__name__}") from exc
+    if isinstance(obj, list) and obj and obj[0] == STUB_TAG:
+        return _stub(obj, network)
     if not isinstance(obj, list) or len(obj) != 8:
         raise InvalidEvent("an event is an array of 8 fields")
     v, net, author, seq, hlc, kind, body, sig = obj
@@ -209,6 +235,57 @@ def decode(raw: bytes, network: str) -> Event:
     canonical = canonical_pack([v, net, author, seq, hlc, kind, body, sig])
     return Event(net, author, seq, hlc, kind, body, sig, canonical,
                  hashlib.sha256(signed).digest())
+
+
+# --- redaction -------------------------------------------------------------------
+STUB_TAG = "stub"
+REDACTABLE_KINDS = frozenset({"user.registered"})
+
+
+@dataclass(frozen=True, slots=True)
+class Stub:
+    """What is left of an event an erasure redacted: its place in the author's
+    sequence and its content hash, without the body (so without the personal
+    data) and without a verifiable signature."""
+
+    network: str
+    author: str
+    seq: int
+    hlc: int
+    kind: str
+    hash: bytes
+    raw: bytes = field(repr=False, compare=False)
+
+    @property
+    def id(self) -> tuple[str, int]:
+        return (self.author, self.seq)
+
+
+def make_stub(network: str, author: str, seq: int, hlc: int, kind: str, digest: bytes) -> Stub:
+    raw = canonical_pack([STUB_TAG, PROTOCOL_VERSION, network, author, seq, hlc, kind, digest])
+    return Stub(network, author, seq, hlc, kind, digest, raw)
+
+
+def _stub(obj: list[Any], network: str) -> Stub:
+    if len(obj) != 8:
+        raise InvalidEvent("a stub is an array of 8 fields")
+    _, v, net, author, seq, hlc, kind, digest = obj
+    if v != PROTOCOL_VERSION:
+        raise InvalidEvent(f"unsupported event version {v!r}")
+    if net != network:
+        raise WrongNetwork(f"stub of network {str(net)[:64]!r}, this is {network!r}")
+    if (not isinstance(author, str) or not 0 < len(author) <= 128 or type(seq) is not int
+            or not 0 < seq < 2**62 or type(hlc) is not int or not 0 < hlc < 2**63
+            or kind not in REDACTABLE_KINDS or not isinstance(digest, bytes)
+            or len(digest) != 32):
+        raise InvalidEvent("malformed stub")
+    return make_stub(net, author, seq, hlc, kind, digest)
+
+
+def decode_stub(raw: bytes) -> Stub:
+    """Decode a stub this node stored."""
+    obj = unpack(raw)
+    return make_stub(obj[2], obj[3], obj[4], obj[5], obj[6], obj[7])
 
 
 def decode_trusted(raw: bytes) -> Event:
@@ -294,6 +371,12 @@ def _hour(name: str, value: Any) -> Any:
     return value
 
 
+def _digest(name: str, value: Any) -> Any:
+    if not isinstance(value, bytes) or len(value) != 32:
+        raise InvalidEvent(f"{name} must be a 32-byte SHA-256 digest")
+    return value
+
+
 def _small_map(name: str, value: Any) -> Any:
     if not isinstance(value, dict) or len(value) > 32:
         raise InvalidEvent(f"{name} must be a map of at most 32 entries")
@@ -365,7 +448,11 @@ _SHAPES: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
         {"user_id": _uuid, "updated_at": _time},
         {"tier": _choice(*TIERS), "is_active": _bool, "is_admin": _bool},
     ),
-    "user.erased": ({"user_id": _uuid, "erased_at": _time}, {}),
+    "user.erased": (
+        {"user_id": _uuid, "erased_at": _time},
+        {"redacts": _list_of(_record({"author": _str(128), "seq": _count(2**62),
+                                      "hash": _digest}), max_len=64)},
+    ),
     "apikey.issued": (
         {"key_id": _uuid, "user_id": _uuid, "public_id": _str(32, 4, _PUBLIC_ID),
          "key_hash": _str(255), "name": _optional(_str(100, 0)), "created_at": _time},

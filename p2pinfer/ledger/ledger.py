@@ -239,6 +239,28 @@ class Ledger:
         """Like :meth:`append` for several events, all in one transaction."""
         return self.store.append(self.identity, items)
 
+    def erase_user(self, user_id: str) -> Event:
+        """Erase a user everywhere (issue 11): append ``user.erased`` listing
+        every registration of ``user_id`` this node holds, so that every node
+        drops the user from ``users`` and replaces those registration events
+        by stubs with no personal data. Usage totals are unchanged.
+
+        A registration of the same id that this node has not seen yet (written
+        concurrently elsewhere) is not listed; its username and email never
+        reach ``users`` (the id is erased), but its stored event keeps them
+        until a later erasure lists it.
+        """
+        redacts = []
+        for author, seq, digest, raw in self.store.conn.execute(
+                "SELECT author, seq, hash, raw FROM events WHERE kind='user.registered' "
+                "AND redacted=0").fetchall():
+            if decode_trusted(raw).body.get("user_id") == user_id:
+                redacts.append({"author": author, "seq": seq, "hash": digest})
+        body: dict[str, Any] = {"user_id": user_id, "erased_at": time.time()}
+        if redacts:
+            body["redacts"] = redacts[:64]
+        return self.append("user.erased", body)
+
     def ingest(self, raws: Sequence[bytes], *, source: str = "sync",
                origin: str | None = None) -> IngestReport:
         """Apply events received from a peer (checked; refusals are counted)."""

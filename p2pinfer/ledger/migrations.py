@@ -21,7 +21,9 @@ Tables (timestamps are REAL seconds since the epoch, ids UUID strings):
   ``registrations`` (every registration and whether it won),
   ``user_attrs`` (last-writer-wins fields), ``key_revocations``,
   ``key_last_used``, ``usage_hourly`` (per-gateway counters per hour);
-- ``audit`` and ``revoked_sessions``.
+- ``audit`` and ``revoked_sessions``;
+- ``erased_users`` and ``redactions`` (what erasures redacted; a redacted
+  row of ``events`` holds a stub, ``redacted`` = 1).
 """
 
 from __future__ import annotations
@@ -135,6 +137,18 @@ def m003_admin_flag(db: Database) -> None:
     db.table("users").add_column("is_admin", INT, not_null_default=0)
     db.table("user_attrs").add_column("is_admin", INT)
     db.table("user_attrs").add_column("admin_rank", TEXT)
+
+
+@migration
+def m003_redaction(db: Database) -> None:
+    """Erasure redacts stored registrations: ``events.redacted`` marks a stub,
+    ``redactions`` lists what applied erasures redact."""
+    db.table("events").add_column("redacted", int, not_null_default=0)
+    db.table("redactions").create(
+        {"author": TEXT, "seq": INT, "hash": BLOB, "user_id": TEXT, "erasure_author": TEXT,
+         "erasure_seq": INT},
+        pk=("author", "seq"), not_null={"hash", "user_id"},
+    )
 
 
 def applied_migrations(db: Database) -> list[str]:

@@ -43,8 +43,18 @@ from ..errors import LedgerError, ReplayedEvent, StorageError
 from ..identity import Identity
 from ..wire import canonical_pack, unpack
 from . import views
-from .clock import HybridClock
-from .events import MEMBER_KINDS, Event, decode, decode_trusted, sign_event
+from .clock import HybridClock, wall_of
+from .events import (
+    MEMBER_KINDS,
+    REDACTABLE_KINDS,
+    Event,
+    Stub,
+    decode_any,
+    decode_stub,
+    decode_trusted,
+    make_stub,
+    sign_event,
+)
 from .membership import Membership, NetworkInfo, SignedDoc, short
 from .metrics import LedgerMetrics
 from .migrations import migrate
@@ -65,6 +75,8 @@ class IngestReport:
     duplicates: int = 0
     rejected: list[LedgerError] = field(default_factory=list)
     gaps: dict[str, int] = field(default_factory=dict)  # author -> seq we now wait for
+    stubs: int = 0  # redacted registrations accepted in place of events
+    deferred: int = 0  # stubs not yet vouched for by an erasure we hold
 
 
 class Store:
@@ -213,10 +225,10 @@ class Store:
             StorageError: the database failed; the batch left no trace.
         """
         report = IngestReport()
-        decoded: list[Event] = []
+        decoded: list[Event | Stub] = []
         for raw in raws:
             try:
-                decoded.append(decode(raw, self.network.network_id))
+                decoded.append(decode_any(raw, self.network.network_id))
             except LedgerError as exc:
                 self._refuse(exc, None, source, report)
         if decoded:
@@ -226,12 +238,14 @@ class Store:
                 # later in the batch than its first events.
                 bad_docs: dict[tuple[str, int], LedgerError] = {}
                 for ev in decoded:
-                    if ev.kind in MEMBER_KINDS:
+                    if isinstance(ev, Event) and ev.kind in MEMBER_KINDS:
                         try:
                             self._absorb(ev.body["cert" if ev.kind == "member.admitted"
                                                  else "removal"])
                         except LedgerError as exc:
                             bad_docs[ev.id] = exc
+                # Stubs last: the erasure that vouches for them may be in the batch.
+                decoded.sort(key=lambda item: isinstance(item, Stub))
                 for ev in decoded:
                     try:
                         if ev.id in bad_docs:
@@ -241,18 +255,18 @@ class Store:
                         self._refuse(exc, ev, source, report)
                 self._save_heads(touched)
             self.metrics.held.set(self.held_count)
-        self._notify(report.applied, source)
+        self._notify(report.applied, source, changed=bool(report.stubs))
         return report
 
-    def _refuse(self, exc: LedgerError, ev: Event | None, source: str,
+    def _refuse(self, exc: LedgerError, ev: Event | Stub | None, source: str,
                 report: IngestReport) -> None:
         reason = self.metrics.reject(exc)
         what = f"{short(ev.author)}#{ev.seq} ({ev.kind})" if ev else "an event"
         log.warning("refused %s from %s: %s: %s", what, source, reason, exc.message)
         report.rejected.append(exc)
 
-    def _accept(self, ev: Event, report: IngestReport, touched: set[str]) -> None:
-        self.membership.check_author(ev.author, ev.kind, ev.seq, ev.wall)
+    def _accept(self, ev: Event | Stub, report: IngestReport, touched: set[str]) -> None:
+        self.membership.check_author(ev.author, ev.kind, ev.seq, wall_of(ev.hlc))
         row = self.conn.execute("SELECT hash FROM events WHERE author=? AND seq=?",
                                 (ev.author, ev.seq)).fetchone()
         if row is not None:
@@ -262,6 +276,16 @@ class Store:
             report.duplicates += 1
             self.metrics.duplicates.inc()
             return
+        if isinstance(ev, Stub) and not self._redaction_of(ev.author, ev.seq, ev.hash):
+            # Not (yet) vouched for by an erasure we hold: ask again later.
+            report.deferred += 1
+            report.gaps[ev.author] = max(report.gaps.get(ev.author, 0), ev.seq)
+            return
+        if isinstance(ev, Event) and ev.kind == "user.erased":
+            # Redact as soon as the erasure is accepted, even if it must wait
+            # for earlier events: the registration it redacts usually comes
+            # earlier in the same author's sequence, as a stub.
+            self._redact(ev)
         head = self.heads.get(ev.author, 0)
         if ev.seq > head + 1:
             self._insert(ev, applied=False)
@@ -270,32 +294,76 @@ class Store:
             report.gaps[ev.author] = max(report.gaps.get(ev.author, 0), ev.seq - 1)
             return
         self._insert(ev, applied=True)
-        views.apply(self.conn, ev)
-        self.clock.observe(ev.hlc)
-        report.applied.append(ev)
+        self._apply(ev, report)
         head = ev.seq
         while True:  # release held successors
             nxt = self.conn.execute(
-                "SELECT raw FROM events WHERE author=? AND seq=? AND applied=0",
+                "SELECT raw, redacted FROM events WHERE author=? AND seq=? AND applied=0",
                 (ev.author, head + 1)).fetchone()
             if nxt is None:
                 break
-            held = decode_trusted(nxt[0])
             self.conn.execute("UPDATE events SET applied=1 WHERE author=? AND seq=?",
-                              (held.author, held.seq))
-            views.apply(self.conn, held)
-            self.clock.observe(held.hlc)
-            report.applied.append(held)
+                              (ev.author, head + 1))
+            held: Event | Stub = (decode_stub(nxt[0]) if nxt[1] else decode_trusted(nxt[0]))
+            self._apply(held, report)
             self.held_count -= 1
-            head = held.seq
+            head += 1
         self.heads[ev.author] = head
         touched.add(ev.author)
 
-    def _insert(self, ev: Event, *, applied: bool) -> None:
+    def _apply(self, ev: Event | Stub, report: IngestReport) -> None:
+        self.clock.observe(ev.hlc)
+        if isinstance(ev, Stub):  # a redacted registration of an erased user: no effect
+            report.stubs += 1
+            return
+        views.apply(self.conn, ev)
+        report.applied.append(ev)
+
+    def _insert(self, ev: Event | Stub, *, applied: bool) -> None:
+        raw, redacted = ev.raw, isinstance(ev, Stub)
+        if isinstance(ev, Event) and ev.kind in REDACTABLE_KINDS:
+            user_id = self._redaction_of(ev.author, ev.seq, ev.hash)
+            if user_id is not None and user_id == ev.body.get("user_id"):
+                raw, redacted = self._stub_of(ev.author, ev.seq, ev.hlc, ev.kind, ev.hash), True
         self.conn.execute(
-            "INSERT INTO events (author, seq, hlc, kind, hash, raw, applied, received_at) "
-            "VALUES (?,?,?,?,?,?,?,?)",
-            (ev.author, ev.seq, ev.hlc, ev.kind, ev.hash, ev.raw, int(applied), self.wall()))
+            "INSERT INTO events (author, seq, hlc, kind, hash, raw, applied, received_at, "
+            "redacted) VALUES (?,?,?,?,?,?,?,?,?)",
+            (ev.author, ev.seq, ev.hlc, ev.kind, ev.hash, raw, int(applied), self.wall(),
+             int(redacted)))
+
+    # -- erasure ---------------------------------------------------------------------
+    def _redaction_of(self, author: str, seq: int, digest: bytes) -> str | None:
+        """The erased user id an applied erasure names for this event, if any."""
+        row = self.conn.execute(
+            "SELECT user_id FROM redactions WHERE author=? AND seq=? AND hash=?",
+            (author, seq, digest)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _stub_of(self, author: str, seq: int, hlc: int, kind: str, digest: bytes) -> bytes:
+        return make_stub(self.network.network_id, author, seq, hlc, kind, digest).raw
+
+    def _redact(self, erasure: Event) -> None:
+        """Record what an accepted erasure redacts, and redact what we hold."""
+        user_id = erasure.body["user_id"]
+        for item in erasure.body.get("redacts", []):
+            author, seq, digest = item["author"], item["seq"], item["hash"]
+            self.conn.execute(
+                "INSERT OR IGNORE INTO redactions (author, seq, hash, user_id, erasure_author, "
+                "erasure_seq) VALUES (?,?,?,?,?,?)",
+                (author, seq, digest, user_id, erasure.author, erasure.seq))
+            row = self.conn.execute(
+                "SELECT raw FROM events WHERE author=? AND seq=? AND hash=? AND redacted=0",
+                (author, seq, digest)).fetchone()
+            if row is None:
+                continue
+            held = decode_trusted(row[0])
+            if held.kind not in REDACTABLE_KINDS or held.body.get("user_id") != user_id:
+                log.warning("erasure %s#%d lists %s#%d, which is no registration of %s; kept",
+                            short(erasure.author), erasure.seq, short(author), seq, user_id)
+                continue
+            self.conn.execute(
+                "UPDATE events SET raw=?, redacted=1 WHERE author=? AND seq=?",
+                (self._stub_of(author, seq, held.hlc, held.kind, digest), author, seq))
 
     def _save_heads(self, touched: Iterable[str]) -> None:
         for author in touched:
@@ -322,8 +390,11 @@ class Store:
                 if kind in MEMBER_KINDS:
                     self._absorb(body["cert" if kind == "member.admitted" else "removal"])
                 self.membership.check_author(me, kind, seq, ev.wall)
+                if kind == "user.erased":
+                    self._redact(ev)
                 self._insert(ev, applied=True)
-                views.apply(self.conn, ev)
+                report = IngestReport()
+                self._apply(ev, report)
                 self.heads[me] = seq
                 touched.add(me)
                 out.append(ev)
@@ -331,8 +402,8 @@ class Store:
         self._notify(out, "local")
         return out
 
-    def _notify(self, events: list[Event], source: str) -> None:
-        if not events:
+    def _notify(self, events: list[Event], source: str, *, changed: bool = False) -> None:
+        if not events and not changed:
             return
         for ev in events:
             self.metrics.applied.labels(ev.kind, source).inc()
@@ -348,7 +419,7 @@ class Store:
         return [r[0] for r in rows]
 
     def event(self, author: str, seq: int) -> Event | None:
-        row = self.conn.execute("SELECT raw FROM events WHERE author=? AND seq=?",
+        row = self.conn.execute("SELECT raw FROM events WHERE author=? AND seq=? AND redacted=0",
                                 (author, seq)).fetchone()
         return decode_trusted(row[0]) if row else None
 
@@ -359,7 +430,8 @@ class Store:
     def _rebuild_views(self) -> None:
         views.clear(self.conn)
         for (raw,) in self.conn.execute(
-                "SELECT raw FROM events WHERE applied=1 ORDER BY author, seq").fetchall():
+                "SELECT raw FROM events WHERE applied=1 AND redacted=0 "
+                "ORDER BY author, seq").fetchall():
             views.apply(self.conn, decode_trusted(raw))
         self._rebuild_needed = False
 

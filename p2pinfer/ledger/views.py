@@ -26,9 +26,10 @@ order leaves the same rows (the property test checks it). The rules:
   keeps no username, email or password hash (so the names are free again),
   later registrations and updates of that id are ignored; usage totals,
   keys (now without a user) and request logs stay. Audit rows name users by
-  id, never by username or email, so they need no rewrite. The raw
-  ``user.registered`` event still holds the personal data in ``events``:
-  compacting it is issue 11's part.
+  id, never by username or email, so they need no rewrite. The stored
+  ``user.registered`` events the erasure lists are replaced by stubs
+  (:mod:`.events`, the store does it), so no node keeps or serves the
+  personal data after convergence.
 
 Functions take the open sqlite3 connection of a transaction; the store
 owns transactions.
