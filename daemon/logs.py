@@ -67,6 +67,8 @@ def configure_logging(
     py-libp2p logs multi-line warnings about ordinary events (a peer closing a
     DHT stream), so its loggers are held at ERROR unless ``level`` is DEBUG.
     """
+    import libp2p  # noqa: F401  (its import resets the "libp2p" logger: do it first)
+
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(RequestIdFilter())
     if node:

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-# py-libp2p logs harmless multi-line WARNINGs on every closed stream.
+# py-libp2p logs harmless multi-line WARNINGs on every closed stream. Import
+# it first: its import resets the "libp2p" logger to WARNING.
+import libp2p  # noqa: E402,F401
+
 logging.getLogger("libp2p").setLevel(logging.ERROR)
 logging.getLogger("multiaddr").setLevel(logging.WARNING)
 
