@@ -67,7 +67,7 @@ def configure_logging(
     py-libp2p logs multi-line warnings about ordinary events (a peer closing a
     DHT stream), so its loggers are held at ERROR unless ``level`` is DEBUG.
     """
-    import libp2p  # noqa: F401  (its import resets the "libp2p" logger: do it first)
+    import libp2p as _libp2p  # noqa: F401  (its import resets its logger: import first)
 
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(RequestIdFilter())
@@ -89,6 +89,6 @@ def configure_logging(
     for name in ("libp2p", "multiaddr", "hypercorn.access", "httpx", "httpcore", "zeroconf"):
         logging.getLogger(name).setLevel(quiet if name != "hypercorn.access" else logging.WARNING)
     # py-libp2p's loggers do not propagate; give them our handler.
-    libp2p = logging.getLogger("libp2p")
-    libp2p.handlers = [handler]
-    libp2p.propagate = False
+    libp2p_logger = logging.getLogger("libp2p")
+    libp2p_logger.handlers = [handler]
+    libp2p_logger.propagate = False

@@ -6,11 +6,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import pytest
-
 # py-libp2p logs harmless multi-line WARNINGs on every closed stream. Import
 # it first: its import resets the "libp2p" logger to WARNING.
-import libp2p  # noqa: E402,F401
+import libp2p  # noqa: F401
+import pytest
 
 logging.getLogger("libp2p").setLevel(logging.ERROR)
 logging.getLogger("multiaddr").setLevel(logging.WARNING)
