@@ -137,3 +137,25 @@ def test_claim_shapes_are_checked() -> None:
                            algorithm="EdDSA")
         with pytest.raises(errors.InvalidToken):
             TokenVerifier(NET).decode(token, typ=ACCESS)
+
+
+def test_verified_tokens_are_cached_but_expiry_and_type_still_apply(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from p2pinfer.auth import tokens
+
+    ident = Identity.generate()
+    verifier = TokenVerifier(NET, leeway=0)
+    token = issue(ident, ttl=60)
+    first = verifier.decode(token, typ=ACCESS)
+    assert verifier.decode(token, typ=ACCESS) is first  # no second signature check
+    with pytest.raises(errors.InvalidToken):
+        verifier.decode(token, typ=REFRESH)
+    later = time.time() + 61
+    monkeypatch.setattr(tokens.time, "time", lambda: later)
+    with pytest.raises(errors.TokenExpired):
+        verifier.decode(token, typ=ACCESS)
+    assert verifier.decode(token, typ=ACCESS, verify_exp=False) is first
+    # a tampered copy is a different string: it is checked, and refused
+    with pytest.raises(errors.InvalidToken):
+        verifier.decode(token[:-3] + ("AAA" if token[-3:] != "AAA" else "BBB"), typ=ACCESS,
+                        verify_exp=False)
