@@ -545,7 +545,8 @@ async def test_a_concurrent_registration_that_loses_gets_registration_lost(
 async def test_params_are_validated_and_name_the_field(tmp_path: Path,
                                                        nursery: trio.Nursery) -> None:
     with trio.fail_after(30):
-        async with swarm(nursery, tmp_path, certs=[["auth"]], roles=[["auth"]]) as nodes:
+        async with swarm(nursery, tmp_path, certs=[["auth"]], roles=[["auth"]],
+                         auth={"registrations_per_source": 2}) as nodes:
             (a,) = nodes
             user = await a.rpc.call(a.peer_id, "registerUser", register_params("gina"))
             session = await a.rpc.call(a.peer_id, "loginUser",
@@ -584,6 +585,17 @@ async def test_params_are_validated_and_name_the_field(tmp_path: Path,
                 with pytest.raises(errors.InvalidParams) as exc:
                     await a.rpc.call(a.peer_id, method, params)
                 assert exc.value.data.get("field") == field, (method, params)
+            # registrations per source (none of the refused calls above counted)
+            await a.rpc.call(a.peer_id, "registerUser", register_params("ivan"))
+            with pytest.raises(errors.RateLimited) as exc:
+                await a.rpc.call(a.peer_id, "registerUser", register_params("jack"))
+            assert exc.value.retry_after is not None and 3590 < exc.value.retry_after <= 3600
+            await a.rpc.call(a.peer_id, "registerUser",  # a member may name the client's IP
+                             register_params("jack", source="192.0.2.9"))
+            # a password too long for the policy is just a wrong password at login
+            with pytest.raises(errors.InvalidCredentials):
+                await a.rpc.call(a.peer_id, "loginUser",
+                                 {"username": "gina", "password": PASSWORD * 100})
             with pytest.raises(errors.AuthenticationRequired):
                 await a.rpc.call(a.peer_id, "listApiKeys", {})
             with pytest.raises(errors.NotFound):

@@ -145,17 +145,17 @@ def normalise_email(value: Any) -> str:
     return email
 
 
-def normalise_password(value: Any) -> str:
+def normalise_password(value: Any, *, max_len: int = MAX_PASSWORD_LENGTH) -> str:
     """The NFKC form hashed and checked (type and length only are enforced
     here, so that login accepts any password the policy once accepted).
 
     Raises:
-        WeakPassword: not a string, or longer than 256 characters.
+        WeakPassword: not a string, or longer than ``max_len`` characters.
     """
     if not isinstance(value, str):
         raise WeakPassword("password must be a string", data={"reason": "type"})
-    if len(value) > MAX_PASSWORD_LENGTH:
-        raise WeakPassword(f"password must be at most {MAX_PASSWORD_LENGTH} characters",
+    if len(value) > max_len:
+        raise WeakPassword(f"password must be at most {max_len} characters",
                            data={"reason": "too_long"})
     return _nfkc(value)
 

@@ -96,6 +96,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LOGIN = "user.login"
+MAX_LOGIN_PASSWORD = 4096
 LOGIN_THROTTLED = "user.login_throttled"
 
 
@@ -300,7 +301,8 @@ class AuthService:
             InvalidCredentials: wrong password.
             InactiveUser: right password, deactivated account.
         """
-        secret = normalise_password(password)
+        # no policy here: a too-long password is just a wrong one (and counts)
+        secret = normalise_password(password, max_len=MAX_LOGIN_PASSWORD)
         now = self.clock()
         wait = self.source_failures.retry_after(source, now)
         if wait is not None:
@@ -317,6 +319,7 @@ class AuthService:
             self.source_failures.hit(source, now)
             raise self._throttled("account", user.id, wait, actor=actor, source=source)
         self._pending[user.id] = self._pending.get(user.id, 0) + 1
+        reason: str | None = None
         try:
             ok = await self._in_thread(self.hasher.verify, user.password_hash, secret)
             reason = None if ok else "password"
