@@ -13,10 +13,12 @@ email at the same moment; the ledger keeps the registration with the lowest
 :meth:`AuthService.register` therefore appends, then watches the ledger for
 ``[auth] registration_wait`` seconds (default 1 s, well above gossip's
 delivery time): if a rival wins in that time the caller gets
-:class:`~p2pinfer.errors.RegistrationLost`. A rival that only arrives later
-(a partition longer than the wait) still wins on every node: from then on
-the loser's tokens and API keys are refused with ``RegistrationLost``, and
-its username resolves to the winner.
+:class:`~p2pinfer.errors.RegistrationLost`. (The wait also applies on a
+node that knows no other auth member: a node that has not synced yet cannot
+tell. Set ``registration_wait = 0`` on a single-node network.) A rival that
+only arrives later (a partition longer than the wait) still wins on every
+node: from then on the loser's tokens and API keys are refused with
+``RegistrationLost``, and its username resolves to the winner.
 
 **Login throttling.** Two limits, each ``max failures within
 throttle_window`` seconds, refuse further attempts with
