@@ -605,3 +605,13 @@ async def test_params_are_validated_and_name_the_field(tmp_path: Path,
                 await a.rpc.call(a.peer_id, "setUserTier", {"as_operator": True,
                                                             "user_id": str(uuid.uuid4()),
                                                             "tier": "premium"})
+
+
+def test_the_package_exports_what_roles_use() -> None:
+    import p2pinfer.auth as auth
+    from p2pinfer.node import load_role_class
+
+    assert sorted(auth.__all__) == ["Actor", "AuthRole", "AuthService", "AuthSettings",
+                                    "Authenticator", "Claims", "IssuedKey", "Principal"]
+    assert all(hasattr(auth, name) for name in auth.__all__)
+    assert load_role_class("auth") is auth.AuthRole and auth.AuthRole.name == "auth"
