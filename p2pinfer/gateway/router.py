@@ -87,6 +87,30 @@ def _model_load(desc: Descriptor, model: str) -> float:
     return 0.0
 
 
+def _merge_ready(chunk: Any, chunks: Any) -> list[Any]:
+    """``chunk`` plus the text of every chunk that has already arrived.
+
+    Tokens the worker sent while this relay was busy leave as one frame
+    instead of one each; nothing waits for tokens not yet here. A chunk that
+    is not plain text (``{"delta": str}``) is passed on as it is.
+    """
+    out: list[Any] = [chunk]
+    while _plain(out[-1]):
+        try:
+            nxt = chunks.next_nowait()
+        except (trio.WouldBlock, StopAsyncIteration):
+            break
+        if _plain(nxt):
+            out[-1] = {"delta": out[-1]["delta"] + nxt["delta"]}
+        else:
+            out.append(nxt)
+    return out
+
+
+def _plain(chunk: Any) -> bool:
+    return isinstance(chunk, dict) and len(chunk) == 1 and isinstance(chunk.get("delta"), str)
+
+
 class WorkerRouter:
     """Routes prompts to workers found through ``node.discovery``."""
 
@@ -209,7 +233,8 @@ class WorkerRouter:
                             streamed = True
                             route.worker = worker.peer_id
                             route.first_token_at = trio.current_time()
-                        yield chunk
+                        for merged in _merge_ready(chunk, chunks):
+                            yield merged
                     route.worker = worker.peer_id
                     route.trailer = chunks.trailer if isinstance(chunks.trailer, dict) else {}
                 stats.successes += 1

@@ -243,7 +243,23 @@ class RpcStream:
         if self._finished:
             raise StopAsyncIteration
         assert self._pending is not None and self._channel is not None
-        kind, value = await self._pending.recv.receive()
+        return self._take(await self._pending.recv.receive())
+
+    def next_nowait(self) -> Any:
+        """The next chunk if one has already arrived, else ``trio.WouldBlock``
+        (lets a relay merge chunks that are queued, without waiting for more).
+
+        Raises:
+            trio.WouldBlock: nothing is queued. StopAsyncIteration: the stream ended.
+        """
+        if self._finished:
+            raise StopAsyncIteration
+        assert self._pending is not None
+        return self._take(self._pending.recv.receive_nowait())
+
+    def _take(self, item: tuple[str, Any]) -> Any:
+        assert self._pending is not None and self._channel is not None
+        kind, value = item
         if kind == "chunk":
             self._consumed += 1
             if self._consumed >= max(1, self._window // 2) and not self._channel.closed:

@@ -10,6 +10,7 @@ handler crash the whole host. :func:`make_host` fixes the first two and
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -46,6 +47,12 @@ def make_host(
     from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
     from libp2p.stream_muxer.yamux.yamux import Yamux
 
+    # py-libp2p's yamux answers every read with a WINDOW_UPDATE frame unless
+    # told otherwise (its only knob is this variable, read at each read).
+    # Batching updates at half the window, as go-yamux does, removes a third
+    # of the frames of a streamed answer (measured: 21 -> 15 ms per request
+    # through client, gateway and worker in one process).
+    os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
     key_pair = identity.key_pair()
     sec_opt = {
         NOISE_PROTOCOL_ID: NoiseTransport(key_pair, noise_privkey=x25519_keypair().private_key)
