@@ -282,10 +282,13 @@ class Store:
             report.gaps[ev.author] = max(report.gaps.get(ev.author, 0), ev.seq)
             return
         if isinstance(ev, Event) and ev.kind == "user.erased":
-            # Redact as soon as the erasure is accepted, even if it must wait
-            # for earlier events: the registration it redacts usually comes
-            # earlier in the same author's sequence, as a stub.
+            # An erasure takes effect as soon as it is accepted, even if it
+            # must wait for earlier events of its author: the registration it
+            # redacts usually comes earlier in the same sequence, as a stub
+            # without content, so the erasure's effect cannot wait for it.
+            # (Applying it again on release is a no-op.)
             self._redact(ev)
+            views.apply(self.conn, ev)
         head = self.heads.get(ev.author, 0)
         if ev.seq > head + 1:
             self._insert(ev, applied=False)
@@ -391,7 +394,7 @@ class Store:
                     self._absorb(body["cert" if kind == "member.admitted" else "removal"])
                 self.membership.check_author(me, kind, seq, ev.wall)
                 if kind == "user.erased":
-                    self._redact(ev)
+                    self._redact(ev)  # views: applied just below
                 self._insert(ev, applied=True)
                 report = IngestReport()
                 self._apply(ev, report)
@@ -430,7 +433,7 @@ class Store:
     def _rebuild_views(self) -> None:
         views.clear(self.conn)
         for (raw,) in self.conn.execute(
-                "SELECT raw FROM events WHERE applied=1 AND redacted=0 "
+                "SELECT raw FROM events WHERE (applied=1 OR kind='user.erased') AND redacted=0 "
                 "ORDER BY author, seq").fetchall():
             views.apply(self.conn, decode_trusted(raw))
         self._rebuild_needed = False

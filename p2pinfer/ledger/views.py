@@ -22,7 +22,8 @@ order leaves the same rows (the property test checks it). The rules:
   Events are deduplicated by ``(author, seq)`` upstream, so sums are exact.
 - **Request logs**, **audit rows**: inserted once by id.
 - **Revoked sessions**: ``jti`` with the latest ``exp``.
-- **Erasure** (``user.erased``): the user leaves ``users``, its registration
+- **Erasure** (``user.erased``, effective as soon as the store accepts it,
+  even while it waits for earlier events of its author): the user leaves ``users``, its registration
   keeps no username, email or password hash (so the names are free again),
   later registrations and updates of that id are ignored; usage totals,
   keys (now without a user) and request logs stay. Audit rows name users by
