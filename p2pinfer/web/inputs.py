@@ -1,0 +1,56 @@
+"""Reading what an HTTP request carries: JSON bodies, form fields, the
+client's address (pure helpers over Starlette requests)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.requests import Request
+
+from ..errors import InvalidParams
+
+__all__ = ["only_keys", "read_form", "read_json", "source_of"]
+
+
+async def read_json(request: Request, *, empty_ok: bool = False) -> dict[str, Any]:
+    """The body as a JSON object (whatever the Content-Type claims).
+
+    Raises:
+        InvalidParams: not JSON, or not an object (``data.field="body"``).
+    """
+    raw = await request.body()
+    if not raw.strip():
+        if empty_ok:
+            return {}
+        raise InvalidParams("body: a JSON object is required", data={"field": "body"})
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise InvalidParams("body: not valid JSON", data={"field": "body"}) from None
+    if not isinstance(value, dict):
+        raise InvalidParams("body: must be a JSON object", data={"field": "body"})
+    return value
+
+
+def only_keys(body: dict[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:
+    """``body`` if every key is in ``allowed``, else InvalidParams naming the first other."""
+    for key in body:
+        if key not in allowed:
+            raise InvalidParams(f"{str(key)[:64]}: unknown field", data={"field": str(key)[:64]})
+    return body
+
+
+async def read_form(request: Request) -> dict[str, str]:
+    """The url-encoded (or multipart) form's text fields."""
+    try:
+        form = await request.form()
+    except (ValueError, AssertionError, KeyError):
+        raise InvalidParams("body: not a form", data={"field": "body"}) from None
+    return {k: v for k, v in form.items() if isinstance(v, str)}
+
+
+def source_of(request: Request) -> str:
+    """The client's address as the auth role records it (``ip:<address>``)."""
+    client = request.client
+    return f"ip:{client.host}" if client is not None else "ip:unknown"

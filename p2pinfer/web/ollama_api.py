@@ -1,0 +1,270 @@
+"""The Ollama-compatible API, so Ollama clients (and p2pinfer's own Ollama
+backend on another swarm) can use the swarm unchanged.
+
+Authenticated with the API key: ``Authorization: Bearer <key>`` (what the
+``ollama`` package sends from ``OLLAMA_API_KEY`` or its ``headers``),
+``X-API-Key``, or HTTP Basic with the key as the password (a URL like
+``http://p2p:<key>@host:3000``). Errors are ``{"error": "message"}``; a
+model no worker serves is 404, like a model Ollama has not pulled.
+
+- ``POST /api/chat``: ``model``, ``messages`` (``role``, ``content``),
+  ``stream`` (default true), ``options`` (``num_predict``, ``temperature``,
+  ``top_p``, ``stop``, ``seed``; other options are ignored). NDJSON lines
+  ``{"model", "created_at", "message": {"role": "assistant", "content"},
+  "done": false}``, then ``"done": true`` with ``done_reason``,
+  ``prompt_eval_count``, ``eval_count`` and durations in nanoseconds.
+- ``POST /api/generate``: ``prompt`` (+ ``system``), the same options;
+  ``"response"`` instead of ``"message"``. An empty prompt answers at once
+  with ``done_reason: "load"``, as Ollama does.
+- ``GET /api/tags``, ``POST /api/show``, ``GET /api/ps``: the swarm's
+  models (names without a tag are listed as ``name:latest``, and accepted
+  either way); ``GET /api/version``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import time
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .. import __version__
+from ..errors import InvalidParams, P2PInferError, UnknownModel
+from .api import prepare_inference
+from .credentials import credentials_from_headers
+from .inputs import read_json
+from .responses import dumps
+from .upstream import model_names
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .role import WebRole
+
+__all__ = ["OLLAMA_PATHS", "OllamaDialect", "ollama_request", "ollama_routes"]
+
+OLLAMA_PATHS = frozenset({"/api/chat", "/api/generate", "/api/tags", "/api/show", "/api/ps",
+                          "/api/version"})
+CHAT_KEYS = ("model", "messages", "stream", "options", "format", "keep_alive", "tools",
+             "think")
+GENERATE_KEYS = ("model", "prompt", "system", "stream", "options", "format", "keep_alive",
+                 "raw", "context", "suffix", "images", "template", "think")
+NS = 1_000_000  # nanoseconds per millisecond
+
+
+def _fail(field: str, problem: str) -> InvalidParams:
+    return InvalidParams(f"{field}: {problem}", data={"field": field})
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def tag_name(name: str) -> str:
+    """How Ollama names a model: with a tag (``smollm2:latest``)."""
+    return name if ":" in name else f"{name}:latest"
+
+
+def _options(options: Any) -> dict[str, Any]:
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise _fail("options", "must be an object")
+    out: dict[str, Any] = {}
+    limit = options.get("num_predict")
+    if limit is not None and not (type(limit) is int and limit < 0):  # -1, -2: no limit
+        out["max_tokens"] = limit
+    for key in ("temperature", "top_p", "stop", "seed"):
+        if options.get(key) is not None:
+            out[key] = options[key]
+    return out
+
+
+def ollama_request(body: dict[str, Any], *, chat: bool) -> tuple[dict[str, Any], bool]:
+    """An ``/api/chat`` or ``/api/generate`` body → (p2pinfer request, stream)."""
+    allowed = CHAT_KEYS if chat else GENERATE_KEYS
+    for key in body:
+        if key not in allowed:
+            raise _fail(str(key)[:64], "unknown field")
+    if body.get("format") not in (None, ""):
+        raise _fail("format", "structured output is not supported")
+    if body.get("tools"):
+        raise _fail("tools", "tool calls are not supported")
+    for key in ("raw", "suffix", "images", "template", "context"):
+        if body.get(key):
+            raise _fail(key, "not supported")
+    stream = body.get("stream", True)
+    if stream is None:
+        stream = True
+    if not isinstance(stream, bool):
+        raise _fail("stream", "must be true or false")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _fail("model", "required")
+    params: dict[str, Any] = {"model": model, **_options(body.get("options"))}
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            raise _fail("messages", "must be a list")
+        out = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise _fail(f"messages[{i}]", "must be an object")
+            for key in m:
+                if key not in ("role", "content", "images", "thinking", "tool_calls"):
+                    raise _fail(f"messages[{i}].{str(key)[:32]}", "unknown field")
+                if key in ("images", "tool_calls") and m[key]:
+                    raise _fail(f"messages[{i}].{key}", "not supported")
+            out.append({"role": m.get("role"), "content": m.get("content", "")})
+        params["messages"] = out
+    else:
+        prompt = body.get("prompt", "")
+        if not isinstance(prompt, str):
+            raise _fail("prompt", "must be a string")
+        params["prompt"] = prompt
+        if body.get("system") is not None:
+            params["system"] = body["system"]
+    return params, stream
+
+
+class OllamaDialect:
+    """Ollama's NDJSON stream for ``/api/chat`` (``chat``) or ``/api/generate``."""
+
+    media_type = "application/x-ndjson"
+
+    def __init__(self, model: str, *, chat: bool) -> None:
+        self.model = model
+        self.chat = chat
+
+    def _piece(self, text: str) -> dict[str, Any]:
+        if self.chat:
+            return {"message": {"role": "assistant", "content": text}}
+        return {"response": text}
+
+    def start(self) -> bytes:
+        return b""
+
+    def delta(self, text: str) -> bytes:
+        return dumps({"model": self.model, "created_at": _now(), **self._piece(text),
+                      "done": False}) + b"\n"
+
+    def final(self, trailer: dict[str, Any], text: str = "") -> dict[str, Any]:
+        raw = trailer.get("usage")
+        usage: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        total = int(float(trailer.get("latency_ms") or 0) * NS)
+        prompt_ns = int(float(trailer.get("ttft_ms") or 0) * NS)
+        return {
+            "model": self.model, "created_at": _now(), **self._piece(text), "done": True,
+            "done_reason": "length" if trailer.get("finish_reason") == "length" else "stop",
+            "total_duration": total, "load_duration": 0,
+            "prompt_eval_count": int(usage.get("prompt_tokens") or 0),
+            "prompt_eval_duration": prompt_ns,
+            "eval_count": int(usage.get("completion_tokens") or 0),
+            "eval_duration": max(0, total - prompt_ns),
+        }
+
+    def done(self, trailer: dict[str, Any]) -> bytes:
+        return dumps(self.final(trailer)) + b"\n"
+
+    def error(self, err: P2PInferError) -> bytes:
+        return dumps({"error": err.message}) + b"\n"
+
+
+def _details(model: dict[str, Any]) -> dict[str, Any]:
+    backend = str(model.get("backend") or "p2pinfer")
+    return {"parent_model": "", "format": "gguf" if backend == "llamacpp" else backend,
+            "family": backend, "families": [backend], "parameter_size": "",
+            "quantization_level": ""}
+
+
+def _entry(model: dict[str, Any], name: str) -> dict[str, Any]:
+    return {"name": name, "model": name, "modified_at": _now(), "size": 0,
+            "digest": hashlib.sha256(name.encode()).hexdigest(), "details": _details(model)}
+
+
+def ollama_routes(web: WebRole) -> list[Route]:
+    """The Ollama routes of ``web``."""
+    from .streaming import StreamResponse
+
+    up = web.upstream
+
+    async def find(request: Request, name: Any) -> dict[str, Any]:
+        if not isinstance(name, str) or not name:
+            raise _fail("model", "required")
+        models = await up.catalog.models(credentials_from_headers(request.headers))
+        names = model_names(models)
+        for candidate in (name, name.removesuffix(":latest")):
+            if candidate in names:
+                return next(m for m in models if m.get("name") == names[candidate])
+        raise UnknownModel(f"model {name[:128]!r} not found", data={"model": name[:128]})
+
+    async def tags(request: Request) -> Response:
+        models = await up.catalog.models(credentials_from_headers(request.headers))
+        return JSONResponse({"models": [_entry(m, tag_name(str(m["name"]))) for m in models]})
+
+    async def running(request: Request) -> Response:
+        models = await up.catalog.models(credentials_from_headers(request.headers))
+        expires = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=24))
+        out = []
+        for m in models:
+            if m.get("status") == "loaded":
+                entry = _entry(m, tag_name(str(m["name"])))
+                entry.update(expires_at=expires.isoformat().replace("+00:00", "Z"),
+                             size_vram=0, context_length=m.get("context_length"))
+                out.append(entry)
+        return JSONResponse({"models": out})
+
+    async def show(request: Request) -> Response:
+        body = await read_json(request)
+        for key in body:
+            if key not in ("model", "name", "verbose"):
+                raise _fail(str(key)[:64], "unknown field")
+        model = await find(request, body.get("model", body.get("name")))
+        info: dict[str, Any] = {"general.architecture": "p2pinfer",
+                                "general.name": model["name"]}
+        if isinstance(model.get("context_length"), int):
+            info["p2pinfer.context_length"] = model["context_length"]
+        return JSONResponse({"modelfile": "", "parameters": "", "template": "",
+                             "details": _details(model), "model_info": info,
+                             "capabilities": ["completion"], "modified_at": _now()})
+
+    async def version(request: Request) -> Response:
+        return JSONResponse({"version": __version__})
+
+    async def generate(request: Request, *, chat: bool) -> Response:
+        auth = credentials_from_headers(request.headers)
+        params, stream = ollama_request(await read_json(request), chat=chat)
+        name = params["model"]
+        dialect = OllamaDialect(name, chat=chat)
+        if not chat and not params["prompt"]:
+            await find(request, name)  # Ollama loads the model and answers at once
+            return JSONResponse({"model": name, "created_at": _now(), "response": "",
+                                 "done": True, "done_reason": "load"})
+        params = await prepare_inference(web, params, auth)
+        started = time.monotonic()
+        call = await up.inference(params, auth)
+        if stream:
+            return StreamResponse(call, dialect)
+        try:
+            text = await call.collect()
+        finally:
+            await call.aclose()
+        trailer = {"latency_ms": (time.monotonic() - started) * 1000, **call.trailer}
+        return JSONResponse(dialect.final(trailer, text))
+
+    async def chat(request: Request) -> Response:
+        return await generate(request, chat=True)
+
+    async def complete(request: Request) -> Response:
+        return await generate(request, chat=False)
+
+    return [
+        Route("/api/chat", chat, methods=["POST"]),
+        Route("/api/generate", complete, methods=["POST"]),
+        Route("/api/tags", tags, methods=["GET"]),
+        Route("/api/show", show, methods=["POST"]),
+        Route("/api/ps", running, methods=["GET"]),
+        Route("/api/version", version, methods=["GET"]),
+    ]

@@ -1,0 +1,297 @@
+"""The OpenAI-compatible API, so OpenAI clients can use the swarm unchanged.
+
+Authenticated with ``Authorization: Bearer <API key>`` (a session token
+works too). Errors are OpenAI-shaped: ``{"error": {"message", "type",
+"param", "code"}}``; a request the server cannot accept is 400.
+
+- ``GET /v1/models``, ``GET /v1/models/{model}``: the swarm's models.
+- ``POST /v1/chat/completions``: ``messages`` (text content, or text
+  parts), ``model``, ``max_tokens`` / ``max_completion_tokens``,
+  ``temperature``, ``top_p``, ``stop``, ``seed``, ``n`` (1 only),
+  ``stream`` with ``stream_options.include_usage`` (a last chunk with
+  ``choices: []`` and ``usage``), then ``data: [DONE]``.
+- ``POST /v1/completions``: ``prompt`` (a string, or a list of one)
+  with the same options. The prompt goes through the model's chat
+  template as one user message.
+
+Parameters that change nothing here (``user``, ``frequency_penalty`` and
+``presence_penalty`` at 0, ``logprobs: false``, ``response_format`` text,
+...) are accepted and ignored; tools, several choices, logprobs or other
+response formats are refused with 400 rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ..errors import InvalidParams, P2PInferError, UnknownModel
+from .api import prepare_inference
+from .credentials import credentials_from_headers
+from .inputs import read_json
+from .responses import dumps, openai_error_body
+from .upstream import model_names
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .role import WebRole
+
+__all__ = ["ChatDialect", "CompletionDialect", "chat_request", "completion_request",
+           "openai_routes"]
+
+SAMPLING = ("model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
+            "seed", "n", "stream", "stream_options")
+# Accepted and ignored when they ask for nothing we would do differently.
+IGNORED = ("user", "store", "metadata", "service_tier", "parallel_tool_calls",
+           "reasoning_effort", "modalities", "prediction", "tool_choice", "logit_bias")
+ZERO_OK = ("frequency_penalty", "presence_penalty")
+FALSY_OK = ("logprobs", "top_logprobs", "tools", "functions", "echo", "suffix")
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _fail(field: str, problem: str) -> InvalidParams:
+    return InvalidParams(f"{field}: {problem}", data={"field": field})
+
+
+def _common(body: dict[str, Any], extra: tuple[str, ...]) -> tuple[dict[str, Any], bool, bool]:
+    """The p2pinfer params from the sampling fields; (params, stream, include_usage)."""
+    known = {*SAMPLING, *IGNORED, *ZERO_OK, *FALSY_OK, "best_of", *extra}
+    for key in body:
+        if key not in known:
+            raise _fail(str(key)[:64], "unrecognized request argument")
+    for key in ZERO_OK:
+        if body.get(key) not in (None, 0, 0.0):
+            raise _fail(key, "only 0 is supported")
+    for key in FALSY_OK:
+        if body.get(key) not in (None, False, [], ""):
+            raise _fail(key, "not supported")
+    if body.get("best_of") not in (None, 1):
+        raise _fail("best_of", "only 1 is supported")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise _fail("response_format", 'only {"type": "text"} is supported')
+    n = body.get("n")
+    if n is not None and (type(n) is not int or n != 1):
+        raise _fail("n", "only 1 choice is supported")
+    params: dict[str, Any] = {}
+    if body.get("model") is not None:
+        params["model"] = body["model"]
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+        raise _fail("max_tokens", "give max_tokens or max_completion_tokens, not both")
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if limit is not None:
+        params["max_tokens"] = limit
+    for key in ("temperature", "top_p", "stop", "seed"):
+        if body.get(key) is not None:
+            params[key] = body[key]
+    stream = body.get("stream")
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise _fail("stream", "must be true or false")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not isinstance(options, dict) or set(options) - {"include_usage",
+                                                             "include_obfuscation"}:
+            raise _fail("stream_options", "only include_usage is supported")
+        include_usage = options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise _fail("stream_options.include_usage", "must be true or false")
+    return params, stream, include_usage
+
+
+def _content(value: Any, field: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = []
+        for i, part in enumerate(value):
+            if not isinstance(part, dict) or part.get("type") != "text" or \
+                    not isinstance(part.get("text"), str):
+                raise _fail(f"{field}[{i}]", "only text parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise _fail(field, "must be a string or a list of text parts")
+
+
+def chat_request(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
+    """A chat completion body → (p2pinfer request, stream, include_usage)."""
+    params, stream, include_usage = _common(body, ("messages", "response_format"))
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _fail("messages", "must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise _fail(f"messages[{i}]", "must be an object")
+        role = m.get("role")
+        if role not in ROLES:
+            raise _fail(f"messages[{i}].role", "must be system, developer, user or assistant")
+        for key in m:
+            if key not in ("role", "content", "name", "refusal"):
+                raise _fail(f"messages[{i}].{str(key)[:32]}", "not supported")
+        out.append({"role": ROLES[role], "content": _content(m.get("content"),
+                                                             f"messages[{i}].content")})
+    params["messages"] = out
+    return params, stream, include_usage
+
+
+def completion_request(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
+    """A (legacy) completion body → (p2pinfer request, stream, include_usage)."""
+    params, stream, include_usage = _common(body, ("prompt",))
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise _fail("prompt", "must be a string (or a list of one string)")
+    params["prompt"] = prompt
+    return params, stream, include_usage
+
+
+def _finish(reason: Any) -> str:
+    return "length" if reason == "length" else "stop"
+
+
+def _usage(trailer: dict[str, Any]) -> dict[str, int]:
+    raw = trailer.get("usage")
+    usage: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    prompt = int(usage.get("prompt_tokens") or 0)
+    completion = int(usage.get("completion_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": int(usage.get("total_tokens") or prompt + completion)}
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + dumps(obj) + b"\n\n"
+
+
+class _SseDialect:
+    media_type = "text/event-stream"
+    object_name = ""
+
+    def __init__(self, ident: str, model: str, include_usage: bool) -> None:
+        self.ident = ident
+        self.model = model
+        self.include_usage = include_usage
+        self.created = int(time.time())
+
+    def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        obj: dict[str, Any] = {"id": self.ident, "object": self.object_name,
+                               "created": self.created, "model": self.model,
+                               "choices": choices, **extra}
+        if self.include_usage and "usage" not in obj:
+            obj["usage"] = None
+        return _sse(obj)
+
+    def choice(self, text: str, finish: str | None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def start(self) -> bytes:
+        return b""
+
+    def delta(self, text: str) -> bytes:
+        return self.chunk([self.choice(text, None)])
+
+    def done(self, trailer: dict[str, Any]) -> bytes:
+        if trailer.get("model"):
+            self.model = str(trailer["model"])
+        out = self.chunk([self.choice("", _finish(trailer.get("finish_reason")))])
+        if self.include_usage:
+            out += self.chunk([], usage=_usage(trailer))
+        return out + b"data: [DONE]\n\n"
+
+    def error(self, err: P2PInferError) -> bytes:
+        return _sse(openai_error_body(err))
+
+
+class ChatDialect(_SseDialect):
+    """``chat.completion.chunk`` events."""
+
+    object_name = "chat.completion.chunk"
+
+    def choice(self, text: str, finish: str | None) -> dict[str, Any]:
+        delta = {"content": text} if finish is None else {}
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    def start(self) -> bytes:
+        return self.chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None, "finish_reason": None}])
+
+
+class CompletionDialect(_SseDialect):
+    """``text_completion`` events."""
+
+    object_name = "text_completion"
+
+    def choice(self, text: str, finish: str | None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+
+def _model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "p2pinfer"}
+
+
+def openai_routes(web: WebRole) -> list[Route]:
+    """The ``/v1`` routes of ``web``."""
+    from .streaming import StreamResponse
+
+    up = web.upstream
+
+    async def list_models(request: Request) -> Response:
+        models = await up.catalog.models(credentials_from_headers(request.headers))
+        return JSONResponse({"object": "list",
+                             "data": [_model_object(str(m["name"])) for m in models]})
+
+    async def get_model(request: Request) -> Response:
+        wanted = request.path_params["model"]
+        models = await up.catalog.models(credentials_from_headers(request.headers))
+        names = model_names(models)
+        if wanted not in names:
+            raise UnknownModel(f"model {wanted[:128]!r} is not served in the swarm",
+                               data={"model": wanted[:128]})
+        return JSONResponse(_model_object(wanted))
+
+    async def complete(request: Request, *, chat: bool) -> Response:
+        auth = credentials_from_headers(request.headers)
+        body = await read_json(request)
+        params, stream, include_usage = (chat_request if chat else completion_request)(body)
+        params = await prepare_inference(web, params, auth)
+        ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        requested = str(params.get("model") or body.get("model") or "default")
+        call = await up.inference(params, auth)
+        dialect = (ChatDialect if chat else CompletionDialect)(ident, requested, include_usage)
+        if stream:
+            return StreamResponse(call, dialect)
+        try:
+            text = await call.collect()
+        finally:
+            await call.aclose()
+        trailer = call.trailer
+        finish = _finish(trailer.get("finish_reason"))
+        choice: dict[str, Any] = (
+            {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+             "logprobs": None, "finish_reason": finish} if chat else
+            {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+        return JSONResponse({
+            "id": ident, "object": "chat.completion" if chat else "text_completion",
+            "created": dialect.created, "model": str(trailer.get("model") or requested),
+            "choices": [choice], "usage": _usage(trailer), "system_fingerprint": None,
+        }, headers={"X-Request-Id": str(trailer.get("request_id") or "")})
+
+    async def chat_completions(request: Request) -> Response:
+        return await complete(request, chat=True)
+
+    async def completions(request: Request) -> Response:
+        return await complete(request, chat=False)
+
+    return [
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", get_model, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ]

@@ -1,0 +1,79 @@
+"""``[web]`` configuration (env: ``WEB_SERVICE_PORT``).
+
+    [web]
+    host = "127.0.0.1"          # where the HTTP server listens ("0.0.0.0" for the LAN)
+    port = 3000                 # WEB_SERVICE_PORT; 0 picks a free port (tests)
+    max_body_bytes = 1048576    # larger request bodies get 413
+    request_timeout = 300.0     # seconds an inference request may take end to end
+    call_timeout = 15.0         # seconds for any other call to an auth or gateway node
+    models_ttl = 2.0            # seconds the swarm's model list is reused
+    secure_cookies = false      # mark cookies Secure (always on once TLS serves)
+    session_cookie = "p2p_session"
+    title = "p2pinfer"          # shown in the page header
+
+Every value is checked when the role is built; a bad one raises
+:class:`~p2pinfer.errors.ConfigError` naming it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..config import NodeConfig
+from ..errors import ConfigError
+
+__all__ = ["WebSettings"]
+
+_KEYS = {"host", "port", "max_body_bytes", "request_timeout", "call_timeout", "models_ttl",
+         "secure_cookies", "session_cookie", "title"}
+_COOKIE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """Validated ``[web]`` settings (see the module docstring)."""
+
+    host: str = "127.0.0.1"
+    port: int = 3000
+    max_body_bytes: int = 1024 * 1024
+    request_timeout: float = 300.0
+    call_timeout: float = 15.0
+    models_ttl: float = 2.0
+    secure_cookies: bool = False
+    session_cookie: str = "p2p_session"
+    title: str = "p2pinfer"
+
+    @property
+    def refresh_cookie(self) -> str:
+        return f"{self.session_cookie}_refresh"
+
+    @property
+    def csrf_cookie(self) -> str:
+        return f"{self.session_cookie}_csrf"
+
+    @classmethod
+    def from_config(cls, config: NodeConfig) -> WebSettings:
+        s = config.section("web")
+        unknown = set(s.data) - _KEYS
+        if unknown:
+            raise ConfigError(f"web.{sorted(unknown)[0]}: unknown key "
+                              f"(known: {', '.join(sorted(_KEYS))})")
+        cookie = s.get_str("session_cookie", "p2p_session")
+        if not _COOKIE_NAME.match(cookie):
+            raise ConfigError(f"web.session_cookie: letters, digits, _ and - only, got {cookie!r}")
+        host = s.get_str("host", "127.0.0.1")
+        if not host:
+            raise ConfigError("web.host: must not be empty")
+        return cls(
+            host=host,
+            port=s.get_int("port", 3000, minimum=0, maximum=65535),
+            max_body_bytes=s.get_int("max_body_bytes", 1024 * 1024, minimum=1024,
+                                     maximum=256 * 1024 * 1024),
+            request_timeout=s.get_float("request_timeout", 300.0, minimum=1, maximum=86400),
+            call_timeout=s.get_float("call_timeout", 15.0, minimum=0.5, maximum=600),
+            models_ttl=s.get_float("models_ttl", 2.0, minimum=0, maximum=3600),
+            secure_cookies=s.get_bool("secure_cookies", False),
+            session_cookie=cookie,
+            title=s.get_str("title", "p2pinfer")[:60],
+        )

@@ -1,0 +1,236 @@
+"""How the web role reaches the swarm: auth, gateway and metrics nodes.
+
+Every operation is an RPC call, also when this node holds the role itself
+(a node calling its own peer id is served in-process), so the web role
+behaves the same on an all-in-one node and on a web-only node:
+
+- :meth:`Upstream.call` finds the nodes of a role (this node first, then
+  members found through discovery), calls the first and fails over to the
+  next one only when a node cannot be reached;
+- :meth:`Upstream.inference` opens ``processInferenceRequest`` on a
+  gateway and waits for its first event, so every error the gateway raises
+  before answering (credentials, limits, no worker) is known before an
+  HTTP status has been sent (:class:`InferenceCall`);
+- :class:`ModelCatalog`: the swarm's models (``listModels``), reused for
+  ``[web] models_ttl`` seconds, to tell an unknown model (404) from a busy
+  swarm.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ..errors import (
+    DeadlineExceeded,
+    P2PInferError,
+    PeerUnavailable,
+    UnknownModel,
+)
+
+__all__ = ["InferenceCall", "ModelCatalog", "Upstream", "model_names"]
+
+log = logging.getLogger(__name__)
+
+_END = object()
+
+
+class InferenceCall:
+    """One streamed ``processInferenceRequest`` (see the module docstring).
+
+    Iterate for text deltas; :attr:`trailer` holds the gateway's trailer
+    (``model``, ``finish_reason``, ``usage``, ``worker``, ``request_id``,
+    ``latency_ms``, ``ttft_ms``) once the stream is exhausted. Always
+    :meth:`aclose` it (it cancels the call on the gateway if unfinished).
+    """
+
+    def __init__(self, stream: Any, first: Any, gateway: str) -> None:
+        self._stream = stream
+        self._first = first
+        self._closed = False
+        self.gateway = gateway
+        self.trailer: dict[str, Any] = dict(stream.trailer or {}) if first is _END else {}
+        self.started = trio.current_time()
+
+    def __aiter__(self) -> InferenceCall:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._first is not None:
+            first, self._first = self._first, None
+            if first is _END:
+                raise StopAsyncIteration
+            return _delta(first)
+        try:
+            chunk = await self._stream.__anext__()
+        except StopAsyncIteration:
+            self.trailer = dict(self._stream.trailer or {})
+            raise
+        return _delta(chunk)
+
+    async def collect(self) -> str:
+        """The whole answer (then :attr:`trailer` is set)."""
+        return "".join([piece async for piece in self])
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True):
+            await self._stream.__aexit__(None, None, None)
+
+
+def _delta(chunk: Any) -> str:
+    if isinstance(chunk, dict):
+        return str(chunk.get("delta", ""))
+    return str(chunk)
+
+
+def model_names(models: list[dict[str, Any]]) -> dict[str, str]:
+    """Every name and alias of ``models`` → the model's name."""
+    out: dict[str, str] = {}
+    for m in models:
+        name = str(m.get("name"))
+        out.setdefault(name, name)
+        for alias in m.get("aliases") or []:
+            out.setdefault(str(alias), name)
+    return out
+
+
+@dataclass
+class ModelCatalog:
+    """The swarm's models as the gateway lists them, cached briefly."""
+
+    upstream: Upstream
+    ttl: float
+    _models: list[dict[str, Any]] | None = None
+    _at: float = -1e18
+
+    async def models(self, auth: dict[str, str], *, fresh: bool = False) -> list[dict[str, Any]]:
+        """``listModels`` (authenticated with ``auth``), cached for ``ttl``."""
+        now = trio.current_time()
+        if fresh or self._models is None or now - self._at > self.ttl:
+            result = await self.upstream.call("gateway", "listModels", {"auth": auth})
+            models = result.get("models") if isinstance(result, dict) else None
+            self._models = [m for m in models or [] if isinstance(m, dict)]
+            self._at = trio.current_time()
+        return list(self._models)
+
+    async def resolve(self, name: str | None, auth: dict[str, str]) -> str | None:
+        """The model's name for ``name`` (a name or an alias; ``x:latest``
+        as ``x``), None for the gateway's default, or UnknownModel."""
+        if name is None:
+            return None
+        for fresh in (False, True):
+            names = model_names(await self.models(auth, fresh=fresh))
+            for candidate in (name, name.removesuffix(":latest")):
+                if candidate in names:
+                    return candidate
+            if trio.current_time() - self._at < 0.5:
+                break  # just asked: no need to ask again
+        raise UnknownModel(f"model {name[:128]!r} is not served by any worker in the swarm",
+                           data={"model": name[:128]})
+
+
+class Upstream:
+    """Calls to the swarm's auth, gateway and metrics nodes.
+
+    Args:
+        node: the node.
+        call_timeout: seconds for a unary call.
+        request_timeout: seconds an inference request may take.
+        models_ttl: seconds the model list is reused.
+    """
+
+    def __init__(self, node: Any, *, call_timeout: float, request_timeout: float,
+                 models_ttl: float) -> None:
+        self.node = node
+        self.call_timeout = call_timeout
+        self.request_timeout = request_timeout
+        self.catalog = ModelCatalog(self, models_ttl)
+
+    async def peers(self, role: str) -> list[str]:
+        """Member nodes with ``role``: this node first if it has the role."""
+        out: list[str] = [self.node.peer_id] if role in self.node.roles else []
+        try:
+            found = await self.node.discovery.find_role(role)
+        except P2PInferError as exc:
+            log.debug("discovery of %s nodes failed: %s", role, exc)
+            found = []
+        for desc in found:
+            if desc.peer_id not in out and self.node.is_member(desc.peer_id):
+                out.append(desc.peer_id)
+        return out
+
+    async def _candidates(self, role: str) -> list[str]:
+        if role in self.node.roles:
+            return [self.node.peer_id]  # others are looked up only if this one fails
+        peers = await self.peers(role)
+        if not peers:
+            raise PeerUnavailable(f"no {role} node is reachable from this web node",
+                                  data={"role": role, "retry_after": 2.0})
+        return peers
+
+    async def call(self, role: str, method: str, params: Any = None) -> Any:
+        """Call ``method`` on a node with ``role`` (failing over on
+        unreachable nodes only: any other error is the answer)."""
+        candidates = await self._candidates(role)
+        tried: list[str] = []
+        last: P2PInferError | None = None
+        while candidates:
+            peer = candidates.pop(0)
+            tried.append(peer)
+            try:
+                with trio.fail_after(self.call_timeout):
+                    return await self.node.rpc.call(peer, method, params)
+            except trio.TooSlowError:
+                raise DeadlineExceeded(f"{method}: no answer from the {role} node in time",
+                                       data={"retry_after": 1.0}) from None
+            except PeerUnavailable as exc:
+                last = exc
+                if not candidates:
+                    candidates = [p for p in await self.peers(role) if p not in tried]
+        assert last is not None
+        raise last
+
+    async def inference(self, request: dict[str, Any], auth: dict[str, str]) -> InferenceCall:
+        """Open ``processInferenceRequest`` and wait for its first event."""
+        params = {"request": request, "auth": auth}
+        candidates = await self._candidates("gateway")
+        tried: list[str] = []
+        last: P2PInferError | None = None
+        while candidates:
+            peer = candidates.pop(0)
+            tried.append(peer)
+            stream = self.node.rpc.stream(peer, "processInferenceRequest", params)
+            entered = False
+            try:
+                with trio.fail_after(self.request_timeout):
+                    # the deadline in force when the request is sent bounds the
+                    # gateway's work; the rest of the stream is read outside
+                    # this scope (by the HTTP response task)
+                    await stream.__aenter__()
+                    entered = True
+                    try:
+                        first = await stream.__anext__()
+                    except StopAsyncIteration:
+                        first = _END
+            except BaseException as exc:
+                with trio.CancelScope(shield=True):
+                    if entered:
+                        await stream.__aexit__(None, None, None)
+                if isinstance(exc, trio.TooSlowError):
+                    raise DeadlineExceeded("the gateway did not answer in time",
+                                           data={"retry_after": 1.0}) from None
+                if isinstance(exc, PeerUnavailable):
+                    last = exc
+                    if not candidates:
+                        candidates = [p for p in await self.peers("gateway") if p not in tried]
+                    continue
+                raise
+            return InferenceCall(stream, first, peer)
+        assert last is not None
+        raise last
