@@ -290,6 +290,7 @@ async def test_login_throttling_per_account_swarm_wide_and_per_source(
         async with swarm(nursery, tmp_path, certs=[["auth"], ["auth"], ["web"]],
                          roles=[["auth"], ["auth"], []], auth=settings) as nodes:
             a, b, web = nodes
+            await web.connect(b.addrs[0])  # web bootstrapped through a only
             user = await web.rpc.call(a.peer_id, "registerUser", register_params("dora"))
             uid = user["user_id"]
             await replicated(nodes, lambda n: n.ledger.user(uid) is not None)

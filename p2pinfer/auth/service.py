@@ -53,6 +53,7 @@ never a username or email (so erasure needs no audit rewrite).
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -100,6 +101,11 @@ T = TypeVar("T")
 LOGIN = "user.login"
 MAX_LOGIN_PASSWORD = 4096
 LOGIN_THROTTLED = "user.login_throttled"
+
+
+def _ceil_ms(seconds: float) -> float:
+    """Seconds rounded *up* to the millisecond: waiting that long is enough."""
+    return math.ceil(seconds * 1000) / 1000
 
 
 @dataclass(frozen=True)
@@ -213,7 +219,7 @@ class AuthService:
         wait = self.registrations.retry_after(source, now)
         if wait is not None:
             raise RateLimited("too many registrations from this source; try later",
-                              data={"retry_after": round(wait, 3)})
+                              data={"retry_after": _ceil_ms(wait)})
         self.registrations.hit(source, now)
         self._check_available(name, mail, source)
         password_hash = await self._in_thread(self.hasher.hash, secret)
@@ -287,7 +293,7 @@ class AuthService:
                                     source=source, detail={"scope": scope}))
         return LoginThrottled(
             f"too many failed logins {'for this account' if scope == 'account' else 'from here'}"
-            f"; retry in {wait:.1f} s", data={"retry_after": round(wait, 3), "scope": scope})
+            f"; retry in {wait:.1f} s", data={"retry_after": _ceil_ms(wait), "scope": scope})
 
     async def login(self, login: str, password: Any, *, source: str) -> dict[str, Any]:
         """Check a username (or email) and password; start a session.
