@@ -75,24 +75,33 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         status = 500
+        counted = False
+
+        def count() -> None:
+            nonlocal counted
+            counted = True
+            template = getattr(scope.get("route"), "path", None)
+            try:
+                self.metrics.count_request(
+                    "web", method_label(scope.get("method", "GET"), template),
+                    _status_label(status))
+            except Exception:  # metrics must never fail a request
+                log.exception("counting a web request failed")
 
         async def observe(message: dict[str, Any]) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = int(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body") \
+                    and not counted:
+                count()  # before the client can see the end of the response
             await send(message)
 
         try:
             await self.app(scope, receive, observe)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None)
-            try:
-                self.metrics.count_request("web", method_label(scope.get("method", "GET"),
-                                                               template),
-                                           _status_label(status))
-            except Exception:  # metrics must never fail a request
-                log.exception("counting a web request failed")
+            if not counted:
+                count()
 
 
 def _dialect_error(web: WebRole, request: Request, err: P2PInferError) -> Response:

@@ -20,22 +20,28 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from ..errors import (
     DeadlineExceeded,
+    InvalidApiKey,
     P2PInferError,
     PeerUnavailable,
     UnknownModel,
+    UnknownUser,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..auth import Authenticator, Principal
 
 __all__ = ["InferenceCall", "ModelCatalog", "Upstream", "model_names"]
 
 log = logging.getLogger(__name__)
 
 _END = object()
+REPLICATION_WAIT = 1.0
 
 
 class InferenceCall:
@@ -110,7 +116,9 @@ class ModelCatalog:
     _at: float = -1e18
 
     async def models(self, auth: dict[str, str], *, fresh: bool = False) -> list[dict[str, Any]]:
-        """``listModels`` (authenticated with ``auth``), cached for ``ttl``."""
+        """``listModels`` (authenticated with ``auth``), cached for ``ttl``;
+        ``auth`` is checked every time, cached or not."""
+        await self.upstream.authenticate(auth)
         now = trio.current_time()
         if fresh or self._models is None or now - self._at > self.ttl:
             result = await self.upstream.call("gateway", "listModels", {"auth": auth})
@@ -151,6 +159,36 @@ class Upstream:
         self.call_timeout = call_timeout
         self.request_timeout = request_timeout
         self.catalog = ModelCatalog(self, models_ttl)
+        self._authenticator: Authenticator | None = None
+
+    async def authenticate(self, auth: dict[str, str]) -> Principal:
+        """The principal of ``auth``, checked offline on this node's ledger.
+
+        A key or user this node does not know yet (an auth node elsewhere
+        made it a moment ago) gets up to a second to replicate.
+
+        Raises:
+            AccessError: the credential's own error.
+        """
+        if self._authenticator is None:
+            from ..auth import Authenticator
+
+            self._authenticator = Authenticator(self.node)
+        check = self._authenticator
+        try:
+            return check.authenticate(auth)
+        except (InvalidApiKey, UnknownUser) as exc:
+            if isinstance(exc, InvalidApiKey) and exc.data.get("reason") != "unknown":
+                raise
+            first = exc
+        with trio.move_on_after(REPLICATION_WAIT):
+            while True:
+                await trio.sleep(0.05)
+                try:
+                    return check.authenticate(auth)
+                except (InvalidApiKey, UnknownUser):
+                    continue
+        raise first
 
     async def peers(self, role: str) -> list[str]:
         """Member nodes with ``role``: this node first if it has the role."""
