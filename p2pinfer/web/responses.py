@@ -31,6 +31,7 @@ from ..errors import (
     LimitError,
     P2PInferError,
     PeerUnavailable,
+    UnknownModel,
     ValidationError,
 )
 
@@ -127,4 +128,7 @@ def ollama_error(err: P2PInferError) -> JSONResponse:
     status = http_status(err)
     if isinstance(err, PeerUnavailable) and status != 503:
         status = 503
-    return JSONResponse({"error": err.message}, status_code=status, headers=error_headers(err))
+    message = err.message
+    if isinstance(err, UnknownModel) and isinstance(err.data.get("model"), str):
+        message = f'model "{err.data["model"]}" not found'  # Ollama's own words
+    return JSONResponse({"error": message}, status_code=status, headers=error_headers(err))
