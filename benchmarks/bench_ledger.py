@@ -8,6 +8,8 @@ Prints ONE JSON object:
     converge_p50_ms        10 real nodes (one process, loopback, star bootstrap): time
     converge_p99_ms        from append on one node to applied on all nine others
     converge_events        how many events were timed
+    converge_cpu_ms_per_event  CPU of the whole 10-node process per event written
+                           (replication to nine nodes), during the timed phase
     catchup_10k_s          a node that was offline while another wrote 10,000 events:
                            from its restart to having applied all of them
     machine                nproc, CPU model, Python, date
@@ -170,6 +172,7 @@ async def bench_converge(root: Path, n_nodes: int, n_events: int, rate: float) -
         for lg in ledgers:
             lg.subscribe(recorder)
         written: list[tuple[tuple[str, int], float]] = []
+        cpu = time.process_time()
         for i in range(n_events):
             lg = rng.choice(ledgers)
             t = trio.current_time()
@@ -179,6 +182,7 @@ async def bench_converge(root: Path, n_nodes: int, n_events: int, rate: float) -
         with trio.fail_after(60):
             for lg in ledgers:
                 await lg.wait_for_version({a: s for (a, s), _ in written})
+        cpu_per_event_ms = (time.process_time() - cpu) / n_events * 1000
         times = []
         for ev_id, t in written:
             stamps = applied[ev_id]
@@ -187,8 +191,14 @@ async def bench_converge(root: Path, n_nodes: int, n_events: int, rate: float) -
         via_gossip = sum(lg.metrics.registry.get_sample_value(
             "ai_platform_ledger_events_applied_total",
             {"kind": "usage", "source": "gossip"}) or 0 for lg in ledgers)
+        gossip = [lg.gossip for lg in ledgers if lg.gossip is not None]
+        mesh = [len(g.router.mesh.get(g.topic, ())) for g in gossip]
+        pubsub_peers = [len(g.pubsub.peers) for g in gossip]
         nursery.cancel_scope.cancel()
-    return {"startup_10_nodes_s": startup_s, "converge_p50_ms": median(times),
+    return {"startup_10_nodes_s": startup_s,
+            "converge_cpu_ms_per_event": cpu_per_event_ms,
+            "converge_mesh_sizes": mesh, "converge_pubsub_peers": pubsub_peers,
+            "converge_p50_ms": median(times),
             "converge_p99_ms": pct(times, 0.99), "converge_max_ms": max(times),
             "converge_events": len(times), "converge_nodes": n_nodes,
             "converge_usage_applied_via_gossip": via_gossip}
