@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 
@@ -42,12 +43,25 @@ def only_keys(body: dict[str, Any], allowed: tuple[str, ...]) -> dict[str, Any]:
 
 
 async def read_form(request: Request) -> dict[str, str]:
-    """The url-encoded (or multipart) form's text fields."""
+    """The fields of a url-encoded form (what the pages' forms send); the
+    first value of a repeated field wins.
+
+    Raises:
+        InvalidParams: another content type, or not a form.
+    """
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/x-www-form-urlencoded":
+        raise InvalidParams("body: must be a url-encoded form", data={"field": "body"})
+    raw = await request.body()
     try:
-        form = await request.form()
-    except (ValueError, AssertionError, KeyError):
+        pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, max_num_fields=50,
+                          strict_parsing=False)
+    except (UnicodeDecodeError, ValueError):
         raise InvalidParams("body: not a form", data={"field": "body"}) from None
-    return {k: v for k, v in form.items() if isinstance(v, str)}
+    out: dict[str, str] = {}
+    for key, value in pairs:
+        out.setdefault(key, value)
+    return out
 
 
 def source_of(request: Request) -> str:

@@ -23,13 +23,18 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from ..errors import (
+    EmailTaken,
     InactiveUser,
     InvalidCredentials,
+    InvalidEmail,
     InvalidParams,
+    InvalidUsername,
     LimitError,
     LoginThrottled,
     P2PInferError,
     UnknownUser,
+    UsernameTaken,
+    WeakPassword,
 )
 from .api import prepare_inference
 from .charts import bar_chart, day_range, hbar_chart
@@ -46,6 +51,12 @@ log = logging.getLogger(__name__)
 
 DASHBOARD_DAYS = 14
 ROLE_NAMES = ("auth", "gateway", "inference", "metrics", "web")
+
+
+_FIELD_OF: dict[type[P2PInferError], str] = {
+    InvalidUsername: "username", UsernameTaken: "username", InvalidEmail: "email",
+    EmailTaken: "email", WeakPassword: "password",
+}
 
 
 def _safe_next(value: str | None) -> str:
@@ -67,6 +78,10 @@ def _friendly(err: P2PInferError) -> str:
         return "Wrong username or password."
     if isinstance(err, InactiveUser):
         return "This account is deactivated."
+    if isinstance(err, UsernameTaken):
+        return "That username is taken: please choose another one."
+    if isinstance(err, EmailTaken):
+        return "An account with this email address exists already."
     if isinstance(err, LimitError):
         retry = err.retry_after
         return f"{err.message}" + (f" (retry in {retry:.0f} s)" if retry else "")
@@ -140,7 +155,7 @@ class Pages:
         except P2PInferError as err:
             return self.render(request, "register.html",
                                {"values": values, "error": _friendly(err),
-                                "field": err.data.get("field")},
+                                "field": err.data.get("field") or _FIELD_OF.get(type(err))},
                                session=session, status=http_status(err),
                                headers=error_headers(err))
         return RedirectResponse(f"/login?registered={quote(values['username'])}",
