@@ -310,6 +310,14 @@ class Node:
         await self.discovery.add_peer(peer_id)
         return peer_id
 
+    def bootstrap_addrs(self) -> list[str]:
+        """Where to join: the configured bootstrap peers, else the ones the
+        network's join token named (``network.json``); never this node."""
+        addrs = list(self.config.bootstrap)
+        if not addrs and self.ledger is not None:
+            addrs = list(getattr(self.ledger.network, "bootstrap", ()) or ())
+        return [a for a in addrs if not a.endswith("/p2p/" + self.peer_id)]
+
     async def _bootstrap(self, addr: str) -> None:
         """Dial one bootstrap peer, retrying with backoff until it answers."""
         delay = 0.2
@@ -355,7 +363,7 @@ class Node:
             if self.ledger is not None:
                 await nursery.start(self.ledger.run)
             await nursery.start(self.discovery.run)
-            for addr in self.config.bootstrap:
+            for addr in self.bootstrap_addrs():
                 nursery.start_soon(self._bootstrap, addr)
             for name, role in self.roles.items():
                 log.debug("starting role %s", name)

@@ -62,6 +62,12 @@ def _peer_id_obj(peer_id: str) -> Any:
         raise InvalidParams(f"not a peer id: {peer_id[:64]!r}") from exc
 
 
+def _refused_protocol(exc: BaseException) -> bool:
+    """The peer is alive but does not serve RPC (e.g. an SDK client): its
+    connection is fine and must not be torn down."""
+    return "protocol not supported" in str(exc) or "protocols not supported" in str(exc)
+
+
 class _Unary:
     __slots__ = ("event", "result", "error")
 
@@ -372,7 +378,7 @@ class RpcClient:
                 # py-libp2p 0.8.1 also keeps connections the peer has closed in
                 # its table ("No valid connections available"), so a peer that
                 # restarted could never be reached again: drop them and redial.
-                if attempt == 1 and existing:
+                if attempt == 1 and existing and not _refused_protocol(exc):
                     log.debug("stale connection to %s (%r); redialing", peer_id, exc)
                     with trio.move_on_after(1):
                         try:
