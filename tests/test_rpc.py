@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import struct
 from collections.abc import AsyncIterator
 from typing import Any
@@ -254,7 +255,8 @@ async def test_concurrent_calls_multiplex(pair: Any) -> None:
     assert sorted(results) == list(range(300))
 
 
-async def test_peer_death_fails_pending_calls(nursery: trio.Nursery) -> None:
+async def test_peer_death_fails_pending_calls(nursery: trio.Nursery,
+                                              caplog: pytest.LogCaptureFixture) -> None:
     server_host = make_host(Identity.generate())
     client_host = make_host(Identity.generate())
     server = RpcServer(is_member=lambda p: True)
@@ -276,6 +278,9 @@ async def test_peer_death_fails_pending_calls(nursery: trio.Nursery) -> None:
                     await client.call(peer, "slow")
         with trio.fail_after(10), pytest.raises(errors.CallError):
             await client.call(peer, "echo", 1)
+    # a peer going away is an ordinary event: no error-level log, no traceback
+    assert not [r for r in caplog.records
+                if r.name.startswith("p2pinfer") and r.levelno >= logging.ERROR]
 
 
 async def test_plaintext_dialer_is_refused(pair: Any) -> None:

@@ -140,13 +140,14 @@ class _PeerChannel:
     async def run(self) -> None:
         error: BaseException = StreamBroken(f"RPC stream to {self.peer_id} closed")
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self.channel.run_writer)
-                async for item in self.channel.messages():
-                    self._dispatch(item)
-                nursery.cancel_scope.cancel()
-        except StreamBroken as exc:
-            error = exc
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self.channel.run_writer)
+                    async for item in self.channel.messages():
+                        self._dispatch(item)
+                    nursery.cancel_scope.cancel()
+            except* StreamBroken as group:  # the usual end: the peer went away
+                error = group.exceptions[0]
         except Exception as exc:  # never let one broken peer take the client down
             log.exception("RPC channel to %s failed", self.peer_id)
             error = StreamBroken(f"RPC stream to {self.peer_id} failed: {exc}")

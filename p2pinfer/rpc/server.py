@@ -249,8 +249,8 @@ class RpcServer:
         self.stats.streams_open += 1
         try:
             await self._serve(stream, peer_id)
-        except StreamBroken as exc:
-            log.debug("RPC stream from %s broke: %s", peer_id, exc)
+        except* StreamBroken as group:  # the peer went away: an ordinary end
+            log.debug("RPC stream from %s broke: %s", peer_id, group.exceptions[0])
         finally:
             self.stats.streams_open -= 1
             left = self._streams_by_peer[peer_id] - 1
@@ -264,7 +264,7 @@ class RpcServer:
         with trio.move_on_after(2):
             try:
                 await channel.run_writer()
-            except StreamBroken:
+            except StreamBroken:  # raised directly, not from a nursery
                 pass
         await channel.aclose()
 
