@@ -27,6 +27,7 @@ import trio
 from ..errors import (
     DeadlineExceeded,
     InvalidApiKey,
+    NoWorkerAvailable,
     P2PInferError,
     PeerUnavailable,
     UnknownModel,
@@ -235,7 +236,26 @@ class Upstream:
         raise last
 
     async def inference(self, request: dict[str, Any], auth: dict[str, str]) -> InferenceCall:
-        """Open ``processInferenceRequest`` and wait for its first event."""
+        """Open ``processInferenceRequest`` and wait for its first event.
+
+        Raises:
+            UnknownModel: the gateway found no worker for a model that no
+                worker in the swarm serves at all (the gateway's default
+                model, when the request names none): 404, not a busy swarm.
+            P2PInferError: anything else the gateway raised before answering.
+        """
+        try:
+            return await self._open_inference(request, auth)
+        except NoWorkerAvailable as exc:
+            model = exc.data.get("model")
+            if isinstance(model, str) and model not in model_names(
+                    await self.catalog.models(auth, fresh=True)):
+                raise UnknownModel(f"model {model[:128]!r} is not served by any worker in "
+                                   "the swarm", data={"model": model[:128]}) from exc
+            raise
+
+    async def _open_inference(self, request: dict[str, Any],
+                              auth: dict[str, str]) -> InferenceCall:
         params = {"request": request, "auth": auth}
         candidates = await self._candidates("gateway")
         tried: list[str] = []
