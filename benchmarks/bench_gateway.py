@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -67,8 +68,20 @@ def serve(spec_path: str) -> None:
                 if not spec.get("bootstrap"):
                     spec["bootstrap"] = [node.addrs[0]]
             await trio.Path(spec["ready"]).write_text(json.dumps(out))
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    nursery.cancel_scope.cancel()
+                    break
 
-    trio.run(main)
+    profile_dir = os.environ.get("BENCH_PROFILE_DIR")
+    if profile_dir:  # python -m cProfile can't see a process ended by SIGTERM
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.runcall(trio.run, main)
+        profiler.dump_stats(os.path.join(profile_dir, f"{'-'.join(spec['run'])}.prof"))
+    else:
+        trio.run(main)
 
 
 class Cluster:

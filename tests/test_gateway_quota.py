@@ -55,6 +55,7 @@ def test_slots_come_back_on_release_holder_and_expiry() -> None:
     assert book.release_holder("gw-a") == 1
     book.acquire("u", "k", limits, holder="gw-a", now=T0 + 1)
     # gw-b's ticket expires
+    assert book.expire(T0 + 6) == 1
     book.acquire("u", "k", limits, holder="gw-a", now=T0 + 6)
     assert book.held() == 2
     assert not book.release("no-such-ticket")

@@ -181,7 +181,6 @@ class QuotaBook:
             ConcurrencyLimited: requests in flight for the key.
         """
         now = time.time() if now is None else now
-        self.expire(now)
         window = self.window_of(now)
         reset = self.reset_at(window)
         retry = max(1.0, math.ceil(reset - now))
@@ -248,6 +247,8 @@ class QuotaBook:
         return len(gone)
 
     def expire(self, now: float) -> int:
+        """Release tickets past their expiry (the coordinator calls this
+        every few seconds: scanning on every acquire would cost O(tickets))."""
         stale = [t.id for t in self.tickets.values() if t.expires <= now]
         for ticket_id in stale:
             self.release(ticket_id)
