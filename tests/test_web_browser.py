@@ -143,6 +143,12 @@ def visit(url: str, shots: Path) -> dict[str, Any]:
                            json={"prompt": "hello", "model": "fake"})
             seen["after_revoke"] = (r.status_code, r.json()["error"]["type"])
 
+            # the API reference, rendered from /openapi.json
+            page.click("nav >> text=API docs")
+            expect(page.locator("h1")).to_contain_text("p2pinfer web API")
+            page.locator("details.op").first.click()
+            shot(page, "api-docs")
+
             # log out
             page.click("text=Log out")
             expect(page.locator("header .account")).to_contain_text("Log in")
@@ -171,4 +177,4 @@ async def test_a_visit_in_a_real_browser(tmp_path: Path, nursery: trio.Nursery) 
     assert "smollm2" in seen["answer_meta"]
     assert seen["bars"] >= 28  # two 14-day charts and the per-key chart
     assert "Swarm health" in seen["system"]
-    assert len(list(shots.glob("*.png"))) == 9
+    assert len(list(shots.glob("*.png"))) == 10
