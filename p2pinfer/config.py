@@ -70,6 +70,14 @@ class Section:
     def _path(self, key: str) -> str:
         return f"{self.name}.{key}" if self.name else key
 
+    def reject_unknown(self, known: set[str] | frozenset[str]) -> None:
+        """Raise ConfigError naming the first key not in ``known`` (so a
+        typo is an error rather than a silently ignored setting)."""
+        unknown = sorted(str(k) for k in set(self.data) - set(known))
+        if unknown:
+            raise ConfigError(f"{self._path(unknown[0])}: unknown key "
+                              f"(known: {', '.join(sorted(known))})")
+
     def raw(self, key: str, default: Any = None) -> Any:
         return self.data.get(key, default)
 

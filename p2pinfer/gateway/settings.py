@@ -24,7 +24,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import NodeConfig
-from ..errors import ConfigError
 from .quota import Limits
 
 __all__ = ["GatewaySettings"]
@@ -55,10 +54,7 @@ class GatewaySettings:
     @classmethod
     def from_config(cls, config: NodeConfig) -> GatewaySettings:
         sec = config.section("gateway")
-        unknown = set(sec.data) - _KEYS
-        if unknown:
-            raise ConfigError(f"gateway.{sorted(unknown)[0]}: unknown key "
-                              f"(known: {', '.join(sorted(_KEYS))})")
+        sec.reject_unknown(_KEYS)
 
         def zero_is_none(key: str, default: int) -> int | None:
             value = sec.get_int(key, default, minimum=0, maximum=10**12)

@@ -55,10 +55,7 @@ class WebSettings:
     @classmethod
     def from_config(cls, config: NodeConfig) -> WebSettings:
         s = config.section("web")
-        unknown = set(s.data) - _KEYS
-        if unknown:
-            raise ConfigError(f"web.{sorted(unknown)[0]}: unknown key "
-                              f"(known: {', '.join(sorted(_KEYS))})")
+        s.reject_unknown(_KEYS)
         cookie = s.get_str("session_cookie", "p2p_session")
         if not _COOKIE_NAME.match(cookie):
             raise ConfigError(f"web.session_cookie: letters, digits, _ and - only, got {cookie!r}")

@@ -1,0 +1,65 @@
+"""NodeConfig: TOML + environment, validated, with errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from p2pinfer.config import NodeConfig
+from p2pinfer.errors import ConfigError
+
+
+def test_environment_overrides_toml(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[node]\nroles = ["gateway"]\n[gateway]\ndefault_rate_limit = 50\n')
+    cfg = NodeConfig.from_toml(path, env={"DEFAULT_RATE_LIMIT": "70", "WEB_SERVICE_PORT": "3100",
+                                          "DATABASE_URL": "sqlite:////tmp/x/node.db",
+                                          "P2PINFER_HOME": str(tmp_path)})
+    assert cfg.roles == ("gateway",)
+    assert cfg.section("gateway").get_int("default_rate_limit", 0) == 70
+    assert cfg.section("web").get_int("port", 0) == 3100
+    assert cfg.database_path == Path("/tmp/x/node.db")
+    assert cfg.home == tmp_path
+
+
+def test_relative_database_url_lives_in_home(tmp_path: Path) -> None:
+    cfg = NodeConfig.from_mapping({"node": {"home": str(tmp_path),
+                                            "database_url": "sqlite:///data/n.db"}}, env={})
+    assert cfg.database_path == tmp_path / "data" / "n.db"
+
+
+@pytest.mark.parametrize("data, env, message", [
+    ({"node": {"roles": ["wizard"]}}, {}, "node.roles: unknown role 'wizard'"),
+    ({"node": {"roles": ["auth", "auth"]}}, {}, "node.roles: a role is listed twice"),
+    ({"node": {"listen": ["not-an-address"]}}, {}, "node.listen: not a multiaddr"),
+    ({"node": {"bootstrap": ["/ip4/1.2.3.4/tcp/1"]}}, {}, "must end in /p2p/"),
+    ({"node": {"max_frame": 10}}, {}, "node.max_frame: must be >= 4096"),
+    ({"node": {"announce_interval": "soon"}}, {}, "node.announce_interval: must be a number"),
+    ({"node": {"log_format": "xml"}}, {}, "node.log_format: must be one of text, json"),
+    ({"nodes": {}}, {}, "nodes: unknown config table"),
+    ({}, {"DATABASE_URL": "postgresql://u@h/db"}, "only sqlite:/// URLs are supported"),
+    ({}, {"DEFAULT_RATE_LIMIT": "lots"}, None),  # checked by the gateway's own settings
+    ({"gateway": {"default_rate_limt": 5}}, {}, None),
+])
+def test_bad_values_name_their_key(tmp_path: Path, data: dict, env: dict,
+                                   message: str | None) -> None:
+    data.setdefault("node", {})["home"] = str(tmp_path)
+    if message is None:
+        from p2pinfer.gateway.settings import GatewaySettings
+
+        cfg = NodeConfig.from_mapping(data, env=env)
+        with pytest.raises(ConfigError, match=r"gateway\.default_rate_li"):
+            GatewaySettings.from_config(cfg)
+        return
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        NodeConfig.from_mapping(data, env=env)
+
+
+def test_toml_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        NodeConfig.from_toml(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[node\nroles = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        NodeConfig.from_toml(bad)
