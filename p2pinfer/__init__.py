@@ -21,11 +21,15 @@ _EXPORTS = {
     "NodeConfig": "p2pinfer.config",
     "Identity": "p2pinfer.identity",
     "P2PInferError": "p2pinfer.errors",
+    "Client": "p2pinfer.client",
+    "SyncClient": "p2pinfer.client",
 }
 
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .client import Client as Client
+    from .client import SyncClient as SyncClient
     from .config import NodeConfig as NodeConfig
     from .errors import P2PInferError as P2PInferError
     from .identity import Identity as Identity

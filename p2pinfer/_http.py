@@ -22,10 +22,12 @@ from .errors import (
     error_from_code,
 )
 
-__all__ = ["HttpStream", "error_from_response", "get_json"]
+__all__ = ["HttpStream", "error_from_response", "get_json", "request_json"]
 
 
 def error_from_response(status: int, body: bytes) -> P2PInferError:
+    """The error an HTTP error answer stands for (the same class and code as
+    over RPC when the body is the web role's ``{"error": {...}}``)."""
     try:
         data = json.loads(body)
         err = data["error"]
@@ -36,15 +38,33 @@ def error_from_response(status: int, body: bytes) -> P2PInferError:
     return exc
 
 
-async def get_json(http: httpx.AsyncClient, path: str, headers: dict[str, str],
-                   params: dict[str, str] | None = None) -> Any:
+async def request_json(http: httpx.AsyncClient, method: str, path: str, *,
+                       headers: dict[str, str], body: dict[str, Any] | None = None,
+                       params: dict[str, str] | None = None) -> Any:
+    """One JSON request; an error answer raises the matching P2PInferError.
+
+    Raises:
+        PeerUnavailable: the server cannot be reached.
+        MalformedBackendResponse: the answer is not JSON.
+    """
     try:
-        resp = await http.get(path, headers=headers, params=params)
+        resp = await http.request(method, path, headers=headers, params=params,
+                                  json=body if body is not None else None)
     except httpx.HTTPError as exc:
-        raise PeerUnavailable(f"{http.base_url}: {exc}") from exc
+        raise PeerUnavailable(f"cannot reach {http.base_url}: {exc}") from exc
     if resp.status_code >= 400:
         raise error_from_response(resp.status_code, resp.content)
-    return resp.json()
+    try:
+        return resp.json()
+    except ValueError as exc:
+        raise MalformedBackendResponse(
+            f"{method} {path}: the answer is not JSON ({resp.content[:80]!r})") from exc
+
+
+async def get_json(http: httpx.AsyncClient, path: str, headers: dict[str, str],
+                   params: dict[str, str] | None = None) -> Any:
+    """``GET path`` as JSON (see :func:`request_json`)."""
+    return await request_json(http, "GET", path, headers=headers, params=params)
 
 
 class HttpStream:
@@ -63,7 +83,7 @@ class HttpStream:
         try:
             resp = await http.send(req, stream=True)
         except httpx.HTTPError as exc:
-            raise PeerUnavailable(f"{http.base_url}: {exc}") from exc
+            raise PeerUnavailable(f"cannot reach {http.base_url}: {exc}") from exc
         if resp.status_code >= 400:
             body = await resp.aread()
             await resp.aclose()
@@ -90,9 +110,11 @@ class HttpStream:
         raise MalformedBackendResponse("the stream ended before its final line")
 
     def response(self, parts: list[str]) -> Any:
+        """The whole answer, once :meth:`next_event` returned None."""
         from .client import InferenceResponse
 
         return InferenceResponse.from_trailer("".join(parts), self.trailer)
 
     async def aclose(self) -> None:
+        """Close the HTTP response (cancels the request if it is still running)."""
         await self._resp.aclose()

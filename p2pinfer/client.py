@@ -1,12 +1,12 @@
 """The Python SDK: :class:`Client` (async, trio) and :class:`SyncClient`.
 
-A client needs an API key and a way in:
+A client needs a way in and, for most calls, a credential:
 
 - **peer-to-peer** (``bootstrap=[multiaddr, ...]``): the client runs a small
   libp2p host of its own (Noise-encrypted, like every node), dials a
-  bootstrap node, finds the swarm's gateways and calls them. It is not a
-  network member and needs no certificate: the API key authenticates each
-  request.
+  bootstrap node, finds the swarm's gateways (and auth nodes) and calls
+  them. It is not a network member and needs no certificate: the API key or
+  session token authenticates each request.
 - **HTTP** (``base_url="http://host:3000"``): any node with the web role.
 
 ::
@@ -20,35 +20,62 @@ A client needs an API key and a way in:
             async for text in stream:
                 print(text, end="")
 
+Accounts: :meth:`Client.register`, :meth:`Client.login` (the client then
+uses the session token), :meth:`Client.refresh`, :meth:`Client.logout`,
+:meth:`Client.create_api_key`, :meth:`Client.api_keys`,
+:meth:`Client.revoke_api_key`, :meth:`Client.me`.
+
+Errors are :class:`~p2pinfer.errors.P2PInferError` subclasses, the same in
+both modes (``RateLimited``, ``InvalidApiKey``, ``PeerUnavailable``, ...),
+also when raised inside ``async with Client(...)``.
+
 Environment defaults: ``P2PINFER_BOOTSTRAP`` (comma-separated),
 ``P2PINFER_URL``, ``P2PINFER_API_KEY``.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 import os
+import queue
 import random
 import threading
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
 from .errors import (
     AuthenticationRequired,
     ConfigError,
+    InvalidParams,
+    NotMember,
     NoWorkerAvailable,
     P2PInferError,
     PeerUnavailable,
     StreamBroken,
+    UnknownMethod,
 )
 from .identity import Identity
 
-__all__ = ["Client", "InferenceResponse", "InferenceStream", "SyncClient"]
+if TYPE_CHECKING:  # pragma: no cover
+    import httpx
 
-GATEWAY_REFRESH = 30.0
+    from .discovery import Descriptor
+
+__all__ = ["Client", "InferenceResponse", "InferenceStream", "SyncClient", "SyncStream"]
+
+T = TypeVar("T")
+
+# Seconds a list of gateways (or other nodes) found through the bootstrap
+# nodes is reused before asking again.
+DISCOVERY_REFRESH = 30.0
+GATEWAY_REFRESH = DISCOVERY_REFRESH
+# Seconds to dial one bootstrap node and read its descriptor.
+BOOTSTRAP_TIMEOUT = 10.0
+ROLES = ("auth", "gateway", "inference", "metrics", "web")
 
 
 @dataclass
@@ -66,25 +93,45 @@ class InferenceResponse:
 
     @classmethod
     def from_trailer(cls, text: str, trailer: dict[str, Any] | None) -> InferenceResponse:
+        """Build from the text and a gateway's trailer (RPC) or final line (HTTP)."""
         t = trailer or {}
-        usage = t.get("usage") if isinstance(t.get("usage"), dict) else {}
+        raw_usage = t.get("usage")
+        usage = raw_usage if isinstance(raw_usage, dict) else {}
         return cls(text=text, model=t.get("model"), finish_reason=t.get("finish_reason"),
-                   usage={k: int(v) for k, v in (usage or {}).items() if isinstance(v, int)},
+                   usage={k: int(v) for k, v in usage.items() if isinstance(v, int)},
                    request_id=t.get("request_id"), worker=t.get("worker"),
                    latency_ms=t.get("latency_ms"), cached=bool(t.get("cached", False)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able form (what ``p2pinfer prompt --json`` prints)."""
+        return {"text": self.text, "model": self.model, "finish_reason": self.finish_reason,
+                "usage": dict(self.usage), "request_id": self.request_id,
+                "worker": self.worker, "latency_ms": self.latency_ms, "cached": self.cached}
 
 
 def _request(prompt: str | None, messages: list[dict[str, str]] | None,
              options: dict[str, Any]) -> dict[str, Any]:
     if (prompt is None) == (messages is None):
-        from .errors import InvalidParams
-
         raise InvalidParams("give either prompt or messages", data={"field": "prompt"})
     out: dict[str, Any] = {"prompt": prompt} if prompt is not None else {"messages": messages}
     for key, value in options.items():
         if value is not None:
             out[key] = value
     return out
+
+
+def _sole_error(group: BaseExceptionGroup[Any]) -> BaseException | None:
+    """The one exception inside (nested) single-member groups, else None.
+
+    Trio nurseries (py-libp2p's host runs in one) wrap whatever leaves them
+    in an ``ExceptionGroup``; a caller of the SDK should see the error itself.
+    """
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc
 
 
 class InferenceStream:
@@ -102,7 +149,7 @@ class InferenceStream:
         self._rpc_stream, self._http = await self._client._open_stream(self._request)
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, *exc: Any) -> None:
         if self._rpc_stream is not None:
             await self._rpc_stream.__aexit__(*exc)
         if self._http is not None:
@@ -122,7 +169,8 @@ class InferenceStream:
             text = str(chunk.get("delta", "")) if isinstance(chunk, dict) else str(chunk)
             self._parts.append(text)
             return text
-        assert self._http is not None
+        if self._http is None:
+            raise RuntimeError("use the stream as `async with client.stream(...) as s`")
         event = await self._http.next_event()
         if event is None:
             self.response = self._http.response(self._parts)
@@ -138,9 +186,14 @@ class Client:
         bootstrap: multiaddrs (ending in ``/p2p/<peer id>``) of nodes to dial.
         base_url: a web node's URL, to use HTTP instead of libp2p.
         api_key: the API key that authenticates every request.
-        token: a session token instead of an API key.
+        token: a session token instead of an API key (wins over ``api_key``).
         identity: the client's libp2p key (a fresh one by default).
         verify: HTTPS certificate check: True, False or a CA bundle path.
+        transport: an ``httpx`` transport for HTTP mode (tests use
+            ``httpx.MockTransport``).
+
+    Raises:
+        ConfigError: neither bootstrap addresses nor a base URL.
     """
 
     def __init__(
@@ -152,45 +205,55 @@ class Client:
         token: str | None = None,
         identity: Identity | None = None,
         verify: bool | str = True,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         env_boot = os.environ.get("P2PINFER_BOOTSTRAP", "")
-        self.bootstrap = list(bootstrap) if bootstrap is not None else \
-            [a.strip() for a in env_boot.split(",") if a.strip()]
+        if bootstrap is None and not base_url:
+            bootstrap = [a.strip() for a in env_boot.split(",") if a.strip()]
+        self.bootstrap = list(bootstrap or [])
         self.base_url = base_url or (None if self.bootstrap else os.environ.get("P2PINFER_URL"))
-        self.api_key = api_key or os.environ.get("P2PINFER_API_KEY")
+        self.api_key = api_key or os.environ.get("P2PINFER_API_KEY") or None
         self.token = token
         self.identity = identity
         self.verify = verify
+        self.transport = transport
         if not self.bootstrap and not self.base_url:
             raise ConfigError("a client needs bootstrap addresses or a base_url "
                               "(or P2PINFER_BOOTSTRAP / P2PINFER_URL)")
         self._host: Any = None
         self._rpc: Any = None
-        self._http: Any = None
-        self._gateways: list[str] = []
-        self._gateways_at = -math.inf
-        self._exit: Any = None
+        self._http: httpx.AsyncClient | None = None
+        self._entry: dict[str, Descriptor] = {}   # bootstrap peer id -> its descriptor
+        self._entry_errors: list[str] = []
+        self._found: dict[str, tuple[float, list[Descriptor]]] = {}
+        self._exit: AsyncExitStack | None = None
 
     @property
     def auth(self) -> dict[str, str]:
+        """The credential sent with each request (``{"token"}`` or ``{"api_key"}``)."""
         if self.token:
             return {"token": self.token}
         if self.api_key:
             return {"api_key": self.api_key}
         raise AuthenticationRequired("no API key (pass api_key= or set P2PINFER_API_KEY)")
 
+    @property
+    def is_http(self) -> bool:
+        """True when this client talks HTTP to a web node."""
+        return self.base_url is not None and not self.bootstrap
+
     # -- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> Client:
-        from contextlib import AsyncExitStack
-
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
-            if self.base_url:
+            if self.is_http:
                 import httpx
 
+                assert self.base_url is not None
                 self._http = await stack.enter_async_context(httpx.AsyncClient(
-                    base_url=self.base_url.rstrip("/"), verify=self.verify, timeout=None))
+                    base_url=self.base_url.rstrip("/"), verify=self.verify, timeout=None,
+                    transport=self.transport))
             else:
                 import multiaddr
 
@@ -200,72 +263,175 @@ class Client:
                 await stack.enter_async_context(self._host.run(
                     listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]))
                 self._rpc = await stack.enter_async_context(RpcClient.open(self._host))
-        except BaseException:
-            await stack.aclose()
+        except BaseException as exc:
+            try:
+                await stack.__aexit__(type(exc), exc, exc.__traceback__)
+            except BaseExceptionGroup as group:
+                raise (_sole_error(group) or group) from None
             raise
         self._exit = stack
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        if self._exit is not None:
-            await self._exit.__aexit__(*exc)  # type: ignore[arg-type]
-            self._exit = None
+    async def __aexit__(self, *exc: Any) -> bool | None:
+        stack, self._exit = self._exit, None
+        self._http = None
+        self._rpc = None
+        if stack is None:
+            return None
+        try:
+            return await stack.__aexit__(*exc)
+        except BaseExceptionGroup as group:
+            sole = _sole_error(group)
+            if sole is None:
+                raise
+            raise sole from None
 
-    # -- finding gateways ---------------------------------------------------------------
-    async def gateways(self) -> list[str]:
-        """Peer ids of reachable gateways (refreshed every 30 s)."""
-        if self._gateways and trio.current_time() - self._gateways_at < GATEWAY_REFRESH:
-            return self._gateways
+    def _need_open(self) -> None:
+        if self._rpc is None and self._http is None:
+            raise RuntimeError("use the client as `async with Client(...) as client`")
+
+    # -- finding nodes ---------------------------------------------------------------------
+    async def _entry_points(self) -> dict[str, Descriptor]:
+        """Dial every bootstrap node (once) and read its descriptor."""
+        self._need_open()
+        if self._entry:
+            return self._entry
         from .discovery import Descriptor
 
-        found: list[str] = []
         errors: list[str] = []
         for addr in self.bootstrap:
             try:
-                with trio.fail_after(10):
+                with trio.fail_after(BOOTSTRAP_TIMEOUT):
                     peer = await self._rpc.connect(addr)
-                    own = Descriptor.from_wire(await self._rpc.call(peer, "getDescriptor"))
-                    if "gateway" in own.roles and peer not in found:
-                        found.append(peer)
-                    for raw in await self._rpc.call(peer, "findPeers", {"role": "gateway"}):
-                        desc = Descriptor.from_wire(raw)
-                        if desc.peer_id not in found:
-                            self._remember(desc)
-                            found.append(desc.peer_id)
-            except (P2PInferError, trio.TooSlowError) as exc:
-                errors.append(f"{addr}: {exc}")
-        if not found:
-            raise NoWorkerAvailable("no gateway reachable through the bootstrap nodes: "
-                                    + "; ".join(errors or ["none answered"]),
-                                    data={"retry_after": 2.0})
-        self._gateways = found
-        self._gateways_at = trio.current_time()
-        return found
+                    desc = Descriptor.from_wire(await self._rpc.call(peer, "getDescriptor"))
+                self._entry[peer] = desc
+            except trio.TooSlowError:
+                errors.append(f"{addr}: no answer within {BOOTSTRAP_TIMEOUT:.0f} s")
+            except P2PInferError as exc:
+                errors.append(f"{addr}: {exc.message}")
+        self._entry_errors = errors
+        if not self._entry:
+            raise PeerUnavailable("cannot reach any bootstrap node: " + "; ".join(errors),
+                                  data={"bootstrap": list(self.bootstrap)})
+        return self._entry
 
-    def _remember(self, desc: Any) -> None:
+    async def find(self, role: str) -> list[Descriptor]:
+        """Descriptors of nodes with ``role`` that the bootstrap nodes know.
+
+        A non-member client may look up only entry points (gateway and web
+        nodes); other roles are found only among the bootstrap nodes
+        themselves. Results are reused for 30 s.
+        """
+        if role not in ROLES:
+            raise InvalidParams(f"role must be one of {', '.join(ROLES)}", data={"field": "role"})
+        cached = self._found.get(role)
+        if cached is not None and trio.current_time() - cached[0] < DISCOVERY_REFRESH:
+            return cached[1]
+        from .discovery import Descriptor
+
+        entry = await self._entry_points()
+        found: dict[str, Descriptor] = {p: d for p, d in entry.items() if role in d.roles}
+        for peer in list(entry):
+            try:
+                with trio.fail_after(BOOTSTRAP_TIMEOUT):
+                    raws = await self._rpc.call(peer, "findPeers", {"role": role})
+            except NotMember:
+                continue  # this role is for network members to look up
+            except (P2PInferError, trio.TooSlowError):
+                continue
+            for raw in raws if isinstance(raws, list) else []:
+                try:
+                    desc = Descriptor.from_wire(raw)
+                except P2PInferError:
+                    continue
+                if role in desc.roles and desc.peer_id not in found:
+                    self._remember(desc)
+                    found[desc.peer_id] = desc
+        result = sorted(found.values(), key=lambda d: d.peer_id)
+        self._found[role] = (trio.current_time(), result)
+        return result
+
+    async def gateways(self) -> list[str]:
+        """Peer ids of reachable gateways (refreshed every 30 s)."""
+        gateways = [d.peer_id for d in await self.find("gateway")]
+        if not gateways:
+            raise NoWorkerAvailable("no gateway reachable through the bootstrap nodes",
+                                    data={"retry_after": 2.0})
+        return gateways
+
+    async def peers(self) -> list[dict[str, Any]]:
+        """Every node the client can see (for a non-member: the bootstrap
+        nodes, gateways and web nodes), as ``{peer_id, roles, addrs, version,
+        models, info}`` dicts.
+
+        Raises:
+            ConfigError: in HTTP mode (listing peers needs peer-to-peer access).
+        """
+        if self.is_http:
+            raise ConfigError("listing peers needs peer-to-peer access (bootstrap=...)")
+        seen: dict[str, Descriptor] = dict(await self._entry_points())
+        for role in ROLES:
+            for desc in await self.find(role):
+                seen.setdefault(desc.peer_id, desc)
+        return [{"peer_id": d.peer_id, "roles": list(d.roles), "addrs": list(d.addrs),
+                 "version": d.version, "models": d.models(), "info": d.info}
+                for d in sorted(seen.values(), key=lambda d: d.peer_id)]
+
+    def _remember(self, desc: Descriptor) -> None:
         from libp2p.peer.id import ID
 
         from .rpc.host import parse_multiaddr
 
-        addrs = [parse_multiaddr(a).decapsulate(parse_multiaddr(f"/p2p/{desc.peer_id}"))
-                 for a in desc.addrs]
-        self._host.get_peerstore().add_addrs(ID.from_base58(desc.peer_id), addrs, 600)
+        try:
+            addrs = [parse_multiaddr(a).decapsulate(parse_multiaddr(f"/p2p/{desc.peer_id}"))
+                     for a in desc.addrs]
+            self._host.get_peerstore().add_addrs(ID.from_base58(desc.peer_id), addrs, 600)
+        except Exception:  # an address we cannot parse is simply not dialled
+            return
 
-    async def _call(self, method: str, params: dict[str, Any]) -> Any:
-        if self._http is not None:
-            raise RuntimeError("internal: _call is the peer-to-peer path")
-        gateways = list(await self.gateways())
-        random.shuffle(gateways)
+    def _forget(self) -> None:
+        self._found.clear()
+
+    async def _call_role(self, role: str, method: str, params: Any) -> Any:
+        """Call ``method`` on a node with ``role``, failing over between them."""
+        nodes = [d.peer_id for d in await self.find(role)]
+        if not nodes:
+            if role == "gateway":
+                await self.gateways()  # raises NoWorkerAvailable
+            raise PeerUnavailable(
+                f"no {role} node is reachable through the bootstrap nodes; bootstrap to a "
+                f"node with the {role} role, or use a web node's URL (base_url=)")
+        random.shuffle(nodes)
         last: P2PInferError | None = None
-        for peer in gateways:
+        for peer in nodes:
             try:
                 return await self._rpc.call(peer, method, params)
             except (PeerUnavailable, StreamBroken) as exc:
                 last = exc
-                self._gateways_at = -math.inf
-        raise last or NoWorkerAvailable("no gateway answered")
+                self._forget()
+        assert last is not None
+        raise last
 
-    # -- the API -------------------------------------------------------------------------
+    # -- HTTP helpers ------------------------------------------------------------------------
+    def _http_headers(self, *, required: bool = True) -> dict[str, str]:
+        if self.token:
+            return {"Authorization": f"Bearer {self.token}"}
+        if self.api_key:
+            return {"X-API-Key": self.api_key}
+        if not required:
+            return {}
+        raise AuthenticationRequired("no API key (pass api_key= or set P2PINFER_API_KEY)")
+
+    async def _http_json(self, method: str, path: str, *, headers: dict[str, str] | None = None,
+                         body: dict[str, Any] | None = None,
+                         params: dict[str, str] | None = None) -> Any:
+        from ._http import request_json
+
+        assert self._http is not None
+        return await request_json(self._http, method, path, headers=headers or {}, body=body,
+                                  params=params)
+
+    # -- inference ----------------------------------------------------------------------------
     async def inference(
         self,
         prompt: str | None = None,
@@ -285,7 +451,8 @@ class Client:
                                system=system) as stream:
             async for _ in stream:
                 pass
-        assert stream.response is not None
+        if stream.response is None:  # pragma: no cover - a finished stream sets it
+            raise StreamBroken("the answer ended without its final frame")
         return stream.response
 
     def stream(
@@ -308,71 +475,247 @@ class Client:
         return InferenceStream(self, request)
 
     async def _open_stream(self, request: dict[str, Any]) -> tuple[Any, Any]:
+        self._need_open()
         if self._http is not None:
             from ._http import HttpStream
 
             return None, await HttpStream.open(self._http, request, self._http_headers())
+        auth = self.auth
         gateways = list(await self.gateways())
         random.shuffle(gateways)
         last: P2PInferError | None = None
         for peer in gateways:
             stream = self._rpc.stream(peer, "processInferenceRequest",
-                                      {"request": request, "auth": self.auth})
+                                      {"request": request, "auth": auth})
             try:
                 await stream.__aenter__()
                 return stream, None
             except (PeerUnavailable, StreamBroken) as exc:
                 last = exc
-                self._gateways_at = -math.inf
-        raise last or NoWorkerAvailable("no gateway answered")
+                self._forget()
+        assert last is not None
+        raise last
 
-    def _http_headers(self) -> dict[str, str]:
-        if self.token:
-            return {"Authorization": f"Bearer {self.token}"}
-        if self.api_key:
-            return {"X-API-Key": self.api_key}
-        raise AuthenticationRequired("no API key (pass api_key= or set P2PINFER_API_KEY)")
-
+    # -- gateway views ----------------------------------------------------------------------------
     async def models(self) -> list[dict[str, Any]]:
-        """Models served in the swarm."""
+        """Models served in the swarm: ``{name, aliases, backend, workers,
+        free_slots, queue_depth, status, context_length}`` each."""
+        self._need_open()
         if self._http is not None:
-            from ._http import get_json
-
-            return list((await get_json(self._http, "/api/models", self._http_headers()))
-                        ["models"])
-        return list((await self._call("listModels", {"auth": self.auth}))["models"])
+            data = await self._http_json("GET", "/api/models", headers=self._http_headers())
+        else:
+            data = await self._call_role("gateway", "listModels", {"auth": self.auth})
+        return list(data["models"])
 
     async def quota(self) -> dict[str, Any]:
         """Requests and tokens used in the current window, and the limits."""
+        self._need_open()
         if self._http is not None:
-            from ._http import get_json
-
-            return dict(await get_json(self._http, "/api/quota", self._http_headers()))
-        return dict(await self._call("getUserQuota", {"auth": self.auth}))
+            return dict(await self._http_json("GET", "/api/quota",
+                                              headers=self._http_headers()))
+        return dict(await self._call_role("gateway", "getUserQuota", {"auth": self.auth}))
 
     async def usage(self, *, since: str | None = None, until: str | None = None
                     ) -> list[dict[str, Any]]:
-        """Usage per day and key (from the replicated ledger)."""
-        params: dict[str, Any] = {"auth": self.auth}
-        if since:
-            params["since"] = since
-        if until:
-            params["until"] = until
+        """Usage per day and key, ``{date, api_key_id, requests, tokens}``
+        each (``since``/``until``: ``YYYY-MM-DD``, inclusive)."""
+        self._need_open()
+        query = {k: v for k, v in (("since", since), ("until", until)) if v}
         if self._http is not None:
-            from ._http import get_json
-
-            query = {k: v for k, v in (("since", since), ("until", until)) if v}
-            return list((await get_json(self._http, "/api/usage", self._http_headers(),
-                                        params=query))["usage"])
-        return list((await self._call("getUsage", params))["usage"])
+            data = await self._http_json("GET", "/api/usage", headers=self._http_headers(),
+                                         params=query)
+        else:
+            data = await self._call_role("gateway", "getUsage", {"auth": self.auth, **query})
+        return list(data["usage"])
 
     async def health(self) -> dict[str, Any]:
-        """A gateway's view of the swarm."""
+        """A gateway's view of the swarm (workers, models, ledger, quota)."""
+        self._need_open()
         if self._http is not None:
-            from ._http import get_json
+            return dict(await self._http_json("GET", "/api/health"))
+        return dict(await self._call_role("gateway", "getServiceHealth", {}))
 
-            return dict(await get_json(self._http, "/api/health", {}))
-        return dict(await self._call("getServiceHealth", {}))
+    async def system_health(self) -> dict[str, Any]:
+        """The metrics role's view: every node's status and firing alerts
+        (redacted for non-members).
+
+        Raises:
+            PeerUnavailable: no metrics node is reachable.
+            UnknownMethod: in HTTP mode (the REST API has no such route).
+        """
+        self._need_open()
+        if self._http is not None:
+            raise UnknownMethod("the HTTP API serves the gateway's health only (health())")
+        return dict(await self._call_role("metrics", "getSystemHealth", None))
+
+    # -- accounts ---------------------------------------------------------------------------------
+    async def register(self, username: str, email: str, password: str) -> dict[str, Any]:
+        """Create an account; returns the user (``user_id``, ``username``, ...)."""
+        self._need_open()
+        body = {"username": username, "email": email, "password": password}
+        if self._http is not None:
+            return dict(await self._http_json("POST", "/api/auth/register", body=body))
+        return dict(await self._call_role("auth", "registerUser", body))
+
+    async def login(self, username: str | None = None, *, password: str,
+                    email: str | None = None) -> dict[str, Any]:
+        """Log in with a username (or email) and password. Returns the session
+        (``token``, ``refresh_token``, ``expires_at``, ``user``, ...); the client
+        uses its token from then on."""
+        self._need_open()
+        if (username is None) == (email is None):
+            raise InvalidParams("give a username or an email", data={"field": "username"})
+        body: dict[str, Any] = {"password": password}
+        body["username" if username is not None else "email"] = username or email
+        if self._http is not None:
+            session = dict(await self._http_json("POST", "/api/auth/login", body=body))
+        else:
+            session = dict(await self._call_role("auth", "loginUser", body))
+        self.token = str(session["token"])
+        return session
+
+    async def refresh(self, refresh_token: str) -> dict[str, Any]:
+        """Trade a refresh token for a new session (the old one is spent)."""
+        self._need_open()
+        body = {"refresh_token": refresh_token}
+        if self._http is not None:
+            session = dict(await self._http_json("POST", "/api/auth/refresh", body=body))
+        else:
+            session = dict(await self._call_role("auth", "refreshToken", body))
+        self.token = str(session["token"])
+        return session
+
+    async def logout(self, *, refresh_token: str | None = None) -> dict[str, Any]:
+        """End the session of this client's token (or of ``refresh_token``)
+        on every node."""
+        self._need_open()
+        if refresh_token is None and not self.token:
+            raise AuthenticationRequired("no session to end (log in first)")
+        if self._http is not None:
+            if refresh_token is not None:
+                result = await self._http_json("POST", "/api/auth/logout",
+                                               body={"refresh_token": refresh_token})
+            else:
+                result = await self._http_json("POST", "/api/auth/logout",
+                                               headers=self._http_headers())
+        else:
+            params = ({"refresh_token": refresh_token} if refresh_token is not None
+                      else {"token": self.token})
+            result = await self._call_role("auth", "logoutUser", params)
+        if refresh_token is None:
+            self.token = None
+        return dict(result)
+
+    async def me(self) -> dict[str, Any]:
+        """The caller's account: ``user_id``, ``username``, ``email``, ``tier``, ..."""
+        self._need_open()
+        if self._http is not None:
+            return dict(await self._http_json("GET", "/api/auth/me",
+                                              headers=self._http_headers()))
+        return dict(await self._call_role("auth", "getUser", self.auth))
+
+    async def create_api_key(self, name: str | None = None) -> dict[str, Any]:
+        """Issue an API key (needs a session token): ``{api_key, key_id,
+        public_id, name, created_at, user_id}``; the key is shown only here."""
+        self._need_open()
+        if not self.token:
+            raise AuthenticationRequired("creating an API key needs a session: log in first")
+        if self._http is not None:
+            return dict(await self._http_json("POST", "/api/auth/api-keys",
+                                              headers=self._http_headers(),
+                                              body={"name": name} if name else {}))
+        params: dict[str, Any] = {"token": self.token}
+        if name:
+            params["name"] = name
+        return dict(await self._call_role("auth", "generateApiKey", params))
+
+    async def api_keys(self) -> list[dict[str, Any]]:
+        """The caller's API keys (revoked ones too), never the secrets."""
+        self._need_open()
+        if self._http is not None:
+            data = await self._http_json("GET", "/api/auth/api-keys",
+                                         headers=self._http_headers())
+        else:
+            data = await self._call_role("auth", "listApiKeys", self.auth)
+        return list(data["keys"])
+
+    async def revoke_api_key(self, key_id: str) -> dict[str, Any]:
+        """Revoke one of the caller's keys (needs a session token)."""
+        self._need_open()
+        if not self.token:
+            raise AuthenticationRequired("revoking an API key needs a session: log in first")
+        if self._http is not None:
+            return dict(await self._http_json("DELETE", f"/api/auth/api-keys/{key_id}",
+                                              headers=self._http_headers()))
+        return dict(await self._call_role("auth", "revokeApiKey",
+                                          {"token": self.token, "key_id": key_id}))
+
+
+class SyncStream:
+    """A streamed answer for synchronous code: iterate to get the text deltas
+    as they arrive; :attr:`response` is set once the answer is complete.
+    :meth:`close` (or leaving ``with``) cancels the request."""
+
+    def __init__(self, owner: SyncClient, prompt: str | None, kwargs: dict[str, Any]) -> None:
+        self._owner = owner
+        self._prompt = prompt
+        self._kwargs = kwargs
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._scope: trio.CancelScope | None = None
+        self._done = False
+        self.response: InferenceResponse | None = None
+
+    def _start(self) -> None:
+        if self._scope is None and not self._done:
+            self._scope = self._owner._spawn(self._pump)
+
+    async def _pump(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        client = self._owner._require()
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            try:
+                async with client.stream(self._prompt, **self._kwargs) as stream:
+                    async for delta in stream:
+                        self._queue.put(("delta", delta))
+                self._queue.put(("done", stream.response))
+            except trio.Cancelled:
+                self._queue.put(("error", StreamBroken("the request was cancelled")))
+                raise
+            except Exception as exc:
+                self._queue.put(("error", exc))
+
+    def __iter__(self) -> Iterator[str]:
+        self._start()
+        return self
+
+    def __next__(self) -> str:
+        if self._done:
+            raise StopIteration
+        self._start()
+        kind, value = self._queue.get()
+        if kind == "delta":
+            return str(value)
+        self._done = True
+        if kind == "done":
+            self.response = value
+            raise StopIteration
+        raise value
+
+    def text(self) -> str:
+        """Consume the rest and return the whole answer."""
+        return "".join(list(self))
+
+    def close(self) -> None:
+        """Cancel the request if it is still running."""
+        if self._scope is not None and not self._done:
+            self._done = True
+            self._owner._cancel(self._scope)
+
+    def __enter__(self) -> SyncStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class SyncClient:
@@ -383,16 +726,24 @@ class SyncClient:
 
         with SyncClient(bootstrap=[...], api_key="p2p_...") as client:
             print(client.inference(prompt="Hello").text)
+            for text in client.stream("Tell me a story"):
+                print(text, end="", flush=True)
+
+    Takes the same keyword arguments as :class:`Client`. Inside an asyncio
+    program each call blocks the calling thread; run it with
+    ``await asyncio.to_thread(client.inference, ...)`` to keep the loop free.
     """
 
     def __init__(self, **kwargs: Any) -> None:
         self._kwargs = kwargs
-        self._token: Any = None
+        self._token: trio.lowlevel.TrioToken | None = None
         self._thread: threading.Thread | None = None
         self._client: Client | None = None
+        self._nursery: trio.Nursery | None = None
         self._stop: trio.Event | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        self._lock = threading.Lock()
 
     def __enter__(self) -> SyncClient:
         self.open()
@@ -401,74 +752,162 @@ class SyncClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def client(self) -> Client:
+        """The :class:`Client` running in the background thread."""
+        return self._require()
+
     def open(self) -> None:
-        if self._thread is not None:
-            return
-        client = Client(**self._kwargs)  # argument errors surface here, in the caller
+        """Start the background thread and open the client (idempotent).
 
-        async def main() -> None:
-            self._token = trio.lowlevel.current_trio_token()
-            self._stop = trio.Event()
-            try:
-                async with client:
-                    self._client = client
+        Raises:
+            P2PInferError: the client could not start (e.g. a bad argument).
+        """
+        with self._lock:
+            if self._thread is not None:
+                return
+            client = Client(**self._kwargs)  # argument errors surface here, in the caller
+            self._ready.clear()
+
+            async def main() -> None:
+                self._token = trio.lowlevel.current_trio_token()
+                self._stop = trio.Event()
+                try:
+                    async with client, trio.open_nursery() as nursery:
+                        self._client = client
+                        self._nursery = nursery
+                        self._ready.set()
+                        await self._stop.wait()
+                        nursery.cancel_scope.cancel()
+                except BaseException as exc:  # report start-up failures to open()
+                    self._error = exc
+                finally:
+                    self._client = None
+                    self._nursery = None
                     self._ready.set()
-                    await self._stop.wait()
-            except BaseException as exc:  # report start-up failures to open()
-                self._error = exc
-                self._ready.set()
 
-        self._thread = threading.Thread(target=trio.run, args=(main,), daemon=True,
-                                        name="p2pinfer-sync-client")
-        self._thread.start()
-        self._ready.wait()
-        if self._error is not None:
-            error, self._error = self._error, None
-            self._thread.join()
-            self._thread = None
-            raise error
+            thread = threading.Thread(target=trio.run, args=(main,), daemon=True,
+                                      name="p2pinfer-sync-client")
+            thread.start()
+            self._ready.wait()
+            if self._client is None:
+                error, self._error = self._error, None
+                thread.join()
+                if isinstance(error, BaseExceptionGroup):
+                    error = _sole_error(error) or error
+                raise error or RuntimeError("the client stopped during start-up")
+            self._thread = thread
 
     def close(self) -> None:
-        if self._thread is None:
-            return
-        stop = self._stop
-        if stop is not None:
-            trio.from_thread.run_sync(stop.set, trio_token=self._token)
-        self._thread.join(timeout=10)
-        self._thread = None
-        self._client = None
+        """Close the client and stop the background thread."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+            if thread is None:
+                return
+            stop = self._stop
+            if stop is not None and self._token is not None:
+                try:
+                    trio.from_thread.run_sync(stop.set, trio_token=self._token)
+                except trio.RunFinishedError:
+                    pass
+            thread.join(timeout=10)
 
-    def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    def _require(self) -> Client:
         if self._client is None:
             self.open()
         assert self._client is not None
-        fn = getattr(self._client, method)
-        return trio.from_thread.run(lambda: fn(*args, **kwargs), trio_token=self._token)
+        return self._client
+
+    def _run(self, fn: Callable[[], Awaitable[T]]) -> T:
+        self._require()
+        return trio.from_thread.run(fn, trio_token=self._token)
+
+    def _spawn(self, fn: Callable[..., Awaitable[Any]]) -> trio.CancelScope:
+        self._require()
+
+        async def start() -> trio.CancelScope:
+            assert self._nursery is not None
+            scope: trio.CancelScope = await self._nursery.start(fn)
+            return scope
+
+        return trio.from_thread.run(start, trio_token=self._token)
+
+    def _cancel(self, scope: trio.CancelScope) -> None:
+        try:
+            trio.from_thread.run_sync(scope.cancel, trio_token=self._token)
+        except trio.RunFinishedError:
+            pass
+
+    # -- the API (see Client for each method) ---------------------------------------------
+    def run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run ``await fn(client, *args)`` in the client's trio thread and
+        return its result: the escape hatch for anything :class:`Client` can
+        do that has no blocking twin here."""
+        return self._run(functools.partial(fn, self._require(), *args))
 
     def inference(self, prompt: str | None = None, **kwargs: Any) -> InferenceResponse:
-        return self._run("inference", prompt, **kwargs)  # type: ignore[no-any-return]
+        """See :meth:`Client.inference`."""
+        return self._run(functools.partial(self._require().inference, prompt, **kwargs))
 
-    def stream(self, prompt: str | None = None, **kwargs: Any) -> list[str]:
-        """The answer's text deltas (collected; use :class:`Client` to consume
-        them as they arrive)."""
-        async def collect() -> list[str]:
-            assert self._client is not None
-            async with self._client.stream(prompt, **kwargs) as stream:
-                return [part async for part in stream]
-
-        if self._client is None:
-            self.open()
-        return trio.from_thread.run(collect, trio_token=self._token)  # type: ignore[no-any-return]
+    def stream(self, prompt: str | None = None, **kwargs: Any) -> SyncStream:
+        """The answer's text deltas, as they arrive (a :class:`SyncStream`)."""
+        return SyncStream(self, prompt, kwargs)
 
     def models(self) -> list[dict[str, Any]]:
-        return self._run("models")  # type: ignore[no-any-return]
+        """See :meth:`Client.models`."""
+        return self._run(self._require().models)
 
     def quota(self) -> dict[str, Any]:
-        return self._run("quota")  # type: ignore[no-any-return]
+        """See :meth:`Client.quota`."""
+        return self._run(self._require().quota)
 
-    def usage(self, **kwargs: Any) -> list[dict[str, Any]]:
-        return self._run("usage", **kwargs)  # type: ignore[no-any-return]
+    def usage(self, *, since: str | None = None, until: str | None = None
+              ) -> list[dict[str, Any]]:
+        """See :meth:`Client.usage`."""
+        return self._run(functools.partial(self._require().usage, since=since, until=until))
 
     def health(self) -> dict[str, Any]:
-        return self._run("health")  # type: ignore[no-any-return]
+        """See :meth:`Client.health`."""
+        return self._run(self._require().health)
 
+    def system_health(self) -> dict[str, Any]:
+        """See :meth:`Client.system_health`."""
+        return self._run(self._require().system_health)
+
+    def peers(self) -> list[dict[str, Any]]:
+        """See :meth:`Client.peers`."""
+        return self._run(self._require().peers)
+
+    def register(self, username: str, email: str, password: str) -> dict[str, Any]:
+        """See :meth:`Client.register`."""
+        return self._run(functools.partial(self._require().register, username, email, password))
+
+    def login(self, username: str | None = None, *, password: str,
+              email: str | None = None) -> dict[str, Any]:
+        """See :meth:`Client.login`."""
+        return self._run(functools.partial(self._require().login, username, password=password,
+                                           email=email))
+
+    def refresh(self, refresh_token: str) -> dict[str, Any]:
+        """See :meth:`Client.refresh`."""
+        return self._run(functools.partial(self._require().refresh, refresh_token))
+
+    def logout(self, *, refresh_token: str | None = None) -> dict[str, Any]:
+        """See :meth:`Client.logout`."""
+        return self._run(functools.partial(self._require().logout, refresh_token=refresh_token))
+
+    def me(self) -> dict[str, Any]:
+        """See :meth:`Client.me`."""
+        return self._run(self._require().me)
+
+    def create_api_key(self, name: str | None = None) -> dict[str, Any]:
+        """See :meth:`Client.create_api_key`."""
+        return self._run(functools.partial(self._require().create_api_key, name))
+
+    def api_keys(self) -> list[dict[str, Any]]:
+        """See :meth:`Client.api_keys`."""
+        return self._run(self._require().api_keys)
+
+    def revoke_api_key(self, key_id: str) -> dict[str, Any]:
+        """See :meth:`Client.revoke_api_key`."""
+        return self._run(functools.partial(self._require().revoke_api_key, key_id))
