@@ -1,11 +1,29 @@
 """The ``p2pinfer`` command.
 
-Each command's docstring is its ``--help`` text. Commands import the network
-stack lazily, so ``p2pinfer --help`` answers at once.
+Each command's docstring is its ``--help`` text. Command modules import the
+network stack inside their command bodies, so ``p2pinfer --help`` answers
+at once. Commands are grouped by concept, one module each:
+
+- ``commands_account.py``: register, login, logout, whoami, keys;
+- ``commands_inference.py``: prompt, chat, models;
+- ``commands_status.py``: usage, quota, peers, health;
+- ``commands_operator.py``: metrics, audit, users (as a network member);
+- ``commands_network.py``: network init|info|admit|join|remove|members;
+- ``commands_up.py``: up, the quick start;
+- ``commands_shell.py``: completion;
+- this module: the group and ``daemon``.
+
+To add commands (e.g. ``backup`` / ``restore`` / ``export``), write a
+``commands_<concept>.py`` module ending in ``COMMANDS = [...]`` and list it
+in :data:`COMMAND_MODULES`. Errors need no handling in commands: the group
+maps every ``P2PInferError`` to a one-line message and an exit code
+(:mod:`.errors`); user commands reach the swarm through :mod:`.connect`,
+operator commands through :mod:`.operator`.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,26 +31,42 @@ from typing import Any
 import click
 
 from p2pinfer import __version__
-from p2pinfer.errors import P2PInferError
+
+from .errors import ErrorMappingGroup, to_click
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
+COMMAND_MODULES = (
+    "commands_up",
+    "commands_inference",
+    "commands_account",
+    "commands_status",
+    "commands_operator",
+    "commands_network",
+    "commands_shell",
+)
 
-def _fail(exc: P2PInferError) -> click.ClickException:
-    """The one place where library errors become CLI errors."""
-    err = click.ClickException(exc.message)
-    err.exit_code = 2 if exc.code in (1100, 1101) else 1
-    return err
 
-
-@click.group(context_settings=CONTEXT)
+@click.group(cls=ErrorMappingGroup, context_settings=CONTEXT)
 @click.version_option(__version__, "-V", "--version", prog_name="p2pinfer")
 def cli() -> None:
     """p2pinfer: peer-to-peer AI inference on machines you own.
 
     \b
     Examples:
-      p2pinfer daemon --config node.toml     run a node
+      p2pinfer up                              # a local swarm with the embedded model
+      p2pinfer prompt "Explain peer-to-peer networks in one sentence."
+      p2pinfer chat
+      p2pinfer register -u alice -e alice@example.com --bootstrap /ip4/.../p2p/12D3KooW...
+      p2pinfer keys create --name laptop
+      p2pinfer network init --name lab && p2pinfer daemon     # run a node
+
+    Commands reach the swarm through --bootstrap (env P2PINFER_BOOTSTRAP),
+    --url (env P2PINFER_URL) or what `login`/`up` saved under
+    $P2PINFER_CONFIG_DIR (default ~/.config/p2pinfer/cli). Exit codes: 0 ok,
+    1 refused or failed, 2 usage or config, 3 credentials, 4 rate or quota
+    limit, 5 unreachable or timed out, 130 interrupted. Shell completion:
+    `p2pinfer completion bash|zsh|fish`.
     """
 
 
@@ -60,7 +94,8 @@ def daemon(config_path: Path | None, home: Path | None, roles: str | None,
     Settings come from the TOML file, then the environment (DATABASE_URL,
     WEB_SERVICE_PORT, OLLAMA_URL, OPENAI_API_KEY, DEFAULT_RATE_LIMIT,
     PREMIUM_RATE_LIMIT, PROMETHEUS_PORT, METRICS_ENABLED, ...), then these
-    options.
+    options. While it runs, the node's addresses are in <home>/daemon.json,
+    where operator commands (metrics, audit, network members) find it.
 
     \b
     Examples:
@@ -70,6 +105,7 @@ def daemon(config_path: Path | None, home: Path | None, roles: str | None,
     from p2pinfer.config import NodeConfig
     from p2pinfer.daemon.logs import configure_logging
     from p2pinfer.daemon.main import run_daemon
+    from p2pinfer.errors import P2PInferError
 
     try:
         data: dict[str, Any] = {}
@@ -95,12 +131,19 @@ def daemon(config_path: Path | None, home: Path | None, roles: str | None,
             node["log_format"] = log_format
         config = NodeConfig.from_mapping({**data, "node": node})
     except P2PInferError as exc:
-        raise _fail(exc) from None
+        raise to_click(exc) from None
     configure_logging(level=log_level.upper(), fmt=config.log_format)
-    try:
-        run_daemon(config, ready_file=ready_file)
-    except P2PInferError as exc:
-        raise _fail(exc) from None
+    run_daemon(config, ready_file=ready_file)
+
+
+def _add_commands(group: click.Group) -> None:
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"{__package__}.{name}")
+        for command in module.COMMANDS:
+            group.add_command(command)
+
+
+_add_commands(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -120,6 +120,17 @@ def _request(prompt: str | None, messages: list[dict[str, str]] | None,
     return out
 
 
+async def _close_host(host: Any) -> None:
+    """Close the host's connections before its nursery ends: py-libp2p leaves
+    them to the GC, and the nodes would see a silent socket instead of a
+    client that left."""
+    with trio.CancelScope(shield=True), trio.move_on_after(2):
+        try:
+            await host.close()
+        except Exception:  # closing is best effort: the process may be exiting
+            return
+
+
 def _sole_error(group: BaseExceptionGroup[Any]) -> BaseException | None:
     """The one exception inside (nested) single-member groups, else None.
 
@@ -262,6 +273,7 @@ class Client:
                 self._host = make_host(self.identity or Identity.generate())
                 await stack.enter_async_context(self._host.run(
                     listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]))
+                stack.push_async_callback(_close_host, self._host)
                 self._rpc = await stack.enter_async_context(RpcClient.open(self._host))
         except BaseException as exc:
             try:
