@@ -7,7 +7,9 @@
 3. the ledger (SQLite store, membership, replication), which also decides
    who is a network member;
 4. discovery (KadDHT + signed descriptors), then the bootstrap dials;
-5. the roles, each started with ``nursery.start(role.run)``.
+5. the roles, each started with ``nursery.start(role.run)``;
+6. the scaling monitor (:mod:`p2pinfer.scaling`), if ``[scaling]`` gives it
+   anything to watch.
 
 ``await nursery.start(node.run)`` returns once all of that is serving.
 Cancelling ``run`` (Ctrl-C, SIGTERM in the daemon) shuts everything down.
@@ -151,6 +153,11 @@ class Node:
         for name in config.roles:
             factory = factories.get(name) or load_role_class(name)
             self.roles[name] = factory(self)
+        # Scaling triggers, hook and slot autoscaling (issue 11): watches the
+        # inference engine and/or the metrics role's collection rounds.
+        from .scaling import Scaling
+
+        self.scaling: Any = Scaling.for_node(self)
         self.rpc_server.register(self)
         self.rpc.serve_locally(self.peer_id, self.rpc_server)
         for role in self.roles.values():
@@ -368,6 +375,8 @@ class Node:
             for name, role in self.roles.items():
                 log.debug("starting role %s", name)
                 await nursery.start(role.run)
+            if self.scaling is not None:
+                await nursery.start(self.scaling.run)
             self.invalidate_descriptor()
             log.info("node %s up on %s with roles %s", self.peer_id,
                      ", ".join(self.addrs), ", ".join(self.roles) or "none")

@@ -192,6 +192,17 @@ class Backend(ABC):
     async def list_models(self) -> list[ModelInfo]:
         """The models this backend's server offers (a local backend: itself)."""
 
+    async def resize(self, slots: int) -> None:
+        """Make room for ``slots`` generations at once (the engine calls it
+        before it admits more, and after it stopped admitting when it
+        shrinks). The default suits backends whose slot is only a
+        concurrency limit (HTTP, synthetic); a backend that holds resources
+        per slot overrides it, and must never take one from a running
+        generation."""
+        if slots < 1:
+            raise ValueError("slots must be >= 1")
+        self.slots = slots
+
     def info(self) -> ModelInfo:
         """What is known about this backend's model without asking anyone."""
         return ModelInfo(self.name, self.kind, self.context_length)

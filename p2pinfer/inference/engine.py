@@ -16,7 +16,14 @@ chunk, without taking a slot.
 
 Per model the engine keeps moving averages (EWMA) of decode speed
 (tokens/s after the first token), time to first token (queue wait
-included: what a caller sees) and request duration, and counts outcomes.
+included: what a caller sees) and request duration, and counts outcomes
+(plus the total duration of finished requests, from which a scaling
+monitor takes the average over its window).
+
+Slots can be resized while serving (:meth:`InferenceEngine.resize`): the
+backend grows first, then the :class:`~.slots.SlotPool` admits more;
+shrinking stops admitting first, and requests that hold a slot always
+finish (see :mod:`.slots`).
 :meth:`InferenceEngine.describe` is the compact form that goes into the
 node's signed descriptor, for gateways to route by load.
 """
@@ -42,6 +49,7 @@ from .backend import Backend, GenerationRequest, GenerationResult, ModelState, T
 from .cache import CachedAnswer, ResponseCache, cache_key
 from .metrics import UNKNOWN_MODEL, InferenceMetrics
 from .params import PromptRequest
+from .slots import SlotPool
 
 __all__ = ["Completion", "Ewma", "InferenceEngine", "ServedModel"]
 
@@ -92,9 +100,9 @@ class ServedModel:
         self.backend = backend
         self.name = backend.name
         self.aliases = tuple(aliases)
-        self.slots = backend.slots
         self.max_queue = max_queue
-        self.semaphore = trio.Semaphore(self.slots)
+        self.pool = SlotPool(backend.slots)
+        self.resize_lock = trio.Lock()
         self.waiting = 0
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.tokens_generated = 0
@@ -104,14 +112,21 @@ class ServedModel:
         self.tok_s = Ewma()
         self.ttft = Ewma()
         self.latency = Ewma()
+        self.completed = 0  # finished generations (not cache hits) ...
+        self.latency_total = 0.0  # ... and their summed duration, seconds
+
+    @property
+    def slots(self) -> int:
+        """Generations allowed at once (may change: :meth:`InferenceEngine.resize`)."""
+        return self.pool.capacity
 
     @property
     def free_slots(self) -> int:
-        return int(self.semaphore.value)
+        return self.pool.free
 
     @property
     def in_flight(self) -> int:
-        return self.slots - self.free_slots
+        return self.pool.in_use
 
     def retry_after(self) -> float:
         """Seconds until a place in the queue is likely to free up."""
@@ -172,12 +187,12 @@ class InferenceEngine:
         if default or self.default_model is None:
             self.default_model = model.name
         if self.metrics is not None:
-            sem = model.semaphore
             self.metrics.watch_model(
                 model.name,
                 queue_depth=lambda: model.waiting,
-                in_flight=lambda: model.slots - sem.value,
-                free_slots=lambda: sem.value,
+                in_flight=lambda: model.in_flight,
+                free_slots=lambda: model.free_slots,
+                slots=lambda: model.slots,
             )
         return model
 
@@ -257,11 +272,11 @@ class InferenceEngine:
                 data={"retry_after": retry, "model": model.name, "queue_depth": model.waiting},
             )
         try:
-            model.semaphore.acquire_nowait()
+            model.pool.acquire_nowait()
         except trio.WouldBlock:
             model.waiting += 1  # only requests that really wait count as queued
             try:
-                await model.semaphore.acquire()
+                await model.pool.acquire()
             except BaseException:
                 self._count(model, "cancelled")
                 raise
@@ -293,7 +308,7 @@ class InferenceEngine:
                 log.info("model %s: %s: %s", model.name, type(exc).__name__, exc.message)
             raise
         finally:
-            model.semaphore.release()
+            model.pool.release()
             self._count(model, outcome)
         ended = trio.current_time()
         self._record(model, result, started, first, ended)
@@ -354,6 +369,8 @@ class InferenceEngine:
         model.tokens_generated += result.completion_tokens
         model.prompt_tokens += result.prompt_tokens
         model.latency.update(ended - started)
+        model.completed += 1
+        model.latency_total += ended - started
         if first is not None:
             model.ttft.update(first - started)
             if result.completion_tokens >= 2 and ended > first:
@@ -365,6 +382,33 @@ class InferenceEngine:
             m.duration.labels(model.name).observe(ended - started)
             if first is not None:
                 m.ttft.labels(model.name).observe(first - started)
+
+    async def resize(self, name: str, slots: int) -> int:
+        """Set the slots of model ``name`` (a name or an alias); returns the
+        new count. Requests holding a slot are never interrupted: growing
+        asks the backend for the room first (e.g. loads llama.cpp
+        instances), shrinking stops admitting first and lets the backend
+        let go of instances only once they are free. Resizes of one model
+        run one at a time.
+
+        Raises:
+            UnknownModel: no such model. ValueError: ``slots`` < 1.
+            P2PInferError: the backend could not grow (the old count stays).
+        """
+        if slots < 1:
+            raise ValueError("slots must be >= 1")
+        model = self.resolve(name)
+        async with model.resize_lock:
+            old = model.slots
+            if slots > old:
+                await model.backend.resize(slots)
+                model.pool.resize(slots)
+            elif slots < old:
+                model.pool.resize(slots)
+                await model.backend.resize(slots)
+            if slots != old:
+                log.info("model %s: %d -> %d slot(s)", model.name, old, slots)
+        return model.slots
 
     # -- reporting -----------------------------------------------------------------------
     def list_models(self) -> list[dict[str, Any]]:

@@ -248,6 +248,29 @@ class LlamaCppBackend(Backend):
     async def list_models(self) -> list[ModelInfo]:
         return [self.info()]
 
+    async def resize(self, slots: int) -> None:
+        """Load or close instances until there are ``slots`` of them. An
+        instance is closed only once it is free (the engine has stopped
+        admitting requests beyond ``slots`` by then), the coldest first."""
+        if slots < 1:
+            raise ValueError("slots must be >= 1")
+        if await self.wait_settled() is ModelState.ERROR:
+            raise BackendUnavailable(f"model {self.name} failed to load: {self.error}")
+        while len(self._instances) < slots:
+            try:
+                llm = await trio.to_thread.run_sync(self._load_one)
+            except Exception as exc:
+                raise BackendUnavailable(
+                    f"model {self.name}: cannot load another instance: {exc}") from exc
+            self._instances.append(llm)
+            self._release(llm)
+        while len(self._instances) > slots:
+            await self._free_count.acquire()
+            llm = self._free.pop(0)
+            self._instances.remove(llm)
+            await trio.to_thread.run_sync(llm.close)
+        self.slots = slots
+
     def info(self) -> ModelInfo:
         return ModelInfo(self.name, self.kind, self.options.n_ctx,
                          {"file": self.options.path.name, "slots": self.slots,

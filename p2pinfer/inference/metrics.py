@@ -11,6 +11,7 @@ registry.
     ai_platform_inference_queue_depth{model}             gauge   requests waiting for a slot
     ai_platform_inference_in_flight{model}               gauge   slots in use
     ai_platform_inference_free_slots{model}              gauge
+    ai_platform_inference_slots{model}                   gauge   slots configured now (autoscale)
     ai_platform_inference_requests_total{model,status}   counter by outcome (see below)
     ai_platform_inference_tokens_generated_total{model}  counter completion tokens (backend counts)
     ai_platform_inference_prompt_tokens_total{model}     counter
@@ -48,6 +49,8 @@ class InferenceMetrics:
                                registry=registry)
         self.free_slots = Gauge(PREFIX + "free_slots", "Slots free", ["model"],
                                 registry=registry)
+        self.slots = Gauge(PREFIX + "slots", "Generation slots (may change with autoscale)",
+                           ["model"], registry=registry)
         self.requests = Counter(PREFIX + "requests", "Prompt requests by outcome",
                                 ["model", "status"], registry=registry)
         self.tokens_generated = Counter(PREFIX + "tokens_generated",
@@ -65,11 +68,14 @@ class InferenceMetrics:
                               buckets=_TTFT_BUCKETS, registry=registry)
 
     def watch_model(self, model: str, *, queue_depth: Callable[[], float],
-                    in_flight: Callable[[], float], free_slots: Callable[[], float]) -> None:
+                    in_flight: Callable[[], float], free_slots: Callable[[], float],
+                    slots: Callable[[], float] | None = None) -> None:
         """Gauges of ``model`` read at scrape time from the engine's own counters."""
         self.queue_depth.labels(model).set_function(queue_depth)
         self.in_flight.labels(model).set_function(in_flight)
         self.free_slots.labels(model).set_function(free_slots)
+        if slots is not None:
+            self.slots.labels(model).set_function(slots)
         for status in ("success", "error", "cancelled", "overloaded", "cached"):
             self.requests.labels(model, status)
         for counter in (self.tokens_generated, self.prompt_tokens, self.cache_hits,

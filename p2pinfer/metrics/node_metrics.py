@@ -314,7 +314,9 @@ class NodeMetrics:
             except Exception:
                 log.exception("inference role failed to describe itself")
         degraded = [m["name"] for m in models if m["status"] == "error"]
+        scaling = getattr(node, "scaling", None)
         return {
+            "scaling": scaling.status() if scaling is not None else None,
             "peer_id": node.peer_id,
             "status": "degraded" if degraded else "ok",
             "roles": sorted(getattr(node, "roles", {})),

@@ -34,8 +34,11 @@ RPC methods:
          "models": {name: workers}, "alerts": [alert, ...],
          "nodes": [{"peer_id", "up", "status", "roles", "version", "uptime",
                     "replication_lag", "ledger", "connected_peers", "models",
-                    "last_seen", "error"}]}
+                    "last_seen", "error", "scaling"}]}
 
+    ``scaling`` is the node's scaling view (:meth:`p2pinfer.scaling.Scaling.status`:
+    window figures, triggers and slots per model; the swarm's on a metrics
+    node), or None where scaling is off.
     ``replication_lag`` is the p95 over ``metrics.window`` of the ledger's
     replication lag on that node (None if it applied no replicated event in
     the window); ``ledger`` has its event, held, behind and member counts.
@@ -218,6 +221,7 @@ class MetricsRole:
                 "models": health.get("models", []),
                 "last_seen": None if last_up is None else round(last_up + wall_offset, 3),
                 "error": sample.error,
+                "scaling": health.get("scaling"),
             })
         if any(a.severity == "critical" for a in firing):
             status = "critical"
