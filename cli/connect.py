@@ -108,6 +108,7 @@ class SwarmAccess:
     timeout: float
     api_key: str | None = None
     saved_target: bool = True
+    ca_file: str | None = None
 
     @classmethod
     def from_options(cls, bootstrap: Sequence[str] = (), url: str | None = None,
@@ -165,6 +166,8 @@ class SwarmAccess:
             raise AuthenticationRequired("no API key and no saved session")
         target: dict[str, Any] = ({"bootstrap": self.bootstrap} if self.bootstrap
                                   else {"base_url": self.url})
+        if self.ca_file:  # HTTPS certificates are checked against it (always checked)
+            target["verify"] = self.ca_file
         return {**target, "api_key": api_key, "token": token}
 
     def client(self, credential: str = "any") -> Client:
@@ -244,12 +247,19 @@ def swarm_access(*, api_key: bool = True) -> Callable[[F], F]:
     def decorator(f: F) -> F:
         @functools.wraps(f)
         def wrapper(*args: Any, bootstrap: tuple[str, ...], url: str | None, timeout: float,
-                    **kwargs: Any) -> Any:
+                    ca_file: str | None, **kwargs: Any) -> Any:
             key = kwargs.pop("api_key", None)
             access = SwarmAccess.from_options(bootstrap, url, timeout, key)
+            access.ca_file = ca_file
             return f(*args, access=access, **kwargs)
 
         wrapper = timeout_option(wrapper)
+        wrapper = click.option(
+            "--ca-file", envvar="P2PINFER_CA_FILE", metavar="PEM",
+            type=click.Path(exists=True, dir_okay=False),
+            help="CA certificate(s) to check an https:// --url against, e.g. a node's "
+                 "self-signed tls/ca.pem (env: P2PINFER_CA_FILE). Certificates are "
+                 "always checked.")(wrapper)
         if api_key:
             wrapper = click.option(
                 "--api-key", envvar="P2PINFER_API_KEY", metavar="KEY",

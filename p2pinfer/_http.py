@@ -10,6 +10,7 @@ line carrying the trailer (model, finish_reason, usage, request_id, ...).
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +24,18 @@ from .errors import (
 )
 
 __all__ = ["HttpStream", "error_from_response", "get_json", "request_json"]
+
+
+def unreachable_reason(exc: BaseException) -> str:
+    """Why an HTTP request could not be made, for the PeerUnavailable message:
+    the TLS verification failure if there is one in the chain (httpx on trio
+    reports it as an empty ConnectError), else the error's own text."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return f"TLS: {seen.args[1] if len(seen.args) > 1 else seen}"
+        seen = seen.__cause__ or seen.__context__
+    return str(exc) or type(exc).__name__
 
 
 def error_from_response(status: int, body: bytes) -> P2PInferError:
@@ -51,7 +64,8 @@ async def request_json(http: httpx.AsyncClient, method: str, path: str, *,
         resp = await http.request(method, path, headers=headers, params=params,
                                   json=body if body is not None else None)
     except httpx.HTTPError as exc:
-        raise PeerUnavailable(f"cannot reach {http.base_url}: {exc}") from exc
+        raise PeerUnavailable(f"cannot reach {http.base_url}: {unreachable_reason(exc)}") \
+                from exc
     if resp.status_code >= 400:
         raise error_from_response(resp.status_code, resp.content)
     try:
@@ -83,7 +97,8 @@ class HttpStream:
         try:
             resp = await http.send(req, stream=True)
         except httpx.HTTPError as exc:
-            raise PeerUnavailable(f"cannot reach {http.base_url}: {exc}") from exc
+            raise PeerUnavailable(f"cannot reach {http.base_url}: {unreachable_reason(exc)}") \
+                from exc
         if resp.status_code >= 400:
             body = await resp.aread()
             await resp.aclose()

@@ -30,7 +30,8 @@ both modes (``RateLimited``, ``InvalidApiKey``, ``PeerUnavailable``, ...),
 also when raised inside ``async with Client(...)``.
 
 Environment defaults: ``P2PINFER_BOOTSTRAP`` (comma-separated),
-``P2PINFER_URL``, ``P2PINFER_API_KEY``.
+``P2PINFER_URL``, ``P2PINFER_API_KEY``, ``P2PINFER_CA_FILE`` (a CA bundle
+that HTTPS certificates are checked against; they always are).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import functools
 import os
 import queue
 import random
+import ssl
 import threading
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack
@@ -190,6 +192,13 @@ class InferenceStream:
         return str(event)
 
 
+def _ssl_verify(verify: bool | str) -> bool | ssl.SSLContext:
+    """httpx's ``verify``: a CA bundle path becomes an SSL context trusting it."""
+    if isinstance(verify, str):
+        return ssl.create_default_context(cafile=verify)
+    return verify
+
+
 class Client:
     """Async client for a p2pinfer swarm (see the module docstring).
 
@@ -199,7 +208,9 @@ class Client:
         api_key: the API key that authenticates every request.
         token: a session token instead of an API key (wins over ``api_key``).
         identity: the client's libp2p key (a fresh one by default).
-        verify: HTTPS certificate check: True, False or a CA bundle path.
+        verify: HTTPS certificate check: True (the system's CAs), a CA bundle
+            path (e.g. a node's self-signed ``ca.pem``) or False (never in
+            production). Default: ``P2PINFER_CA_FILE`` if set, else True.
         transport: an ``httpx`` transport for HTTP mode (tests use
             ``httpx.MockTransport``).
 
@@ -215,7 +226,7 @@ class Client:
         api_key: str | None = None,
         token: str | None = None,
         identity: Identity | None = None,
-        verify: bool | str = True,
+        verify: bool | str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         env_boot = os.environ.get("P2PINFER_BOOTSTRAP", "")
@@ -226,7 +237,8 @@ class Client:
         self.api_key = api_key or os.environ.get("P2PINFER_API_KEY") or None
         self.token = token
         self.identity = identity
-        self.verify = verify
+        self.verify: bool | str = (verify if verify is not None
+                                   else os.environ.get("P2PINFER_CA_FILE") or True)
         self.transport = transport
         if not self.bootstrap and not self.base_url:
             raise ConfigError("a client needs bootstrap addresses or a base_url "
@@ -263,7 +275,8 @@ class Client:
 
                 assert self.base_url is not None
                 self._http = await stack.enter_async_context(httpx.AsyncClient(
-                    base_url=self.base_url.rstrip("/"), verify=self.verify, timeout=None,
+                    base_url=self.base_url.rstrip("/"), verify=_ssl_verify(self.verify),
+                    timeout=None,
                     transport=self.transport))
             else:
                 import multiaddr

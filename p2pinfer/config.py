@@ -54,6 +54,10 @@ ENV_KEYS: dict[str, tuple[str, str]] = {
     "P2PINFER_BOOTSTRAP": ("node", "bootstrap"),
     "P2PINFER_ANNOUNCE": ("node", "announce"),
     "P2PINFER_LOG_FORMAT": ("node", "log_format"),
+    "P2PINFER_TLS_CERT": ("web", "tls_cert"),
+    "P2PINFER_TLS_KEY": ("web", "tls_key"),
+    "P2PINFER_TLS_SELF_SIGNED": ("web", "tls_self_signed"),
+    "P2PINFER_HTTP_REDIRECT_PORT": ("web", "redirect_port"),
 }
 _LIST_KEYS = {("node", "roles"), ("node", "listen"), ("node", "bootstrap"), ("node", "announce")}
 

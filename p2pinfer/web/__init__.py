@@ -26,6 +26,8 @@ Files:
   server-rendered pages, cookie sessions, the Jinja2 environment
   (autoescaping) and the dashboard's inline SVG charts;
 - ``security.py``: security headers, body limit, CSRF tokens;
+- ``tls.py``: HTTPS certificates (checked, or self-signed for a LAN) and the
+  plain-HTTP listener that redirects to HTTPS;
 - ``openapi.py``: the OpenAPI document (``/openapi.json``, ``/docs``);
 - ``templates/``, ``static/``: the pages' HTML and stylesheet.
 

@@ -23,6 +23,7 @@ from .server import serve_app
 from .sessions import SessionManager
 from .settings import WebSettings
 from .templating import make_environment
+from .tls import SELF_SIGNED_WARNING, RedirectToHttps, TlsFiles, check_pair, ensure_self_signed
 from .upstream import Upstream
 
 __all__ = ["WebRole"]
@@ -34,8 +35,10 @@ class WebRole:
     """The web role (see the module docstring).
 
     Attributes:
-        url: ``http://host:port`` once :meth:`run` has bound (None before).
+        url: ``http(s)://host:port`` once :meth:`run` has bound (None before).
         port: the bound port (the real one when ``[web] port = 0``).
+        tls: HTTPS is served (see :mod:`.tls`); cookies are then Secure.
+        redirect_url: the plain-HTTP listener that redirects to HTTPS, if any.
     """
 
     name = "web"
@@ -44,9 +47,11 @@ class WebRole:
         self.node = node
         self.settings = WebSettings.from_config(node.config)
         s = self.settings
-        self.tls = False
+        self.tls_files = self._tls_files()
+        self.tls = self.tls_files is not None
         self.url: str | None = None
         self.port: int | None = None
+        self.redirect_url: str | None = None
         self.upstream = Upstream(node, call_timeout=s.call_timeout,
                                  request_timeout=s.request_timeout, models_ttl=s.models_ttl)
         self.templates = make_environment(s.title)
@@ -65,14 +70,38 @@ class WebRole:
         # unknown to anyone without the node key.
         return hashlib.sha256(self.node.identity.sign(b"p2pinfer web csrf key v1")).digest()
 
+    def _tls_files(self) -> TlsFiles | None:
+        """The certificate to serve HTTPS with (see :mod:`.tls`), checked; None: HTTP."""
+        s = self.settings
+        if s.tls_cert is not None and s.tls_key is not None:
+            check_pair(s.tls_cert, s.tls_key)
+            return TlsFiles(s.tls_cert, s.tls_key)
+        if s.tls_self_signed:
+            files = ensure_self_signed(self.node.config.home, [s.host, *s.tls_hosts])
+            check_pair(files.cert, files.key)
+            log.warning(SELF_SIGNED_WARNING.format(cert=files.cert, ca=files.ca))
+            return files
+        return None
+
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve HTTP until cancelled; started once the port is bound."""
+        """Serve HTTP(S) until cancelled; started once the port is bound (and
+        the redirect listener, if configured)."""
+        s = self.settings
+        files = self.tls_files
         async with trio.open_nursery() as nursery:
-            self.url, self.port = await nursery.start(
-                partial(serve_app, self.app, self.settings.host, self.settings.port))
+            self.url, self.port = await nursery.start(partial(
+                serve_app, self.app, s.host, s.port,
+                certfile=None if files is None else str(files.cert),
+                keyfile=None if files is None else str(files.key)))
+            if files is not None and s.redirect_port is not None:
+                assert self.port is not None
+                self.redirect_url, _ = await nursery.start(
+                    serve_app, RedirectToHttps(self.port), s.host, s.redirect_port)
             task_status.started()
 
     def describe(self) -> dict[str, Any]:
+        if self.tls:
+            return {"port": self.port, "tls": True}
         return {"port": self.port}
 
     def topics(self) -> list[str]:

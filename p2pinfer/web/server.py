@@ -37,10 +37,11 @@ def _config(host: str, port: int, *, certfile: str | None, keyfile: str | None) 
 async def serve_app(app: Any, host: str, port: int, *, certfile: str | None = None,
                     keyfile: str | None = None,
                     task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve ``app`` on ``host:port`` until cancelled.
+    """Serve ``app`` on ``host:port`` until cancelled; HTTPS (TLS 1.2+) when
+    ``certfile`` and ``keyfile`` are given.
 
-    ``task_status.started((url, port))`` reports the bound URL and port
-    (the real one when ``port`` is 0).
+    ``task_status.started((url, port))`` reports the bound URL
+    (``http://`` or ``https://``) and port (the real one when ``port`` is 0).
     """
     from hypercorn.trio import serve
 

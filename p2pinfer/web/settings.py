@@ -10,7 +10,13 @@
     secure_cookies = false      # mark cookies Secure (always on once TLS serves)
     session_cookie = "p2p_session"
     title = "p2pinfer"          # shown in the page header
+    tls_cert = ""               # P2PINFER_TLS_CERT: PEM certificate (chain): serve HTTPS
+    tls_key = ""                # P2PINFER_TLS_KEY: its private key
+    tls_self_signed = false     # P2PINFER_TLS_SELF_SIGNED: no cert given: make one in <home>/tls
+    tls_hosts = []              # extra names / addresses for the self-signed certificate
+    redirect_port = -1          # P2PINFER_HTTP_REDIRECT_PORT: >= 0: plain HTTP that redirects
 
+Relative TLS paths are relative to the node's home. See :mod:`.tls`.
 Every value is checked when the role is built; a bad one raises
 :class:`~p2pinfer.errors.ConfigError` naming it.
 """
@@ -18,15 +24,18 @@ Every value is checked when the role is built; a bad one raises
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from ..config import NodeConfig
+from ..config import NodeConfig, Section
 from ..errors import ConfigError
 
 __all__ = ["WebSettings"]
 
 _KEYS = {"host", "port", "max_body_bytes", "request_timeout", "call_timeout", "models_ttl",
-         "secure_cookies", "session_cookie", "title"}
+         "secure_cookies", "session_cookie", "title", "tls_cert", "tls_key",
+         "tls_self_signed", "tls_hosts", "redirect_port"}
 _COOKIE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 
 
@@ -43,6 +52,16 @@ class WebSettings:
     secure_cookies: bool = False
     session_cookie: str = "p2p_session"
     title: str = "p2pinfer"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_self_signed: bool = False
+    tls_hosts: tuple[str, ...] = field(default=())
+    redirect_port: int | None = None
+
+    @property
+    def tls(self) -> bool:
+        """Whether HTTPS is served (a certificate, or a self-signed one)."""
+        return self.tls_cert is not None or self.tls_self_signed
 
     @property
     def refresh_cookie(self) -> str:
@@ -73,4 +92,26 @@ class WebSettings:
             secure_cookies=s.get_bool("secure_cookies", False),
             session_cookie=cookie,
             title=s.get_str("title", "p2pinfer")[:60],
+            **_tls(s, config.home),
         )
+
+
+def _tls(s: Section, home: Path) -> dict[str, Any]:
+    def path(key: str) -> Path | None:
+        value = s.get_optional_str(key)
+        if value is None:
+            return None
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else home / p
+
+    cert, key = path("tls_cert"), path("tls_key")
+    if (cert is None) != (key is None):
+        raise ConfigError("web.tls_key: give both tls_cert and tls_key, or neither")
+    redirect = s.get_int("redirect_port", -1, minimum=-1, maximum=65535)
+    self_signed = s.get_bool("tls_self_signed", False)
+    if redirect >= 0 and cert is None and not self_signed:
+        raise ConfigError("web.redirect_port: redirects to HTTPS, which needs tls_cert and "
+                          "tls_key (or tls_self_signed = true)")
+    return {"tls_cert": cert, "tls_key": key, "tls_self_signed": self_signed,
+            "tls_hosts": tuple(s.get_str_list("tls_hosts")),
+            "redirect_port": None if redirect < 0 else redirect}
