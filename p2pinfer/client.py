@@ -675,6 +675,50 @@ class Client:
         return dict(await self._call_role("auth", "revokeApiKey",
                                           {"token": self.token, "key_id": key_id}))
 
+    async def export_data(self, *, user_id: str | None = None) -> dict[str, Any]:
+        """Everything the swarm holds about the caller (needs a session
+        token): ``account``, ``api_keys`` (metadata only), ``usage``,
+        ``request_logs`` (prompt hashes only), ``audit``. Admins may name
+        another ``user_id``."""
+        self._need_open()
+        if not self.token:
+            raise AuthenticationRequired("exporting your data needs a session: log in first")
+        if self._http is not None:
+            return dict(await self._http_json(
+                "GET", "/api/auth/export", headers=self._http_headers(),
+                params={"user_id": user_id} if user_id else None))
+        params: dict[str, Any] = {"token": self.token}
+        if user_id:
+            params["user_id"] = user_id
+        return dict(await self._call_role("auth", "exportUserData", params))
+
+    async def erase_account(self, password: str | None = None, *,
+                            user_id: str | None = None) -> dict[str, Any]:
+        """Erase the caller's account on every node (needs a session token and
+        the ``password``), or, for an admin, ``user_id``'s. Usage totals stay;
+        username and email are gone everywhere. Returns ``{user_id,
+        erased_at, revoked_keys, redacted, already_erased}``."""
+        self._need_open()
+        if not self.token:
+            raise AuthenticationRequired("erasing an account needs a session: log in first")
+        if user_id is None and password is None:
+            raise InvalidParams("password: erasing your own account needs your password",
+                                data={"field": "password"})
+        if self._http is not None:
+            if user_id is not None:
+                return dict(await self._http_json("DELETE", f"/api/auth/users/{user_id}",
+                                                  headers=self._http_headers()))
+            return dict(await self._http_json("DELETE", "/api/auth/me",
+                                              headers=self._http_headers(),
+                                              body={"password": password}))
+        params: dict[str, Any] = {"token": self.token}
+        if user_id is not None:
+            params["user_id"] = user_id
+        if password is not None:
+            params["password"] = password
+        result = dict(await self._call_role("auth", "eraseUser", params))
+        return result
+
 
 class SyncStream:
     """A streamed answer for synchronous code: iterate to get the text deltas

@@ -17,6 +17,8 @@ Files:
 - ``tokens.py``: EdDSA JWTs signed with the auth node's Ed25519 key, claims
   and lifetimes;
 - ``throttle.py``: sliding-window counters;
+- ``privacy.py``: data export and account erasure (``exportUserData``,
+  ``eraseUser``);
 - ``settings.py``: the ``[auth]`` table.
 
 Use from another role (no network round trip)::

@@ -61,6 +61,14 @@ setUserActive      {token | as_operator, user_id, is_active}       as above
                    → user
 setUserAdmin       {token | as_operator, user_id, is_admin}        as above
                    → user
+exportUserData     {token | as_operator, user_id?} → export        token errors,
+                   (account, api_keys, usage, request_logs,        PermissionDenied,
+                   audit: see p2pinfer.auth.privacy)               NotFound
+eraseUser          {token, password} (own account), or             token errors,
+                   {token | as_operator, user_id} (admins,         InvalidCredentials,
+                   operators) → {user_id, erased_at,               LoginThrottled,
+                   revoked_keys, redacted, already_erased}         PermissionDenied,
+                                                                   NotFound
 =================  ==============================================  ====================
 
 - *user*: ``{user_id, username, email, tier, is_active, is_admin,
@@ -82,6 +90,11 @@ certificate; the operator's own node, or the CLI on it) and passes
 ``as_operator: true`` with no token. That is how the first admin is made.
 Admins (and operators) may change any user's tier and active flag, and read
 or manage any user's keys and usage. Every change is audited.
+
+**Privacy** (:mod:`.privacy`): ``exportUserData`` returns everything the
+ledger holds about a user; ``eraseUser`` erases an account everywhere
+(a signed tombstone; usage totals stay). Both take a session token, never
+an API key; erasing one's own account also takes the password.
 """
 
 from __future__ import annotations
@@ -96,6 +109,7 @@ import trio
 from ..errors import InvalidParams, NotMember
 from ..rpc.server import Access, CallContext, rpc_method
 from .authenticator import Principal, Via
+from .privacy import Privacy
 from .service import Actor, AuthService, key_view, user_view
 from .settings import AuthSettings
 
@@ -226,6 +240,7 @@ class AuthRole:
         self.settings = AuthSettings.from_config(node.config)
         self.service = AuthService(node, self.settings)
         self.authenticator = self.service.authenticator
+        self.privacy = Privacy(self.service)
 
     # -- the role contract -----------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -404,3 +419,42 @@ class AuthRole:
         user = self.service.set_user(actor, user_id, is_admin=admin,
                                      source=self._source(ctx, p))
         return user_view(user)
+
+    # -- privacy -----------------------------------------------------------------------
+    def _privacy_actor(self, ctx: CallContext, p: Params) -> tuple[Actor, str | None]:
+        """Who asks, and their own user id (None for an operator)."""
+        if p.boolean("as_operator", required=False):
+            return self._actor(ctx, p), None
+        principal = self._principal(ctx, p, allow=("token",))
+        return Actor.of(principal), principal.user_id
+
+    @rpc_method("exportUserData", access=Access.PUBLIC)
+    async def rpc_export_user_data(self, ctx: CallContext, params: Any) -> dict[str, Any]:
+        """``{token | as_operator, user_id?}`` → everything the ledger holds
+        about the user (one's own; anyone's for admins and operators)."""
+        p = Params(params, (*_CREDENTIALS, "as_operator", "user_id"))
+        user_id = p.uuid("user_id", required=False)
+        actor, self_id = self._privacy_actor(ctx, p)
+        target = user_id or self_id
+        if target is None:
+            raise InvalidParams("user_id: required with as_operator", data={"field": "user_id"})
+        return self.privacy.export(actor, target, self_id=self_id, source=self._source(ctx, p))
+
+    @rpc_method("eraseUser", access=Access.PUBLIC)
+    async def rpc_erase_user(self, ctx: CallContext, params: Any) -> dict[str, Any]:
+        """``{token, password}``: erase one's own account everywhere; or
+        ``{token | as_operator, user_id}`` for admins and operators."""
+        p = Params(params, (*_CREDENTIALS, "as_operator", "user_id", "password"))
+        user_id = p.uuid("user_id", required=False)
+        password = p.string("password", required=False, max_len=MAX_SECRET_PARAM)
+        actor, self_id = self._privacy_actor(ctx, p)
+        target = user_id or self_id
+        if target is None:
+            raise InvalidParams("user_id: required with as_operator", data={"field": "user_id"})
+        source = self._source(ctx, p)
+        if target == self_id:
+            if password is None:
+                raise InvalidParams("password: erasing your own account needs your password",
+                                    data={"field": "password"})
+            await self.privacy.check_password(target, password, source=source)
+        return self.privacy.erase(actor, target, self_id=self_id, source=source)

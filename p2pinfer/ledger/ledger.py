@@ -284,6 +284,8 @@ class Ledger:
             now = time.time()
             for ev in events:
                 self.metrics.lag.observe(max(0.0, now - ev.wall))
+        if self.store.compact_due:  # an erasure was applied: leave no copy in the WAL
+            self.store.compact()
         self._changed.set()
         self._changed = trio.Event()
         for subscriber in list(self._subscribers):

@@ -111,6 +111,7 @@ class Store:
         self.membership = Membership(network)
         self.listeners: list[Listener] = []
         self._rebuild_needed = False
+        self.compact_due = False  # an erasure redacted something: compact the WAL
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(str(self.path), isolation_level=None,
@@ -118,6 +119,9 @@ class Store:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
             conn.execute("PRAGMA busy_timeout=5000")
+            # Deleted and overwritten content is zeroed, not left in free pages:
+            # an erased user's data must not survive in the file (see .privacy).
+            conn.execute("PRAGMA secure_delete=ON")
             self.conn = conn
             self.db = Database(conn)
             migrate(self.db)
@@ -367,6 +371,7 @@ class Store:
             self.conn.execute(
                 "UPDATE events SET raw=?, redacted=1 WHERE author=? AND seq=?",
                 (self._stub_of(author, seq, held.hlc, held.kind, digest), author, seq))
+        self.compact_due = True
 
     def _save_heads(self, touched: Iterable[str]) -> None:
         for author in touched:
@@ -452,6 +457,19 @@ class Store:
             rows = self.conn.execute(f"SELECT * FROM {table}").fetchall()
             out[table] = sorted(rows, key=repr)
         return out
+
+    def compact(self) -> bool:
+        """Move the write-ahead log into the database file and truncate it
+        (after an erasure: see :func:`.privacy.compact`)."""
+        from .privacy import compact
+
+        try:
+            done = compact(self.conn)
+        except sqlite3.Error as exc:
+            log.warning("could not compact %s after an erasure: %s", self.path, exc)
+            return False
+        self.compact_due = not done
+        return done
 
     def integrity_check(self) -> str:
         return str(self.conn.execute("PRAGMA integrity_check").fetchone()[0])

@@ -17,6 +17,7 @@ Files:
   ``/v1/completions``;
 - ``ollama_api.py``: ``/api/chat``, ``/api/generate``, ``/api/tags``,
   ``/api/show``, ``/api/ps``, ``/api/version``;
+- ``privacy.py``: data export and account erasure (REST and the account page);
 - ``streaming.py``: one streaming response for the three dialects (NDJSON,
   SSE), cancelling the request when the client goes away;
 - ``credentials.py``: API keys and session tokens from HTTP headers;

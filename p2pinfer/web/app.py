@@ -24,6 +24,7 @@ from .api import api_routes
 from .ollama_api import OLLAMA_PATHS, ollama_routes
 from .openai_api import openai_routes
 from .openapi import openapi_document
+from .privacy import privacy_routes
 from .responses import as_error, json_error, ollama_error, openai_error
 from .security import BodyLimit, SecurityHeaders
 
@@ -150,6 +151,7 @@ def build_app(web: WebRole) -> Any:
         *openai_routes(web),
         *ollama_routes(web),
         *web.pages.routes(),
+        *privacy_routes(web),
         Route("/openapi.json", openapi_json, methods=["GET"]),
         Route("/docs", docs, methods=["GET"]),
         Mount("/static", app=StaticFiles(packages=[("p2pinfer.web", "static")]),

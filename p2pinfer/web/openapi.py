@@ -124,6 +124,10 @@ SCHEMAS: dict[str, Any] = {
                      "expires_at": {"type": "number"}, "refresh_token": {"type": "string"},
                      "session_id": {"type": "string"}, "user": _ref("User")}, extra=True),
     "NewKey": _obj({"name": _str(100)}),
+    "EraseMe": _obj({"password": _str(4096)}, ("password",)),
+    "Erased": _obj({"user_id": {"type": "string"}, "erased_at": {"type": "number"},
+                    "revoked_keys": {"type": "integer"}, "redacted": {"type": "integer"},
+                    "already_erased": {"type": "boolean"}}, extra=True),
     "IssuedKey": _obj({"api_key": {"type": "string"}, "key_id": {"type": "string"},
                        "public_id": {"type": "string"},
                        "name": {"type": "string", "nullable": True}}, extra=True),
@@ -194,10 +198,30 @@ def _paths() -> dict[str, Any]:
             "auth", "End the session", {"200": ok("revoked"), **e("Error", 401, 422)},
             body=_body(_ref("Logout"), required=False), security=TOKEN_AUTH,
             operation_id="logout")},
-        "/api/auth/me": {"get": _op(
-            "auth", "The caller's account", {"200": ok("the user", _ref("User")),
-                                             **e("Error", 401)},
-            security=KEY_AUTH, operation_id="me")},
+        "/api/auth/me": {
+            "get": _op("auth", "The caller's account", {"200": ok("the user", _ref("User")),
+                                                        **e("Error", 401)},
+                       security=KEY_AUTH, operation_id="me"),
+            "delete": _op(
+                "privacy", "Delete (erase) the caller's account on every node",
+                {"200": ok("erased", _ref("Erased")), **e("Error", 401, 422, 429)},
+                body=_body(_ref("EraseMe")), security=TOKEN_AUTH, operation_id="eraseMe",
+                description="Needs the session token and the password (a wrong password "
+                            "counts as a failed login). Username and email are erased "
+                            "everywhere; usage totals stay.")},
+        "/api/auth/export": {"get": _op(
+            "privacy", "Everything the swarm holds about the caller (JSON)",
+            {"200": ok("the export"), **e("Error", 401, 403, 404, 422)},
+            security=TOKEN_AUTH, operation_id="exportData",
+            parameters=[{"name": "user_id", "in": "query", "required": False,
+                         "description": "another user's (admins only)",
+                         "schema": {"type": "string", "format": "uuid"}}])},
+        "/api/auth/users/{user_id}": {"delete": _op(
+            "privacy", "Erase a user's account (admins)",
+            {"200": ok("erased", _ref("Erased")), **e("Error", 401, 403, 404, 422)},
+            security=TOKEN_AUTH, operation_id="eraseUser",
+            parameters=[{"name": "user_id", "in": "path", "required": True,
+                         "schema": {"type": "string", "format": "uuid"}}])},
         "/api/auth/api-keys": {
             "post": _op("keys", "Create an API key (shown once)",
                         {"201": ok("the key", _ref("IssuedKey")), **e("Error", 401, 422, 429)},
@@ -308,8 +332,8 @@ def openapi_document(server_url: str | None = None) -> dict[str, Any]:
                           "description": "the API key as the password"},
             },
         },
-        "tags": [{"name": n} for n in ("auth", "keys", "inference", "usage", "system",
-                                       "openai", "ollama", "pages")],
+        "tags": [{"name": n} for n in ("auth", "keys", "privacy", "inference", "usage",
+                                       "system", "openai", "ollama", "pages")],
     }
     if server_url:
         doc["servers"] = [{"url": server_url}]
