@@ -44,6 +44,7 @@ COMMAND_MODULES = (
     "commands_operator",
     "commands_network",
     "commands_shell",
+    "commands_ops",
 )
 
 

@@ -13,6 +13,10 @@ Files:
 - ``migrations.py``: the schema, as ``m001_...`` migrations;
 - ``replication.py``: the ledger RPC methods and anti-entropy;
 - ``gossip.py``: GossipSub publishing, a fast hint only;
+- ``privacy.py``: what the ledger holds about a user (exports), compaction
+  after an erasure;
+- ``backup.py``: online backups of the store, restores and the restore
+  fence (a restored node learns its own sequence from peers before writing);
 - ``metrics.py``: Prometheus metrics on the node's registry.
 
 Using the ledger from a role (``ledger = node.ledger``)::

@@ -68,6 +68,10 @@ class LedgerSettings:
         join_token: a join token to import on first start.
         self_network_days: certificate lifetime of an automatically created
             single-node network.
+        restore_quorum: after a restore from backup, how many other member
+            nodes must have told this node its own latest events before it
+            writes again (-1: half of the other members with roles, rounded
+            up, at least one; see :mod:`.backup`).
     """
 
     sync_interval: float = 5.0
@@ -78,6 +82,7 @@ class LedgerSettings:
     gossip: bool = True
     join_token: str | None = None
     self_network_days: float = 3650.0
+    restore_quorum: int = -1
 
     @classmethod
     def from_section(cls, section: Section) -> LedgerSettings:
@@ -90,6 +95,7 @@ class LedgerSettings:
             gossip=section.get_bool("gossip", True),
             join_token=section.get_optional_str("join_token"),
             self_network_days=section.get_float("self_network_days", 3650.0, minimum=1.0),
+            restore_quorum=section.get_int("restore_quorum", -1, minimum=-1, maximum=10_000),
         )
 
 
@@ -138,7 +144,15 @@ class Ledger:
             self.anti_entropy = AntiEntropy(self, rpc, peers or (lambda: []))
         self.service = LedgerService(self)
         store.listeners.append(self._on_applied)
-        self._ensure_admitted()
+        # After a restore from backup: what peers said our own head is (see .backup).
+        self._heard: dict[str, int] = {}
+        if store.fence is None:
+            self._ensure_admitted()
+        else:
+            log.warning("this node's ledger was restored from a backup: it writes nothing "
+                        "until %d member node(s) have told it its own latest events",
+                        self.restore_quorum())
+            self._check_fence()
 
     # -- construction -------------------------------------------------------------------
     @classmethod
@@ -261,6 +275,59 @@ class Ledger:
             body["redacts"] = redacts[:64]
         return self.append("user.erased", body)
 
+    # -- restore fence (see .backup) -----------------------------------------------------
+    @property
+    def fenced(self) -> bool:
+        """True while a node restored from a backup may not write yet."""
+        return self.store.fence is not None
+
+    def restore_quorum(self) -> int:
+        """How many other members must report this node's own head before the
+        restore fence lifts (0: none to ask)."""
+        fence = self.store.fence or {}
+        wanted = fence.get("quorum")
+        if not isinstance(wanted, int) or wanted < 0:
+            wanted = self.settings.restore_quorum
+        now = time.time()
+        others = sum(1 for m in self.members()
+                     if m.peer_id != self.peer_id and m.roles and m.active(now))
+        if wanted < 0:
+            wanted = (others + 1) // 2
+        return min(wanted, others)
+
+    def heard_version(self, peer: str, vv: Mapping[str, int], own_max: int | None) -> None:
+        """A member told us its version vector (and the highest of our own
+        events it holds, held ones included): while fenced, remember what
+        it knows of our sequence."""
+        if self.store.fence is None or not self.is_member(peer):
+            return
+        self._heard[peer] = max(vv.get(self.peer_id, 0), own_max or 0)
+        self._check_fence()
+
+    def _check_fence(self) -> None:
+        """Lift the restore fence once enough members have reported our own
+        head and we have applied everything up to the highest of them."""
+        if self.store.fence is None:
+            return
+        quorum = self.restore_quorum()
+        known = max(self._heard.values(), default=0)
+        if len(self._heard) < quorum or self.store.heads.get(self.peer_id, 0) < known:
+            return
+        self.store.lift_fence()
+        log.warning("restore fence lifted: %d member(s) reported this node's events up to "
+                    "#%d; writing again from #%d", len(self._heard), known,
+                    self.store.heads.get(self.peer_id, 0) + 1)
+        self._heard.clear()
+        self._ensure_admitted()
+
+    def fence_status(self) -> dict[str, Any] | None:
+        """None when not fenced; else the fence, who reported and what is needed."""
+        fence = self.store.fence
+        if fence is None:
+            return None
+        return {**fence, "heard": dict(self._heard), "quorum_needed": self.restore_quorum(),
+                "own_head": self.store.heads.get(self.peer_id, 0)}
+
     def ingest(self, raws: Sequence[bytes], *, source: str = "sync",
                origin: str | None = None) -> IngestReport:
         """Apply events received from a peer (checked; refusals are counted)."""
@@ -286,6 +353,8 @@ class Ledger:
                 self.metrics.lag.observe(max(0.0, now - ev.wall))
         if self.store.compact_due:  # an erasure was applied: leave no copy in the WAL
             self.store.compact()
+        if self.store.fence is not None:
+            self._check_fence()
         self._changed.set()
         self._changed = trio.Event()
         for subscriber in list(self._subscribers):
@@ -396,6 +465,7 @@ class Ledger:
             "gossip_published": self.gossip.published if self.gossip else 0,
             "gossip_received": self.gossip.received if self.gossip else 0,
             "sync_rounds": self.anti_entropy.rounds if self.anti_entropy else 0,
+            "fenced": self.fenced,
         }
 
     # -- running ------------------------------------------------------------------------

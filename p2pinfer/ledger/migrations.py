@@ -23,7 +23,8 @@ Tables (timestamps are REAL seconds since the epoch, ids UUID strings):
   ``key_last_used``, ``usage_hourly`` (per-gateway counters per hour);
 - ``audit`` and ``revoked_sessions``;
 - ``erased_users`` and ``redactions`` (what erasures redacted; a redacted
-  row of ``events`` holds a stub, ``redacted`` = 1).
+  row of ``events`` holds a stub, ``redacted`` = 1);
+- ``local_state``: this node's own, unreplicated state (the restore fence).
 """
 
 from __future__ import annotations
@@ -149,6 +150,15 @@ def m003_redaction(db: Database) -> None:
          "erasure_seq": INT},
         pk=("author", "seq"), not_null={"hash", "user_id"},
     )
+
+
+@migration
+def m004_local_state(db: Database) -> None:
+    """This node's own bookkeeping, never replicated: ``local_state`` (key,
+    JSON value); ``fence`` is set by a restore from backup (see
+    :mod:`.backup`) until the node has learnt its own latest events from
+    its peers."""
+    db.table("local_state").create({"key": TEXT, "value": TEXT}, pk="key", if_not_exists=True)
 
 
 def applied_migrations(db: Database) -> list[str]:

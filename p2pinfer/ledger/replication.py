@@ -20,7 +20,9 @@ both brought up to date and has its own writes collected promptly.
 RPC parameters and results:
 
 - ``ledgerHello {net, docs: [signed doc]}`` → ``{net, docs, member: bool}``
-- ``ledgerSync {vv: {author: seq}, digest: bytes}`` → ``{vv, digest, docs?}``
+- ``ledgerSync {vv: {author: seq}, digest: bytes}`` → ``{vv, digest, docs?,
+  own_max}`` (``own_max``: the caller's highest event held here, for a node
+  restored from a backup, see :mod:`.backup`)
 - ``ledgerPull {after: {author: seq}, limit: int}`` → stream of
   ``[raw event, ...]`` batches, in ascending seq per author.
 """
@@ -107,7 +109,10 @@ class LedgerService:
         store = self.ledger.store
         mine = store.version_vector()
         digest = store.membership.digest()
-        out: dict[str, Any] = {"vv": mine, "digest": digest}
+        # The caller's own highest event here, held ones included: a node
+        # restored from a backup learns from it where its sequence stands.
+        out: dict[str, Any] = {"vv": mine, "digest": digest,
+                               "own_max": store.max_seq_of(ctx.peer_id)}
         if p.get("digest") != digest:
             out["docs"] = [d.to_wire() for d in store.membership.docs()]
         ahead = {a: s for a, s in theirs.items() if s > mine.get(a, 0)}
@@ -295,6 +300,8 @@ class AntiEntropy:
         if isinstance(docs, list):
             store.absorb_docs(docs, source=f"sync with {short(peer)}")
         theirs = _vv(reply.get("vv"), "vv")
+        own_max = reply.get("own_max")
+        ledger.heard_version(peer, theirs, own_max if type(own_max) is int else None)
         mine = store.version_vector()
         want = {a: mine.get(a, 0) for a, s in theirs.items() if s > mine.get(a, 0)}
         behind = sum(theirs[a] - mine.get(a, 0) for a in want)

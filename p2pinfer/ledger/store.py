@@ -28,6 +28,7 @@ hundred events), so they run on the trio thread.
 
 from __future__ import annotations
 
+import json
 import logging
 import sqlite3
 import time
@@ -144,6 +145,8 @@ class Store:
                 log.exception("stored membership document no longer verifies")
         self.membership = membership
         self.heads = {a: s for a, s in self.conn.execute("SELECT author, seq FROM heads")}
+        row = self.conn.execute("SELECT value FROM local_state WHERE key='fence'").fetchone()
+        self.fence: dict[str, Any] | None = json.loads(row[0]) if row else None
         self.held_count = self.conn.execute(
             "SELECT count(*) FROM events WHERE applied=0").fetchone()[0]
         top = self.conn.execute("SELECT max(hlc) FROM events").fetchone()[0]
@@ -385,9 +388,15 @@ class Store:
 
         Raises:
             InvalidEvent: a malformed body; UnauthorizedAuthor, KindNotAllowed:
-            this node may not write that kind; StorageError: nothing was written.
+            this node may not write that kind; StorageError: nothing was written
+            (also while the restore fence holds: ``data.reason = "restored"``).
         """
         me = identity.peer_id
+        if self.fence is not None:
+            raise StorageError(
+                "this node was restored from a backup and has not yet learnt its own latest "
+                "events from its peers; it writes again once it has (see p2pinfer.ledger.backup)",
+                data={"reason": "restored", "retry_after": 1.0})
         out: list[Event] = []
         touched: set[str] = set()
         with self._transaction():
@@ -430,6 +439,18 @@ class Store:
         row = self.conn.execute("SELECT raw FROM events WHERE author=? AND seq=? AND redacted=0",
                                 (author, seq)).fetchone()
         return decode_trusted(row[0]) if row else None
+
+    def max_seq_of(self, author: str) -> int:
+        """The highest seq of ``author`` stored here, held events included."""
+        row = self.conn.execute("SELECT max(seq) FROM events WHERE author=?",
+                                (author,)).fetchone()
+        return int(row[0] or 0)
+
+    def lift_fence(self) -> None:
+        """Drop the restore fence (the ledger decided it is safe to write)."""
+        with self._transaction():
+            self.conn.execute("DELETE FROM local_state WHERE key='fence'")
+        self.fence = None
 
     def count_events(self) -> int:
         return int(self.conn.execute("SELECT count(*) FROM events WHERE applied=1").fetchone()[0])
