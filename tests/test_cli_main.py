@@ -242,3 +242,27 @@ def helper_env(**extra: Any) -> dict[str, str]:
     env.update({k: str(v) for k, v in extra.items()})
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def test_the_shipped_daemon_files() -> None:
+    """daemon/node.example.toml is a valid config for every role (its
+    commented [[models]] examples too); the systemd unit runs the daemon."""
+    from p2pinfer.config import NodeConfig
+    from p2pinfer.gateway.settings import GatewaySettings
+    from p2pinfer.inference.settings import InferenceSettings, build_models
+    from p2pinfer.metrics.settings import MetricsSettings
+    from p2pinfer.web.settings import WebSettings
+
+    text = (ROOT / "daemon" / "node.example.toml").read_text()
+    config = NodeConfig.from_mapping(__import__("tomllib").loads(text), env={})
+    assert config.roles == ("auth", "gateway", "inference", "metrics", "web")
+    for settings in (GatewaySettings, InferenceSettings, MetricsSettings, WebSettings):
+        settings.from_config(config)
+    uncommented = "\n".join(line[2:] if line.startswith(("# [[models", "# name", "# backend",
+                                                         "# url")) else line
+                            for line in text.splitlines())
+    full = NodeConfig.from_mapping(__import__("tomllib").loads(uncommented), env={})
+    entries = build_models(full.tree, InferenceSettings.from_config(full))
+    assert [e.backend.name for e in entries] == ["llama3", "gpt-4o-mini"]
+    unit = (ROOT / "daemon" / "p2pinfer.service").read_text()
+    assert "ExecStart=" in unit and " daemon --config " in unit and "KillSignal=SIGTERM" in unit
