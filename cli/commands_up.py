@@ -11,6 +11,7 @@ they belong to another swarm), so ``p2pinfer prompt "..."`` works next.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import secrets
@@ -352,9 +353,13 @@ def up(workers: int, port: int, p2p_port: int, prompt_text: str | None, max_toke
     try:
         trio.run(main)
     except BaseException as exc:
-        if isinstance(sole_error(exc), KeyboardInterrupt):
+        leaf = sole_error(exc)
+        if isinstance(leaf, KeyboardInterrupt):
             note("\nStopped the swarm.")
             raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+        if isinstance(leaf, OSError) and leaf.errno == errno.EADDRINUSE:
+            raise CliError(f"port {port} is already in use: pass --port with another one "
+                           "(0 for any free port)", EXIT_USAGE) from None
         raise
 
 

@@ -21,6 +21,7 @@ code  meaning
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 import click
@@ -170,6 +171,11 @@ def map_exception(exc: BaseException) -> BaseException | None:
         return click.exceptions.Exit(EXIT_ERROR)
     if isinstance(leaf, PermissionError | FileNotFoundError | IsADirectoryError):
         return CliError(f"{leaf.strerror}: {leaf.filename}", EXIT_USAGE)
+    if isinstance(leaf, OSError) and leaf.errno == errno.EADDRINUSE:
+        return CliError("a port this command listens on is already in use "
+                        f"({leaf.strerror}); choose another one", EXIT_USAGE)
+    if isinstance(leaf, OSError) and leaf.strerror:
+        return CliError(f"{leaf.strerror}" + (f": {leaf.filename}" if leaf.filename else ""))
     return None
 
 

@@ -158,3 +158,25 @@ def test_quickstart_script_answers_the_demo_prompt() -> None:
     assert "Explain peer-to-peer networks in one sentence." in done.stderr
     assert len(done.stdout.split()) >= 3  # the model's answer
     assert "p2pinfer is up" in done.stderr and "dashboard" in done.stderr
+
+
+def test_a_busy_dashboard_port_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    import socket
+    import sys
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # A free-port check that loses the race (another program binds the
+        # port between the check and the web role's bind).
+        probe = ("import p2pinfer.cli.commands_up as up\n"
+                 "up._port_free = lambda port: True\n"
+                 "from p2pinfer.cli.main import main\n"
+                 f"main(['up', '--workers', '1', '--port', '{port}', '--once', "
+                 f"'--dir', {str(tmp_path / 'swarm')!r}])\n")
+        done = subprocess.run([sys.executable, "-c", probe], env=helper_env(
+            P2PINFER_CONFIG_DIR=config_dir()), capture_output=True, text=True,
+            timeout=START_LIMIT)
+    assert done.returncode == EXIT_USAGE, done.stderr
+    assert f"port {port} is already in use" in done.stderr and "Traceback" not in done.stderr
