@@ -64,8 +64,20 @@ def _peer_id_obj(peer_id: str) -> Any:
 
 def _refused_protocol(exc: BaseException) -> bool:
     """The peer is alive but does not serve RPC (e.g. an SDK client): its
-    connection is fine and must not be torn down."""
-    return "protocol not supported" in str(exc) or "protocols not supported" in str(exc)
+    connection is fine and must not be torn down.
+
+    py-libp2p 0.8.1 raises ``StreamFailure("failed to open a stream ...")``
+    *from* the negotiation error that says so: look down the whole chain.
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        text = str(cause)
+        if "protocol not supported" in text or "protocols not supported" in text:
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 class _Unary:

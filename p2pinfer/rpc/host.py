@@ -5,22 +5,39 @@ otherwise, stalls every dial by 250 ms without
 ``max_connections_per_peer=1``, and lets an exception escaping a stream
 handler crash the whole host. :func:`make_host` fixes the first two and
 :func:`guard_handler` the third.
+
+:func:`make_host` also hardens the TCP transport (see :func:`harden_tcp`):
+
+- at most ``max_inbound_per_ip`` inbound connections from one IP address.
+  py-libp2p accepts 250 inbound connections in all and holds each slot
+  while the handshake runs (up to 10 s) or for the connection's life: one
+  client opening 300 idle TCP connections otherwise locks everyone out;
+- every TCP socket gets keepalive and ``TCP_USER_TIMEOUT``: a peer whose
+  link silently drops packets (a cut cable, a partition) is declared gone
+  within about :data:`TCP_DEAD_AFTER` seconds instead of the ~15 minutes of
+  TCP retransmissions, so its calls fail over instead of hanging.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from ..identity import Identity
 
-__all__ = ["RPC_PROTOCOL", "make_host", "guard_handler", "parse_multiaddr", "peer_info"]
+__all__ = ["RPC_PROTOCOL", "make_host", "guard_handler", "harden_tcp", "parse_multiaddr",
+           "peer_info"]
 
 log = logging.getLogger(__name__)
 
 RPC_PROTOCOL = "/p2pinfer/rpc/1.0.0"
+DEFAULT_MAX_INBOUND_PER_IP = 64
+# Seconds after which unacknowledged data (or unanswered keepalive probes)
+# mean the peer is gone.
+TCP_DEAD_AFTER = 15
 
 
 def make_host(
@@ -28,6 +45,7 @@ def make_host(
     *,
     announce_addrs: Sequence[str] = (),
     enable_mdns: bool = False,
+    max_inbound_per_ip: int = DEFAULT_MAX_INBOUND_PER_IP,
 ) -> Any:
     """A host that speaks only Noise and only yamux.
 
@@ -36,6 +54,7 @@ def make_host(
         announce_addrs: addresses to advertise instead of the listen ones
             (listening on 0.0.0.0 would otherwise advertise 0.0.0.0).
         enable_mdns: LAN discovery through mDNS.
+        max_inbound_per_ip: inbound connections accepted from one IP address.
     """
     import multiaddr
     from libp2p import new_host
@@ -70,7 +89,120 @@ def make_host(
         **kwargs,
     )
     _disable_auto_dial(host)
+    _shorten_dial_blacklist(host)
+    harden_tcp(host, max_inbound_per_ip=max_inbound_per_ip)
     return host
+
+
+def _tcp_socket(conn: Any) -> Any:
+    """The socket under a py-libp2p raw connection (RawConnection ->
+    TrioTCPStream -> trio.SocketStream -> socket), or None."""
+    obj = conn
+    for _ in range(4):
+        sock = getattr(obj, "socket", None)
+        if sock is not None and hasattr(sock, "setsockopt"):
+            return sock
+        obj = getattr(obj, "stream", None)
+        if obj is None:
+            return None
+    return None
+
+
+def _watch_liveness(conn: Any) -> None:
+    sock = _tcp_socket(conn)
+    if sock is None:
+        return
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (("TCP_KEEPIDLE", TCP_DEAD_AFTER // 3), ("TCP_KEEPINTVL", 2),
+                        ("TCP_KEEPCNT", 3), ("TCP_USER_TIMEOUT", TCP_DEAD_AFTER * 1000)):
+        if hasattr(socket, name):  # Linux; elsewhere keepalive defaults apply
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    for level, option, value in options:
+        try:
+            sock.setsockopt(level, option, value)
+        except OSError:
+            log.debug("setsockopt(%s) failed", option, exc_info=True)
+
+
+def _remote_ip(conn: Any) -> str | None:
+    try:
+        address = conn.get_remote_address()
+    except Exception:
+        return None
+    return str(address[0]) if address else None
+
+
+def harden_tcp(host: Any, *, max_inbound_per_ip: int) -> None:
+    """Per-IP inbound limit and liveness on every TCP connection of ``host``
+    (see the module docstring). Wraps two py-libp2p 0.8.1 entry points: the
+    swarm's inbound connection handler and each transport's dial."""
+    swarm = host.get_network()
+    inbound = getattr(swarm, "_handle_inbound_connection", None)
+    if inbound is not None:
+        per_ip: dict[str, int] = {}
+        warned: set[str] = set()  # one warning per flood, not one per connection
+
+        async def limited(read_write_closer: Any, maddr: Any) -> None:
+            ip = _remote_ip(read_write_closer)
+            if ip is not None and per_ip.get(ip, 0) >= max_inbound_per_ip:
+                if ip not in warned:
+                    warned.add(ip)
+                    log.warning("refusing inbound connections from %s: %d already open",
+                                ip, max_inbound_per_ip)
+                try:
+                    await read_write_closer.close()
+                except Exception:
+                    log.debug("closing a refused connection failed", exc_info=True)
+                return
+            if ip is not None:
+                per_ip[ip] = per_ip.get(ip, 0) + 1
+            try:
+                _watch_liveness(read_write_closer)
+                await inbound(read_write_closer, maddr)
+            finally:
+                if ip is not None:
+                    left = per_ip[ip] - 1
+                    if left:
+                        per_ip[ip] = left
+                    else:
+                        del per_ip[ip]
+                    if left < max_inbound_per_ip // 2:
+                        warned.discard(ip)
+
+        swarm._handle_inbound_connection = limited
+    manager = getattr(swarm, "transport_manager", None)
+    for transport in (manager.get_transports() if manager is not None else []):
+        for name in ("dial", "dial_with_source"):
+            original = getattr(transport, name, None)
+            if original is None:
+                continue
+
+            async def dial(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                conn = await _original(*args, **kwargs)
+                _watch_liveness(conn)
+                return conn
+
+            setattr(transport, name, dial)
+
+
+# Seconds a peer whose every address failed is refused without dialing.
+NEGATIVE_DIAL_TTL = 1.0
+
+
+def _shorten_dial_blacklist(host: Any) -> None:
+    """Forget failed dials after :data:`NEGATIVE_DIAL_TTL` instead of 60 s.
+
+    py-libp2p 0.8.1 refuses to dial a peer for 60 s after all its addresses
+    failed once, even when asked explicitly. A node that restarts is then
+    unreachable for a minute by everyone who tried it while it was down:
+    clients cannot reconnect to their gateway, and a gateway keeps treating a
+    restarted quota coordinator as dead (two coordinators for its users).
+    p2pinfer paces its own retries (router and coordinator cooldowns,
+    bootstrap backoff), so a short blacklist only absorbs bursts.
+    """
+    cache = getattr(host.get_network(), "_negative_peer_cache", None)
+    if cache is not None and hasattr(cache, "_ttl"):
+        cache._ttl = NEGATIVE_DIAL_TTL
 
 
 def _disable_auto_dial(host: Any) -> None:
