@@ -32,6 +32,7 @@ import re
 import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -91,7 +92,8 @@ class GatewayRole:
         self.quota = QuotaService(node, timeout=self.settings.coordinator_timeout)
         self.usage: UsageRecorder | None = None
         if node.ledger is not None:
-            self.usage = UsageRecorder(node.ledger,
+            journal = Path(f"{node.config.database_path}-usage")
+            self.usage = UsageRecorder(node.ledger, journal=journal,
                                        flush_interval=self.settings.usage_flush_interval)
         node.rpc_server.register(self.quota)
         node.disconnect_listeners.append(self.quota.on_peer_disconnected)

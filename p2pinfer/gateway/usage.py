@@ -14,6 +14,18 @@ batches: everything recorded during ``flush_interval`` seconds goes out as
 at most three events in one transaction. A flush that fails is retried with
 the same batch (nothing is dropped); :meth:`run` flushes one last time when
 the gateway stops.
+
+**The journal.** A gateway killed between two flushes (SIGKILL, OOM, a
+crash) would lose the usage of the requests it finished in that interval,
+answers its clients already have. So each record is also appended, as one
+JSON line, to a journal file next to the database (``<db>-usage``, mode
+0600) before the request's end reaches the client; a successful flush
+empties it. At start, :meth:`UsageRecorder.recover` puts the journal's
+records back in the batch, skipping those whose request log row is already
+in the ledger (a crash between a flush's commit and the journal's
+truncation), and flushes them. A ``write`` to the page cache survives the
+process being killed; like the ledger with ``synchronous = "normal"``, it
+may not survive power loss.
 """
 
 from __future__ import annotations
@@ -21,9 +33,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -72,16 +86,28 @@ class _Pending:
 
 
 class UsageRecorder:
-    """Batches usage, request logs and key use into ledger events."""
+    """Batches usage, request logs and key use into ledger events.
 
-    def __init__(self, ledger: Any, *, flush_interval: float = 1.0) -> None:
+    Args:
+        ledger: the node's ledger.
+        flush_interval: seconds between two batches.
+        journal: the journal file (see the module docstring); None keeps
+            the batch in memory only.
+    """
+
+    def __init__(self, ledger: Any, *, flush_interval: float = 1.0,
+                 journal: Path | None = None) -> None:
         self.ledger = ledger
         self.flush_interval = flush_interval
         self._pending = _Pending()
         self.recorded = 0
         self.flushed_events = 0
         self.flush_failures = 0
+        self.recovered = 0
         self._flushed = trio.Event()
+        self.journal = journal
+        self._journal_fd: int | None = None
+        self._journal_failed = False
 
     def record(
         self,
@@ -98,30 +124,130 @@ class UsageRecorder:
     ) -> None:
         """Record one request. ``counted`` requests (admitted ones) add to the
         usage counters; every request gets a log row."""
-        now = time.time() if now is None else now
-        if counted:
-            hour = int(now // 3600) * 3600
-            slot = self._pending.usage.setdefault((user_id, api_key_id, hour), [0, 0])
-            slot[0] += 1
-            slot[1] += max(0, int(tokens))
-        self._pending.rows.append({
+        entry = {
             "id": str(uuid.uuid4()),
             "user_id": user_id,
             "api_key_id": api_key_id,
+            "model": model[:200] or "-",
             "prompt_hash": prompt_sha256,
-            "model_used": model[:200] or "-",
-            "response_time_ms": round(float(latency_ms), 1),
-            "tokens_used": max(0, int(tokens)),
             "status": status[:32],
+            "tokens": max(0, int(tokens)),
+            "latency_ms": round(float(latency_ms), 1),
+            "counted": counted,
+            "at": time.time() if now is None else now,
+        }
+        self._journal_write(entry)
+        self._add(entry)
+
+    def _add(self, entry: dict[str, Any]) -> None:
+        now = float(entry["at"])
+        if entry["counted"]:
+            hour = int(now // 3600) * 3600
+            slot = self._pending.usage.setdefault(
+                (entry["user_id"], entry["api_key_id"], hour), [0, 0])
+            slot[0] += 1
+            slot[1] += entry["tokens"]
+        self._pending.rows.append({
+            "id": entry["id"],
+            "user_id": entry["user_id"],
+            "api_key_id": entry["api_key_id"],
+            "prompt_hash": entry["prompt_hash"],
+            "model_used": entry["model"],
+            "response_time_ms": entry["latency_ms"],
+            "tokens_used": entry["tokens"],
+            "status": entry["status"],
             "created_at": now,
         })
-        if api_key_id is not None:
-            self._pending.used[api_key_id] = now
+        if entry["api_key_id"] is not None:
+            key_id = entry["api_key_id"]
+            self._pending.used[key_id] = max(now, self._pending.used.get(key_id, now))
         self.recorded += 1
 
     def pending(self) -> int:
         return len(self._pending.rows)
 
+    # -- the journal --------------------------------------------------------------------
+    def _journal_open(self) -> int | None:
+        if self.journal is None or self._journal_failed:
+            return None
+        if self._journal_fd is None:
+            try:
+                self._journal_fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND
+                                           | os.O_CREAT, 0o600)
+            except OSError as exc:
+                self._journal_trouble("open", exc)
+                return None
+        return self._journal_fd
+
+    def _journal_trouble(self, what: str, exc: OSError) -> None:
+        # Usage stays in memory and is flushed as usual; only a crash before
+        # the next flush would lose it. Say so once, not per request.
+        if not self._journal_failed:
+            log.error("cannot %s the usage journal %s (%s); usage is kept in memory "
+                      "until the next flush", what, self.journal, exc)
+        self._journal_failed = True
+        self._journal_close()
+
+    def _journal_close(self) -> None:
+        if self._journal_fd is not None:
+            try:
+                os.close(self._journal_fd)
+            except OSError:
+                pass
+            self._journal_fd = None
+
+    def _journal_write(self, entry: dict[str, Any]) -> None:
+        fd = self._journal_open()
+        if fd is None:
+            return
+        line = json.dumps(entry, separators=(",", ":")).encode() + b"\n"
+        try:
+            os.write(fd, line)
+        except OSError as exc:
+            self._journal_trouble("write", exc)
+
+    def _journal_clear(self) -> None:
+        """Everything journalled is in the ledger now."""
+        if self._journal_failed:
+            # try again from a clean file: the pending batch was just written
+            self._journal_failed = False
+        fd = self._journal_open()
+        if fd is None:
+            return
+        try:
+            os.ftruncate(fd, 0)
+        except OSError as exc:
+            self._journal_trouble("truncate", exc)
+
+    def recover(self) -> int:
+        """Put journalled records that never reached the ledger back in the
+        batch (call before serving, then :meth:`flush`); returns how many."""
+        if self.journal is None:
+            return 0
+        try:
+            data = self.journal.read_bytes()
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            log.error("cannot read the usage journal %s: %s", self.journal, exc)
+            return 0
+        found = 0
+        for line in data.splitlines():
+            try:
+                entry = json.loads(line)
+                row_id = str(entry["id"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line: its request never finished
+            if self.ledger.has_request_log(row_id):
+                continue  # flushed; the journal was not emptied before the crash
+            self._add(entry)
+            found += 1
+        self.recovered += found
+        if found:
+            log.warning("recovered the usage of %d requests from %s", found, self.journal)
+        return found
+
+    # -- flushing --------------------------------------------------------------------------
     def flush(self) -> int:
         """Write what is pending to the ledger now; returns events written.
 
@@ -138,6 +264,7 @@ class UsageRecorder:
             log.exception("writing usage to the ledger failed; will retry")
             self._merge_back(batch)
             return 0
+        self._journal_clear()
         self.flushed_events += len(events)
         done, self._flushed = self._flushed, trio.Event()
         done.set()
@@ -159,6 +286,8 @@ class UsageRecorder:
             await self._flushed.wait()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self.recover()
+        self.flush()
         task_status.started()
         try:
             while True:
@@ -166,3 +295,4 @@ class UsageRecorder:
                 self.flush()
         finally:
             self.flush()  # synchronous: runs even while being cancelled
+            self._journal_close()

@@ -32,6 +32,7 @@ Using the ledger from a role (``ledger = node.ledger``)::
     ledger.usage(user_id=..., api_key_id=..., since="2025-01-01", until=...)
     ledger.usage_in_hour(hour, user_id=... | api_key_id=..., exclude_gateway=peer_id)
     ledger.request_logs(user_id=..., limit=100) / audit(actor=..., action=..., since=...)
+    ledger.has_request_log(row_id)              # is this request log row applied here?
     ledger.is_session_revoked(jti)
     ledger.erase_user(user_id)                  # user.erased + redaction of its registrations
     ledger.subscribe(callback)                  # callback(events) after each commit

@@ -423,6 +423,10 @@ class Ledger:
                      limit: int = 100) -> list[queries.RequestLog]:
         return queries.request_logs(self.store.conn, user_id=user_id, limit=limit)
 
+    def has_request_log(self, row_id: str) -> bool:
+        """Whether the request log row ``row_id`` is in this node's ledger."""
+        return queries.request_log_exists(self.store.conn, row_id)
+
     def audit(self, *, actor: str | None = None, action: str | None = None,
               since: float | None = None, limit: int = 100) -> list[queries.AuditRow]:
         return queries.audit_rows(self.store.conn, actor=actor, action=action, since=since,

@@ -31,6 +31,7 @@ __all__ = [
     "usage",
     "usage_in_hour",
     "request_logs",
+    "request_log_exists",
     "audit_rows",
     "is_session_revoked",
 ]
@@ -255,6 +256,12 @@ def request_logs(
     sql += " ORDER BY created_at DESC, id LIMIT ?"
     args.append(limit)
     return [RequestLog(*r) for r in conn.execute(sql, args).fetchall()]
+
+
+def request_log_exists(conn: sqlite3.Connection, row_id: str) -> bool:
+    """Whether a request log row with this id has been applied."""
+    return conn.execute("SELECT 1 FROM request_logs WHERE id=?", (row_id,)).fetchone() \
+        is not None
 
 
 def audit_rows(
