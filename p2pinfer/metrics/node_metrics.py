@@ -290,7 +290,7 @@ class NodeMetrics:
             return None
         behind = self.registry.get_sample_value(cat.LEDGER_BEHIND)
         return {"events": stats.get("events"), "held": stats.get("held"),
-                "members": stats.get("members"),
+                "members": stats.get("members"), "fenced": stats.get("fenced", False),
                 "events_behind": None if behind is None else int(behind)}
 
     def text(self) -> bytes:
