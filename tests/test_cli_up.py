@@ -98,6 +98,17 @@ def test_up_then_prompt_from_another_process() -> None:
         assert data["model"] == "smollm2" and data["text"] == answer.stdout.rstrip("\n")
         assert data["usage"]["completion_tokens"] >= 3
 
+        # Ctrl-C while an answer streams: a clean exit 130, no traceback
+        long = subprocess.Popen([P2PINFER, "prompt", "--max-tokens", "400",
+                                 "Write a long story about a lighthouse keeper."],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert long.stdout is not None
+        first = long.stdout.read(1)  # the first token arrived
+        long.send_signal(signal.SIGINT)
+        _, err = long.communicate(timeout=30)
+        assert first and long.returncode == EXIT_INTERRUPTED, err
+        assert b"Interrupted." in err and b"Traceback" not in err
+
         # credentials and the demo user are private files
         for path in (config / "credentials.json", config / "up" / "demo.json"):
             assert path.stat().st_mode & 0o777 == 0o600
@@ -181,3 +192,60 @@ def test_a_busy_dashboard_port_is_a_message_not_a_traceback(tmp_path: Path) -> N
             timeout=START_LIMIT)
     assert done.returncode == EXIT_USAGE, done.stderr
     assert f"port {port} is already in use" in done.stderr and "Traceback" not in done.stderr
+
+
+class FakeHub:
+    """What _save_cli_credentials reads from the hub node."""
+
+    def __init__(self, home: Path, peer_id: str) -> None:
+        self.config = type("Config", (), {"home": home})()
+        self.peer_id = peer_id
+        self.addrs = [f"/ip4/127.0.0.1/tcp/4001/p2p/{peer_id}"]
+
+
+def test_up_points_the_cli_at_its_swarm_unless_another_login_is_saved(tmp_path: Path) -> None:
+    from p2pinfer.cli.commands_up import DemoUser, _save_cli_credentials
+    from p2pinfer.cli.store import Credentials, CredentialStore
+
+    store = CredentialStore()
+    demo = DemoUser(tmp_path / "demo.json")
+    demo.data = {"username": "demo", "api_key": "p2p_demo", "api_key_id": "k1"}
+    session = {"token": "t", "refresh_token": "r", "expires_at": 1.0}
+    hub = FakeHub(tmp_path / "hub", "12D3KooWhub")
+    assert _save_cli_credentials(store, hub, "http://127.0.0.1:3000", demo, session)
+    saved = store.load()
+    assert saved.api_key == "p2p_demo" and saved.saved_by == "up"
+    assert saved.home == str(tmp_path / "hub") and saved.url == "http://127.0.0.1:3000"
+    # the next run (new port): still ours, overwritten
+    hub.addrs = ["/ip4/127.0.0.1/tcp/4002/p2p/12D3KooWhub"]
+    assert _save_cli_credentials(store, hub, None, demo, session)
+    assert store.load().bootstrap == hub.addrs
+    # a login to another swarm is left alone
+    store.save(Credentials(bootstrap=["/ip4/10.0.0.2/tcp/4001/p2p/12D3KooWother"],
+                           api_key="p2p_mine", saved_by="login"))
+    assert not _save_cli_credentials(store, hub, None, demo, session)
+    assert store.load().api_key == "p2p_mine"
+
+
+def test_the_demo_user_is_made_once_and_its_key_renewed_if_revoked(tmp_path: Path) -> None:
+    from p2pinfer.cli.commands_up import DemoUser
+
+    from .test_sdk import BackgroundSwarm
+
+    swarm = BackgroundSwarm(tmp_path / "swarm").start()
+    try:
+        demo = DemoUser(tmp_path / "demo.json")
+        session = swarm.run(demo.ensure, swarm.hub)
+        first = dict(demo.data)
+        assert first["username"] == "demo" and first["api_key"].startswith("p2p_")
+        assert (tmp_path / "demo.json").stat().st_mode & 0o777 == 0o600
+        again = DemoUser(tmp_path / "demo.json")
+        swarm.run(again.ensure, swarm.hub)
+        assert again.data == first  # same user, same key
+        swarm.call("revokeApiKey", {"token": session["token"], "key_id": first["api_key_id"]})
+        renewed = DemoUser(tmp_path / "demo.json")
+        swarm.run(renewed.ensure, swarm.hub)
+        assert renewed.data["user_id"] == first["user_id"]
+        assert renewed.data["api_key"] != first["api_key"]
+    finally:
+        swarm.stop()
