@@ -207,6 +207,8 @@ async def test_export_then_erasure_leaves_no_name_anywhere(
                             r = await http.get(url + path, headers=cookie(bob["token"]))
                             assert r.status_code == 200, (path, r.status_code)
                             clean(r.text, f"{url}{path} page")
+                            if path == "/system":  # the scaling view of the worker's model
+                                assert 'id="scaling"' in r.text and "<td>fake</td>" in r.text
                         r = await http.get(url + "/account", headers=cookie(z["token"]))
                         assert r.status_code in (200, 303)
                         clean(r.text, f"{url}/account as the erased user")
