@@ -180,6 +180,11 @@ def account_export(out: Path | None, user_id: str | None, access: SwarmAccess) -
 
     Your account, your API keys (never the keys themselves), usage, request
     logs (prompts only as hashes) and the audit trail of your account.
+
+    \b
+    Examples:
+      p2pinfer account export --out my-data.json
+      p2pinfer account export | jq .usage
     """
     import trio
 
@@ -210,6 +215,11 @@ def account_erase(password: str | None, user_id: str | None, yes: bool,
     Your username and email are erased everywhere, your API keys revoked
     and the saved session forgotten. Usage counts and request logs (prompt
     hashes only) stay, under an id that no longer leads to you.
+
+    \b
+    Examples:
+      p2pinfer account erase
+      p2pinfer account erase --user-id 2b0c4f9e-5d1a-4c3e-9f7a-0d8e6b5a4c21 --yes   # an admin
     """
     import trio
 
@@ -234,7 +244,12 @@ def account_erase(password: str | None, user_id: str | None, yes: bool,
 # -- tls -------------------------------------------------------------------------------
 @click.group(context_settings=CONTEXT)
 def tls() -> None:
-    """HTTPS certificates for the web role."""
+    """HTTPS certificates for the web role.
+
+    \b
+    Examples:
+      p2pinfer tls self-signed --host 10.0.0.2
+    """
 
 
 @tls.command("self-signed", context_settings=CONTEXT)
@@ -247,7 +262,7 @@ def tls_self_signed(home: Path | None, hosts: tuple[str, ...]) -> None:
 
     Writes <home>/tls/{ca.pem, ca.key, cert.pem, key.pem}. Serve it with
     `[web] tls_self_signed = true` (or tls_cert/tls_key) and give clients
-    ca.pem: `p2pinfer --ca-file ca.pem ...`, P2PINFER_CA_FILE, or the
+    ca.pem: `p2pinfer prompt --ca-file ca.pem ...`, P2PINFER_CA_FILE, or the
     browser's trust store. Nobody but you vouches for it: use a certificate
     from a trusted CA beyond a LAN.
 
