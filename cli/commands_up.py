@@ -307,6 +307,7 @@ def up(workers: int, port: int, p2p_port: int, prompt_text: str | None, max_toke
     from p2pinfer.swarm import LocalSwarm
 
     store = CredentialStore()
+    store.root.mkdir(parents=True, exist_ok=True, mode=0o700)
     base = base or store.up_dir
     extra: dict[str, Any] = {}
     if config_path is not None:

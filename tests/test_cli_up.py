@@ -112,6 +112,7 @@ def test_up_then_prompt_from_another_process() -> None:
         # credentials and the demo user are private files
         for path in (config / "credentials.json", config / "up" / "demo.json"):
             assert path.stat().st_mode & 0o777 == 0o600
+        assert config.stat().st_mode & 0o777 == 0o700
         demo = json.loads((config / "up" / "demo.json").read_text())
         # a second swarm on the same data is refused
         out = invoke("up", "--workers", "1", "--port", "0", code=EXIT_USAGE).output
