@@ -164,7 +164,8 @@ class Scaling:
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Deliver hooks; on a worker, sample and autoscale every ``interval``."""
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.hooks.run)
+            if self.hooks.enabled:
+                await nursery.start(self.hooks.run)
             if self.engine is not None:
                 self.sample_once()
                 nursery.start_soon(self._loop, nursery)
