@@ -4,6 +4,8 @@
   ``listAvailableModels``, ``getModelStatus``), descriptor and DHT topics.
 - ``engine.py``: :class:`InferenceEngine`, several models routed by name and
   alias, per-model slots and a bounded queue, moving averages, the cache.
+- ``slots.py``: :class:`~.slots.SlotPool`, the resizable FIFO slot pool
+  (autoscaling grows and shrinks it without dropping work).
 - ``backend.py``: the backend interface and what flows through it
   (requests, text chunks, the final result with token counts).
 - ``llamacpp.py``: the embedded default, llama-cpp-python on a GGUF file
