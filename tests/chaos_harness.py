@@ -653,6 +653,8 @@ class LedgerFile:
     events: set[tuple[str, int, bytes]] = field(default_factory=set)
     usage: dict[str, tuple[int, int]] = field(default_factory=dict)  # user -> (req, tok)
     logs: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # hash -> rows
+    # user -> (requests, tokens) of its counted request log rows (all but rate_limited)
+    logged: dict[str, tuple[int, int]] = field(default_factory=dict)
     held: int = 0
     integrity: str = ""
 
@@ -677,6 +679,10 @@ def read_ledger(path: Path) -> LedgerFile:
         for digest, status, tokens in conn.execute(
                 "SELECT prompt_hash, status, tokens_used FROM request_logs"):
             out.logs.setdefault(digest, []).append((status, int(tokens)))
+        for user, req, tok in conn.execute(
+                "SELECT user_id, count(*), sum(tokens_used) FROM request_logs "
+                "WHERE status != 'rate_limited' GROUP BY user_id"):
+            out.logged[user] = (int(req), int(tok))
         return out
     finally:
         conn.close()

@@ -21,9 +21,11 @@ version vectors. Each scenario then checks, after healing:
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,19 +160,24 @@ async def load(s: Swarm, clients: int, per_client: int, *, tag: str,
     return outcomes
 
 
-async def hammer_to_limit(s: Swarm, counted_so_far: int) -> list[Outcome]:
+async def hammer_to_limit(s: Swarm, counted_so_far: int,
+                          tolerated: tuple[type[Exception], ...] = (), *,
+                          slack: int = 0) -> list[Outcome]:
     """Ask through both gateways until the hourly limit refuses: exactly
-    ``limit - counted_so_far`` more must be admitted."""
+    ``limit - counted_so_far`` more must be admitted (answered, or ended by
+    a ``tolerated`` error); never more. ``slack``: requests a stopped
+    gateway had been granted but never ran (the coordinator counted them,
+    the ledger cannot), so that many fewer may be admitted."""
     left = s.limit - counted_so_far
     assert left > 0
     outcomes = await load(s, clients=20, per_client=(left + 30) // 20 + 1, tag="hammer")
     admitted = [o for o in outcomes if not isinstance(o.error, errors.LimitError)]
     refused = [o for o in outcomes if isinstance(o.error, errors.RateLimited)]
-    assert all(o.ok for o in admitted), [(o.kind, o.gateway[-6:], o.error and o.error.message)
-                                         for o in admitted if not o.ok][:5]
+    assert all(o.ok or isinstance(o.error, tolerated) for o in admitted), \
+        [(o.kind, o.gateway[-6:], o.error and o.error.message) for o in admitted if not o.ok][:5]
     assert refused and all(o.error is not None and 0 < o.error.retry_after <= 3600
                            for o in refused)
-    assert len(admitted) == left, (len(admitted), left)
+    assert left - slack <= len(admitted) <= left, (len(admitted), left, slack)
     return outcomes
 
 
@@ -203,16 +210,19 @@ def check_ledgers(s: Swarm, ledgers: dict[str, Any], outcomes: list[Outcome], *,
             assert rows == [("timeout", o.chunks)], (o.prompt, rows)
         elif isinstance(o.error, errors.RateLimited):
             assert rows == [("rate_limited", 0)], (o.prompt, rows)
-        elif isinstance(o.error, errors.PeerUnavailable | errors.StreamBroken) \
-                and o.gateway in cut_ids:
-            # the gateway died with the request: unrecorded, or recorded as
-            # the whole answer it had finished (never anything else)
-            assert rows in ([], [("success", rows[0][1] if rows else 0)]), (o.prompt, rows)
-            assert not rows or rows[0][1] >= o.chunks
+        elif isinstance(o.error, errors.PeerUnavailable | errors.StreamBroken
+                        | errors.Cancelled) and o.gateway in cut_ids:
+            # the gateway went down with the request: unrecorded (killed), or
+            # recorded with at least the tokens that reached the client
+            assert len(rows) <= 1, (o.prompt, rows)
+            assert not rows or (rows[0][0] in ("success", "cancelled", "error")
+                                and rows[0][1] >= o.chunks), (o.prompt, o.chunks, rows)
         else:
             raise AssertionError(f"unexpected outcome {o.kind}: {o.error!r}")
-    counted = [(st, tok) for rows in logs.values() for st, tok in rows if st != "rate_limited"]
-    expected = (len(counted), sum(tok for _, tok in counted))
+    expected = first.logged[s.user["user_id"]]
+    seen = sum(1 for o in outcomes for st, _ in logs.get(request_hash(o.prompt), [])
+               if st != "rate_limited")
+    assert seen == expected[0]  # no row the clients cannot account for
     for name, lf in ledgers.items():
         assert lf.usage_of(s.user["user_id"]) == expected, name
     return expected
@@ -352,3 +362,209 @@ async def counted_in_ledger(s: Swarm) -> int:
         usage = await s.peer.rpc.call(s.gateways["g1"], "getUsage",
                                       {"auth": {"api_key": s.key}})
     return sum(int(row["requests"]) for row in usage["usage"])
+
+
+@pytest.mark.skipif(NETNS_SKIP is not None,
+                    reason=f"a partition needs network namespaces: {NETNS_SKIP}")
+async def test_worker_partitioned_then_healed(tmp_path: Path) -> None:
+    """Take a worker's link down while it streams (packets vanish, nothing
+    is closed): its streams end within the dead-link timeout, with
+    StreamInterrupted or on another worker, instead of hanging for the
+    ~15 minutes of TCP retransmissions; after the link comes back the worker
+    serves again and catches up with the ledger."""
+    from p2pinfer.rpc.host import TCP_DEAD_AFTER
+
+    limit = 400
+    tables = {"models": [synthetic(tokens=20, token_delay=0.05)],
+              "gateway": gateway_table(limit)}
+    with trio.fail_after(240):
+        async with swarm(tmp_path, tables, limit=limit, netns=True) as s:
+            w3 = s.cluster.index("w3")
+            results: list[Outcome] = []
+            async with trio.open_nursery() as nursery:
+                async def run_load() -> None:
+                    results.extend(await load(s, clients=30, per_client=4, tag="partition"))
+
+                nursery.start_soon(run_load)
+
+                async def busy() -> bool:
+                    return min([(await health(s, g))["in_flight"]
+                                for g in s.gateways.values()]) >= 5
+
+                await wait_for(busy, limit=20)
+                await trio.sleep(0.3)  # tokens are flowing everywhere
+                s.cluster.topology.partition(w3)
+                cut_at = trio.current_time()
+            # the load finished while the worker was still cut off
+            kinds = Counter(o.kind for o in results)
+            assert set(kinds) <= {"ok", "StreamInterrupted"}, kinds
+            assert kinds["StreamInterrupted"] >= 1, kinds  # streams were cut mid-way
+            for o in results:
+                if isinstance(o.error, errors.StreamInterrupted):
+                    assert o.error.data["worker"] == s.pid("w3")
+            assert max(o.ended for o in results) - cut_at < TCP_DEAD_AFTER + 10
+            s.cluster.topology.heal(w3)
+
+            async def w3_serves() -> bool:
+                o = await ask(s.peer.rpc, s.gateways["g1"], s.key, f"after heal {len(results)}")
+                results.append(o)
+                assert o.ok, o.kind
+                return bool(o.trailer is not None and o.trailer["worker"] == s.pid("w3"))
+
+            await wait_for(w3_serves, limit=60, interval=0.2)
+            await settle(s)
+            hammer = await hammer_to_limit(s, counted(results))
+            await settle(s)
+            ledgers = await trio.to_thread.run_sync(stop_and_read, s)
+    requests, _ = check_ledgers(s, ledgers, results + hammer)
+    assert requests == limit
+
+
+async def test_slow_worker(tmp_path: Path) -> None:
+    """One worker takes 3 s per answer, the others 0.1 s, and the gateway
+    allows 1.5 s: load-aware routing sends it little; what it does get ends
+    in a clear DeadlineExceeded with its ticket and slot returned."""
+    limit = 400
+    fast = {"models": [synthetic(tokens=10, token_delay=0.01)]}
+    tables = {"gateway": gateway_table(limit, request_timeout=1.5), "w1": fast, "w2": fast,
+              "w3": {"models": [synthetic(tokens=10, token_delay=0.3)]}}
+    with trio.fail_after(240):
+        async with swarm(tmp_path, tables, limit=limit) as s:
+            results = await load(s, clients=30, per_client=5, tag="slow")
+            kinds = Counter(o.kind for o in results)
+            assert set(kinds) <= {"ok", "DeadlineExceeded"}, kinds
+            assert kinds["DeadlineExceeded"] >= 1, kinds  # the slow worker was tried
+            assert kinds["DeadlineExceeded"] <= len(results) // 4, kinds  # ...and avoided
+            assert all(o.trailer is not None and o.trailer["worker"] != s.pid("w3")
+                       for o in results if o.ok)
+            for o in results:
+                if not o.ok:
+                    assert 1.4 < o.ended - o.started < 5
+            await settle(s)
+
+            async def slots_back() -> bool:  # every worker's descriptor: idle again
+                listed = await s.peer.rpc.call(s.gateways["g2"], "listModels",
+                                               {"auth": {"api_key": s.key}})
+                model = listed["models"][0]
+                return bool(model["free_slots"] == 3 * 4096 and model["queue_depth"] == 0)
+
+            await wait_for(slots_back, limit=20)
+            hammer = await hammer_to_limit(s, counted(results), (errors.DeadlineExceeded,))
+            await settle(s)
+            ledgers = await trio.to_thread.run_sync(stop_and_read, s)
+    requests, _ = check_ledgers(s, ledgers, results + hammer)
+    assert requests == limit
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "4m") -> Iterator[Path]:
+    """A real tmpfs of ``size`` at ``path`` (needs root), unmounted on exit."""
+    path.mkdir(parents=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                           str(path)], capture_output=True, text=True, timeout=20)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.strip()[:200]}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=20)
+
+
+def fill(path: Path) -> Path:
+    """Write zeros to ``path/filler`` until the file system is full."""
+    filler = path / "filler"
+    block = b"\0" * 65536
+    with open(filler, "wb") as fh:
+        try:
+            while True:
+                fh.write(block)
+                fh.flush()
+        except OSError:
+            pass
+    os.sync()
+    return filler
+
+
+async def test_gateway_whose_disk_is_full(tmp_path: Path) -> None:
+    """A gateway's database lives on a 4 MB tmpfs that fills up: inference
+    through it keeps working (usage waits in memory), writes that must be
+    durable now fail with StorageError (a clear error) and the node keeps
+    serving; once space is freed, everything it held reaches the ledger."""
+    limit = 400
+    with small_disk(tmp_path / "small") as disk:
+        tables = {"models": [synthetic(tokens=10, token_delay=0.01)],
+                  "gateway": gateway_table(limit),
+                  "g2": {"node": {"database_url": f"sqlite:///{disk / 'node.db'}"}}}
+        with trio.fail_after(240):
+            async with swarm(tmp_path, tables, limit=limit) as s:
+                warm = await load(s, clients=10, per_client=2, tag="before")
+                await settle(s)
+                filler = fill(disk)
+                results = await load(s, clients=20, per_client=5, tag="disk-full")
+                assert all(o.ok for o in results), Counter(o.kind for o in results)
+                g2 = s.gateways["g2"]
+                assert (await health(s, g2))["usage_pending"] > 0  # held, not dropped
+                with pytest.raises(errors.StorageError):
+                    await s.peer.rpc.call(g2, "registerUser", {
+                        "username": "bob", "email": "bob@example.com",
+                        "password": "chaos harness password 7"})
+                assert s.cluster.nodes["g2"].alive
+                filler.unlink()
+                os.sync()
+                await settle(s)
+                hammer = await hammer_to_limit(s, counted(warm + results))
+                await settle(s)
+                ledgers = await trio.to_thread.run_sync(stop_and_read, s)
+        log = s.cluster.nodes["g2"].log_tail(400_000)
+        assert "writing usage to the ledger failed; will retry" in log
+    requests, _ = check_ledgers(s, ledgers, warm + results + hammer)
+    assert requests == limit
+
+
+async def test_gateway_restarted_under_load(tmp_path: Path) -> None:
+    """SIGTERM a gateway while clients stream through it, then start it
+    again: its clients get clear errors, it misses nothing written while it
+    was down (a user registered meanwhile can use it at once), and usage
+    stays exact."""
+    limit = 400
+    tables = {"models": [synthetic(tokens=10, token_delay=0.02)],
+              "gateway": gateway_table(limit)}
+    with trio.fail_after(240):
+        async with swarm(tmp_path, tables, limit=limit) as s:
+            results: list[Outcome] = []
+            async with trio.open_nursery() as nursery:
+                async def run_load() -> None:
+                    results.extend(await load(s, clients=20, per_client=8, tag="restart"))
+
+                nursery.start_soon(run_load)
+
+                async def busy() -> bool:
+                    return (await health(s, s.gateways["g2"]))["in_flight"] >= 5
+
+                await wait_for(busy, limit=20)
+                s.cluster.nodes["g2"].terminate()
+            kinds = Counter(o.kind for o in results)
+            assert set(kinds) <= {"ok", "PeerUnavailable", "StreamBroken", "Cancelled"}, kinds
+            assert all(o.ok for o in results if o.gateway == s.gateways["g1"]), kinds
+            assert s.cluster.nodes["g2"].stop() == 0  # a clean exit
+            carol = await register_user(s.peer.rpc, s.gateways["g1"], "carol")
+            await trio.to_thread.run_sync(s.cluster.restart, "g2")
+            ready_at = trio.current_time()
+            await connect_all(s.peer, [s.cluster.addr_of("g2")], limit=10)
+
+            async def caught_up() -> bool:  # with what was written while it was down
+                o = await ask(s.peer.rpc, s.gateways["g2"], carol["api_key"], "carol asks")
+                assert o.ok or isinstance(o.error, errors.InvalidApiKey), o.kind
+                return o.ok
+
+            await wait_for(caught_up, limit=20, interval=0.2)
+            await settle(s)
+            # while g2 was away g1 coordinated alice's quota from its own copy;
+            # once its cool-down for g2 is over it asks g2 again (see quota.py)
+            await trio.sleep_until(ready_at + COORDINATOR_COOLDOWN + 0.5)
+            cut = sum(1 for o in results if not o.ok)
+            hammer = await hammer_to_limit(s, await counted_in_ledger(s), slack=cut)
+            await settle(s)
+            ledgers = await trio.to_thread.run_sync(stop_and_read, s)
+    requests, _ = check_ledgers(s, ledgers, results + hammer, cut={"g2"})
+    assert limit - cut <= requests <= limit
