@@ -251,12 +251,14 @@ def test_the_shipped_daemon_files() -> None:
     from p2pinfer.gateway.settings import GatewaySettings
     from p2pinfer.inference.settings import InferenceSettings, build_models
     from p2pinfer.metrics.settings import MetricsSettings
+    from p2pinfer.scaling.settings import ScalingSettings
     from p2pinfer.web.settings import WebSettings
 
     text = (ROOT / "daemon" / "node.example.toml").read_text()
     config = NodeConfig.from_mapping(__import__("tomllib").loads(text), env={})
     assert config.roles == ("auth", "gateway", "inference", "metrics", "web")
-    for settings in (GatewaySettings, InferenceSettings, MetricsSettings, WebSettings):
+    for settings in (GatewaySettings, InferenceSettings, MetricsSettings, WebSettings,
+                     ScalingSettings):
         settings.from_config(config)
     uncommented = "\n".join(line[2:] if line.startswith(("# [[models", "# name", "# backend",
                                                          "# url")) else line
