@@ -380,6 +380,19 @@ class Daemon:
 
         return int(psutil.Process(self.pid).memory_info().rss)
 
+    def memory(self) -> dict[str, int]:
+        """Resident memory split (bytes): ``anon`` (heap, what a leak grows)
+        and ``file`` (mapped files), from /proc (Linux)."""
+        out = {"rss": self.rss()}
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                    name, value = line.split(":", 1)
+                    out[name[3:].lower()] = int(value.split()[0]) * 1024
+        except OSError:
+            pass
+        return out
+
     @property
     def peer_id(self) -> str:
         return self.cluster.peer_ids[self.name]
