@@ -19,7 +19,9 @@ that follows a request across nodes.
 The length is checked against the maximum frame size *before* anything is
 buffered or decoded; an oversized frame is skipped byte by byte, so one bad
 frame costs its sender an error reply and nothing else: the stream stays in
-sync and the next frame decodes normally.
+sync and the next frame decodes normally. The error names the frame's call
+id when its first bytes carry one, so the caller is answered, not left
+waiting.
 """
 
 from __future__ import annotations
@@ -246,6 +248,23 @@ def _decode_body(body: bytes) -> Message | DecodeError:
     return DecodeError(MalformedFrame(f"unknown message kind {kind!r} with {n} fields"), call_id)
 
 
+def _peek_call_id(head: bytes) -> int:
+    """The call id of a frame from its first bytes (``[version, kind, id,
+    ...``), or 0. An oversized frame is never decoded, but its error must
+    still reach the call that sent it, or that call would wait for ever."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(head)
+    try:
+        if unpacker.read_array_header() < 3:
+            return 0
+        unpacker.skip()  # version
+        unpacker.skip()  # kind
+        call_id = unpacker.unpack()
+    except Exception:  # too few bytes, or not a frame at all
+        return 0
+    return call_id if _is_id(call_id) else 0
+
+
 class FrameDecoder:
     """Incremental decoder: ``feed(bytes)`` returns the messages (or decode
     errors) completed by those bytes, in order.
@@ -284,15 +303,16 @@ class FrameDecoder:
             (size,) = _HEADER.unpack_from(buf, pos)
             if size > self._max_frame:
                 self.errors += 1
+                available = end - pos - 4
                 out.append(
                     DecodeError(
                         FrameTooLarge(
                             f"frame of {size} bytes exceeds the limit of {self._max_frame}",
                             data={"size": size, "limit": self._max_frame},
-                        )
+                        ),
+                        _peek_call_id(bytes(buf[pos + 4 : pos + 4 + min(available, 64)])),
                     )
                 )
-                available = end - pos - 4
                 if available >= size:
                     pos += 4 + size
                     continue
