@@ -163,6 +163,7 @@ def build_app(web: WebRole) -> Any:
     def early_error(scope: dict[str, Any], err: P2PInferError) -> Response:
         return _dialect_error(web, Request(scope), err)
 
-    limited = BodyLimit(app, limit=web.settings.max_body_bytes, render=early_error)
+    limited = BodyLimit(app, limit=web.settings.max_body_bytes, render=early_error,
+                        timeout=web.settings.body_timeout)
     return RequestMetrics(SecurityHeaders(limited, hsts=web.tls), getattr(web.node, "metrics",
                                                                           None))

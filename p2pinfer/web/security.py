@@ -27,13 +27,14 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
+import trio
 from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..errors import FrameTooLarge, P2PInferError, PermissionDenied
+from ..errors import FrameTooLarge, InvalidParams, P2PInferError, PermissionDenied
 
-__all__ = ["BodyLimit", "CSP", "CsrfGuard", "SecurityHeaders"]
+__all__ = ["BodyLimit", "BodyTimeout", "CSP", "CsrfGuard", "SecurityHeaders"]
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
@@ -76,20 +77,35 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class BodyTimeout(InvalidParams):
+    """The request body did not arrive in time (HTTP 408; on the wire it is
+    the client's mistake, InvalidParams)."""
+
+    http_status = 408
+
+
 class BodyLimit:
-    """ASGI middleware: bodies over ``limit`` bytes get 413.
+    """ASGI middleware: bodies over ``limit`` bytes get 413, and bodies that
+    take more than ``timeout`` seconds to arrive get 408.
+
+    Hypercorn stops timing a connection once a request's headers are in, so
+    without the second rule a client sending its body a byte at a time (a
+    slow-loris) would hold a connection and a task for ever.
 
     Args:
         app: the app.
         limit: the largest body accepted, in bytes.
         render: makes the error response for a request (its dialect).
+        timeout: seconds from the first read of the body to its last byte.
     """
 
     def __init__(self, app: ASGIApp, *, limit: int,
-                 render: Callable[[Scope, P2PInferError], Response]) -> None:
+                 render: Callable[[Scope, P2PInferError], Response],
+                 timeout: float = 30.0) -> None:
         self.app = app
         self.limit = limit
         self.render = render
+        self.timeout = timeout
 
     def error(self) -> FrameTooLarge:
         return FrameTooLarge(f"the request body is larger than {self.limit} bytes",
@@ -109,15 +125,26 @@ class BodyLimit:
                     await self.render(scope, self.error())(scope, receive, send)
                     return
         seen = 0
+        deadline: float | None = None
+        complete = False
 
         async def limited() -> dict[str, Any]:
-            nonlocal seen
-            message: dict[str, Any] = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise self.error()
-            return message
+            nonlocal seen, deadline, complete
+            if complete:  # later reads wait for the disconnect: no deadline
+                message: dict[str, Any] = await receive()
+                return message
+            if deadline is None:
+                deadline = trio.current_time() + self.timeout
+            with trio.move_on_at(deadline):
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    if seen > self.limit:
+                        raise self.error()
+                    complete = not message.get("more_body", False)
+                return message
+            raise BodyTimeout(f"the request body did not arrive within {self.timeout:g} s",
+                              data={"field": "body", "timeout": self.timeout})
 
         await self.app(scope, limited, send)
 

@@ -4,6 +4,7 @@
     host = "127.0.0.1"          # where the HTTP server listens ("0.0.0.0" for the LAN)
     port = 3000                 # WEB_SERVICE_PORT; 0 picks a free port (tests)
     max_body_bytes = 1048576    # larger request bodies get 413
+    body_timeout = 30.0         # seconds a request body may take to arrive, then 408
     request_timeout = 300.0     # seconds an inference request may take end to end
     call_timeout = 15.0         # seconds for any other call to an auth or gateway node
     models_ttl = 2.0            # seconds the swarm's model list is reused
@@ -33,8 +34,8 @@ from ..errors import ConfigError
 
 __all__ = ["WebSettings"]
 
-_KEYS = {"host", "port", "max_body_bytes", "request_timeout", "call_timeout", "models_ttl",
-         "secure_cookies", "session_cookie", "title", "tls_cert", "tls_key",
+_KEYS = {"host", "port", "max_body_bytes", "body_timeout", "request_timeout", "call_timeout",
+         "models_ttl", "secure_cookies", "session_cookie", "title", "tls_cert", "tls_key",
          "tls_self_signed", "tls_hosts", "redirect_port"}
 _COOKIE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 
@@ -46,6 +47,7 @@ class WebSettings:
     host: str = "127.0.0.1"
     port: int = 3000
     max_body_bytes: int = 1024 * 1024
+    body_timeout: float = 30.0
     request_timeout: float = 300.0
     call_timeout: float = 15.0
     models_ttl: float = 2.0
@@ -86,6 +88,7 @@ class WebSettings:
             port=s.get_int("port", 3000, minimum=0, maximum=65535),
             max_body_bytes=s.get_int("max_body_bytes", 1024 * 1024, minimum=1024,
                                      maximum=256 * 1024 * 1024),
+            body_timeout=s.get_float("body_timeout", 30.0, minimum=0.5, maximum=3600),
             request_timeout=s.get_float("request_timeout", 300.0, minimum=1, maximum=86400),
             call_timeout=s.get_float("call_timeout", 15.0, minimum=0.5, maximum=600),
             models_ttl=s.get_float("models_ttl", 2.0, minimum=0, maximum=3600),
