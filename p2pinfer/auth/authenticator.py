@@ -27,6 +27,13 @@ its user deactivated                   InactiveUser
 The secret is checked before anything about the key's standing is said, so a
 caller without the secret learns nothing but "unknown" or "mismatch".
 
+**Guessing is throttled.** When the caller's ``source`` is given (the
+gateway passes the connection's IP address, the auth role its caller), more
+than ``[auth] max_failures_per_source`` invalid keys (malformed, unknown or
+mismatched) within ``throttle_window`` seconds make every further API key
+from that source refused with LoginThrottled (``retry_after``) until the
+window has passed, valid keys included: a guesser learns nothing more.
+
 **Session tokens** (:meth:`Authenticator.verify_token`): the signature is
 checked against the public key inside the ``iss`` peer id
 (:mod:`~p2pinfer.auth.tokens`); then:
@@ -48,6 +55,8 @@ has replicated to it.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
@@ -58,6 +67,7 @@ from ..errors import (
     InactiveUser,
     InvalidApiKey,
     InvalidParams,
+    LoginThrottled,
     RevokedApiKey,
     TokenRevoked,
     UnknownUser,
@@ -65,6 +75,7 @@ from ..errors import (
 )
 from .apikeys import KEY_LENGTH, key_matches, parse_key
 from .settings import AuthSettings
+from .throttle import SlidingWindow
 from .tokens import ACCESS, Claims, TokenVerifier
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -142,6 +153,8 @@ class Authenticator:
         self.ledger: Ledger = node.ledger
         self.settings = settings or AuthSettings.from_config(node.config)
         self.tokens = TokenVerifier(self.ledger.network_id, leeway=self.settings.clock_skew)
+        self.key_failures = SlidingWindow(self.settings.max_failures_per_source,
+                                          self.settings.throttle_window)
 
     # -- the one entry point ---------------------------------------------------------
     def authenticate(self, credentials: Any, *, source: str | None = None,
@@ -167,12 +180,28 @@ class Authenticator:
             raise InvalidParams("auth: give an API key or a token, not both",
                                 data={"field": "auth"})
         if has_key and "api_key" in allow:
-            return self._logged(self.validate_api_key, credentials["api_key"], source)
+            return self._api_key(credentials["api_key"], source)
         if has_token and "token" in allow:
             return self._logged(self.verify_token, credentials["token"], source)
         wanted = " or ".join("an API key" if a == "api_key" else "a session token"
                              for a in allow)
         raise AuthenticationRequired(f"{wanted} is required", data={"field": "auth"})
+
+    def _api_key(self, key: Any, source: str | None) -> Principal:
+        """:meth:`validate_api_key`, throttled per ``source`` (module docstring)."""
+        if source is None:
+            return self._logged(self.validate_api_key, key, source)
+        now = time.time()
+        wait = self.key_failures.retry_after(source, now)
+        if wait is not None:
+            raise LoginThrottled(
+                f"too many invalid API keys from here; retry in {wait:.0f} s",
+                data={"retry_after": math.ceil(wait * 1000) / 1000, "scope": "source"})
+        try:
+            return self._logged(self.validate_api_key, key, source)
+        except InvalidApiKey:
+            self.key_failures.hit(source, now)
+            raise
 
     def _logged(self, check: Any, secret: Any, source: str | None) -> Principal:
         try:

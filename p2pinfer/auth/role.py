@@ -281,7 +281,7 @@ class AuthRole:
             if name in ("token", "api_key") and (
                     not isinstance(value, str) or len(value) > MAX_SECRET_PARAM):
                 raise InvalidParams(f"{name}: must be a string", data={"field": name})
-        return self.authenticator.authenticate(creds, source=f"peer:{ctx.peer_id}",
+        return self.authenticator.authenticate(creds, source=self._source(ctx, p),
                                                allow=allow)
 
     def _actor(self, ctx: CallContext, p: Params) -> Actor:
@@ -357,9 +357,10 @@ class AuthRole:
     @rpc_method("validateApiKey", access=Access.PUBLIC)
     async def rpc_validate_api_key(self, ctx: CallContext, params: Any) -> dict[str, Any]:
         """``{api_key}`` → the principal it stands for."""
-        p = Params(params, ("api_key",))
+        p = Params(params, ("api_key", "source"))
         key = p.required("api_key", max_len=MAX_SECRET_PARAM)
-        return self.authenticator.validate_api_key(key).to_wire()
+        return self.authenticator.authenticate({"api_key": key}, source=self._source(ctx, p),
+                                               allow=("api_key",)).to_wire()
 
     @rpc_method("listApiKeys", access=Access.PUBLIC)
     async def rpc_list_api_keys(self, ctx: CallContext, params: Any) -> dict[str, Any]:

@@ -135,7 +135,7 @@ class GatewayRole:
         if not isinstance(request, dict):
             raise InvalidParams("request: must be a map of prompt parameters",
                                 data={"field": "request"})
-        principal = self.auth.authenticate(auth, source=ctx.peer_id)
+        principal = self.auth.authenticate(auth, source=ctx.source)
         parsed = parse_prompt_params(request, GATEWAY_LIMITS)
         model = parsed.model or self.settings.default_model
         worker_params = {k: v for k, v in request.items() if k != "modelConfig"}
@@ -265,7 +265,7 @@ class GatewayRole:
     @rpc_method("getUserQuota", access=Access.PUBLIC)
     async def rpc_get_user_quota(self, ctx: CallContext, params: Any) -> dict[str, Any]:
         """Usage in the current window and the limits that apply."""
-        principal = self.auth.authenticate(_auth_params(params), source=ctx.peer_id)
+        principal = self.auth.authenticate(_auth_params(params), source=ctx.source)
         user_id = principal.user_id
         tier = principal.tier
         wanted = params.get("userId", params.get("user_id"))
@@ -297,7 +297,7 @@ class GatewayRole:
     async def rpc_get_usage(self, ctx: CallContext, params: Any) -> dict[str, Any]:
         """The caller's usage per day and API key, from this gateway's ledger
         copy (``since``/``until``: ``YYYY-MM-DD``, inclusive)."""
-        principal = self.auth.authenticate(_auth_params(params), source=ctx.peer_id)
+        principal = self.auth.authenticate(_auth_params(params), source=ctx.source)
         since, until = params.get("since"), params.get("until")
         for name, value in (("since", since), ("until", until)):
             if value is not None and (not isinstance(value, str)
@@ -312,7 +312,7 @@ class GatewayRole:
     @rpc_method("listModels", access=Access.PUBLIC)
     async def rpc_list_models(self, ctx: CallContext, params: Any) -> dict[str, Any]:
         """Every model served by a member worker, with how many workers serve it."""
-        self.auth.authenticate(_auth_params(params), source=ctx.peer_id)
+        self.auth.authenticate(_auth_params(params), source=ctx.source)
         return {"models": await self.swarm_models()}
 
     async def swarm_models(self) -> list[dict[str, Any]]:

@@ -99,7 +99,15 @@ class CallContext:
     meta: dict[str, Any] = field(default_factory=dict)
     deadline: float = float("inf")
     trailer: Any = None
+    remote_ip: str | None = None
     _scope: trio.CancelScope | None = field(default=None, repr=False)
+
+    @property
+    def source(self) -> str:
+        """Where the call came from, for throttling: ``ip:<address>`` when
+        the connection's address is known (a peer id costs nothing to
+        change; an address does), else ``peer:<peer id>``."""
+        return f"ip:{self.remote_ip}" if self.remote_ip else f"peer:{self.peer_id}"
 
     def shorten_deadline(self, seconds: float) -> None:
         """Let the call run at most ``seconds`` more (never extends the
@@ -174,6 +182,14 @@ class ServerStats:
     rejected_streams: int = 0
 
 
+def _remote_ip(stream: Any) -> str | None:
+    try:
+        address = stream.get_remote_address()
+    except Exception:  # not every stream knows (in-memory ones)
+        return None
+    return str(address[0]) if address else None
+
+
 class RpcServer:
     """Serves registered methods on every stream of the RPC protocol.
 
@@ -229,9 +245,11 @@ class RpcServer:
     # -- serving ---------------------------------------------------------------
     async def handle_stream(self, stream: Any) -> None:
         """The libp2p stream handler (wrap with ``guard_handler``)."""
-        await self.serve_stream(stream, stream.muxed_conn.peer_id.to_base58())
+        await self.serve_stream(stream, stream.muxed_conn.peer_id.to_base58(),
+                                remote_ip=_remote_ip(stream))
 
-    async def serve_stream(self, stream: Any, peer_id: str) -> None:
+    async def serve_stream(self, stream: Any, peer_id: str, *,
+                           remote_ip: str | None = None) -> None:
         """Serve calls arriving on ``stream`` from ``peer_id`` until it closes."""
         open_now = self._streams_by_peer.get(peer_id, 0)
         if open_now >= self.max_streams_per_peer:
@@ -248,7 +266,7 @@ class RpcServer:
         self._streams_by_peer[peer_id] = open_now + 1
         self.stats.streams_open += 1
         try:
-            await self._serve(stream, peer_id)
+            await self._serve(stream, peer_id, remote_ip)
         except* StreamBroken as group:  # the peer went away: an ordinary end
             log.debug("RPC stream from %s broke: %s", peer_id, group.exceptions[0])
         finally:
@@ -268,7 +286,7 @@ class RpcServer:
                 pass
         await channel.aclose()
 
-    async def _serve(self, stream: Any, peer_id: str) -> None:
+    async def _serve(self, stream: Any, peer_id: str, remote_ip: str | None) -> None:
         channel = FramedChannel(stream, max_frame=self.max_frame)
         calls: dict[int, _ServerCall] = {}
         try:
@@ -276,7 +294,8 @@ class RpcServer:
                 outer.start_soon(channel.run_writer)
                 async with trio.open_nursery() as call_nursery:
                     async for item in channel.messages():
-                        self._dispatch(item, channel, peer_id, calls, call_nursery)
+                        self._dispatch(item, channel, peer_id, calls, call_nursery,
+                                       remote_ip)
                 # The peer closed its side: in-flight calls have all answered.
                 channel.close_writer()
         finally:
@@ -289,6 +308,7 @@ class RpcServer:
         peer_id: str,
         calls: dict[int, _ServerCall],
         nursery: trio.Nursery,
+        remote_ip: str | None = None,
     ) -> None:
         if isinstance(item, wire.DecodeError):
             self.stats.decode_errors += 1
@@ -296,7 +316,7 @@ class RpcServer:
             channel.send_error_nowait(item.call_id, item.error)
             return
         if isinstance(item, wire.Request):
-            self._start_call(item, channel, peer_id, calls, nursery)
+            self._start_call(item, channel, peer_id, calls, nursery, remote_ip)
         elif isinstance(item, wire.Cancel):
             call = calls.get(item.id)
             if call is not None:
@@ -319,6 +339,7 @@ class RpcServer:
         peer_id: str,
         calls: dict[int, _ServerCall],
         nursery: trio.Nursery,
+        remote_ip: str | None = None,
     ) -> None:
         self.stats.calls += 1
         if req.id in calls:
@@ -350,6 +371,7 @@ class RpcServer:
         calls[req.id] = call
         ctx = CallContext(
             peer_id=peer_id,
+            remote_ip=remote_ip,
             method=req.method,
             call_id=req.id,
             is_member=is_member,
