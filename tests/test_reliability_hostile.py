@@ -651,3 +651,62 @@ async def test_idle_libp2p_streams_from_one_peer(target: Target, stranger: RpcCl
     # the node counted the refusal and still serves the greedy peer's channel
     assert node.rpc_server.stats.rejected_streams >= 1
     assert (await stranger.call(peer, "ping"))["peer_id"] == node.peer_id
+
+
+# -- the HTTP API with hostile credentials, from its OpenAPI document -------------------------
+def header_strategy(t: Target) -> st.SearchStrategy[dict[str, str]]:
+    """Credentials a guesser or a broken client would send (test_web_fuzz runs
+    Schemathesis with valid ones)."""
+    junk = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=80)
+    key = t.user["api_key"]
+    values = junk | st.sampled_from([
+        key, key[:-1], key + "x", "p2p_", f"p2p_{'a' * 12}_{'b' * 43}", "Bearer", "Basic !!!",
+        "Basic " + "A" * 5000, t.user["token"][:-2], t.user["token"] + ".x", "x" * 5000])
+    name = st.sampled_from(["X-API-Key", "Authorization", "Authorization", "Cookie"])
+    prefix = st.sampled_from(["", "Bearer ", "Basic ", "bearer  "])
+    return st.dictionaries(name, st.builds(lambda p, v: (p + v)[:6000].strip() or "x",
+                                           prefix, values),
+                           max_size=2)
+
+
+def body_strategy() -> st.SearchStrategy[Any]:
+    scalar = st.none() | st.booleans() | st.integers() \
+        | st.floats(allow_nan=False, allow_infinity=False) \
+        | st.text(max_size=30)
+    value = st.recursive(scalar, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["prompt", "model", "messages", "stream", "max_tokens", "username",
+                         "password", "email", "name", "role", "content", "refresh_token"])
+        | st.text(max_size=6), inner, max_size=4), max_leaves=8)
+    return st.dictionaries(st.sampled_from(["prompt", "model", "messages", "stream",
+                                            "max_tokens", "username", "password", "email",
+                                            "name", "refresh_token", "options"]),
+                           value, max_size=5) | value
+
+
+async def test_every_http_operation_with_hostile_credentials(target: Target) -> None:
+    """Every operation of /openapi.json, with generated bodies and forged,
+    truncated, oversized or malformed credentials: never a 5xx, always the
+    JSON error shape for API routes, and the rightful user is served after."""
+    web = target.node.roles["web"]
+    examples = draw(st.tuples(header_strategy(target), body_strategy()), 400, seed=13)
+    async with httpx.AsyncClient(base_url=web.url, timeout=30) as http:
+        doc = (await http.get("/openapi.json")).json()
+        operations = [(method.upper(), path) for path, ops in doc["paths"].items()
+                      for method in ops if method in ("get", "post", "delete", "put")
+                      and path not in ("/api/auth/logout", "/api/auth/me",
+                                       "/api/auth/users/{user_id}")]
+        assert len(operations) >= 20
+        statuses: Counter[int] = Counter()
+        with trio.fail_after(180):
+            for i, (headers, body) in enumerate(examples):
+                method, path = operations[i % len(operations)]
+                url = path.replace("{key_id}", "nope").replace("{user_id}", "nope")
+                r = await http.request(method, url, headers=headers,
+                                       json=body if method in ("POST", "PUT") else None)
+                statuses[r.status_code] += 1
+                assert r.status_code < 500, (method, url, headers, body, r.text[:300])
+                if url.startswith(("/api/", "/v1/")) and r.status_code >= 400:
+                    assert "json" in r.headers.get("content-type", ""), (url, r.text[:200])
+        assert statuses[401] > 50, statuses
+        r = await http.get("/api/quota", headers={"X-API-Key": target.user["api_key"]})
+        assert r.status_code == 200, r.text
