@@ -87,6 +87,8 @@ class InferenceResponse:
     worker: str | None = None
     latency_ms: float | None = None
     cached: bool = False
+    #: everything the gateway reported (ttft_ms, worker_latency_ms, ...)
+    details: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_trailer(cls, text: str, trailer: dict[str, Any] | None) -> InferenceResponse:
@@ -97,7 +99,8 @@ class InferenceResponse:
         return cls(text=text, model=t.get("model"), finish_reason=t.get("finish_reason"),
                    usage={k: int(v) for k, v in usage.items() if isinstance(v, int)},
                    request_id=t.get("request_id"), worker=t.get("worker"),
-                   latency_ms=t.get("latency_ms"), cached=bool(t.get("cached", False)))
+                   latency_ms=t.get("latency_ms"), cached=bool(t.get("cached", False)),
+                   details=dict(t))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able form (what ``p2pinfer prompt --json`` prints)."""

@@ -209,6 +209,9 @@ class GatewayRole:
             "latency_ms": round((trio.current_time() - started) * 1000, 1),
             "ttft_ms": None if route.first_token_at is None
             else round((route.first_token_at - started) * 1000, 1),
+            # the worker's own view, to tell network and gateway time from model time
+            "worker_latency_ms": trailer.get("latency_ms"),
+            "worker_queue_ms": trailer.get("queue_ms"),
         }
 
     def _record(self, principal: Any, model: str, digest: str, status: str, tokens: int,
