@@ -34,7 +34,7 @@ from starlette.responses import Response
 
 from ..errors import FrameTooLarge, InvalidParams, P2PInferError, PermissionDenied
 
-__all__ = ["BodyLimit", "BodyTimeout", "CSP", "CsrfGuard", "SecurityHeaders"]
+__all__ = ["BodyLimit", "CSP", "CsrfGuard", "SecurityHeaders"]
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
@@ -77,16 +77,10 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
-class BodyTimeout(InvalidParams):
-    """The request body did not arrive in time (HTTP 408; on the wire it is
-    the client's mistake, InvalidParams)."""
-
-    http_status = 408
-
-
 class BodyLimit:
     """ASGI middleware: bodies over ``limit`` bytes get 413, and bodies that
-    take more than ``timeout`` seconds to arrive get 408.
+    take more than ``timeout`` seconds to arrive get 422 (InvalidParams,
+    ``data.field = "body"``).
 
     Hypercorn stops timing a connection once a request's headers are in, so
     without the second rule a client sending its body a byte at a time (a
@@ -143,8 +137,8 @@ class BodyLimit:
                         raise self.error()
                     complete = not message.get("more_body", False)
                 return message
-            raise BodyTimeout(f"the request body did not arrive within {self.timeout:g} s",
-                              data={"field": "body", "timeout": self.timeout})
+            raise InvalidParams(f"the request body did not arrive within {self.timeout:g} s",
+                                data={"field": "body", "timeout": self.timeout})
 
         await self.app(scope, limited, send)
 

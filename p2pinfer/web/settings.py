@@ -4,7 +4,7 @@
     host = "127.0.0.1"          # where the HTTP server listens ("0.0.0.0" for the LAN)
     port = 3000                 # WEB_SERVICE_PORT; 0 picks a free port (tests)
     max_body_bytes = 1048576    # larger request bodies get 413
-    body_timeout = 30.0         # seconds a request body may take to arrive, then 408
+    body_timeout = 30.0         # seconds a request body may take to arrive, then 422
     request_timeout = 300.0     # seconds an inference request may take end to end
     call_timeout = 15.0         # seconds for any other call to an auth or gateway node
     models_ttl = 2.0            # seconds the swarm's model list is reused
