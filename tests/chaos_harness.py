@@ -701,6 +701,14 @@ def read_ledger(path: Path) -> LedgerFile:
         conn.close()
 
 
+def record(name: str, data: Mapping[str, Any]) -> None:
+    """Keep a run's figures in ``test-artifacts/reliability/<name>.json``
+    (benchmarks/RELIABILITY.md is filled from them)."""
+    folder = REPO / "test-artifacts" / "reliability"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(data, indent=1, default=str))
+
+
 def digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 

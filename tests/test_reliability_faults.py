@@ -48,6 +48,7 @@ from .chaos_harness import (
     connect_all,
     netns_unavailable_reason,
     read_ledger,
+    record,
     register_user,
     request_hash,
     synthetic,
@@ -228,6 +229,18 @@ def check_ledgers(s: Swarm, ledgers: dict[str, Any], outcomes: list[Outcome], *,
     return expected
 
 
+def keep(name: str, s: Swarm, outcomes: list[Outcome], hammer: list[Outcome],
+         usage: tuple[int, int], ledgers: dict[str, Any], **extra: Any) -> None:
+    record(f"faults-{name}", {
+        "namespaces": s.cluster.topology.namespaced,
+        "outcomes": dict(Counter(o.kind for o in outcomes)),
+        "hammer": dict(Counter(o.kind for o in hammer)),
+        "usage_requests_tokens": list(usage),
+        "events_per_node": {n: len(lf.events) for n, lf in ledgers.items()},
+        "max_seconds": round(max((o.ended - o.started for o in outcomes), default=0), 2),
+        **extra})
+
+
 def counted(outcomes: list[Outcome]) -> int:
     return sum(1 for o in outcomes if not isinstance(o.error, errors.LimitError))
 
@@ -307,8 +320,9 @@ async def test_worker_killed_mid_stream(tmp_path: Path) -> None:
             hammer = await hammer_to_limit(s, counted(results))
             await settle(s)
             ledgers = await trio.to_thread.run_sync(stop_and_read, s)
-    requests, _ = check_ledgers(s, ledgers, results + hammer)
-    assert requests == limit
+    usage = check_ledgers(s, ledgers, results + hammer)
+    keep("worker-killed", s, results, hammer, usage, ledgers)
+    assert usage[0] == limit
 
 
 async def test_gateway_killed_under_load(tmp_path: Path) -> None:
@@ -349,8 +363,9 @@ async def test_gateway_killed_under_load(tmp_path: Path) -> None:
             hammer = await hammer_to_limit(s, await counted_in_ledger(s))
             await settle(s)
             ledgers = await trio.to_thread.run_sync(stop_and_read, s)
-    requests, _ = check_ledgers(s, ledgers, results + hammer, cut={victim})
-    assert requests == limit
+    usage = check_ledgers(s, ledgers, results + hammer, cut={victim})
+    keep("gateway-killed", s, results, hammer, usage, ledgers)
+    assert usage[0] == limit
     recovered = s.cluster.nodes[victim].log_tail(200_000).count("recovered the usage of")
     assert recovered == 1  # the journal, not luck, made it exact
 
@@ -416,8 +431,9 @@ async def test_worker_partitioned_then_healed(tmp_path: Path) -> None:
             hammer = await hammer_to_limit(s, counted(results))
             await settle(s)
             ledgers = await trio.to_thread.run_sync(stop_and_read, s)
-    requests, _ = check_ledgers(s, ledgers, results + hammer)
-    assert requests == limit
+    usage = check_ledgers(s, ledgers, results + hammer)
+    keep("worker-partitioned", s, results, hammer, usage, ledgers)
+    assert usage[0] == limit
 
 
 async def test_slow_worker(tmp_path: Path) -> None:
@@ -452,8 +468,9 @@ async def test_slow_worker(tmp_path: Path) -> None:
             hammer = await hammer_to_limit(s, counted(results), (errors.DeadlineExceeded,))
             await settle(s)
             ledgers = await trio.to_thread.run_sync(stop_and_read, s)
-    requests, _ = check_ledgers(s, ledgers, results + hammer)
-    assert requests == limit
+    usage = check_ledgers(s, ledgers, results + hammer)
+    keep("slow-worker", s, results, hammer, usage, ledgers)
+    assert usage[0] == limit
 
 
 @contextlib.contextmanager
@@ -517,8 +534,9 @@ async def test_gateway_whose_disk_is_full(tmp_path: Path) -> None:
                 ledgers = await trio.to_thread.run_sync(stop_and_read, s)
         log = s.cluster.nodes["g2"].log_tail(400_000)
         assert "writing usage to the ledger failed; will retry" in log
-    requests, _ = check_ledgers(s, ledgers, warm + results + hammer)
-    assert requests == limit
+    usage = check_ledgers(s, ledgers, warm + results + hammer)
+    keep("disk-full", s, warm + results, hammer, usage, ledgers)
+    assert usage[0] == limit
 
 
 async def test_gateway_restarted_under_load(tmp_path: Path) -> None:
@@ -566,5 +584,6 @@ async def test_gateway_restarted_under_load(tmp_path: Path) -> None:
             hammer = await hammer_to_limit(s, await counted_in_ledger(s), slack=cut)
             await settle(s)
             ledgers = await trio.to_thread.run_sync(stop_and_read, s)
-    requests, _ = check_ledgers(s, ledgers, results + hammer, cut={"g2"})
-    assert limit - cut <= requests <= limit
+    usage = check_ledgers(s, ledgers, results + hammer, cut={"g2"})
+    keep("gateway-restarted", s, results, hammer, usage, ledgers, granted_never_ran=cut)
+    assert limit - cut <= usage[0] <= limit
