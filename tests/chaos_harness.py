@@ -416,7 +416,7 @@ class Cluster:
         tables: config tables for every node; per-node tables under the
             node's name (``{"w1": {"models": [...]}}``) are merged over them.
         netns: namespaces (True), loopback (False) or namespaces if
-            permitted (None).
+            permitted and ``CHAOS_NETNS`` is not ``0`` (None).
         env: extra environment per node name (e.g. ``DATABASE_URL``).
     """
 
@@ -433,8 +433,9 @@ class Cluster:
         self.env = {k: dict(v) for k, v in (env or {}).items()}
         homes = prepare_local_network(base, self.layout, name="chaos network")
         self.peer_ids = {n: Identity.load_or_create(homes[n]).peer_id for n in self.names}
-        if netns is None:
-            netns = netns_unavailable_reason() is None
+        if netns is None:  # CHAOS_NETNS=0 forces loopback
+            netns = os.environ.get("CHAOS_NETNS", "1") != "0" \
+                and netns_unavailable_reason() is None
         self.topology: Topology | Loopback = (Topology(len(self.names)) if netns
                                               else Loopback(len(self.names)))
         self.nodes = {n: Daemon(self, i, n, homes[n]) for i, n in enumerate(self.names)}
