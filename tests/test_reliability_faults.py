@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -35,7 +36,7 @@ import trio
 
 from p2pinfer import errors
 from p2pinfer.gateway.coordinator import COORDINATOR_COOLDOWN
-from p2pinfer.gateway.quota import rendezvous_order
+from p2pinfer.gateway.quota import WINDOW_SECONDS, rendezvous_order
 from p2pinfer.gateway.usage import UsageRecorder
 
 from .chaos_harness import (
@@ -60,6 +61,7 @@ pytestmark = pytest.mark.slow
 LAYOUT = {"g1": ["auth", "gateway"], "g2": ["auth", "gateway"], "w1": ["inference"],
           "w2": ["inference"], "w3": ["inference"]}
 GATEWAYS = ("g1", "g2")
+SCENARIO_SECONDS = 120  # the longest scenario, with margin
 NETNS_SKIP = netns_unavailable_reason()
 
 
@@ -89,7 +91,13 @@ class Swarm:
 async def swarm(tmp_path: Path, tables: dict[str, Any], *, limit: int,
                 netns: bool | None = None,
                 env: dict[str, dict[str, str]] | None = None) -> AsyncIterator[Swarm]:
-    """Five daemons, a user with a key, every gateway seeing three workers."""
+    """Five daemons, a user with a key, every gateway seeing three workers.
+
+    Limits count per clock hour: a scenario that would straddle the turn of
+    the hour first waits for it, so its counts stay in one window."""
+    left = WINDOW_SECONDS - time.time() % WINDOW_SECONDS
+    if left < SCENARIO_SECONDS:
+        await trio.sleep(left + 1)
     cluster = Cluster(tmp_path / "swarm", LAYOUT, tables, netns=netns, env=env)
     with cluster:
         try:
