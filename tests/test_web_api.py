@@ -5,6 +5,7 @@ shape and status code of every error class the API maps."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -284,3 +285,29 @@ async def test_requests_are_counted_by_route_template(tmp_path: Path,
             text = swarm.node.metrics.text().decode()
             assert alice.api_key not in text and alice.key_id not in text
 
+
+
+async def test_api_key_guessing_over_http_is_throttled_per_client(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    """Invalid keys sent over HTTP count against the HTTP client's address
+    (not the web node's), here and at the gateway; past the limit the
+    client gets 429 with Retry-After, even with a valid key."""
+    async with web_swarm(nursery, tmp_path,
+                         auth={"max_failures_per_source": 3, "throttle_window": 60}) as swarm:
+        account = await swarm.account()
+        async with swarm.client() as http:
+            r = await http.post("/api/inference", json={"prompt": "hi", "model": "fake"},
+                                headers=account.key_headers)
+            assert r.status_code == 200, r.text
+            for i in range(3):
+                r = await http.get("/api/models", headers={"X-API-Key": f"p2p_guess{i:07d}_x"})
+                assert r.status_code == 401, r.text
+            r = await http.get("/api/models", headers={"X-API-Key": "p2p_guess9999999_x"})
+            assert r.status_code == 429 and "Retry-After" in r.headers, r.text
+            assert r.json()["error"]["type"] == "LoginThrottled"
+            r = await http.post("/api/inference", json={"prompt": "hi", "model": "fake"},
+                                headers=account.key_headers)
+            assert r.status_code == 429
+        # counted under the HTTP client's address, not under the web node
+        failures = swarm.web.upstream._authenticator.key_failures
+        assert failures.count("ip:127.0.0.1", time.time()) >= 3

@@ -78,6 +78,19 @@ def _auth_params(params: Any) -> dict[str, Any]:
     return auth
 
 
+_SOURCE = re.compile(r"^(ip|peer):[0-9A-Za-z.:_%-]{1,100}$")
+
+
+def _source(ctx: CallContext, params: Any) -> str:
+    """Whom to throttle for this call: the connection's address, or the
+    client's address a member relayed (the web role passes the HTTP
+    client's ``ip:...`` so its users are not throttled as one)."""
+    relayed = params.get("source") if isinstance(params, dict) else None
+    if ctx.is_member and isinstance(relayed, str) and _SOURCE.match(relayed):
+        return relayed
+    return ctx.source
+
+
 class GatewayRole:
     """Serves the gateway RPC methods (see the module docstring)."""
 
@@ -135,7 +148,7 @@ class GatewayRole:
         if not isinstance(request, dict):
             raise InvalidParams("request: must be a map of prompt parameters",
                                 data={"field": "request"})
-        principal = self.auth.authenticate(auth, source=ctx.source)
+        principal = self.auth.authenticate(auth, source=_source(ctx, params))
         parsed = parse_prompt_params(request, GATEWAY_LIMITS)
         model = parsed.model or self.settings.default_model
         worker_params = {k: v for k, v in request.items() if k != "modelConfig"}
@@ -268,7 +281,7 @@ class GatewayRole:
     @rpc_method("getUserQuota", access=Access.PUBLIC)
     async def rpc_get_user_quota(self, ctx: CallContext, params: Any) -> dict[str, Any]:
         """Usage in the current window and the limits that apply."""
-        principal = self.auth.authenticate(_auth_params(params), source=ctx.source)
+        principal = self.auth.authenticate(_auth_params(params), source=_source(ctx, params))
         user_id = principal.user_id
         tier = principal.tier
         wanted = params.get("userId", params.get("user_id"))
@@ -300,7 +313,7 @@ class GatewayRole:
     async def rpc_get_usage(self, ctx: CallContext, params: Any) -> dict[str, Any]:
         """The caller's usage per day and API key, from this gateway's ledger
         copy (``since``/``until``: ``YYYY-MM-DD``, inclusive)."""
-        principal = self.auth.authenticate(_auth_params(params), source=ctx.source)
+        principal = self.auth.authenticate(_auth_params(params), source=_source(ctx, params))
         since, until = params.get("since"), params.get("until")
         for name, value in (("since", since), ("until", until)):
             if value is not None and (not isinstance(value, str)
@@ -315,7 +328,7 @@ class GatewayRole:
     @rpc_method("listModels", access=Access.PUBLIC)
     async def rpc_list_models(self, ctx: CallContext, params: Any) -> dict[str, Any]:
         """Every model served by a member worker, with how many workers serve it."""
-        self.auth.authenticate(_auth_params(params), source=ctx.source)
+        self.auth.authenticate(_auth_params(params), source=_source(ctx, params))
         return {"models": await self.swarm_models()}
 
     async def swarm_models(self) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from starlette.staticfiles import StaticFiles
 
 from ..errors import InvalidParams, NotFound, P2PInferError, UnknownMethod
 from .api import api_routes
+from .inputs import current_source
 from .ollama_api import OLLAMA_PATHS, ollama_routes
 from .openai_api import openai_routes
 from .openapi import openapi_document
@@ -31,7 +32,7 @@ from .security import BodyLimit, SecurityHeaders
 if TYPE_CHECKING:  # pragma: no cover
     from .role import WebRole
 
-__all__ = ["RequestMetrics", "build_app", "method_label"]
+__all__ = ["ClientSource", "RequestMetrics", "build_app", "method_label"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,22 @@ def _status_label(status: int) -> str:
     if status == 504:
         return "timeout"
     return "error"
+
+
+class ClientSource:
+    """ASGI middleware: records the client's address for the request
+    (:data:`~p2pinfer.web.inputs.current_source`)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        client = scope.get("client") if scope["type"] == "http" else None
+        token = current_source.set(f"ip:{client[0]}" if client else None)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            current_source.reset(token)
 
 
 class RequestMetrics:
@@ -165,5 +182,5 @@ def build_app(web: WebRole) -> Any:
 
     limited = BodyLimit(app, limit=web.settings.max_body_bytes, render=early_error,
                         timeout=web.settings.body_timeout)
-    return RequestMetrics(SecurityHeaders(limited, hsts=web.tls), getattr(web.node, "metrics",
-                                                                          None))
+    return ClientSource(RequestMetrics(SecurityHeaders(limited, hsts=web.tls),
+                                       getattr(web.node, "metrics", None)))

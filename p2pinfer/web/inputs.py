@@ -3,6 +3,7 @@ client's address (pure helpers over Starlette requests)."""
 
 from __future__ import annotations
 
+import contextvars
 import json
 from typing import Any
 from urllib.parse import parse_qsl
@@ -11,7 +12,7 @@ from starlette.requests import Request
 
 from ..errors import InvalidParams
 
-__all__ = ["only_keys", "read_form", "read_json", "source_of"]
+__all__ = ["current_source", "only_keys", "read_form", "read_json", "source_of"]
 
 
 async def read_json(request: Request, *, empty_ok: bool = False) -> dict[str, Any]:
@@ -62,6 +63,13 @@ async def read_form(request: Request) -> dict[str, str]:
     for key, value in pairs:
         out.setdefault(key, value)
     return out
+
+
+#: ``ip:<address>`` of the HTTP client being served (set per request by
+#: :class:`~p2pinfer.web.app.ClientSource`): API key guesses are throttled
+#: per client, here and at the gateway, not per web node.
+current_source: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "p2pinfer_web_source", default=None)
 
 
 def source_of(request: Request) -> str:

@@ -33,6 +33,7 @@ from ..errors import (
     UnknownModel,
     UnknownUser,
 )
+from .inputs import current_source
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..auth import Authenticator, Principal
@@ -176,8 +177,9 @@ class Upstream:
 
             self._authenticator = Authenticator(self.node)
         check = self._authenticator
+        source = current_source.get()
         try:
-            return check.authenticate(auth)
+            return check.authenticate(auth, source=source)
         except (InvalidApiKey, UnknownUser) as exc:
             if isinstance(exc, InvalidApiKey) and exc.data.get("reason") != "unknown":
                 raise
@@ -186,7 +188,7 @@ class Upstream:
             while True:
                 await trio.sleep(0.05)
                 try:
-                    return check.authenticate(auth)
+                    return check.authenticate(auth, source=source)
                 except (InvalidApiKey, UnknownUser):
                     continue
         raise first
@@ -256,7 +258,10 @@ class Upstream:
 
     async def _open_inference(self, request: dict[str, Any],
                               auth: dict[str, str]) -> InferenceCall:
-        params = {"request": request, "auth": auth}
+        params: dict[str, Any] = {"request": request, "auth": auth}
+        source = current_source.get()
+        if source is not None:  # the gateway throttles the HTTP client, not us
+            params["source"] = source
         candidates = await self._candidates("gateway")
         tried: list[str] = []
         last: P2PInferError | None = None
