@@ -95,3 +95,36 @@ async def test_request_id_follows_a_call_across_nodes(
     served = by_logger["p2pinfer.metrics.role"]
     assert "recordMetric from" in served["msg"] and served["peer"] == c.peer_id
     assert served["rpc_method"] == "recordMetric" and served["field"] == "labels"
+
+
+async def test_one_request_id_in_the_gateway_and_the_worker_logs(
+        json_lines: io.StringIO, tmp_path: Path, nursery: trio.Nursery) -> None:
+    """A client's request through a gateway to a worker on another node: the
+    gateway's log line and the worker's carry the same request id, the one
+    the client got back."""
+    from .test_gateway import new_user_with_key, start, synthetic
+
+    roles = [["auth", "gateway"], ["inference"]]
+    homes = make_network(tmp_path, ["gw", "worker"], roles=roles)
+    gw, worker = await start(nursery, homes, roles, tables=synthetic(tokens=4))
+    with trio.fail_after(60):
+        creds = await new_user_with_key(gw)
+        await wait_for(lambda: gw.discovery.find_model("fake"))
+        async with gw.rpc.stream(gw.peer_id, "processInferenceRequest",
+                                 {"request": {"prompt": "hi", "model": "fake"},
+                                  "auth": {"api_key": creds["api_key"]}}) as s:
+            async for _ in s:
+                pass
+        rid = s.trailer["request_id"]
+        assert s.trailer["worker"] == worker.peer_id
+
+        def lines_of(logger: str) -> list[dict[str, Any]]:
+            return [r for r in records(json_lines)
+                    if r["logger"] == logger and r["request_id"] == rid]
+
+        await wait_for(lambda: lines_of("p2pinfer.gateway.role")
+                       and lines_of("p2pinfer.inference.role"))
+        assert "request success" in lines_of("p2pinfer.gateway.role")[0]["msg"]
+        assert "answered with fake" in lines_of("p2pinfer.inference.role")[0]["msg"]
+    gw.stop()
+    worker.stop()

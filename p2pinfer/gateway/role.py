@@ -200,6 +200,9 @@ class GatewayRole:
             with trio.CancelScope(shield=True):
                 await self.quota.release(lease, tokens)
             served_model = str((route.trailer or {}).get("model") or model)
+            log.info("request %s: %s via worker %s, %d tokens, %.0f ms", status, served_model,
+                     (route.worker or "-")[-8:], tokens,
+                     (trio.current_time() - started) * 1000)
             self._record(principal, served_model, digest, status, tokens, started, counted=True)
             if metrics is not None:
                 metrics.observe_request(service="gateway", model=served_model,

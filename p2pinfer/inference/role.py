@@ -150,6 +150,10 @@ class InferenceRole:
             async for event in events:
                 if isinstance(event, Completion):
                     ctx.trailer = trailer_for(event)
+                    log.info("answered with %s for %s: %d+%d tokens, %s, %.0f ms%s",
+                             event.model, ctx.peer_id[-8:], event.prompt_tokens,
+                             event.completion_tokens, event.finish_reason,
+                             event.latency * 1000, " (cached)" if event.cached else "")
                 else:
                     yield {"delta": event.text}
 
