@@ -21,12 +21,19 @@ libp2p notes), so:
 - the pubsub stream handler is guarded: py-libp2p lets a malformed frame's
   DecodeError escape it, which would take the host down;
 - the mesh is small (degree 3) and neither IP-diversity nor "opportunistic"
-  grafting run, which otherwise put every peer in every mesh.
+  grafting run, which otherwise put every peer in every mesh;
+- the router keeps a digest, not the whole message, for its equivocation
+  check, and trims its delivery-time list: py-libp2p 0.8.1 holds the last
+  500-1,000 messages (up to 32 kB each, in protobuf's C heap) and one float
+  per message for ever when adaptive gossip is off, which showed as a heap
+  growing with every request (benchmarks/RELIABILITY.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -71,17 +78,77 @@ def tune_pubsub() -> None:
     _tuned = True
 
 
+DELIVERY_WINDOW = 60.0  # seconds of publish times kept (py-libp2p reads the last minute)
+
+
+def message_digest(msg: Any) -> bytes:
+    """What the equivocation check compares: the data and the topics."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(msg.data)
+    for topic in msg.topicIDs:
+        h.update(b"\0" + topic.encode())
+    return h.digest()
+
+
 def _router_class(base: Any) -> Any:
-    """GossipSub without "opportunistic grafting": py-libp2p 0.8.1 grafts two
-    more peers per heartbeat whenever all scores are equal (always, without
-    score parameters), so every mesh grows to every peer and each message is
-    sent to everyone by everyone."""
+    """GossipSub with three repairs to py-libp2p 0.8.1:
+
+    - no "opportunistic grafting": it grafts two more peers per heartbeat
+      whenever all scores are equal (always, without score parameters), so
+      every mesh grows to every peer and each message is sent to everyone by
+      everyone;
+    - the equivocation check (same origin and sequence number, other content)
+      remembers a 16-byte digest per message instead of the message itself:
+      py-libp2p keeps up to 1,000 whole messages there;
+    - the publish times kept for adaptive gossip are trimmed at each heartbeat
+      even when adaptive gossip is off (py-libp2p trims them only when it is
+      on, so the list grew by one float per message for ever).
+    """
 
     class LedgerGossipSub(base):  # type: ignore[misc, valid-type]
         def _perform_opportunistic_grafting(self, topic: str, peers_to_graft: Any) -> int:
             return 0
 
+        def _check_equivocation(self, msg: Any) -> bool:
+            key = msg.from_id + msg.seqno
+            digest = message_digest(msg)
+            seen = self.equivocation_detection.get(key)
+            if seen is None:
+                # the base class's heartbeat cuts this dict to 500 past 1,000
+                self.equivocation_detection[key] = digest
+                return True
+            if seen != digest:
+                log.warning("equivocation: two messages with one sequence number from %s",
+                            _b58(msg.from_id))
+                if self.scorer is not None:
+                    self.scorer.penalize_equivocation(_peer_id(msg.from_id), 100.0)
+                return False
+            return True
+
+        def _periodic_security_cleanup(self) -> None:
+            super()._periodic_security_cleanup()
+            cutoff = time.time() - DELIVERY_WINDOW
+            for topic, times in list(self.recent_message_deliveries.items()):
+                kept = [t for t in times if t > cutoff]
+                if kept:
+                    times[:] = kept
+                else:
+                    del self.recent_message_deliveries[topic]
+
     return LedgerGossipSub
+
+
+def _peer_id(raw: bytes) -> Any:
+    from libp2p.peer.id import ID
+
+    return ID(raw)
+
+
+def _b58(raw: bytes) -> str:
+    try:
+        return str(_peer_id(raw).to_base58())
+    except Exception:
+        return raw.hex()
 
 
 def encode_batch(raws: list[bytes]) -> bytes:
