@@ -333,15 +333,30 @@ class FrameDecoder:
         return out
 
 
-def _canonical(obj: Any) -> Any:
+_NESTED = (dict, list, tuple)
+
+
+def _type_then_value(k: Any) -> tuple[str, Any]:
+    return (str(type(k)), k)
+
+
+def canonical(obj: Any) -> Any:
+    """``obj`` with every map's keys sorted (by type name, then value) and
+    tuples as lists: packing it gives :func:`canonical_pack`'s bytes."""
     if isinstance(obj, dict):
-        return {k: _canonical(obj[k]) for k in sorted(obj, key=lambda k: (str(type(k)), k))}
+        try:  # the usual case, all keys strings: the same order, 5x faster
+            keys = sorted(obj) if all(type(k) is str for k in obj) else None
+        except TypeError:
+            keys = None
+        if keys is None:
+            keys = sorted(obj, key=_type_then_value)
+        return {k: canonical(v) if isinstance(v := obj[k], _NESTED) else v for k in keys}
     if isinstance(obj, list | tuple):
-        return [_canonical(v) for v in obj]
+        return [canonical(v) if isinstance(v, _NESTED) else v for v in obj]
     return obj
 
 
 def canonical_pack(obj: Any) -> bytes:
     """A deterministic msgpack encoding (map keys sorted, tuples as arrays):
     the bytes that signatures cover, identical on every node."""
-    return pack(_canonical(obj))
+    return pack(canonical(obj))

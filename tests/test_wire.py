@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import msgpack
 import pytest
@@ -94,6 +95,16 @@ def test_canonical_pack_is_order_independent() -> None:
     a = {"b": 1, "a": {"y": [1, {"d": 1, "c": 2}], "x": 2}}
     b = {"a": {"x": 2, "y": [1, {"c": 2, "d": 1}]}, "b": 1}
     assert wire.canonical_pack(a) == wire.canonical_pack(b)
+
+
+@pytest.mark.parametrize(("obj", "expected"), [
+    # bytes from the first implementation, which every stored signature covers
+    ({"b": 1, "a": [{"z": 2, "y": (1, 2)}], "c": {"x": None}},
+     "83a1619182a179920102a17a02a16201a16381a178c0"),
+    ({1: "a", "1": "b", b"k": "c"}, "83c4016ba16301a161a131a162"),  # keys of mixed types
+])
+def test_canonical_pack_bytes_are_stable(obj: Any, expected: str) -> None:
+    assert wire.canonical_pack(obj).hex() == expected
 
 
 @settings(max_examples=400, deadline=None)
