@@ -14,6 +14,12 @@ peer with an API key, as any user's program would be. Prints ONE JSON object:
     real_*                the same comparison with the embedded SmolLM2 model
 
 Usage: python benchmarks/bench_gateway.py [--quick] [--no-real-model]
+
+Node processes tune the garbage collector as the daemon does
+(:func:`p2pinfer.runtime.tune_gc`); ``BENCH_GC=default`` leaves CPython's
+settings, ``BENCH_GC=700,10,10`` sets other thresholds. ``BENCH_STEPS_DIR=dir``
+writes, per node process, the event-loop steps over 5 ms and the collections;
+``BENCH_PROFILE_DIR=dir`` a cProfile of each.
 """
 
 from __future__ import annotations
@@ -68,11 +74,23 @@ def serve(spec_path: str) -> None:
                 out[name] = node.addrs[0]
                 if not spec.get("bootstrap"):
                     spec["bootstrap"] = [node.addrs[0]]
+            gc_mode = os.environ.get("BENCH_GC", "tuned")
+            if gc_mode != "default":
+                from p2pinfer.runtime import GC_THRESHOLDS, tune_gc
+
+                g0, g1, g2 = (int(x) for x in gc_mode.split(",")) if "," in gc_mode \
+                    else GC_THRESHOLDS
+                tune_gc((g0, g1, g2))
             await trio.Path(spec["ready"]).write_text(json.dumps(out))
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
                     break
+
+    steps_dir = os.environ.get("BENCH_STEPS_DIR")
+    if steps_dir:
+        run_with = _step_probe(Path(steps_dir) / f"{'-'.join(spec['run'])}.json")
+        trio.run = run_with  # type: ignore[assignment]
 
     profile_dir = os.environ.get("BENCH_PROFILE_DIR")
     if profile_dir:  # python -m cProfile can't see a process ended by SIGTERM
@@ -83,6 +101,44 @@ def serve(spec_path: str) -> None:
         profiler.dump_stats(os.path.join(profile_dir, f"{'-'.join(spec['run'])}.prof"))
     else:
         trio.run(main)
+
+
+def _step_probe(out: Path) -> Any:
+    """Which tasks hold this process's event loop for more than 5 ms, and how
+    long each garbage collection takes (how the c64 tail was found). Written
+    to ``out`` at exit: per task, the 12 longest steps (ms), their count and
+    their total."""
+    import atexit
+    import gc
+    from collections import defaultdict
+
+    slow: dict[str, list[float]] = defaultdict(list)
+    started = [0.0, 0.0]  # task step, collection
+
+    class SlowSteps(trio.abc.Instrument):
+        def before_task_step(self, task: Any) -> None:
+            started[0] = time.perf_counter()
+
+        def after_task_step(self, task: Any) -> None:
+            dt = time.perf_counter() - started[0]
+            if dt > 0.005:
+                slow[task.name].append(round(dt * 1000, 1))
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[1] = time.perf_counter()
+        else:
+            slow[f"gc{info['generation']}"].append(
+                round((time.perf_counter() - started[1]) * 1000, 1))
+
+    def dump() -> None:
+        summary = {k: sorted(v)[-12:] + [len(v), round(sum(v))] for k, v in slow.items()}
+        out.write_text(json.dumps(summary, indent=1))
+
+    gc.callbacks.append(on_gc)
+    atexit.register(dump)
+    run = trio.run
+    return lambda fn: run(fn, instruments=[SlowSteps()])
 
 
 class Cluster:

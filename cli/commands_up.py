@@ -304,6 +304,7 @@ def up(workers: int, port: int, p2p_port: int, prompt_text: str | None, max_toke
     """
     import trio
 
+    from p2pinfer.runtime import tune_gc
     from p2pinfer.swarm import LocalSwarm
 
     store = CredentialStore()
@@ -337,6 +338,7 @@ def up(workers: int, port: int, p2p_port: int, prompt_text: str | None, max_toke
             web_url = getattr(web, "url", None) if web is not None else None
             metrics_url = getattr(hub.roles.get("metrics"), "url", None)
             saved = _save_cli_credentials(store, hub, web_url, demo, session)
+            tune_gc()
             _banner(swarm, models, web_url, metrics_url, demo, saved, store, log_path)
             if prompt_text:
                 await _answer(hub.addrs[0], demo.data["api_key"], prompt_text, max_tokens)

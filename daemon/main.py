@@ -23,6 +23,7 @@ from typing import Any
 import trio
 
 from p2pinfer.config import NodeConfig
+from p2pinfer.runtime import tune_gc
 
 __all__ = ["run_daemon", "serve"]
 
@@ -48,6 +49,7 @@ async def serve(config: NodeConfig, *, ready_file: Path | None = None,
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             await nursery.start(node.run)
+            tune_gc()
             info = {"peer_id": node.peer_id, "addrs": node.addrs, "pid": os.getpid()}
             try:
                 _write_json(daemon_file, info)

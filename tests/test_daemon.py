@@ -94,3 +94,18 @@ async def test_restart_keeps_peer_id(tmp_path: Path) -> None:
             ready.unlink()
     assert ids[0] == ids[1]
     assert (tmp_path / "node.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_tune_gc_freezes_startup_objects_and_raises_thresholds() -> None:
+    import gc
+
+    from p2pinfer.runtime import GC_THRESHOLDS, tune_gc
+
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 10_000  # the imported modules, at least
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -288,6 +288,52 @@ async def test_usage_journal_recovers_what_a_crash_did_not_flush(tmp_path: Path)
     assert journal.stat().st_mode & 0o777 == 0o600
 
 
+async def test_usage_flushes_early_when_the_batch_is_full(tmp_path: Path) -> None:
+    """A full batch is written at once rather than at the interval (a flush
+    holds the event loop; big batches were a latency tail), and a store that
+    fails is not retried in a busy loop."""
+    from p2pinfer.identity import Identity
+    from p2pinfer.ledger import Ledger
+    from p2pinfer.ledger.membership import admit, create_network
+
+    owner = create_network(tmp_path, name="early")
+    me = Identity.load_or_create(tmp_path)
+    ledger = Ledger.open(tmp_path / "node.db", me, owner.network, admit(owner, me.peer_id,
+                                                                       ["gateway"]))
+    rec = UsageRecorder(ledger, flush_interval=3600, flush_rows=10)
+    user, key = str(uuid.uuid4()), str(uuid.uuid4())
+
+    def record(n: int) -> None:
+        for i in range(n):
+            rec.record(user_id=user, api_key_id=key, model="m", prompt_sha256=f"{i:064x}",
+                       status="success", tokens=1, latency_ms=1.0)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(rec.run)
+        record(9)
+        await trio.sleep(0.2)
+        assert rec.pending() == 9  # below flush_rows: waits for the interval
+        record(1)
+        with trio.fail_after(5):
+            await rec.wait_flushed()
+        assert sum(r.request_count for r in ledger.usage(user_id=user)) == 10
+        # a failing store: retried at the interval, not on every record
+        calls = 0
+
+        def failing(items: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            raise errors.StorageError("disk full")
+
+        real, ledger.append_many = ledger.append_many, failing
+        record(30)
+        await trio.sleep(0.3)
+        assert calls == 1 and rec.pending() == 30
+        ledger.append_many = real
+        nursery.cancel_scope.cancel()
+    assert sum(r.request_count for r in ledger.usage(user_id=user)) == 40  # final flush
+
+
 # -- scenarios --------------------------------------------------------------------------------
 async def test_worker_killed_mid_stream(tmp_path: Path) -> None:
     """SIGKILL a worker while it streams answers: requests it had started end

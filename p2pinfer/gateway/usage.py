@@ -11,7 +11,10 @@ A gateway records, for every request it admitted:
 
 Writing one ledger event per request would flood gossip, so the recorder
 batches: everything recorded during ``flush_interval`` seconds goes out as
-at most three events in one transaction. A flush that fails is retried with
+at most three events in one transaction, or sooner once :data:`FLUSH_ROWS`
+requests are waiting: a flush runs on the event loop, and a 1,500-row batch
+(one second at full speed) held it for 20-45 ms, in every in-flight
+request's latency. A flush that fails is retried with
 the same batch (nothing is dropped); :meth:`run` flushes one last time when
 the gateway stops.
 
@@ -49,6 +52,7 @@ __all__ = ["UsageRecorder", "prompt_hash"]
 log = logging.getLogger(__name__)
 
 MAX_ROWS_PER_EVENT = 500
+FLUSH_ROWS = 200  # flush early at this many rows: a few ms of event loop each
 MAX_ENTRIES_PER_EVENT = 1000
 
 
@@ -96,9 +100,11 @@ class UsageRecorder:
     """
 
     def __init__(self, ledger: Any, *, flush_interval: float = 1.0,
-                 journal: Path | None = None) -> None:
+                 journal: Path | None = None, flush_rows: int = FLUSH_ROWS) -> None:
         self.ledger = ledger
         self.flush_interval = flush_interval
+        self.flush_rows = flush_rows
+        self._full = trio.Event()
         self._pending = _Pending()
         self.recorded = 0
         self.flushed_events = 0
@@ -162,6 +168,8 @@ class UsageRecorder:
             key_id = entry["api_key_id"]
             self._pending.used[key_id] = max(now, self._pending.used.get(key_id, now))
         self.recorded += 1
+        if len(self._pending.rows) >= self.flush_rows:
+            self._full.set()
 
     def pending(self) -> int:
         return len(self._pending.rows)
@@ -291,8 +299,13 @@ class UsageRecorder:
         task_status.started()
         try:
             while True:
-                await trio.sleep(self.flush_interval)
+                with trio.move_on_after(self.flush_interval):
+                    await self._full.wait()
+                self._full = trio.Event()
+                failures = self.flush_failures
                 self.flush()
+                if self.flush_failures > failures:  # no early retries of a failing store
+                    await trio.sleep(self.flush_interval)
         finally:
             self.flush()  # synchronous: runs even while being cancelled
             self._journal_close()
