@@ -9,7 +9,9 @@ node dials anyone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,6 +54,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Ledger", "LedgerSettings"]
 
 log = logging.getLogger(__name__)
+
+CHECKPOINT_INTERVAL = 1.0  # seconds between background checkpoints (when written to)
+BACKSTOP_PAGES = 20_000    # SQLite's own checkpoint while ours runs (~80 MB of log)
 
 
 @dataclass(frozen=True)
@@ -513,14 +518,38 @@ class Ledger:
             self.anti_entropy.hint(peer_id, want)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Start GossipSub, then anti-entropy; run until cancelled."""
+        """Start GossipSub, then anti-entropy, and checkpoint the store's
+        write-ahead log from a thread; run until cancelled."""
         async with trio.open_nursery() as nursery:
             if self.gossip is not None:
                 await nursery.start(self.gossip.run)
             if self.anti_entropy is not None:
                 await nursery.start(self.anti_entropy.run)
+            nursery.start_soon(self._checkpoints)
             task_status.started()
             await trio.sleep_forever()
+
+    async def _checkpoints(self) -> None:
+        """Checkpoint in a worker thread, every :data:`CHECKPOINT_INTERVAL`
+        seconds in which something was committed, so that commits on the
+        event loop never do it (SQLite's automatic checkpoint stays as a
+        backstop at :data:`BACKSTOP_PAGES`)."""
+        store = self.store
+        store.set_autocheckpoint(BACKSTOP_PAGES)
+        seen = store.commits
+        try:
+            while True:
+                await trio.sleep(CHECKPOINT_INTERVAL)
+                if store.commits == seen:
+                    continue
+                seen = store.commits
+                try:
+                    await trio.to_thread.run_sync(store.checkpoint)
+                except StorageError as exc:
+                    log.warning("%s", exc)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                store.set_autocheckpoint(1000)
 
     def close(self) -> None:
         self.store.close()

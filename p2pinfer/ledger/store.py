@@ -113,6 +113,8 @@ class Store:
         self.listeners: list[Listener] = []
         self._rebuild_needed = False
         self.compact_due = False  # an erasure redacted something: compact the WAL
+        self.commits = 0  # transactions committed since opening
+        self._checkpoint_conn: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(str(self.path), isolation_level=None,
@@ -131,7 +133,34 @@ class Store:
             raise StorageError(f"cannot open the ledger store {self.path}: {exc}") from exc
 
     def close(self) -> None:
+        if self._checkpoint_conn is not None:
+            self._checkpoint_conn.close()
+            self._checkpoint_conn = None
         self.conn.close()
+
+    # -- checkpoints -----------------------------------------------------------------
+    def set_autocheckpoint(self, pages: int) -> None:
+        """SQLite's automatic checkpoint runs inside the commit that crosses
+        ``pages`` of write-ahead log, on the committing connection: on the
+        event loop, 10-15 ms for a busy node's log. :meth:`checkpoint` from a
+        thread does it instead (see ``Ledger.run``); this raises the automatic
+        one to a backstop meanwhile (``1000``, SQLite's default, restores it)."""
+        self.conn.execute(f"PRAGMA wal_autocheckpoint={int(pages)}")
+
+    def checkpoint(self) -> tuple[int, int]:
+        """Copy the write-ahead log into the database file without waiting
+        for readers or writers (a PASSIVE checkpoint), on a connection of its
+        own: safe to call from one worker thread while the main connection
+        keeps working. Returns (log frames, frames checkpointed)."""
+        try:
+            if self._checkpoint_conn is None:
+                self._checkpoint_conn = sqlite3.connect(
+                    str(self.path), isolation_level=None, check_same_thread=False)
+                self._checkpoint_conn.execute("PRAGMA busy_timeout=5000")
+            row = self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"checkpoint of {self.path}: {exc}") from exc
+        return int(row[1]), int(row[2])
 
     # -- state kept in memory -------------------------------------------------------
     def _reload(self) -> None:
@@ -161,6 +190,7 @@ class Store:
                 yield
                 if self._rebuild_needed:
                     self._rebuild_views()
+            self.commits += 1
         except sqlite3.Error as exc:
             self._reload()
             raise StorageError(f"ledger store {self.path}: {exc}") from exc
