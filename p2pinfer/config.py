@@ -215,6 +215,8 @@ class NodeConfig:
     descriptor_ttl: float = 15.0
     max_frame: int = 4 * 1024 * 1024
     max_streams_per_peer: int = 16
+    max_inbound_per_ip: int = 64
+    dead_link_timeout: float = 15.0
     log_format: str = "text"
     network: str = "default"
     tree: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -309,6 +311,9 @@ class NodeConfig:
             descriptor_ttl=node.get_float("descriptor_ttl", 15.0, minimum=0.5, maximum=86400),
             max_frame=node.get_int("max_frame", 4 * 1024 * 1024, minimum=4096, maximum=64 * 2**20),
             max_streams_per_peer=node.get_int("max_streams_per_peer", 16, minimum=1, maximum=1024),
+            max_inbound_per_ip=node.get_int("max_inbound_per_ip", 64, minimum=1, maximum=10_000),
+            dead_link_timeout=node.get_float("dead_link_timeout", 15.0, minimum=3.0,
+                                             maximum=3600.0),
             log_format=log_format,
             network=node.get_str("network", "default"),
             tree=tree,

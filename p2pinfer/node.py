@@ -123,7 +123,9 @@ class Node:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.started_at = time.time()
         self.host = make_host(
-            self.identity, announce_addrs=config.announce, enable_mdns=config.enable_mdns
+            self.identity, announce_addrs=config.announce, enable_mdns=config.enable_mdns,
+            max_inbound_per_ip=config.max_inbound_per_ip,
+            dead_link_timeout=config.dead_link_timeout,
         )
         self.rpc_server = RpcServer(
             is_member=self.is_member,

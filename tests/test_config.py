@@ -37,6 +37,8 @@ def test_relative_database_url_lives_in_home(tmp_path: Path) -> None:
     ({"node": {"max_frame": 10}}, {}, "node.max_frame: must be >= 4096"),
     ({"node": {"announce_interval": "soon"}}, {}, "node.announce_interval: must be a number"),
     ({"node": {"log_format": "xml"}}, {}, "node.log_format: must be one of text, json"),
+    ({"node": {"max_inbound_per_ip": 0}}, {}, "node.max_inbound_per_ip: must be >= 1"),
+    ({"node": {"dead_link_timeout": 1}}, {}, "node.dead_link_timeout: must be >= 3"),
     ({"nodes": {}}, {}, "nodes: unknown config table"),
     ({}, {"DATABASE_URL": "postgresql://u@h/db"}, "only sqlite:/// URLs are supported"),
     ({}, {"DEFAULT_RATE_LIMIT": "lots"}, None),  # checked by the gateway's own settings
@@ -63,3 +65,37 @@ def test_toml_errors(tmp_path: Path) -> None:
     bad.write_text("[node\nroles = 1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         NodeConfig.from_toml(bad)
+
+
+def test_connection_limits_reach_the_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``[node] max_inbound_per_ip`` and ``dead_link_timeout`` are passed to
+    the libp2p host, and the timeout sets the sockets' liveness options."""
+    import socket
+
+    import p2pinfer.node as node_module
+    from p2pinfer.rpc.host import liveness_options
+
+    cfg = NodeConfig.from_mapping({"node": {"home": str(tmp_path), "roles": [],
+                                            "max_inbound_per_ip": 8,
+                                            "dead_link_timeout": 6}}, env={})
+    assert (cfg.max_inbound_per_ip, cfg.dead_link_timeout) == (8, 6.0)
+    seen: dict = {}
+    real = node_module.make_host
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(node_module, "make_host", spy)
+    node_module.Node(cfg)
+    assert seen["max_inbound_per_ip"] == 8 and seen["dead_link_timeout"] == 6.0
+    options = {opt: value for _, opt, value in liveness_options(6.0)}
+    assert options[socket.SO_KEEPALIVE] == 1
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        assert options[socket.TCP_USER_TIMEOUT] == 6000
+        # probes start at a third of the timeout and give up within it
+        idle, interval, count = (options[socket.TCP_KEEPIDLE], options[socket.TCP_KEEPINTVL],
+                                 options[socket.TCP_KEEPCNT])
+        assert idle + interval * count <= 6
+    defaults = NodeConfig.from_mapping({"node": {"home": str(tmp_path)}}, env={})
+    assert (defaults.max_inbound_per_ip, defaults.dead_link_timeout) == (64, 15.0)

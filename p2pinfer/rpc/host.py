@@ -8,14 +8,17 @@ handler crash the whole host. :func:`make_host` fixes the first two and
 
 :func:`make_host` also hardens the TCP transport (see :func:`harden_tcp`):
 
-- at most ``max_inbound_per_ip`` inbound connections from one IP address.
+- at most ``max_inbound_per_ip`` inbound connections from one IP address
+  (``[node] max_inbound_per_ip``, 64 by default).
   py-libp2p accepts 250 inbound connections in all and holds each slot
   while the handshake runs (up to 10 s) or for the connection's life: one
   client opening 300 idle TCP connections otherwise locks everyone out;
 - every TCP socket gets keepalive and ``TCP_USER_TIMEOUT``: a peer whose
   link silently drops packets (a cut cable, a partition) is declared gone
-  within about :data:`TCP_DEAD_AFTER` seconds instead of the ~15 minutes of
-  TCP retransmissions, so its calls fail over instead of hanging.
+  within about ``dead_link_timeout`` seconds (``[node] dead_link_timeout``,
+  :data:`TCP_DEAD_AFTER` by default) instead of the ~15 minutes of TCP
+  retransmissions, so its calls fail over instead of hanging. Shorter fails
+  over sooner; too short cuts healthy peers on a congested link.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ def make_host(
     announce_addrs: Sequence[str] = (),
     enable_mdns: bool = False,
     max_inbound_per_ip: int = DEFAULT_MAX_INBOUND_PER_IP,
+    dead_link_timeout: float = TCP_DEAD_AFTER,
 ) -> Any:
     """A host that speaks only Noise and only yamux.
 
@@ -55,6 +59,8 @@ def make_host(
             (listening on 0.0.0.0 would otherwise advertise 0.0.0.0).
         enable_mdns: LAN discovery through mDNS.
         max_inbound_per_ip: inbound connections accepted from one IP address.
+        dead_link_timeout: seconds of unacknowledged data (or unanswered
+            keepalives) after which a TCP connection is given up.
     """
     import multiaddr
     from libp2p import new_host
@@ -90,7 +96,7 @@ def make_host(
     )
     _disable_auto_dial(host)
     _shorten_dial_blacklist(host)
-    harden_tcp(host, max_inbound_per_ip=max_inbound_per_ip)
+    harden_tcp(host, max_inbound_per_ip=max_inbound_per_ip, dead_after=dead_link_timeout)
     return host
 
 
@@ -108,16 +114,25 @@ def _tcp_socket(conn: Any) -> Any:
     return None
 
 
-def _watch_liveness(conn: Any) -> None:
+def liveness_options(dead_after: float) -> list[tuple[int, int, int]]:
+    """The socket options that give up on a silent peer after about
+    ``dead_after`` seconds: keepalive probes from a third of it on, and
+    ``TCP_USER_TIMEOUT`` for data left unacknowledged."""
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    idle = max(1, int(dead_after // 3))
+    interval = max(1, min(2, int(dead_after // 6)))
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", interval),
+                        ("TCP_KEEPCNT", 3), ("TCP_USER_TIMEOUT", int(dead_after * 1000))):
+        if hasattr(socket, name):  # Linux; elsewhere keepalive defaults apply
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    return options
+
+
+def _watch_liveness(conn: Any, dead_after: float) -> None:
     sock = _tcp_socket(conn)
     if sock is None:
         return
-    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
-    for name, value in (("TCP_KEEPIDLE", TCP_DEAD_AFTER // 3), ("TCP_KEEPINTVL", 2),
-                        ("TCP_KEEPCNT", 3), ("TCP_USER_TIMEOUT", TCP_DEAD_AFTER * 1000)):
-        if hasattr(socket, name):  # Linux; elsewhere keepalive defaults apply
-            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
-    for level, option, value in options:
+    for level, option, value in liveness_options(dead_after):
         try:
             sock.setsockopt(level, option, value)
         except OSError:
@@ -132,7 +147,8 @@ def _remote_ip(conn: Any) -> str | None:
     return str(address[0]) if address else None
 
 
-def harden_tcp(host: Any, *, max_inbound_per_ip: int) -> None:
+def harden_tcp(host: Any, *, max_inbound_per_ip: int,
+               dead_after: float = TCP_DEAD_AFTER) -> None:
     """Per-IP inbound limit and liveness on every TCP connection of ``host``
     (see the module docstring). Wraps two py-libp2p 0.8.1 entry points: the
     swarm's inbound connection handler and each transport's dial."""
@@ -157,7 +173,7 @@ def harden_tcp(host: Any, *, max_inbound_per_ip: int) -> None:
             if ip is not None:
                 per_ip[ip] = per_ip.get(ip, 0) + 1
             try:
-                _watch_liveness(read_write_closer)
+                _watch_liveness(read_write_closer, dead_after)
                 await inbound(read_write_closer, maddr)
             finally:
                 if ip is not None:
@@ -179,7 +195,7 @@ def harden_tcp(host: Any, *, max_inbound_per_ip: int) -> None:
 
             async def dial(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
                 conn = await _original(*args, **kwargs)
-                _watch_liveness(conn)
+                _watch_liveness(conn, dead_after)
                 return conn
 
             setattr(transport, name, dial)
