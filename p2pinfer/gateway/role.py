@@ -277,6 +277,8 @@ class GatewayRole:
                       "granted": self.quota.book.granted, "denied": self.quota.book.denied,
                       "coordinator_failovers": self.quota.failovers},
             "usage_pending": self.usage.pending() if self.usage is not None else 0,
+            # failed ledger writes of usage (a full disk): retried, nothing dropped
+            "usage_flush_failures": self.usage.flush_failures if self.usage is not None else 0,
             "cooling_down": [p for p, s in self.router.stats.items()
                              if s.cooled_until > trio.current_time()],
         }
