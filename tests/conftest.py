@@ -4,6 +4,7 @@ Helpers to run real nodes live in ``tests/helpers.py``."""
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 
 # py-libp2p logs harmless multi-line WARNINGs on every closed stream. Import
@@ -13,6 +14,13 @@ import pytest
 
 logging.getLogger("libp2p").setLevel(logging.ERROR)
 logging.getLogger("multiaddr").setLevel(logging.WARNING)
+
+# A test run started in the background by a non-interactive shell (`cmd &`)
+# inherits SIGINT ignored, and so would every process the tests start: the
+# tests that press Ctrl-C on `p2pinfer up` and `p2pinfer prompt` would see it
+# ignored. Restore the usual disposition, which children then inherit.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)

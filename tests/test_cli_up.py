@@ -99,18 +99,13 @@ def test_up_then_prompt_from_another_process() -> None:
         assert data["usage"]["completion_tokens"] >= 3
 
         # Ctrl-C while an answer streams: a clean exit 130, no traceback
-        # (if the answer happens to end before the signal lands, as a short
-        # one can on a busy machine, there was nothing to interrupt: again)
-        for _attempt in range(3):
-            long = subprocess.Popen([P2PINFER, "prompt", "--max-tokens", "400",
-                                     "Write a long story about a lighthouse keeper."],
-                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            assert long.stdout is not None
-            first = long.stdout.read(1)  # the first token arrived
-            long.send_signal(signal.SIGINT)
-            _, err = long.communicate(timeout=30)
-            if long.returncode != 0:
-                break
+        long = subprocess.Popen([P2PINFER, "prompt", "--max-tokens", "400",
+                                 "Write a long story about a lighthouse keeper."],
+                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert long.stdout is not None
+        first = long.stdout.read(1)  # the first token arrived
+        long.send_signal(signal.SIGINT)
+        _, err = long.communicate(timeout=30)
         assert first and long.returncode == EXIT_INTERRUPTED, err
         assert b"Interrupted." in err and b"Traceback" not in err
 
