@@ -386,11 +386,13 @@ async def test_gateway_killed_under_load(tmp_path: Path) -> None:
     the dead gateway finished is in the ledger (its journal), exactly once."""
     limit = 400
     tables = {"models": [synthetic(tokens=10, token_delay=0.02)],
-              "gateway": gateway_table(limit, usage_flush_interval=1.0)}
+              # flushes 5 s apart: the victim dies with usage only in its journal
+              "gateway": gateway_table(limit, usage_flush_interval=5.0)}
     with trio.fail_after(240):
         async with swarm(tmp_path, tables, limit=limit) as s:
             ids = list(s.gateways.values())
             victim = "g1" if rendezvous_order(s.user["user_id"], ids)[0] == ids[0] else "g2"
+            journal = Path(f"{s.cluster.nodes[victim].db}-usage")
             results: list[Outcome] = []
             async with trio.open_nursery() as nursery:
                 async def run_load() -> None:
@@ -401,6 +403,7 @@ async def test_gateway_killed_under_load(tmp_path: Path) -> None:
                     return min([(await health(s, g))["served"] for g in ids]) >= 20
 
                 await wait_for(both_busy, limit=20)
+                assert os.stat(journal).st_size > 0  # answered, not yet in the ledger
                 s.cluster.nodes[victim].kill()
             kinds = Counter(o.kind for o in results)
             assert set(kinds) <= {"ok", "PeerUnavailable", "StreamBroken"}, kinds

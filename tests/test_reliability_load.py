@@ -8,11 +8,15 @@ client peers (20 connections, ten per gateway), as 1,000 users of a few
 applications would be. After every round the resident memory of every
 daemon is sampled (anonymous memory: the heap, what a leak grows). The
 first :data:`WARMUP` (ten) rounds fill caches, buffers and SQLite's page
-cache; across the twenty rounds after them the trend (Theil-Sen: the median
-of the slopes between every pair of rounds, which one step of the allocator
-does not move) must stay under :data:`MAX_SLOPE_BYTES` per round of 1,000
-requests, under 200 bytes per request. (With ten measured rounds the noise,
-up to ~230 kB per round, came too close to the leak this test exists for.)
+cache; across the twenty rounds after them each daemon's trend is
+estimated (Theil-Sen: the median of the slopes between every pair of
+rounds, robust to an allocator step near either end). The median trend of
+the five daemons must stay under :data:`MAX_SLOPE_BYTES` per round of 1,000
+requests (under 200 bytes per request), and every single one under
+:data:`MAX_NODE_SLOPE_BYTES`: one daemon's heap can step by 2 MB mid-run
+(a new malloc arena), which moves its own estimate to ~300 kB per round in
+a busy CI run, while a leak moves all of them. (With ten measured rounds
+the noise came too close to the leak this test exists for.)
 Usage must then be exact on every node.
 
 Measured (``benchmarks/RELIABILITY.md``): flat. Before the fix in
@@ -20,7 +24,7 @@ Measured (``benchmarks/RELIABILITY.md``): flat. Before the fix in
 every node: py-libp2p's GossipSub kept the last 1,000 whole messages for its
 equivocation check (in protobuf's C heap, invisible to tracemalloc) and one
 float per message for ever; this test fails on that code (328-449 kB per
-round in the final configuration).
+round on every daemon, median 365).
 
 The figures are written to ``test-artifacts/reliability/load.json`` (used by
 ``benchmarks/RELIABILITY.md``). ``benchmarks/chaos.py load`` runs the same
@@ -64,7 +68,8 @@ CLIENTS = 1000
 PEERS = 20
 WARMUP = 10
 ROUNDS = WARMUP + 20
-MAX_SLOPE_BYTES = 192 * 1024  # per round of 1,000 requests, after the warm-up
+MAX_SLOPE_BYTES = 192 * 1024  # median of the daemons, per round of 1,000 requests
+MAX_NODE_SLOPE_BYTES = 384 * 1024  # any one daemon
 
 
 def slope(values: list[float]) -> float:
@@ -183,5 +188,7 @@ async def test_thousand_concurrent_clients_memory_flat(tmp_path: Path) -> None:
     expected = [CLIENTS * ROUNDS, out["tokens"]]
     assert all(usage == expected for usage in out["usage"].values()), out["usage"]
     assert out["events_equal"]
-    for name, kb in out["anon_slope_kb_per_round"].items():
-        assert kb * 1024 < MAX_SLOPE_BYTES, (name, out["anon_mb"][name])
+    slopes = out["anon_slope_kb_per_round"]
+    assert statistics.median(slopes.values()) * 1024 < MAX_SLOPE_BYTES, out["anon_mb"]
+    for name, kb in slopes.items():
+        assert kb * 1024 < MAX_NODE_SLOPE_BYTES, (name, out["anon_mb"][name])
