@@ -543,6 +543,51 @@ async def test_a_concurrent_registration_that_loses_gets_registration_lost(
             b.stop()
 
 
+async def test_a_refresh_token_spent_on_two_partitioned_auth_nodes_ends_the_session(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    """A stolen refresh token used on one auth node while its owner uses it on
+    another that cannot see the first: both rotations succeed locally, and
+    once the two meet, the session is over on both (and the audit trail
+    shows both refreshes)."""
+    homes = make_network(tmp_path, 2, roles=["auth"])
+    with trio.fail_after(60):
+        a = Node(node_config(homes[0], roles=["auth"], tables={"auth": FAST}))
+        b = Node(node_config(homes[1], roles=["auth"], tables={"auth": FAST}))  # partitioned
+        await nursery.start(a.run)
+        await nursery.start(b.run)
+        try:
+            user = await a.rpc.call(a.peer_id, "registerUser", register_params("gina"))
+            session = await a.rpc.call(a.peer_id, "loginUser",
+                                       {"username": "gina", "password": PASSWORD})
+            # b learns the account as if it had synced once, then stays apart
+            for author in a.ledger.version_vector():
+                b.ledger.ingest(a.ledger.store.read_range(author, 0, 10_000))
+            assert b.ledger.user(user["user_id"]) is not None
+            spend = {"refresh_token": session["refresh_token"]}
+            on_a = await a.rpc.call(a.peer_id, "refreshToken", spend)
+            on_b = await b.rpc.call(b.peer_id, "refreshToken", spend)
+            sid = session["session_id"]
+            assert on_a["session_id"] == on_b["session_id"] == sid
+            # each alone thinks all is well
+            assert Authenticator(a).verify_token(on_a["token"]).user_id == user["user_id"]
+            assert Authenticator(b).verify_token(on_b["token"]).user_id == user["user_id"]
+            await b.connect(a.addrs[0])  # the partition heals
+            for node in (a, b):
+                await node.ledger.wait_until(lambda n=node: n.ledger.is_session_revoked(sid))
+                for fresh in (on_a, on_b):
+                    with pytest.raises(errors.TokenRevoked):
+                        Authenticator(node).verify_token(fresh["token"])
+                with pytest.raises(errors.TokenRevoked):
+                    await node.rpc.call(node.peer_id, "refreshToken",
+                                        {"refresh_token": on_a["refresh_token"]})
+            refreshes = [r for r in a.ledger.audit(action="session.refresh")
+                         if r.outcome == "success"]
+            assert len(refreshes) == 2
+        finally:
+            a.stop()
+            b.stop()
+
+
 async def test_params_are_validated_and_name_the_field(tmp_path: Path,
                                                        nursery: trio.Nursery) -> None:
     with trio.fail_after(30):

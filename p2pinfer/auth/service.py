@@ -375,7 +375,9 @@ class AuthService:
         """Trade a refresh token for a new access token and a new refresh
         token of the same session; the old refresh token is revoked
         (rotation). Presenting an already-rotated refresh token again ends
-        the whole session (it was copied).
+        the whole session (it was copied), here at once, and on every node
+        when two auth nodes were each handed the same token before they
+        heard of each other's rotation.
 
         Raises:
             InvalidToken, TokenExpired, UntrustedIssuer, TokenRevoked,
@@ -406,7 +408,12 @@ class AuthService:
             raise TokenExpired("the session reached its maximum lifetime",
                                data={"reason": "session_max"})
         session = self._new_session(user, now, sid=claims.sid, auth_time=claims.auth_time)
-        self._write(("session.revoked", {"jti": claims.jti, "exp": float(claims.exp)}),
+        # "sid" marks a rotation: if another auth node spends this refresh
+        # token too before hearing of this, the ledger ends the session
+        # everywhere once both events meet (see ledger.views).
+        self._write(("session.revoked", {"jti": claims.jti, "exp": float(claims.exp),
+                                         "sid": claims.sid,
+                                         "session_exp": self._session_end(claims)}),
                     self._audit("session.refresh", "success", actor=actor, target=target,
                                 source=source))
         return session

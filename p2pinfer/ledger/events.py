@@ -486,7 +486,8 @@ _SHAPES: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
         {"entries": _list_of(_record({"key_id": _uuid, "at": _time}))},
         {},
     ),
-    "session.revoked": ({"jti": _str(128), "exp": _time}, {}),
+    "session.revoked": ({"jti": _str(128), "exp": _time},
+                        {"sid": _str(128), "session_exp": _time}),
     "usage": (
         {"entries": _list_of(_record({
             "user_id": _uuid, "key_id": _optional(_uuid), "hour": _hour,
@@ -523,3 +524,5 @@ def validate_body(kind: str, body: Any) -> None:
     _check_map("body", body, shape[0], shape[1])
     if kind == "user.updated" and not {"tier", "is_active", "is_admin"} & set(body):
         raise InvalidEvent("user.updated needs tier, is_active or is_admin")
+    if kind == "session.revoked" and ("sid" in body) != ("session_exp" in body):
+        raise InvalidEvent("session.revoked: a rotation gives both sid and session_exp")

@@ -161,6 +161,16 @@ def m004_local_state(db: Database) -> None:
     db.table("local_state").create({"key": TEXT, "value": TEXT}, pk="key", if_not_exists=True)
 
 
+@migration
+def m005_rotations(db: Database) -> None:
+    """Refresh-token rotations (``session.revoked`` with a ``sid``): the first
+    event that spent each refresh token. A second, different event spending
+    the same token means it was used twice (on two auth nodes at once, before
+    either heard of the other), and the whole session is revoked."""
+    db.table("rotations").create(
+        {"jti": TEXT, "sid": TEXT, "author": TEXT, "seq": INT}, pk="jti", if_not_exists=True)
+
+
 def applied_migrations(db: Database) -> list[str]:
     if not db.table("_migrations").exists():
         return []

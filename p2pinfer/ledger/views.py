@@ -21,7 +21,9 @@ order leaves the same rows (the property test checks it). The rules:
   ``usage_stats`` and per (gateway, user, key, hour) into ``usage_hourly``.
   Events are deduplicated by ``(author, seq)`` upstream, so sums are exact.
 - **Request logs**, **audit rows**: inserted once by id.
-- **Revoked sessions**: ``jti`` with the latest ``exp``.
+- **Revoked sessions**: ``jti`` with the latest ``exp``. A rotation (a
+  ``session.revoked`` with ``sid``) spends a refresh token; two different
+  rotations of one token revoke the whole session (``rotations``).
 - **Erasure** (``user.erased``, effective as soon as the store accepts it,
   even while it waits for earlier events of its author): the user leaves ``users``, its registration
   keeps no username, email or password hash (so the names are free again),
@@ -53,6 +55,7 @@ __all__ = ["apply", "clear", "VIEW_TABLES"]
 VIEW_TABLES = (
     "registrations", "user_attrs", "users", "api_keys", "key_revocations", "key_last_used",
     "usage_stats", "usage_hourly", "request_logs", "audit", "revoked_sessions", "erased_users",
+    "rotations",
 )
 _USAGE_NS = uuid.UUID("5f0c7a52-1d3e-4c59-9a43-2b8f27c1e0d4")
 
@@ -269,10 +272,27 @@ def _apikey_used(conn: sqlite3.Connection, ev: Event) -> None:
                      "(last_used_at IS NULL OR last_used_at < ?)", (at, key_id, at))
 
 
-def _session_revoked(conn: sqlite3.Connection, ev: Event) -> None:
+def _revoke(conn: sqlite3.Connection, jti: str, exp: float) -> None:
     conn.execute(
         "INSERT INTO revoked_sessions (jti, exp) VALUES (?,?) ON CONFLICT(jti) "
-        "DO UPDATE SET exp=max(exp, excluded.exp)", (ev.body["jti"], ev.body["exp"]))
+        "DO UPDATE SET exp=max(exp, excluded.exp)", (jti, exp))
+
+
+def _session_revoked(conn: sqlite3.Connection, ev: Event) -> None:
+    b = ev.body
+    _revoke(conn, b["jti"], b["exp"])
+    if "sid" not in b:
+        return
+    # A rotation: b["jti"] is the refresh token spent. If another event
+    # already spent it, it was used twice: end the session everywhere. The
+    # outcome does not depend on which of the two arrives first.
+    first = conn.execute("SELECT author, seq FROM rotations WHERE jti=?",
+                         (b["jti"],)).fetchone()
+    if first is None:
+        conn.execute("INSERT INTO rotations (jti, sid, author, seq) VALUES (?,?,?,?)",
+                     (b["jti"], b["sid"], ev.author, ev.seq))
+    elif tuple(first) != (ev.author, ev.seq):
+        _revoke(conn, b["sid"], b["session_exp"])
 
 
 # --- usage and logs --------------------------------------------------------------
