@@ -201,19 +201,6 @@ async def make_key(addr: str) -> str:
             return str(key["api_key"])
 
 
-async def wait_model(client: Client, model: str, workers: int = 1) -> None:
-    with trio.fail_after(60):
-        while True:
-            try:
-                found = {m["name"]: m for m in await client.models()}
-                if model in found and found[model]["workers"] >= workers and \
-                        found[model]["status"] == "loaded":
-                    return
-            except errors.P2PInferError:
-                pass
-            await trio.sleep(0.2)
-
-
 async def timed_requests(client: Client, model: str, n: int, concurrency: int,
                          prompt: str = "benchmark prompt", **kw: Any) -> tuple[list[float], int]:
     lat: list[float] = []
@@ -275,8 +262,9 @@ async def instant_backend(base: Path, quick: bool, out: dict[str, Any]) -> None:
         cluster.start([["hub"], ["worker"]])
         key = await make_key(cluster.addrs["hub"])
         async with Client(bootstrap=[cluster.addrs["hub"]], api_key=key) as client:
-            await wait_model(client, "fast")
-            await wait_model(client, "slow")
+            with trio.fail_after(60):
+                await client.wait_for_model("fast")
+                await client.wait_for_model("slow")
             await timed_requests(client, "fast", 50, 1)  # warm up
             n1 = 200 if quick else 1000
             direct = await direct_latencies(FAST, n1)
@@ -331,7 +319,8 @@ async def overshoot(base: Path, quick: bool, out: dict[str, Any]) -> None:
                 await c._rpc.connect(cluster.addrs[g])
                 c._gateways = [peers[g]]
                 c._gateways_at = trio.current_time() + 10**6
-            await wait_model(c1, "fast")
+            with trio.fail_after(60):
+                await c1.wait_for_model("fast")
             # every gateway must know the key before the hammering starts
             with trio.fail_after(30):
                 for c in (c2, c3):
@@ -387,7 +376,8 @@ async def real_model(base: Path, quick: bool, out: dict[str, Any]) -> None:
         cluster.start([["hub"], ["worker"]])
         key = await make_key(cluster.addrs["hub"])
         async with Client(bootstrap=[cluster.addrs["hub"]], api_key=key) as client:
-            await wait_model(client, "smollm2")
+            with trio.fail_after(60):
+                await client.wait_for_model("smollm2")
             await timed_requests(client, "smollm2", 2, 1, max_tokens=16, temperature=0)
             via, _ = await timed_requests(client, "smollm2", n, 1, max_tokens=16, temperature=0)
         cluster.stop()

@@ -52,16 +52,6 @@ async def use_the_swarm(client: Client) -> None:
           f"used this {quota['window']}")
 
 
-async def wait_for_model(client: Client, name: str | None = None) -> None:
-    """Return once a worker serves a loaded model (``name``, or any). Workers
-    announce themselves on the DHT, so there is no event to wait on: poll."""
-    while True:
-        if any(m["status"] == "loaded" and name in (None, m["name"])
-               for m in await client.models()):
-            return
-        await trio.sleep(0.2)
-
-
 async def demo(limit: float) -> None:
     """Start a throwaway swarm, make a user with an API key, run the client."""
     from p2pinfer.swarm import LocalSwarm
@@ -79,7 +69,7 @@ async def demo(limit: float) -> None:
                 await setup.login("ada", password="correct horse 42")
                 key = (await setup.create_api_key("example"))["api_key"]
             async with Client(bootstrap=[hub.addrs[0]], api_key=key) as client:
-                await wait_for_model(client)  # the worker is loading the model
+                await client.wait_for_model()  # the worker is loading the model
                 await use_the_swarm(client)
 
 

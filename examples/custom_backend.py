@@ -111,16 +111,6 @@ class CalculatorBackend(Backend):
         yield GenerationResult(prompt_tokens, len(words), finish)
 
 
-async def wait_for_model(client: Client, name: str | None = None) -> None:
-    """Return once a worker serves a loaded model (``name``, or any). Workers
-    announce themselves on the DHT, so there is no event to wait on: poll."""
-    while True:
-        if any(m["status"] == "loaded" and name in (None, m["name"])
-               for m in await client.models()):
-            return
-        await trio.sleep(0.2)
-
-
 def inference_with_calculator(node: Any) -> Any:
     """The role factory: the usual inference role, plus our backend."""
     from p2pinfer.inference.role import InferenceRole
@@ -158,7 +148,7 @@ async def demo(limit: float) -> None:
                 await setup.login("ada", password="correct horse 42")
                 key = (await setup.create_api_key("example"))["api_key"]
             async with Client(bootstrap=[hub.addrs[0]], api_key=key) as client:
-                await wait_for_model(client, "calculator")  # the worker announces itself
+                await client.wait_for_model("calculator")  # the worker announces itself
                 print("models:", [(m["name"], m["backend"]) for m in await client.models()])
                 for question in ("What is 12 * (3 + 4)?", "And 2 ** 10 - 24?"):
                     print(f"{question} ", end="", flush=True)

@@ -103,16 +103,6 @@ async def run_app(home: Path, bootstrap: list[str], port: int, *,
         task_status.started((node, url))
 
 
-async def wait_for_model(client: Client, name: str | None = None) -> None:
-    """Return once a worker serves a loaded model (``name``, or any). Workers
-    announce themselves on the DHT, so there is no event to wait on: poll."""
-    while True:
-        if any(m["status"] == "loaded" and name in (None, m["name"])
-               for m in await client.models()):
-            return
-        await trio.sleep(0.2)
-
-
 async def demo(limit: float) -> None:
     import httpx
 
@@ -148,7 +138,7 @@ async def demo(limit: float) -> None:
                 await setup.login("ada", password="correct horse 42")
                 key = (await setup.create_api_key("example"))["api_key"]
             async with Client(bootstrap=[hub.addrs[0]], api_key=key) as client:
-                await wait_for_model(client)  # until the hub has heard of our worker
+                await client.wait_for_model()  # until the hub has heard of our worker
                 answer = await client.inference("Say hello in five words.", max_tokens=24)
             assert answer.worker == node.peer_id
             print(f"hub -> embedded worker: {answer.text.strip()!r}")

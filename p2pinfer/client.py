@@ -530,6 +530,28 @@ class Client:
             data = await self._call_role("gateway", "listModels", {"auth": self.auth})
         return list(data["models"])
 
+    async def wait_for_model(self, name: str | None = None, *, workers: int = 1
+                             ) -> dict[str, Any]:
+        """Until ``workers`` workers serve model ``name`` (any model if None)
+        loaded; returns its :meth:`models` entry. Workers announce themselves
+        on the DHT every few seconds, so this polls; bound it with
+        ``trio.fail_after``.
+
+        Raises:
+            InvalidParams: ``workers`` is not an integer >= 1.
+        """
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+            raise InvalidParams("workers: must be an integer >= 1", data={"field": "workers"})
+        while True:
+            try:
+                for entry in await self.models():
+                    if (name in (None, entry["name"]) and entry.get("status") == "loaded"
+                            and int(entry.get("workers") or 0) >= workers):
+                        return entry
+            except (NoWorkerAvailable, PeerUnavailable):
+                pass  # the gateway itself is still starting
+            await trio.sleep(0.2)
+
     async def quota(self) -> dict[str, Any]:
         """Requests and tokens used in the current window, and the limits."""
         self._need_open()

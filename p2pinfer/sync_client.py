@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import trio
 
 from .client import Client, InferenceResponse, _sole_error
-from .errors import StreamBroken
+from .errors import InvalidParams, NoWorkerAvailable, StreamBroken
 
 __all__ = ["SyncClient", "SyncStream"]
 
@@ -228,6 +228,27 @@ class SyncClient:
     def models(self) -> list[dict[str, Any]]:
         """See :meth:`Client.models`."""
         return self._run(self._require().models)
+
+    def wait_for_model(self, name: str | None = None, *, workers: int = 1,
+                       timeout: float = 60.0) -> dict[str, Any]:
+        """See :meth:`Client.wait_for_model`; gives up after ``timeout`` seconds.
+
+        Raises:
+            NoWorkerAvailable: not served within ``timeout``.
+            InvalidParams: bad ``workers`` or ``timeout``.
+        """
+        if not timeout > 0:
+            raise InvalidParams("timeout: must be > 0 seconds", data={"field": "timeout"})
+        client = self._require()
+
+        async def bounded() -> dict[str, Any]:
+            with trio.move_on_after(timeout):
+                return await client.wait_for_model(name, workers=workers)
+            wanted = "any model" if name is None else f"model {name!r}"
+            raise NoWorkerAvailable(f"{workers} worker(s) did not serve {wanted} "
+                                    f"within {timeout:g} s", data={"model": name})
+
+        return self._run(bounded)
 
     def quota(self) -> dict[str, Any]:
         """See :meth:`Client.quota`."""

@@ -368,6 +368,31 @@ def test_sync_client_inside_a_running_asyncio_program(swarm: BackgroundSwarm) ->
     assert len("".join(out["streamed"]).split()) == 6
 
 
+async def test_wait_for_model_returns_the_served_entry(swarm: BackgroundSwarm) -> None:
+    user = await trio.to_thread.run_sync(swarm.account, "waiter")
+    async with Client(bootstrap=[swarm.addr], api_key=user["api_key"]) as client:
+        with trio.fail_after(10):
+            entry = await client.wait_for_model(FAKE)
+            assert entry["name"] == FAKE and entry["status"] == "loaded"
+            assert (await client.wait_for_model())["name"] == FAKE  # any model
+        with pytest.raises(trio.TooSlowError):  # bounded by the caller, trio style
+            with trio.fail_after(0.6):
+                await client.wait_for_model(FAKE, workers=99)
+        for bad in (0, -1, 1.5, True):
+            with pytest.raises(errors.InvalidParams):
+                await client.wait_for_model(FAKE, workers=bad)  # type: ignore[arg-type]
+
+
+def test_sync_wait_for_model_gives_up_with_a_clear_error(swarm: BackgroundSwarm) -> None:
+    user = swarm.account("syncwaiter")
+    with SyncClient(bootstrap=[swarm.addr], api_key=user["api_key"]) as client:
+        assert client.wait_for_model(FAKE, timeout=10)["name"] == FAKE
+        with pytest.raises(errors.NoWorkerAvailable, match="'nope' within 0.5 s"):
+            client.wait_for_model("nope", timeout=0.5)
+        with pytest.raises(errors.InvalidParams):
+            client.wait_for_model(FAKE, timeout=0)
+
+
 def test_sync_client_open_errors_reach_the_caller() -> None:
     peer = "12D3KooWRHrW7MTBm6CRYPNCx4wSfX1ZY6QikJ73DdNviHTRdfDM"
     client = SyncClient(bootstrap=[f"/ip4/127.0.0.1/tcp/1/p2p/{peer}"], api_key="p2p_x")
