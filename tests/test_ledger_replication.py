@@ -291,3 +291,33 @@ async def test_erasure_leaves_no_personal_data_on_any_node(tmp_path: Path,
             assert user is not None and user.id == again.body["user_id"]
             for node in (n0, n1, late):
                 node.stop()
+
+
+def test_the_gossip_router_keeps_digests_not_messages_and_trims_its_delivery_times() -> None:
+    """py-libp2p 0.8.1's GossipSub kept up to 1,000 whole messages for its
+    equivocation check and one float per message for ever: the heap grew
+    with every request (benchmarks/RELIABILITY.md). Our router keeps a
+    16-byte digest and still refuses a second message with the same origin
+    and sequence number but other content; old delivery times are dropped
+    at each heartbeat."""
+    from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+    from libp2p.pubsub.pb import rpc_pb2
+
+    from p2pinfer.ledger.gossip import DELIVERY_WINDOW, _router_class
+
+    router = _router_class(GossipSub)(protocols=[PROTOCOL_ID_V11], degree=3, degree_low=2,
+                                      degree_high=6)
+    from libp2p.peer.id import ID
+
+    origin = ID.from_base58(Identity.generate().peer_id).to_bytes()
+    msg = rpc_pb2.Message(from_id=origin, seqno=bytes(8), data=b"x" * 32_000, topicIDs=["t"])
+    assert router._check_equivocation(msg) and router._check_equivocation(msg)  # a duplicate
+    stored = list(router.equivocation_detection.values())
+    assert stored and all(isinstance(v, bytes) and len(v) == 16 for v in stored)
+    other = rpc_pb2.Message(from_id=origin, seqno=bytes(8), data=b"y", topicIDs=["t"])
+    assert not router._check_equivocation(other)  # same seqno, other content
+    now = time.time()
+    router.recent_message_deliveries["t"].extend([now - 2 * DELIVERY_WINDOW] * 1000 + [now])
+    router.recent_message_deliveries["old"].append(now - 2 * DELIVERY_WINDOW)
+    router._periodic_security_cleanup()
+    assert dict(router.recent_message_deliveries) == {"t": [now]}
