@@ -81,7 +81,10 @@ def serve(spec_path: str) -> None:
                 g0, g1, g2 = (int(x) for x in gc_mode.split(",")) if "," in gc_mode \
                     else GC_THRESHOLDS
                 tune_gc((g0, g1, g2))
-            await trio.Path(spec["ready"]).write_text(json.dumps(out))
+            # write, then rename: the parent polls for the file and must
+            # never read it half written
+            await trio.Path(spec["ready"] + ".tmp").write_text(json.dumps(out))
+            await trio.Path(spec["ready"] + ".tmp").rename(spec["ready"])
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
