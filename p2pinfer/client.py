@@ -468,10 +468,15 @@ class Client:
         seed: int | None = None,
         system: str | None = None,
     ) -> InferenceResponse:
-        """Ask for a whole answer (the design document's ``inference``)."""
-        async with self.stream(prompt, messages=messages, model=model, max_tokens=max_tokens,
-                               temperature=temperature, top_p=top_p, stop=stop, seed=seed,
-                               system=system) as stream:
+        """Ask for a whole answer (the design document's ``inference``).
+
+        The worker sends it as one frame once it is complete (``"stream":
+        false``), so a worker that fails part way through is replaced by
+        another before anything reaches you."""
+        request = _request(prompt, messages, {
+            "model": model, "max_tokens": max_tokens, "temperature": temperature,
+            "top_p": top_p, "stop": stop, "seed": seed, "system": system, "stream": False})
+        async with InferenceStream(self, request) as stream:
             async for _ in stream:
                 pass
         if stream.response is None:  # pragma: no cover - a finished stream sets it

@@ -274,6 +274,52 @@ async def test_worker_death_retries_unstarted_requests(tmp_path: Path,
         n.stop()
 
 
+async def test_a_whole_answer_survives_its_worker_dying_mid_generation(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    """Whole-answer requests (``"stream": false``, what ``Client.inference``
+    sends) have shown the client nothing until the answer is complete, so
+    a worker killed half way through is replaced: every request succeeds on
+    the other worker, with its exact token count."""
+    roles = [["auth", "gateway"], ["inference"], ["inference"]]
+    homes = make_network(tmp_path, ["gw", "w1", "w2"], roles=roles)
+    nodes = await start(nursery, homes, roles, tables={
+        "gateway": {"concurrent_per_key": 0, "default_rate_limit": 10_000, "cooldown": 30}},
+        per_node_tables=[{}, synthetic(tokens=40, token_delay=0.05),
+                         synthetic(tokens=40, token_delay=0.05)])
+    gw, w1, w2 = nodes
+    with trio.fail_after(90):
+        creds = await new_user_with_key(gw)
+        await gateways_see_workers(nodes, "fake", 2)
+        auth = {"api_key": creds["api_key"]}
+        trailers: dict[int, Any] = {}
+
+        async def one(i: int) -> None:
+            chunks = []
+            async with gw.rpc.stream(gw.peer_id, "processInferenceRequest",
+                                     {"request": {"prompt": f"q{i}", "model": "fake",
+                                                  "stream": False}, "auth": auth}) as s:
+                async for chunk in s:
+                    chunks.append(chunk)
+            assert len(chunks) == 1 and len(chunks[0]["delta"].split()) == 40
+            trailers[i] = s.trailer
+
+        router = gw.roles["gateway"].router
+        async with trio.open_nursery() as n:
+            for i in range(10):
+                n.start_soon(one, i)
+            await wait_for(lambda: router.stats.get(w1.peer_id) is not None
+                           and router.stats[w1.peer_id].in_flight > 0)
+            await trio.sleep(0.5)  # w1 is half way through its 2 s answers
+            w1.stop()
+        assert sorted(trailers) == list(range(10))  # nothing failed, nothing lost
+        assert all(t["worker"] == w2.peer_id for t in trailers.values())
+        assert all(t["usage"]["completion_tokens"] == 40 for t in trailers.values())
+        assert router.stats[w1.peer_id].failures >= 1  # some had been sent to w1
+        assert gw.roles["gateway"].quota.book.held() == 0
+    for n in (gw, w2):
+        n.stop()
+
+
 async def test_cancelled_requests_leave_no_held_slots(tmp_path: Path,
                                                       nursery: trio.Nursery) -> None:
     """1,000 requests cancelled mid-flight: every quota ticket and every

@@ -33,7 +33,8 @@ def test_exports() -> None:
 def test_prompt_defaults_and_forms() -> None:
     req = parse_prompt_params("hello")
     assert req.messages == (Message("user", "hello"),)
-    assert req.model is None and req.use_cache
+    assert req.model is None and req.use_cache and req.stream
+    assert parse_prompt_params({"prompt": "x", "stream": False}).stream is False
     assert req.params == GenerationParams(max_tokens=256, temperature=0.7, top_p=0.95)
     req = parse_prompt_params({"prompt": "hi", "system": "be brief", "model": "llama3:8b",
                                "maxTokens": 5, "topP": 0.5, "stop": "\n", "seed": 7,
@@ -88,6 +89,8 @@ def test_prompt_defaults_and_forms() -> None:
         ({"prompt": "x", "model": "../../etc"}, "model"),
         ({"prompt": "x", "model": 5}, "model"),
         ({"prompt": "x", "cache": "yes"}, "cache"),
+        ({"prompt": "x", "stream": "no"}, "stream"),
+        ({"prompt": "x", "stream": 0}, "stream"),
         ({"prompt": "x", "temprature": 1}, "temprature"),
         ({"prompt": "x", "modelConfig": []}, "modelConfig"),
         ({"prompt": "x", "modelConfig": {"prompt": "y"}}, "modelConfig.prompt"),

@@ -120,6 +120,28 @@ async def test_process_prompt_streams_the_real_model_over_rpc() -> None:
     assert sample(role, "ai_platform_inference_free_slots", {"model": "smollm2"}) == 2
 
 
+async def test_a_whole_answer_is_one_chunk_sent_when_complete() -> None:
+    """``"stream": false``: the real model's answer comes as a single chunk
+    once generation has finished, the same text and usage as when streamed."""
+    role = make_role({"inference": {"cache": False}})
+    async with serve(role) as (client, peer):
+        with trio.fail_after(90):
+            await role.engine.wait_settled()
+            params = {"prompt": STORY, "max_tokens": 32, "temperature": 0}
+            streamed, streamed_trailer = await prompt(client, peer, params)
+            arrivals: list[float] = []
+            started = trio.current_time()
+            whole, trailer = await prompt(client, peer, {**params, "stream": False}, arrivals)
+    assert len(streamed) >= 8
+    text = "".join(c["delta"] for c in streamed)
+    assert whole == [{"delta": text}]
+    assert trailer["usage"] == streamed_trailer["usage"] and trailer["cached"] is False
+    # nothing arrived before the answer was complete: the one chunk came after
+    # the worker's own time to the last token (its latency), not at the first
+    assert trailer["latency_ms"] > 2 * trailer["ttft_ms"]  # so the check below can tell
+    assert arrivals[0] - started >= trailer["latency_ms"] / 1000 * 0.9
+
+
 async def test_catalog_status_descriptor_and_topics() -> None:
     role = make_role()
     assert role.topics() == ["model/smollm2", "model/smollm2-135m", "model/default"]

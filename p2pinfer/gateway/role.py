@@ -22,7 +22,12 @@ RPC methods (public ones authenticate the caller from ``auth`` in params):
 
 ``request`` takes the inference role's prompt parameters (``prompt`` or
 ``messages``, ``model``, ``max_tokens``, ``temperature``, ``top_p``,
-``stop``, ``seed``; see :mod:`p2pinfer.inference.params`).
+``stop``, ``seed``, ``stream``; see :mod:`p2pinfer.inference.params`).
+With ``"stream": false`` (what ``Client.inference`` and the non-streaming
+HTTP routes send) the worker sends the whole answer as one chunk once it is
+complete: two frames per hop instead of one per token, and since the
+client has seen nothing until then, a worker that dies mid-generation is
+replaced like one that failed before its first token.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ overloaded) *before the first token* is skipped and the request goes to
 the next choice, up to ``max_attempts`` workers; a worker that failed at
 the transport level is cooled down for ``cooldown`` seconds. Once tokens
 have reached the client a request is never retried (the client would see
-text twice): it ends with :class:`~p2pinfer.errors.StreamInterrupted`.
+text twice): it ends with :class:`~p2pinfer.errors.StreamInterrupted`. A
+whole-answer request (``"stream": false``) has its one chunk only once the
+answer is complete, so it fails over at any point of the generation.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ Accepted shape (a msgpack map; every field is checked and an error names it)::
       "stop": ["\\n\\n"],              # a string or up to 4 strings of 1..64 chars
       "seed": 42,                    # 0 .. 2**32-1
       "cache": true,                 # false skips the response cache
+      "stream": true,                # false: the whole answer as one chunk
       "modelConfig": {...}           # the design document's form: model, max_tokens,
     }                                # temperature, top_p, stop, seed may go here instead
 
@@ -36,7 +37,7 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 MAX_SEED = 2**32 - 1
 
 _MODEL_KEYS = {"model", "max_tokens", "maxTokens", "temperature", "top_p", "topP", "stop", "seed"}
-_TOP_KEYS = {"prompt", "messages", "system", "modelConfig", "cache"} | _MODEL_KEYS
+_TOP_KEYS = {"prompt", "messages", "system", "modelConfig", "cache", "stream"} | _MODEL_KEYS
 _CANONICAL = {"maxTokens": "max_tokens", "topP": "top_p"}
 
 
@@ -62,6 +63,7 @@ class PromptRequest:
     messages: tuple[Message, ...]
     params: GenerationParams
     use_cache: bool = True
+    stream: bool = True
 
 
 def _fail(field: str, problem: str) -> InvalidParams:
@@ -229,6 +231,9 @@ def parse_prompt_params(params: Any, limits: ParamLimits | None = None) -> Promp
     use_cache = params.get("cache", True)
     if not isinstance(use_cache, bool):
         _raise("cache", f"must be true or false, got {_show(use_cache)}")
+    stream = params.get("stream", True)
+    if not isinstance(stream, bool):
+        _raise("stream", f"must be true or false, got {_show(stream)}")
     return PromptRequest(
         model=model,
         messages=messages,
@@ -240,4 +245,5 @@ def parse_prompt_params(params: Any, limits: ParamLimits | None = None) -> Promp
             seed=seed,
         ),
         use_cache=use_cache,
+        stream=stream,
     )

@@ -6,10 +6,13 @@ other nodes, call a worker; users go through a gateway):
 ``processPrompt`` (server stream)
     params: see :mod:`p2pinfer.inference.params` (``prompt`` or
     ``messages``, ``model``, ``max_tokens``, ``temperature``, ``top_p``,
-    ``stop``, ``seed``, ``cache``; or the same inside ``modelConfig``).
-    Chunks: ``{"delta": "<text>"}`` in generation order, usually one token
-    each (tokens that wait while the stream is busy are merged; a cached
-    answer comes as one chunk). Trailer (END frame)::
+    ``stop``, ``seed``, ``cache``, ``stream``; or the same inside
+    ``modelConfig``). Chunks: ``{"delta": "<text>"}`` in generation order,
+    usually one token each (tokens that wait while the stream is busy are
+    merged; a cached answer comes as one chunk). With ``"stream": false``
+    the whole answer comes as one chunk once it is complete (one frame
+    instead of one per token, and a caller that has received nothing may
+    safely retry elsewhere). Trailer (END frame)::
 
         {"model": "smollm2", "backend": "llamacpp", "finish_reason": "stop",
          "usage": {"prompt_tokens": 38, "completion_tokens": 12, "total_tokens": 50},
@@ -146,6 +149,7 @@ class InferenceRole:
                                  ) -> AsyncGenerator[dict[str, str], None]:
         """Stream an answer to a prompt; the trailer carries usage and timing."""
         request = parse_prompt_params(params, self.settings.limits)
+        whole: list[str] | None = None if request.stream else []
         async with aclosing(self.engine.generate(request)) as events:
             async for event in events:
                 if isinstance(event, Completion):
@@ -154,8 +158,12 @@ class InferenceRole:
                              event.model, ctx.peer_id[-8:], event.prompt_tokens,
                              event.completion_tokens, event.finish_reason,
                              event.latency * 1000, " (cached)" if event.cached else "")
+                elif whole is not None:
+                    whole.append(event.text)
                 else:
                     yield {"delta": event.text}
+        if whole:  # a whole answer: one frame, and nothing sent before it is complete
+            yield {"delta": "".join(whole)}
 
     @rpc_method("listAvailableModels", access=Access.MEMBER)
     async def rpc_list_available_models(self, ctx: CallContext, params: Any) -> dict[str, Any]:

@@ -165,7 +165,7 @@ def api_routes(web: WebRole) -> list[Route]:
         body = only_keys(await read_json(request), (*PROMPT_KEYS, "stream"))
         stream = _bool(body.pop("stream", False), "stream")
         body = await prepare_inference(web, body, auth)
-        call = await up.inference(body, auth)
+        call = await up.inference(body, auth, stream=stream)
         if stream:
             return StreamResponse(call, NdjsonDialect())
         try:

@@ -244,7 +244,7 @@ def ollama_routes(web: WebRole) -> list[Route]:
                                  "done": True, "done_reason": "load"})
         params = await prepare_inference(web, params, auth)
         started = time.monotonic()
-        call = await up.inference(params, auth)
+        call = await up.inference(params, auth, stream=stream)
         if stream:
             return StreamResponse(call, dialect)
         try:

@@ -263,7 +263,7 @@ def openai_routes(web: WebRole) -> list[Route]:
         params = await prepare_inference(web, params, auth)
         ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         requested = str(params.get("model") or body.get("model") or "default")
-        call = await up.inference(params, auth)
+        call = await up.inference(params, auth, stream=stream)
         dialect = (ChatDialect if chat else CompletionDialect)(ident, requested, include_usage)
         if stream:
             return StreamResponse(call, dialect)

@@ -318,7 +318,8 @@ class Pages:
             try:
                 params = self._prompt_params(values)
                 params = await prepare_inference(self.web, params, session.auth)
-                call = await self.web.upstream.inference(params, session.auth)
+                call = await self.web.upstream.inference(params, session.auth,
+                                                          stream=False)
                 try:
                     text = await call.collect()
                 finally:

@@ -237,8 +237,12 @@ class Upstream:
         assert last is not None
         raise last
 
-    async def inference(self, request: dict[str, Any], auth: dict[str, str]) -> InferenceCall:
+    async def inference(self, request: dict[str, Any], auth: dict[str, str], *,
+                        stream: bool = True) -> InferenceCall:
         """Open ``processInferenceRequest`` and wait for its first event.
+
+        ``stream=False`` asks for the whole answer as one chunk (see
+        ``processPrompt``): fewer frames, and failover until it is complete.
 
         Raises:
             UnknownModel: the gateway found no worker for a model that no
@@ -246,6 +250,8 @@ class Upstream:
                 model, when the request names none): 404, not a busy swarm.
             P2PInferError: anything else the gateway raised before answering.
         """
+        if not stream:
+            request = {**request, "stream": False}
         try:
             return await self._open_inference(request, auth)
         except NoWorkerAvailable as exc:
