@@ -137,11 +137,34 @@ async def test_register_on_a_login_on_b_key_on_b_validated_on_c_then_revoked_eve
                 assert listed["keys"][0]["name"] == "my cli" and listed["keys"][0]["is_active"]
                 assert key["api_key"] not in repr(listed) and "hash" not in repr(listed)
 
+                # C's authenticator remembers the validated key; the revocation
+                # must still reach it the moment the event is applied
+                queries = 0
+                real_lookup = c.ledger.api_key
+
+                def counted(public_id: str) -> Any:
+                    nonlocal queries
+                    queries += 1
+                    return real_lookup(public_id)
+
+                c.ledger.api_key = counted  # type: ignore[method-assign]
+                assert gateway.validate_api_key(key["api_key"]) == p
+                assert queries == 0  # remembered: no ledger query
+                k = key["api_key"]
+                wrong = k[:-5] + ("A" if k[-5] != "A" else "B") + k[-4:]
+                with pytest.raises(errors.InvalidApiKey) as ei:  # still compared every time
+                    gateway.validate_api_key(wrong)
+                assert ei.value.data["reason"] == "mismatch"
+                c.ledger.api_key = real_lookup  # type: ignore[method-assign]
+                before = c.ledger.store.credentials_version
                 revoked = await client.call(b.peer_id, "revokeApiKey",
                                             {"token": session["token"], "keyId": key["key_id"]})
                 assert revoked["already_revoked"] is False
                 await replicated(nodes, lambda n: n.ledger.api_key(
                     key["public_id"]).revoked_at is not None)
+                assert c.ledger.store.credentials_version > before
+                with pytest.raises(errors.RevokedApiKey):
+                    gateway.validate_api_key(key["api_key"])
                 for node in nodes:
                     with pytest.raises(errors.RevokedApiKey):
                         Authenticator(node).validate_api_key(key["api_key"])

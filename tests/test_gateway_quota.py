@@ -124,3 +124,44 @@ def test_never_over_the_limit_and_slots_never_leak(seq: list[tuple[str, int, int
     for ticket in held:
         book.release(ticket)
     assert book.in_flight == {} and book.tickets == {}
+
+
+async def test_the_coordinator_list_follows_membership_changes() -> None:
+    """Who coordinates whom is remembered between requests, and worked out
+    again as soon as the ledger applies a membership change (or after
+    GATEWAYS_TTL, for certificates that expire)."""
+    from types import SimpleNamespace
+
+    from p2pinfer.gateway import coordinator
+    from p2pinfer.gateway.coordinator import QuotaService
+
+    def member(peer: str, roles: set[str]) -> SimpleNamespace:
+        return SimpleNamespace(peer_id=peer, roles=frozenset(roles), active=lambda now: True)
+
+    members = [member("g-b", {"gateway"}), member("w-c", {"inference"})]
+    lookups = 0
+
+    def listed() -> list[SimpleNamespace]:
+        nonlocal lookups
+        lookups += 1
+        return list(members)
+
+    store = SimpleNamespace(credentials_version=1)
+    node = SimpleNamespace(peer_id="g-a", ledger=SimpleNamespace(store=store, members=listed))
+    quota = QuotaService(node)
+    assert quota.gateways() == ["g-a", "g-b"]
+    first = quota.order("user-1")
+    assert sorted(first) == ["g-a", "g-b"] and quota.order("user-1") == first
+    assert lookups == 1  # remembered
+    members.append(member("g-d", {"gateway"}))
+    assert quota.gateways() == ["g-a", "g-b"]  # nothing applied yet
+    store.credentials_version += 1  # the ledger applied the admission
+    assert quota.gateways() == ["g-a", "g-b", "g-d"]
+    assert quota.order("user-1") == rendezvous_order("user-1", ["g-a", "g-b", "g-d"])
+    members.pop()  # e.g. its certificate expired: no event, only time
+    assert "g-d" in quota.gateways()
+    assert quota._gateways is not None
+    stamp, _, found = quota._gateways
+    quota._gateways = (stamp, 0.0, found)  # GATEWAYS_TTL has passed
+    assert quota.gateways() == ["g-a", "g-b"]
+    assert coordinator.GATEWAYS_TTL <= 5

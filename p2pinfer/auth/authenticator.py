@@ -47,9 +47,12 @@ checked against the public key inside the ``iss`` peer id
   revoked sessions (logout, refresh rotation);
 - RegistrationLost / UnknownUser / InactiveUser: as for keys.
 
-Revocations, deactivations and key revocations are read from the ledger on
-every call (no cache), so they take effect on a node as soon as the event
-has replicated to it.
+Revocations, deactivations and key revocations take effect on a node as
+soon as the event has replicated to it: tokens are checked against the
+ledger on every call, and a validated API key is remembered (its hash and
+principal, never the key) only until the ledger applies any event that could
+change a user, key, session or member (``Store.credentials_version``); the
+key itself is still compared with its hash, in constant time, on every call.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
+
+from cachetools import LRUCache
 
 from ..errors import (
     AuthenticationRequired,
@@ -84,6 +89,8 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Authenticator", "Principal"]
 
 log = logging.getLogger(__name__)
+
+KEY_CACHE_SIZE = 10_000  # validated keys remembered (hash and principal, not the key)
 
 Via = Literal["api_key", "token"]
 
@@ -155,6 +162,8 @@ class Authenticator:
         self.tokens = TokenVerifier(self.ledger.network_id, leeway=self.settings.clock_skew)
         self.key_failures = SlidingWindow(self.settings.max_failures_per_source,
                                           self.settings.throttle_window)
+        # public id -> (store, credentials version, key hash, principal)
+        self._keys: LRUCache[str, tuple[Any, int, str, Principal]] = LRUCache(KEY_CACHE_SIZE)
 
     # -- the one entry point ---------------------------------------------------------
     def authenticate(self, credentials: Any, *, source: str | None = None,
@@ -220,6 +229,13 @@ class Authenticator:
         if public_id is None:
             raise InvalidApiKey(f"an API key is p2p_<id>_<secret>, {KEY_LENGTH} characters",
                                 data={"reason": "malformed"})
+        store = self.ledger.store
+        version = store.credentials_version
+        hit = self._keys.get(public_id)
+        if hit is not None and hit[0] is store and hit[1] == version:
+            if not key_matches(key, hit[2]):
+                raise InvalidApiKey("API key does not match", data={"reason": "mismatch"})
+            return hit[3]
         row = self.ledger.api_key(public_id)
         if row is None:
             raise InvalidApiKey("unknown API key", data={"reason": "unknown"})
@@ -234,7 +250,10 @@ class Authenticator:
             self._missing_user(row.user_id)
         if not user.is_active:
             raise InactiveUser("this account is deactivated")
-        return Principal(user.id, user.username, user.tier, user.is_admin, row.id, "api_key")
+        principal = Principal(user.id, user.username, user.tier, user.is_admin, row.id,
+                              "api_key")
+        self._keys[public_id] = (store, version, row.key_hash, principal)
+        return principal
 
     # -- session tokens ------------------------------------------------------------------
     def decode_token(self, token: Any, *, typ: str = ACCESS,

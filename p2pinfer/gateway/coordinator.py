@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+from cachetools import LRUCache
 
 from ..errors import CallError, InvalidParams, LimitError, NoWorkerAvailable
 from ..rpc.server import Access, CallContext, rpc_method
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 _ID = re.compile(r"^[A-Za-z0-9:_.-]{1,64}$")
 COORDINATOR_COOLDOWN = 5.0
+GATEWAYS_TTL = 1.0
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,9 @@ class QuotaService:
         self.book = QuotaBook(seed=self._seed)
         self._down: dict[str, float] = {}
         self.failovers = 0
+        # (ledger stamp, good until, gateways); user id -> rendezvous order
+        self._gateways: tuple[tuple[Any, int], float, list[str]] | None = None
+        self._ranked: LRUCache[str, list[str]] = LRUCache(10_000)
 
     # -- who coordinates whom ------------------------------------------------------
     def _seed(self, user_id: str, window: int) -> tuple[int, int]:
@@ -67,20 +72,40 @@ class QuotaService:
         return (int(requests), int(tokens))
 
     def gateways(self) -> list[str]:
-        """Peer ids of the network's gateway members (this node included)."""
+        """Peer ids of the network's gateway members (this node included).
+
+        Worked out again when the ledger applies a membership change, and at
+        least every :data:`GATEWAYS_TTL` seconds (certificates expire)."""
         ledger = self.node.ledger
+        if ledger is None:
+            return [self.node.peer_id]
+        stamp = (ledger.store, ledger.store.credentials_version)
+        now = time.monotonic()
+        if self._gateways is not None and self._gateways[0] == stamp \
+                and now < self._gateways[1]:
+            return self._gateways[2]
         peers: set[str] = {self.node.peer_id}
-        if ledger is not None:
-            wall = time.time()
-            for member in ledger.members():
-                if "gateway" in member.roles and member.active(wall):
-                    peers.add(member.peer_id)
-        return sorted(peers)
+        wall = time.time()
+        for member in ledger.members():
+            if "gateway" in member.roles and member.active(wall):
+                peers.add(member.peer_id)
+        found = sorted(peers)
+        if self._gateways is None or self._gateways[2] != found:
+            self._ranked.clear()
+        self._gateways = (stamp, now + GATEWAYS_TTL, found)
+        return found
 
     def order(self, user_id: str) -> list[str]:
         """Coordinators for ``user_id``, best first; ones that recently failed last."""
+        gateways = self.gateways()
+        ranked = self._ranked.get(user_id)
+        if ranked is None:
+            ranked = self._ranked[user_id] = rendezvous_order(user_id, gateways)
         now = trio.current_time()
-        ranked = rendezvous_order(user_id, self.gateways())
+        if self._down and max(self._down.values()) <= now:
+            self._down.clear()  # every cooldown is over
+        if not self._down:
+            return ranked
         up = [p for p in ranked if self._down.get(p, 0.0) <= now]
         return up + [p for p in ranked if p not in up]
 

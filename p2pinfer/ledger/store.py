@@ -65,6 +65,8 @@ __all__ = ["Store", "IngestReport"]
 log = logging.getLogger(__name__)
 
 Listener = Callable[[list[Event], str], None]
+# Kinds whose events never change a user, key, session or member.
+USAGE_KINDS = frozenset({"usage", "request.logged", "apikey.used", "audit"})
 
 
 @dataclass
@@ -111,6 +113,10 @@ class Store:
         self.held_count = 0
         self.membership = Membership(network)
         self.listeners: list[Listener] = []
+        # Bumped whenever applied events may change who holds which key, role
+        # or account (anything but usage, request logs, key use and audit):
+        # a cache of credentials is valid while this stays the same.
+        self.credentials_version = 0
         self._rebuild_needed = False
         self.compact_due = False  # an erasure redacted something: compact the WAL
         self.commits = 0  # transactions committed since opening
@@ -452,6 +458,8 @@ class Store:
     def _notify(self, events: list[Event], source: str, *, changed: bool = False) -> None:
         if not events and not changed:
             return
+        if changed or any(ev.kind not in USAGE_KINDS for ev in events):
+            self.credentials_version += 1
         for ev in events:
             self.metrics.applied.labels(ev.kind, source).inc()
         for listener in list(self.listeners):
