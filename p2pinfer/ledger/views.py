@@ -325,19 +325,28 @@ def _usage(conn: sqlite3.Connection, ev: Event) -> None:
              ev.wall))
 
 
+# A row whose id is already logged is replaced only by a lower-ranked copy, so
+# every node keeps the same one whatever order events arrive in.
+_LOG_ROW = (
+    "INSERT INTO request_logs (id, user_id, api_key_id, prompt_hash, model_used, "
+    "response_time_ms, tokens_used, status, created_at, author, rank) "
+    "VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+    "user_id=excluded.user_id, api_key_id=excluded.api_key_id, "
+    "prompt_hash=excluded.prompt_hash, model_used=excluded.model_used, "
+    "response_time_ms=excluded.response_time_ms, tokens_used=excluded.tokens_used, "
+    "status=excluded.status, created_at=excluded.created_at, author=excluded.author, "
+    "rank=excluded.rank WHERE excluded.rank < request_logs.rank")
+
+
 def _request_logged(conn: sqlite3.Connection, ev: Event) -> None:
-    for i, r in enumerate(ev.body["rows"]):
-        rank = f"{ev.rank}|{i:04d}"
-        row = conn.execute("SELECT rank FROM request_logs WHERE id=?", (r["id"],)).fetchone()
-        if row is not None and row[0] <= rank:
-            continue
-        conn.execute(
-            "INSERT OR REPLACE INTO request_logs (id, user_id, api_key_id, prompt_hash, "
-            "model_used, response_time_ms, tokens_used, status, created_at, author, rank) "
-            "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (r["id"], r["user_id"], r["api_key_id"], r["prompt_hash"], r["model_used"],
-             r["response_time_ms"], r["tokens_used"], r["status"], r["created_at"],
-             ev.author, rank))
+    # one statement for the whole batch: this runs for every row of every
+    # gateway's usage flush on every node
+    rank, author = ev.rank, ev.author
+    conn.executemany(_LOG_ROW, [
+        (r["id"], r["user_id"], r["api_key_id"], r["prompt_hash"], r["model_used"],
+         r["response_time_ms"], r["tokens_used"], r["status"], r["created_at"],
+         author, f"{rank}|{i:04d}")
+        for i, r in enumerate(ev.body["rows"])])
 
 
 def _audit(conn: sqlite3.Connection, ev: Event) -> None:
