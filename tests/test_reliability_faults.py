@@ -548,11 +548,12 @@ def fill(path: Path) -> Path:
     """Write zeros to ``path/filler`` until the file system is full."""
     filler = path / "filler"
     block = b"\0" * 65536
-    with open(filler, "wb") as fh:
+    # unbuffered: a buffered file would try to write its leftover bytes
+    # again on close, and fail there with ENOSPC
+    with open(filler, "wb", buffering=0) as fh:
         try:
             while True:
                 fh.write(block)
-                fh.flush()
         except OSError:
             pass
     os.sync()
