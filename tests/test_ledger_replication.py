@@ -321,3 +321,47 @@ def test_the_gossip_router_keeps_digests_not_messages_and_trims_its_delivery_tim
     router.recent_message_deliveries["old"].append(now - 2 * DELIVERY_WINDOW)
     router._periodic_security_cleanup()
     assert dict(router.recent_message_deliveries) == {"t": [now]}
+
+
+async def test_a_big_gossip_message_is_applied_in_steps() -> None:
+    """A gossip message carrying a usage flush is applied at most
+    DELIVER_BYTES of events at a time, with a scheduling point between, so
+    the receiving node keeps serving while it applies them; small events
+    still go in together."""
+    from types import SimpleNamespace
+
+    from libp2p.peer.id import ID
+
+    from p2pinfer.ledger.gossip import DELIVER_BYTES, Gossip, encode_batch
+
+    big = DELIVER_BYTES - 1000
+    raws = [b"a" * big, b"b" * big, b"c" * 100, b"d" * 100, b"e" * big]
+    sender = ID.from_base58(Identity.generate().peer_id).to_bytes()
+    messages = [SimpleNamespace(from_id=sender, data=encode_batch(raws))]
+    groups: list[list[bytes]] = []
+    seen_between: set[int] = set()
+
+    class Subscription:
+        async def get(self) -> Any:
+            if messages:
+                return messages.pop()
+            await trio.sleep_forever()
+
+    gossip = Gossip(make_host(Identity.generate()), "t",
+                    deliver=lambda group, origin: groups.append(group),
+                    accept_from=lambda peer: True)
+
+    async def other_work() -> None:
+        while True:
+            seen_between.add(len(groups))
+            await trio.lowlevel.checkpoint()
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other_work)
+            nursery.start_soon(gossip._reader, Subscription())
+            await wait_for(lambda: sum(map(len, groups)) == len(raws))
+            nursery.cancel_scope.cancel()
+    assert groups == [raws[:1], raws[1:4], raws[4:]]
+    assert seen_between & {1, 2}  # other tasks ran between the groups (trio may order
+    # a batch either way, so which of the two is seen varies)
