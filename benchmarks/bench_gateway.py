@@ -7,7 +7,10 @@ peer with an API key, as any user's program would be. Prints ONE JSON object:
     overhead_p50_ms_c1    added latency at concurrency 1: gateway path p50 minus
                           the same request on the backend called directly
     overhead_p99_ms_c64   the same at p99 with 64 requests in flight (the direct
-                          baseline also runs 64 at once)
+                          baseline also runs 64 at once); whole answers, as
+                          ``client.inference`` asks for them (one chunk each)
+    streamed_overhead_p99_ms_c64  the same with each answer streamed token by
+                          token (``client.stream``: 16 chunks each)
     rps_max               highest requests/s seen (concurrency 64 and 256)
     c1000_ok, c1000_errors  1,000 requests in flight at once (each ~1 s long)
     limit_overshoot_ratio accepted / limit, one key hammered across three gateways
@@ -205,7 +208,11 @@ async def make_key(addr: str) -> str:
 
 
 async def timed_requests(client: Client, model: str, n: int, concurrency: int,
-                         prompt: str = "benchmark prompt", **kw: Any) -> tuple[list[float], int]:
+                         prompt: str = "benchmark prompt", *, streamed: bool = False,
+                         **kw: Any) -> tuple[list[float], int]:
+    """Latencies of whole answers (``client.inference``: one chunk per
+    answer), or with ``streamed`` of answers read token by token as they
+    arrive (``client.stream``), until the last one."""
     lat: list[float] = []
     failures = 0
     per = max(1, n // concurrency)
@@ -215,7 +222,12 @@ async def timed_requests(client: Client, model: str, n: int, concurrency: int,
         for i in range(per):
             t0 = time.perf_counter()
             try:
-                await client.inference(f"{prompt} {w} {i}", model=model, **kw)
+                if streamed:
+                    async with client.stream(f"{prompt} {w} {i}", model=model, **kw) as s:
+                        async for _ in s:
+                            pass
+                else:
+                    await client.inference(f"{prompt} {w} {i}", model=model, **kw)
             except errors.P2PInferError:
                 failures += 1
                 continue
@@ -290,6 +302,13 @@ async def instant_backend(base: Path, quick: bool, out: dict[str, Any]) -> None:
                     out["overhead_p50_ms_c64"] = round(
                         (median(lat) - median(direct64)) * 1e3, 3)
                     out["errors_c64"] = fails
+                    # the same, each answer read token by token as it streams
+                    lat_s, fails_s = await timed_requests(client, "fast", n, 64, streamed=True)
+                    out["streamed_overhead_p50_ms_c64"] = round(
+                        (median(lat_s) - median(direct64)) * 1e3, 3)
+                    out["streamed_overhead_p99_ms_c64"] = round(
+                        (pct(lat_s, 0.99) - pct(direct64, 0.99)) * 1e3, 3)
+                    out["streamed_errors_c64"] = fails_s
             out["rps"] = rps
             out["rps_max"] = max(rps.values())
             # 1,000 requests in flight at once, each about one second long
