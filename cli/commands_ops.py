@@ -1,4 +1,4 @@
-"""Operations commands: ``backup``, ``restore``, ``account export|erase`` and
+"""Operations commands: ``backup``, ``restore``, ``account password|export|erase`` and
 ``tls self-signed``.
 
 ``backup`` and ``restore`` work on a node home's files (no network):
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .connect import SwarmAccess, swarm_access, with_client
-from .errors import EXIT_USAGE, CliError
+from .errors import EXIT_AUTH, EXIT_USAGE, CliError
 from .output import note, print_json
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -161,10 +161,12 @@ def restore(backup_file: Path, home: Path | None, config_path: Path | None, forc
 # -- account ---------------------------------------------------------------------------
 @click.group(context_settings=CONTEXT)
 def account() -> None:
-    """Export your data, or delete your account (needs `p2pinfer login`).
+    """Change your password, export your data, or delete your account (needs
+    `p2pinfer login`).
 
     \b
     Examples:
+      p2pinfer account password
       p2pinfer account export --out my-data.json
       p2pinfer account erase
     """
@@ -200,6 +202,42 @@ def account_export(out: Path | None, user_id: str | None, access: SwarmAccess) -
         json.dump(data, fh, indent=2, sort_keys=True)
     note(f"Wrote your data to {out} ({len(data.get('request_logs', []))} request logs, "
          f"{len(data.get('audit', []))} audit rows).")
+
+
+@account.command("password", context_settings=CONTEXT)
+@click.option("--current", envvar="P2PINFER_PASSWORD",
+              help="Current password (env: P2PINFER_PASSWORD); asked for when not given.")
+@click.option("--new", envvar="P2PINFER_NEW_PASSWORD",
+              help="New password (env: P2PINFER_NEW_PASSWORD); asked for, twice, when not "
+                   "given.")
+@swarm_access(api_key=False)
+def account_password(current: str | None, new: str | None, access: SwarmAccess) -> None:
+    """Change your password.
+
+    Every session of the account ends, on every node (other devices must
+    log in again); this one is replaced by a new session, saved here. API
+    keys stay valid: revoke them with `p2pinfer keys revoke`.
+
+    \b
+    Examples:
+      p2pinfer account password
+      P2PINFER_PASSWORD=... P2PINFER_NEW_PASSWORD=... p2pinfer account password
+    """
+    import trio
+
+    creds = access.creds
+    if not creds.token and not creds.refresh_token:
+        raise CliError("not logged in: run `p2pinfer login` first", EXIT_AUTH)
+    current = current or str(click.prompt("Current password", hide_input=True))
+    new = new or str(click.prompt("New password", hide_input=True, confirmation_prompt=True))
+
+    async def body(client: Client) -> dict[str, Any]:
+        return await client.change_password(current, new)
+
+    session = trio.run(with_client, access, "token", body)
+    access.save_session(session)
+    note("Password changed. Every other session of the account has ended; this one was "
+         "renewed and saved.")
 
 
 @account.command("erase", context_settings=CONTEXT)

@@ -656,6 +656,25 @@ class Client:
             self.token = None
         return dict(result)
 
+    async def change_password(self, current_password: str,
+                              new_password: str) -> dict[str, Any]:
+        """Change the caller's password (needs a session token). Every session
+        of the account ends, on every node, once the change has replicated;
+        returns the new session, which this client uses from then on. API
+        keys stay valid (revoke them to end them)."""
+        self._need_open()
+        if not self.token:
+            raise AuthenticationRequired("changing the password needs a session: log in first")
+        body = {"current_password": current_password, "new_password": new_password}
+        if self._http is not None:
+            session = dict(await self._http_json("POST", "/api/auth/password",
+                                                 headers=self._http_headers(), body=body))
+        else:
+            session = dict(await self._call_role("auth", "changePassword",
+                                                 {"token": self.token, **body}))
+        self.token = str(session["token"])
+        return session
+
     async def me(self) -> dict[str, Any]:
         """The caller's account: ``user_id``, ``username``, ``email``, ``tier``, ..."""
         self._need_open()

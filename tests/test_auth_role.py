@@ -684,3 +684,86 @@ def test_the_package_exports_what_roles_use() -> None:
                                     "Authenticator", "Claims", "IssuedKey", "Principal"]
     assert all(hasattr(auth, name) for name in auth.__all__)
     assert load_role_class("auth") is auth.AuthRole and auth.AuthRole.name == "auth"
+
+
+async def test_a_password_change_ends_every_session_everywhere(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    """changePassword on B: the old password and every earlier session
+    (tokens and refresh tokens, issued by A or B) are refused on every node
+    once the event has replicated; the new session works everywhere; wrong
+    or weak input changes nothing; an erasure leaves no copy of the hash."""
+    new_password = "c0rrect-h0rse-battery"
+    with trio.fail_after(90):
+        async with swarm(nursery, tmp_path, certs=[["auth"], ["auth"], ["gateway"]],
+                         roles=[["auth"], ["auth"], []]) as nodes:
+            a, b, c = nodes
+            async with client_of([a, b]) as (client, _):
+                user = await client.call(a.peer_id, "registerUser", register_params("carol"))
+                uid = user["user_id"]
+                await replicated(nodes, lambda n: n.ledger.user(uid) is not None)
+                on_a = await client.call(a.peer_id, "loginUser",
+                                         {"username": "carol", "password": PASSWORD})
+                on_b = await client.call(b.peer_id, "loginUser",
+                                         {"username": "carol", "password": PASSWORD})
+                key = await client.call(b.peer_id, "generateApiKey", {"token": on_b["token"]})
+
+                async def refused(error: type[Exception], params: dict[str, Any],
+                                  reason: str | None = None) -> None:
+                    with pytest.raises(error) as ei:
+                        await client.call(b.peer_id, "changePassword", params)
+                    if reason is not None:
+                        assert ei.value.data.get("reason") == reason  # type: ignore[attr-defined]
+
+                await refused(errors.InvalidCredentials, {
+                    "token": on_b["token"], "current_password": "not it at all 9",
+                    "new_password": new_password})
+                await refused(errors.WeakPassword, {
+                    "token": on_b["token"], "current_password": PASSWORD,
+                    "new_password": "short"}, reason="too_short")
+                await refused(errors.AuthenticationRequired, {
+                    "api_key": key["api_key"], "current_password": PASSWORD,
+                    "new_password": new_password})
+                await refused(errors.InvalidParams, {"token": on_b["token"],
+                                                     "current_password": PASSWORD})
+                assert all(n.ledger.user(uid).sessions_after is None for n in nodes)
+
+                session = await client.call(b.peer_id, "changePassword", {
+                    "token": on_b["token"], "currentPassword": PASSWORD,
+                    "newPassword": new_password})
+                assert session["user"]["user_id"] == uid and session["token"]
+                await replicated(nodes, lambda n: n.ledger.user(uid).sessions_after is not None)
+                for node in nodes:  # the sessions before the change are over everywhere
+                    for old in (on_a, on_b):
+                        with pytest.raises(errors.TokenRevoked) as ei:
+                            Authenticator(node).verify_token(old["token"])
+                        assert ei.value.data["reason"] == "password_changed"
+                    assert Authenticator(node).verify_token(session["token"]).user_id == uid
+                with pytest.raises(errors.TokenRevoked):
+                    await client.call(a.peer_id, "refreshToken",
+                                      {"refresh_token": on_a["refresh_token"]})
+                renewed = await client.call(a.peer_id, "refreshToken",
+                                            {"refresh_token": session["refresh_token"]})
+                assert Authenticator(c).verify_token(renewed["token"]).user_id == uid
+                with pytest.raises(errors.InvalidCredentials):
+                    await client.call(a.peer_id, "loginUser",
+                                      {"username": "carol", "password": PASSWORD})
+                again = await client.call(a.peer_id, "loginUser",
+                                          {"username": "carol", "password": new_password})
+                assert again["user"]["user_id"] == uid
+                # API keys are credentials of their own: revoke them to end them
+                assert Authenticator(c).validate_api_key(key["api_key"]).user_id == uid
+                await replicated([a], lambda n: any(
+                    r.action == "user.password" and r.outcome == "success"
+                    for r in n.ledger.audit(actor=f"user:{uid}", limit=100)))
+                no_secrets_in_audit(a, PASSWORD, new_password)
+
+                # erasure redacts the password change too: no node keeps the hash
+                new_hash = a.ledger.user(uid).password_hash
+                await c.rpc.call(a.peer_id, "eraseUser", {"as_operator": True,
+                                                          "user_id": uid})
+
+                def scrubbed(n: Node) -> bool:
+                    rows = n.ledger.store.conn.execute("SELECT raw FROM events").fetchall()
+                    return not any(new_hash.encode() in raw for (raw,) in rows)
+
+                await replicated(nodes, scrubbed)

@@ -42,7 +42,8 @@ def test_token_is_an_eddsa_jwt_signed_by_the_node_key() -> None:
     assert claims.issuer == ident.peer_id and claims.subject == USER
     assert claims.audience == NET and claims.exp - claims.iat == 3600
     assert set(claims.raw) >= {"iss", "aud", "sub", "typ", "jti", "sid", "iat", "exp",
-                               "auth_time"}
+                               "auth_time", "auth_at"}
+    assert claims.auth_time <= claims.auth_at < claims.auth_time + 1
     # the signature checks with the public key inside the peer id, and nothing else
     head, payload, sig = token.split(".")
     from nacl.signing import VerifyKey
@@ -128,7 +129,8 @@ def test_claim_shapes_are_checked() -> None:
             "jti": new_token_id(), "sid": new_token_id(), "iat": now, "exp": now + 60,
             "auth_time": now}
     for change in ({"sub": "alice"}, {"jti": "short"}, {"auth_time": "yesterday"},
-                   {"sid": None}):
+                   {"sid": None}, {"auth_at": now + 1.5}, {"auth_at": now - 0.5},
+                   {"auth_at": "now"}):
         token = jwt.encode({**base, **change}, key, algorithm="EdDSA")
         with pytest.raises(errors.InvalidToken):
             TokenVerifier(NET).decode(token, typ=ACCESS)

@@ -155,3 +155,34 @@ def test_the_same_commands_over_http(swarm: BackgroundSwarm) -> None:
     assert json.loads(invoke("whoami", "--json").stdout)["username"] == "kim"
     invoke("login", "kim", "--password", "wrong password 123", code=EXIT_AUTH)
     invoke("logout")
+
+
+@pytest.mark.parametrize("over", ["p2p", "http"])
+def test_password_change(swarm: BackgroundSwarm, over: str) -> None:
+    """``p2pinfer account password``: a wrong current password or a weak new one
+    changes nothing; a change saves the new session, and the old password
+    and sessions are refused, peer-to-peer and over HTTP."""
+    name = f"pat{over}"
+    where = ["--bootstrap", swarm.addr] if over == "p2p" else ["--url", swarm.url]
+    invoke("register", "-u", name, "-e", f"{name}@example.com", "--password", PASSWORD,
+           *where)
+    before = saved()
+    new = "n3w-and-l0nger-pass"
+    out = invoke("account", "password", "--current", "not the password 1", "--new", new,
+                 code=EXIT_AUTH).output
+    assert "wrong" in out
+    out = invoke("account", "password", "--current", PASSWORD, "--new", "short",
+                 code=EXIT_USAGE).output
+    assert "at least" in out
+    out = invoke("account", "password", input=f"{PASSWORD}\n{new}\n{new}\n").output
+    assert "Password changed" in out
+    after = saved()
+    assert after.token and after.token != before.token and after.username == name
+    assert json.loads(invoke("whoami", "--json").stdout)["username"] == name
+    # the session from before the change is over, everywhere
+    CredentialStore().save(Credentials(bootstrap=before.bootstrap, url=before.url,
+                                       token=before.token, refresh_token=before.refresh_token))
+    assert "session" in invoke("whoami", code=EXIT_AUTH).output.lower()
+    invoke("login", name, "--password", PASSWORD, code=EXIT_AUTH)
+    invoke("login", name, "--password", new)
+    invoke("logout")

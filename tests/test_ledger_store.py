@@ -97,6 +97,12 @@ def build_scenario() -> Scenario:
                                            "updated_at": T0 + 5.5})
     s.add("a2", T0 + 8, "user.updated", {"user_id": uid(1), "is_active": True,
                                          "updated_at": T0 + 8})
+    # two password changes of bob on two auth nodes: the later one wins; the
+    # sessions end at the later of the two times whatever the order
+    s.add("a2", T0 + 8.5, "user.updated", {"user_id": uid(2), "password_hash": "hash2-new",
+                                           "sessions_after": T0 + 8.5, "updated_at": T0 + 8.5})
+    s.add("a1", T0 + 8.2, "user.updated", {"user_id": uid(2), "password_hash": "hash2-mid",
+                                           "sessions_after": T0 + 8.2, "updated_at": T0 + 8.2})
     # usage from two gateways, same user/key/hour: summed
     for name, n in (("g1", 3), ("g2", 5), ("g1", 7)):
         s.add(name, T0 + 9 + n / 100, "usage", {"entries": [
@@ -163,6 +169,10 @@ def test_reference_outcome(tmp_path: Path) -> None:
     assert set(ledger_users) == {"alice", "bob", "eve"}
     alice = ledger_users["alice"]
     assert alice[6] == "premium" and alice[5] == 1  # tier: a1 wrote last; re-activated
+    assert alice[3] == "hash1" and alice[-1] is None  # her password never changed
+    bob = queries.user_by_id(conn, uid(2))
+    assert bob is not None and bob.password_hash == "hash2-new"
+    assert bob.sessions_after == T0 + 8.5
     status = dict(conn.execute("SELECT user_id, status FROM registrations"))
     assert status[uid(3)] == "lost" and status[uid(4)] == "erased" and status[uid(2)] == "won"
     assert uid(7) not in status  # x's third event was voided by its removal

@@ -149,6 +149,20 @@ def visit(url: str, shots: Path) -> dict[str, Any]:
             page.locator("details.op").first.click()
             shot(page, "api-docs")
 
+            # change the password on the account page: this browser stays logged in
+            page.goto(url + "/account")
+            page.fill("input[name=current_password]", PASSWORD)
+            page.fill("input[name=new_password]", PASSWORD + "-new")
+            page.fill("input[name=confirm_password]", PASSWORD + "-new")
+            page.click("button:has-text('Change password')")
+            expect(page).to_have_url(re.compile(r"/account\?password=changed$"))
+            expect(page.locator(".notice")).to_contain_text("Your password was changed")
+            expect(page.locator(".who")).to_have_text("grace")
+            shot(page, "password-changed")
+            r = httpx.post(url + "/api/auth/login",
+                           json={"username": "grace", "password": PASSWORD})
+            seen["old_password"] = r.status_code
+
             # log out
             page.click("text=Log out")
             expect(page.locator("header .account")).to_contain_text("Log in")
@@ -177,4 +191,5 @@ async def test_a_visit_in_a_real_browser(tmp_path: Path, nursery: trio.Nursery) 
     assert "smollm2" in seen["answer_meta"]
     assert seen["bars"] >= 28  # two 14-day charts and the per-key chart
     assert "Swarm health" in seen["system"]
-    assert len(list(shots.glob("*.png"))) == 10
+    assert seen["old_password"] == 401
+    assert len(list(shots.glob("*.png"))) == 11

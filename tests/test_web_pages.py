@@ -193,6 +193,63 @@ async def test_an_expired_access_token_is_renewed_from_the_refresh_cookie(
                 assert renewed and http.cookies.get("p2p_session") != first
 
 
+async def test_the_account_page_changes_the_password(tmp_path: Path,
+                                                     nursery: trio.Nursery) -> None:
+    """The form on /account: wrong, mismatched or weak input is refused on
+    the page with the field marked; a change keeps this browser logged in
+    (a new session) and ends the other browser's session; the REST route
+    does the same for a bearer token."""
+    new = "Another-l0ng-secret"
+    with trio.fail_after(60):
+        async with web_swarm(nursery, tmp_path) as swarm:
+            await swarm.account("alice")
+            async with swarm.client() as http, swarm.client() as other:
+                await log_in(swarm, http, "alice")
+                await log_in(swarm, other, "alice")
+                page = await http.get("/account")
+                assert 'id="password"' in page.text
+                token = csrf_of(page.text)
+                for form, status, marked in (
+                        ({"current_password": "not my password", "new_password": new,
+                          "confirm_password": new}, 401, "current_password"),
+                        ({"current_password": PASSWORD, "new_password": new,
+                          "confirm_password": new + "x"}, 422, "confirm_password"),
+                        ({"current_password": PASSWORD, "new_password": "short",
+                          "confirm_password": "short"}, 422, "new_password")):
+                    r = await http.post("/account/password", data={**form, "csrf_token": token})
+                    assert r.status_code == status, r.text
+                    assert re.search(rf'name="{marked}"[^>]*\s+aria-invalid="true"', r.text)
+                r = await http.post("/account/password", data={
+                    "current_password": PASSWORD, "new_password": new, "confirm_password": new})
+                assert r.status_code == 403  # no CSRF token: refused
+                r = await http.post("/account/password", data={
+                    "current_password": PASSWORD, "new_password": new,
+                    "confirm_password": new, "csrf_token": token})
+                assert r.status_code == 303, r.text
+                page = await http.get(r.headers["location"])
+                assert page.status_code == 200 and "Your password was changed" in page.text
+
+                async def ended() -> bool:
+                    r = await other.get("/dashboard")
+                    return r.status_code == 303 and "/login" in r.headers["location"]
+
+                await wait_for(ended, limit=10)
+                assert (await http.get("/dashboard")).status_code == 200  # still logged in
+                r = await http.post("/api/auth/login", json={"username": "alice",
+                                                             "password": PASSWORD})
+                assert r.status_code == 401
+                r = await http.post("/api/auth/login", json={"username": "alice",
+                                                             "password": new})
+                assert r.status_code == 200
+                bearer = {"Authorization": f"Bearer {r.json()['token']}"}
+                r = await http.post("/api/auth/password", headers=bearer, json={
+                    "current_password": new, "new_password": PASSWORD})
+                assert r.status_code == 200 and r.json()["token"]
+                r = await http.get("/api/auth/me", headers=bearer)
+                assert r.status_code == 401
+                assert r.json()["error"]["data"]["reason"] == "password_changed"
+
+
 def test_pure_helpers() -> None:
     assert credentials_from_headers({"authorization": "Bearer p2p_x"}) == {"api_key": "p2p_x"}
     assert credentials_from_headers({"authorization": "Bearer eyJ"}) == {"token": "eyJ"}

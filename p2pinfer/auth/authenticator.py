@@ -44,7 +44,9 @@ checked against the public key inside the ``iss`` peer id
   certificate grants the ``auth`` role (a removed or expired auth node's
   tokens stop working everywhere as soon as its removal replicates);
 - TokenRevoked: its ``jti`` or its session ``sid`` is in the ledger's
-  revoked sessions (logout, refresh rotation);
+  revoked sessions (logout, refresh rotation), or the session was
+  authenticated before the user's password was changed
+  (``data.reason="password_changed"``);
 - RegistrationLost / UnknownUser / InactiveUser: as for keys.
 
 Revocations, deactivations and key revocations take effect on a node as
@@ -85,8 +87,9 @@ from .tokens import ACCESS, Claims, TokenVerifier
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..ledger import Ledger
+    from ..ledger.queries import User
 
-__all__ = ["Authenticator", "Principal"]
+__all__ = ["Authenticator", "Principal", "check_session_current"]
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +282,7 @@ class Authenticator:
         user = self.ledger.user(claims.subject)
         if user is None:
             self._missing_user(claims.subject)
+        check_session_current(user, claims)
         if not user.is_active:
             raise InactiveUser("this account is deactivated")
         return Principal(user.id, user.username, user.tier, user.is_admin, None, "token",
@@ -298,3 +302,10 @@ class Authenticator:
             raise UnknownUser("this account has been erased", data={"reason": "erased"})
         raise UnknownUser("unknown user", data={"reason": "unknown"})
 
+
+def check_session_current(user: User, claims: Claims) -> None:
+    """Raise TokenRevoked if the session of ``claims`` was authenticated
+    before the user's sessions were ended (a password change)."""
+    if user.sessions_after is not None and claims.auth_at < user.sessions_after:
+        raise TokenRevoked("this session ended when the password was changed",
+                           data={"reason": "password_changed"})

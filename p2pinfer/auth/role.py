@@ -122,7 +122,8 @@ MAX_SECRET_PARAM = 4096
 _ALIASES = {
     "userId": "user_id", "apiKey": "api_key", "keyId": "key_id",
     "refreshToken": "refresh_token", "isActive": "is_active", "isAdmin": "is_admin",
-    "asOperator": "as_operator",
+    "asOperator": "as_operator", "currentPassword": "current_password",
+    "newPassword": "new_password",
 }
 _CREDENTIALS = ("token", "api_key", "auth")
 
@@ -334,6 +335,17 @@ class AuthRole:
         token = p.required("token" if typ == "access" else "refresh_token",
                            max_len=MAX_SECRET_PARAM)
         return self.service.logout(token, typ=typ, source=self._source(ctx, p))
+
+    @rpc_method("changePassword", access=Access.PUBLIC)
+    async def rpc_change_password(self, ctx: CallContext, params: Any) -> dict[str, Any]:
+        """``{token, current_password, new_password}`` → a new session; every
+        other session of the user ends, on every node."""
+        p = Params(params, (*_CREDENTIALS, "current_password", "new_password"))
+        current = p.required("current_password", max_len=MAX_SECRET_PARAM)
+        new = p.required("new_password", max_len=MAX_SECRET_PARAM)
+        principal = self._principal(ctx, p, allow=("token",))
+        return await self.service.change_password(principal, current, new,
+                                                  source=self._source(ctx, p))
 
     @rpc_method("getUser", access=Access.PUBLIC)
     async def rpc_get_user(self, ctx: CallContext, params: Any) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 
 :class:`AuthService` is the library behind the ``AuthRole`` RPC methods (and
 what a role on the same node may call directly): register, log in, refresh,
-log out, issue / list / revoke API keys, change a user's tier, active flag
-and admin flag, read usage. Each write is a ledger event signed by this
+log out, change one's password (which ends every other session), issue /
+list / revoke API keys, change a user's tier, active flag and admin flag,
+read usage. Each write is a ledger event signed by this
 node, in one transaction with its ``audit`` event, so it replicates to every
 member.
 
@@ -41,7 +42,8 @@ Registrations are limited per source the same way
 
 **Audit.** Every registration (success, name taken, lost), login (success,
 failure with its reason, throttled: once per account or source per window),
-refresh, logout, key issue and revoke, and tier / active / admin change
+refresh, logout, password change (a wrong current password counts as a
+failed login), key issue and revoke, and tier / active / admin change
 writes an ``audit`` event: ``actor`` (``user:<id>``, ``peer:<peer id>`` for
 an operator, or ``anonymous``), ``action``, ``target`` (``user:<id>``,
 ``apikey:<key id>``, ``session:<sid>``), ``outcome`` (``success``,
@@ -81,7 +83,7 @@ from ..errors import (
 )
 from ..ledger.queries import ApiKey, User
 from .apikeys import generate_key
-from .authenticator import Authenticator, Principal
+from .authenticator import Authenticator, Principal, check_session_current
 from .passwords import (
     PasswordHasher,
     check_password,
@@ -99,6 +101,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LOGIN = "user.login"
+PASSWORD = "user.password"
 MAX_LOGIN_PASSWORD = 4096
 LOGIN_THROTTLED = "user.login_throttled"
 
@@ -352,11 +355,69 @@ class AuthService:
                                 detail={"session": session["session_id"]}))
         return session
 
+    async def change_password(self, principal: Principal, current: Any, new: Any, *,
+                              source: str) -> dict[str, Any]:
+        """Change the caller's password: every session of the user ends (on
+        every node, once the event has replicated) and a new one starts.
+
+        Returns:
+            the new session (as :meth:`login`).
+
+        Raises:
+            LoginThrottled: too many wrong passwords for the account or the source.
+            InvalidCredentials: ``current`` is not the password.
+            WeakPassword: ``new`` breaks the password policy (``data.reason``).
+        """
+        user = self.ledger.user(principal.user_id)
+        if user is None:
+            self.authenticator._missing_user(principal.user_id)
+        actor = f"user:{user.id}"
+        secret = normalise_password(current, max_len=MAX_LOGIN_PASSWORD)
+        fresh = normalise_password(new)
+        check_password(fresh, username=user.username, email=user.email,
+                       min_length=self.settings.password_min_length)
+        now = self.clock()
+        for scope, key in (("source", source), ("account", user.id)):
+            wait = (self.source_failures.retry_after(source, now) if scope == "source"
+                    else self._account_retry_after(user.id, now))
+            if wait is not None:
+                raise self._throttled(scope, key, wait, actor=actor, source=source)
+        self._pending[user.id] = self._pending.get(user.id, 0) + 1
+        try:
+            ok = await self._in_thread(self.hasher.verify, user.password_hash, secret)
+        finally:
+            left = self._pending[user.id] - 1
+            if left:
+                self._pending[user.id] = left
+            else:
+                del self._pending[user.id]
+        if not ok:
+            # counted as a failed login: the per-account limit (from the
+            # ledger's audit rows, swarm-wide) covers guessing through here too
+            self.source_failures.hit(source, now)
+            self._write(self._audit(LOGIN, "failure", actor=actor, target=actor,
+                                    source=source,
+                                    detail={"reason": "password", "during": "password_change"}))
+            raise InvalidCredentials("the current password is wrong")
+        password_hash = await self._in_thread(self.hasher.hash, fresh)
+        now = round(self.clock(), 6)  # as tokens carry auth_at: the new session is not before
+        self._write(("user.updated", {"user_id": user.id, "updated_at": now,
+                                      "password_hash": password_hash, "sessions_after": now}),
+                    self._audit(PASSWORD, "success", actor=actor, target=actor, source=source))
+        updated = self.ledger.user(user.id)
+        assert updated is not None
+        session = self._new_session(updated, now)  # authenticated at sessions_after
+        log.info("password changed for user %s; its other sessions are over", user.id)
+        return session
+
     def _new_session(self, user: User, now: float, *, sid: str | None = None,
-                     auth_time: int | None = None) -> dict[str, Any]:
+                     auth_time: float | None = None) -> dict[str, Any]:
         s = self.settings
         sid = sid or new_token_id()
-        auth_time = int(now) if auth_time is None else auth_time
+        if auth_time is None:
+            # never before the user's sessions_after: a login that already
+            # knows of a password change is a session after it
+            auth_time = max(now, user.sessions_after or 0.0)
         not_after = auth_time + s.session_max
         access, a = self.issuer.issue(subject=user.id, typ=ACCESS, ttl=s.token_ttl, sid=sid,
                                       auth_time=auth_time, now=now, not_after=not_after)
@@ -401,13 +462,14 @@ class AuthService:
         user = self.ledger.user(claims.subject)
         if user is None:
             auth._missing_user(claims.subject)
+        check_session_current(user, claims)
         if not user.is_active:
             raise InactiveUser("this account is deactivated")
         now = self.clock()
         if now >= self._session_end(claims):
             raise TokenExpired("the session reached its maximum lifetime",
                                data={"reason": "session_max"})
-        session = self._new_session(user, now, sid=claims.sid, auth_time=claims.auth_time)
+        session = self._new_session(user, now, sid=claims.sid, auth_time=claims.auth_at)
         # "sid" marks a rotation: if another auth node spends this refresh
         # token too before hearing of this, the ledger ends the session
         # everywhere once both events meet (see ledger.views).

@@ -15,7 +15,9 @@ Claims (times are integer seconds since the epoch)::
     jti        this token's id (random, 22 characters)
     sid        the session id: shared by every token of one login
     iat, exp   issued at, expires at
-    auth_time  when the session's login happened
+    auth_time  when the session's login happened (whole seconds)
+    auth_at    the same to the microsecond (a password change ends the
+               sessions authenticated before it)
     v          1 (claims version)
 
 Lifetimes (``[auth]``): an access token lives ``token_ttl`` (1 h); a refresh
@@ -83,6 +85,13 @@ class Claims:
     auth_time: int
     raw: dict[str, Any]
 
+    @property
+    def auth_at(self) -> float:
+        """When the session was authenticated, to the microsecond (the
+        ``auth_at`` claim; ``auth_time`` for tokens that lack it)."""
+        value = self.raw.get("auth_at")
+        return float(value) if value is not None else float(self.auth_time)
+
 
 class TokenIssuer:
     """Signs tokens with a node key.
@@ -97,7 +106,7 @@ class TokenIssuer:
         self.network_id = network_id
         self._key = Ed25519PrivateKey.from_private_bytes(identity.seed)
 
-    def issue(self, *, subject: str, typ: str, ttl: float, sid: str, auth_time: int,
+    def issue(self, *, subject: str, typ: str, ttl: float, sid: str, auth_time: float,
               now: float, not_after: float | None = None) -> tuple[str, Claims]:
         """A signed token and its claims.
 
@@ -106,7 +115,8 @@ class TokenIssuer:
             typ: :data:`ACCESS` or :data:`REFRESH`.
             ttl: seconds until ``exp`` (rounded up to a whole second).
             sid: the session id.
-            auth_time: when the session's login happened.
+            auth_time: when the session's login happened (``auth_time``, whole
+                seconds, and ``auth_at``, to the microsecond).
             now: the issue time (seconds since the epoch).
             not_after: ``exp`` never goes beyond this time.
         """
@@ -117,7 +127,8 @@ class TokenIssuer:
         payload: dict[str, Any] = {
             "iss": self.peer_id, "aud": self.network_id, "sub": subject, "typ": typ,
             "jti": new_token_id(), "sid": sid, "iat": iat, "exp": exp,
-            "auth_time": int(auth_time), "v": CLAIMS_VERSION,
+            "auth_time": int(auth_time), "auth_at": round(float(auth_time), 6),
+            "v": CLAIMS_VERSION,
         }
         token = jwt.encode(payload, self._key, algorithm=ALGORITHM)
         return token, _claims(payload)
@@ -242,3 +253,9 @@ def _check_shape(payload: dict[str, Any]) -> None:
     for name in ("iat", "exp", "auth_time"):
         if type(payload.get(name)) is not int:
             raise InvalidToken(f"{name} must be an integer time", data={"reason": "claims"})
+    auth_at = payload.get("auth_at")
+    if auth_at is not None and (
+            type(auth_at) not in (int, float)
+            or not payload["auth_time"] <= auth_at < payload["auth_time"] + 1):
+        raise InvalidToken("auth_at must be the time auth_time rounds down from",
+                           data={"reason": "claims"})

@@ -39,9 +39,12 @@ member.removed      ``removal``: owner-signed removal
 user.registered     ``user_id, username, email, password_hash, created_at``,
                     optional ``tier`` ("default"/"premium"), ``is_active``
 user.updated        ``user_id, updated_at`` and at least one of ``tier``,
-                    ``is_active``, ``is_admin``
+                    ``is_active``, ``is_admin``, ``password_hash`` (a password
+                    change), ``sessions_after`` (sessions authenticated
+                    before this time are over)
 user.erased         ``user_id, erased_at``, optional ``redacts``: list of
-                    ``{author, seq, hash}`` of that user's registrations
+                    ``{author, seq, hash}`` of that user's registrations and
+                    password changes
 apikey.issued       ``key_id, user_id, public_id, key_hash, name, created_at``
 apikey.revoked      ``key_id, revoked_at``
 apikey.used         ``entries``: list of ``{key_id, at}`` (batched)
@@ -248,7 +251,10 @@ def decode_any(raw: bytes, network: str) -> Event | Stub:
 
 # --- redaction -------------------------------------------------------------------
 STUB_TAG = "stub"
-REDACTABLE_KINDS = frozenset({"user.registered"})
+# Kinds that can carry personal data (a password hash counts): an erasure
+# lists them, and every node replaces them with stubs.
+REDACTABLE_KINDS = frozenset({"user.registered", "user.updated"})
+USER_FIELDS = frozenset({"tier", "is_active", "is_admin", "password_hash", "sessions_after"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -469,7 +475,8 @@ _SHAPES: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
     ),
     "user.updated": (
         {"user_id": _uuid, "updated_at": _time},
-        {"tier": _choice(*TIERS), "is_active": _bool, "is_admin": _bool},
+        {"tier": _choice(*TIERS), "is_active": _bool, "is_admin": _bool,
+         "password_hash": _str(255), "sessions_after": _time},
     ),
     "user.erased": (
         {"user_id": _uuid, "erased_at": _time},
@@ -522,7 +529,8 @@ def validate_body(kind: str, body: Any) -> None:
     if shape is None:
         raise InvalidEvent(f"unknown event kind {kind!r}")
     _check_map("body", body, shape[0], shape[1])
-    if kind == "user.updated" and not {"tier", "is_active", "is_admin"} & set(body):
-        raise InvalidEvent("user.updated needs tier, is_active or is_admin")
+    if kind == "user.updated" and not USER_FIELDS & set(body):
+        raise InvalidEvent("user.updated needs tier, is_active, is_admin, password_hash "
+                           "or sessions_after")
     if kind == "session.revoked" and ("sid" in body) != ("session_exp" in body):
         raise InvalidEvent("session.revoked: a rotation gives both sid and session_exp")

@@ -260,9 +260,10 @@ class Ledger:
 
     def erase_user(self, user_id: str) -> Event:
         """Erase a user everywhere (issue 11): append ``user.erased`` listing
-        every registration of ``user_id`` this node holds, so that every node
-        drops the user from ``users`` and replaces those registration events
-        by stubs with no personal data. Usage totals are unchanged.
+        every registration and password change of ``user_id`` this node
+        holds, so that every node drops the user from ``users`` and replaces
+        those events by stubs with no personal data (nor password hash).
+        Usage totals are unchanged.
 
         A registration of the same id that this node has not seen yet (written
         concurrently elsewhere) is not listed; its username and email never
@@ -271,9 +272,12 @@ class Ledger:
         """
         redacts = []
         for author, seq, digest, raw in self.store.conn.execute(
-                "SELECT author, seq, hash, raw FROM events WHERE kind='user.registered' "
-                "AND redacted=0").fetchall():
-            if decode_trusted(raw).body.get("user_id") == user_id:
+                "SELECT author, seq, hash, raw FROM events WHERE kind IN "
+                "('user.registered', 'user.updated') AND redacted=0 "
+                "ORDER BY kind='user.updated', hlc").fetchall():
+            held = decode_trusted(raw).body
+            if held.get("user_id") == user_id and (
+                    "username" in held or "password_hash" in held):
                 redacts.append({"author": author, "seq": seq, "hash": digest})
         body: dict[str, Any] = {"user_id": user_id, "erased_at": time.time()}
         if redacts:

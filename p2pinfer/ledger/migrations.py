@@ -171,6 +171,17 @@ def m005_rotations(db: Database) -> None:
         {"jti": TEXT, "sid": TEXT, "author": TEXT, "seq": INT}, pk="jti", if_not_exists=True)
 
 
+@migration
+def m006_password_change(db: Database) -> None:
+    """Password changes (``user.updated`` with ``password_hash``, last writer
+    wins like the other fields) and ``sessions_after``: sessions authenticated
+    before it are over (set by a password change)."""
+    db.table("user_attrs").add_column("password_hash", TEXT)
+    db.table("user_attrs").add_column("password_rank", TEXT)
+    db.table("user_attrs").add_column("sessions_after", REAL)
+    db.table("users").add_column("sessions_after", REAL)
+
+
 def applied_migrations(db: Database) -> list[str]:
     if not db.table("_migrations").exists():
         return []

@@ -50,6 +50,8 @@ class User:
     tier: str
     updated_at: float | None
     is_admin: bool = False
+    #: sessions authenticated before this time are over (a password change)
+    sessions_after: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,14 +130,14 @@ class AuditRow:
 
 
 _USER_COLS = "u.id, u.username, u.email, u.password_hash, u.created_at, u.is_active, " \
-             "u.tier, u.updated_at, u.is_admin"
+             "u.tier, u.updated_at, u.is_admin, u.sessions_after"
 
 
 def _user(row: Any) -> User | None:
     if row is None:
         return None
     return User(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6], row[7],
-                bool(row[8]))
+                bool(row[8]), row[9])
 
 
 def user_by_id(conn: sqlite3.Connection, user_id: str) -> User | None:

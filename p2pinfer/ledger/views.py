@@ -157,9 +157,11 @@ def _write_user(conn: sqlite3.Connection, user_id: str) -> None:
         return
     username, email, password_hash, created_at, tier, is_active, rank, _ = reg
     attrs = conn.execute(
-        "SELECT tier, tier_rank, is_active, active_rank, updated_at, is_admin, admin_rank "
-        "FROM user_attrs WHERE user_id=?", (user_id,)).fetchone()
+        "SELECT tier, tier_rank, is_active, active_rank, updated_at, is_admin, admin_rank, "
+        "password_hash, password_rank, sessions_after FROM user_attrs WHERE user_id=?",
+        (user_id,)).fetchone()
     updated_at = None
+    sessions_after = None
     is_admin = 0
     if attrs is not None:
         if attrs[1] is not None and attrs[1] > rank:
@@ -168,16 +170,20 @@ def _write_user(conn: sqlite3.Connection, user_id: str) -> None:
             is_active = attrs[2]
         if attrs[6] is not None and attrs[6] > rank:
             is_admin = attrs[5]
+        if attrs[8] is not None and attrs[8] > rank:
+            password_hash = attrs[7]
         updated_at = attrs[4]
+        sessions_after = attrs[9]
     conn.execute(
         "INSERT INTO users (id, username, email, password_hash, created_at, is_active, tier, "
-        "updated_at, is_admin) VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+        "updated_at, is_admin, sessions_after) VALUES (?,?,?,?,?,?,?,?,?,?) "
+        "ON CONFLICT(id) DO UPDATE SET "
         "username=excluded.username, email=excluded.email, "
         "password_hash=excluded.password_hash, created_at=excluded.created_at, "
         "is_active=excluded.is_active, tier=excluded.tier, updated_at=excluded.updated_at, "
-        "is_admin=excluded.is_admin",
+        "is_admin=excluded.is_admin, sessions_after=excluded.sessions_after",
         (user_id, username, email, password_hash, created_at, is_active, tier, updated_at,
-         is_admin),
+         is_admin, sessions_after),
     )
 
 
@@ -187,21 +193,29 @@ def _user_updated(conn: sqlite3.Connection, ev: Event) -> None:
     if conn.execute("SELECT 1 FROM erased_users WHERE user_id=?", (user_id,)).fetchone():
         return
     row = conn.execute(
-        "SELECT tier, tier_rank, is_active, active_rank, updated_at, is_admin, admin_rank "
-        "FROM user_attrs WHERE user_id=?", (user_id,)).fetchone()
-    tier, tier_rank, active, active_rank, updated_at, admin, admin_rank = \
-        row or (None,) * 7
+        "SELECT tier, tier_rank, is_active, active_rank, updated_at, is_admin, admin_rank, "
+        "password_hash, password_rank, sessions_after FROM user_attrs WHERE user_id=?",
+        (user_id,)).fetchone()
+    (tier, tier_rank, active, active_rank, updated_at, admin, admin_rank,
+     password, password_rank, sessions_after) = row or (None,) * 10
     if "tier" in b and (tier_rank is None or ev.rank > tier_rank):
         tier, tier_rank = b["tier"], ev.rank
     if "is_active" in b and (active_rank is None or ev.rank > active_rank):
         active, active_rank = int(b["is_active"]), ev.rank
     if "is_admin" in b and (admin_rank is None or ev.rank > admin_rank):
         admin, admin_rank = int(b["is_admin"]), ev.rank
+    if "password_hash" in b and (password_rank is None or ev.rank > password_rank):
+        password, password_rank = b["password_hash"], ev.rank
+    if "sessions_after" in b:  # only ever later: a sign-out is never undone
+        sessions_after = (b["sessions_after"] if sessions_after is None
+                          else max(sessions_after, b["sessions_after"]))
     updated_at = b["updated_at"] if updated_at is None else max(updated_at, b["updated_at"])
     conn.execute(
         "INSERT OR REPLACE INTO user_attrs (user_id, tier, tier_rank, is_active, active_rank, "
-        "updated_at, is_admin, admin_rank) VALUES (?,?,?,?,?,?,?,?)",
-        (user_id, tier, tier_rank, active, active_rank, updated_at, admin, admin_rank),
+        "updated_at, is_admin, admin_rank, password_hash, password_rank, sessions_after) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+        (user_id, tier, tier_rank, active, active_rank, updated_at, admin, admin_rank,
+         password, password_rank, sessions_after),
     )
     _write_user(conn, user_id)
 

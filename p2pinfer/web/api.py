@@ -132,6 +132,13 @@ def api_routes(web: WebRole) -> list[Route]:
                                          data={"field": "Authorization"})
         return JSONResponse(await up.call("auth", "logoutUser", params))
 
+    async def change_password(request: Request) -> Response:
+        auth = creds(request, allow=("token",))
+        body = only_keys(await read_json(request), ("current_password", "new_password"))
+        session = await up.call("auth", "changePassword",
+                                {**auth, **body, "source": source_of(request)})
+        return JSONResponse(session, headers=NO_STORE)
+
     async def me(request: Request) -> Response:
         return JSONResponse(await up.call("auth", "getUser", creds(request)),
                             headers=NO_STORE)
@@ -201,6 +208,7 @@ def api_routes(web: WebRole) -> list[Route]:
         Route("/api/auth/refresh", refresh, methods=["POST"]),
         Route("/api/auth/logout", logout, methods=["POST"]),
         Route("/api/auth/me", me, methods=["GET"]),
+        Route("/api/auth/password", change_password, methods=["POST"]),
         Route("/api/auth/api-keys", create_key, methods=["POST"]),
         Route("/api/auth/api-keys", list_keys, methods=["GET"]),
         Route("/api/auth/api-keys", revoke_key, methods=["DELETE"]),

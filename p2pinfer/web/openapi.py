@@ -125,6 +125,8 @@ SCHEMAS: dict[str, Any] = {
                      "session_id": {"type": "string"}, "user": _ref("User")}, extra=True),
     "NewKey": _obj({"name": _str(100)}),
     "EraseMe": _obj({"password": _str(4096)}, ("password",)),
+    "ChangePassword": _obj({"current_password": _str(4096), "new_password": _str(4096)},
+                           ("current_password", "new_password")),
     "Erased": _obj({"user_id": {"type": "string"}, "erased_at": {"type": "number"},
                     "revoked_keys": {"type": "integer"}, "redacted": {"type": "integer"},
                     "already_erased": {"type": "boolean"}}, extra=True),
@@ -198,6 +200,15 @@ def _paths() -> dict[str, Any]:
             "auth", "End the session", {"200": ok("revoked"), **e("Error", 401, 422)},
             body=_body(_ref("Logout"), required=False), security=TOKEN_AUTH,
             operation_id="logout")},
+        "/api/auth/password": {"post": _op(
+            "auth", "Change the caller's password: every other session ends",
+            {"200": ok("the new session", _ref("Session")), **e("Error", 401, 422, 429)},
+            body=_body(_ref("ChangePassword")), security=TOKEN_AUTH,
+            operation_id="changePassword",
+            description="Needs the session token and the current password (a wrong one "
+                        "counts as a failed login). Every session of the account, on "
+                        "every node, ends once the change has replicated; the answer is "
+                        "a new session. API keys stay valid.")},
         "/api/auth/me": {
             "get": _op("auth", "The caller's account", {"200": ok("the user", _ref("User")),
                                                         **e("Error", 401)},

@@ -16,8 +16,11 @@ DELETE /api/auth/users/{user_id}      session token    the same, for admins
 
 Pages (session cookie; forms carry the CSRF token):
 
-- ``GET /account``: the account, a link to download the export and the
-  form that deletes the account (password required);
+- ``GET /account``: the account, the form that changes the password, a
+  link to download the export and the form that deletes the account
+  (password required);
+- ``POST /account/password``: changes the password; this browser gets the
+  new session (every other session of the account ends);
 - ``GET /account/export``: the export as a file download;
 - ``POST /account/delete``: erases the account, ends the session (the
   cookies are cleared) and shows a confirmation.
@@ -30,10 +33,10 @@ import json
 from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from ..errors import InvalidParams, P2PInferError
+from ..errors import InvalidParams, P2PInferError, WeakPassword
 from .credentials import credentials_from_headers
 from .inputs import only_keys, read_json, source_of
 from .responses import error_headers, http_status
@@ -86,6 +89,9 @@ def privacy_routes(web: WebRole) -> list[Route]:
         if isinstance(session, Response):
             return session
         context: dict[str, Any] = {"account": None, "erased": None}
+        if request.query_params.get("password") == "changed":
+            context["notice"] = ("Your password was changed. Every other session of your "
+                                 "account has ended; API keys still work.")
         try:
             context["account"] = await up.call("auth", "getUser", session.auth)
         except P2PInferError as err:
@@ -103,6 +109,37 @@ def privacy_routes(web: WebRole) -> list[Route]:
                                 **NO_STORE, "Content-Disposition":
                                 f'attachment; filename="{_export_filename()}"'})
         web.sessions.apply(response, session)
+        return response
+
+    async def account_password(request: Request) -> Response:
+        session = await pages._session_or_login(request)
+        if isinstance(session, Response):
+            return session
+        form = await pages._form(request)
+        try:
+            new = form.get("new_password", "")
+            if new != form.get("confirm_password", ""):
+                raise InvalidParams("The two new passwords differ.",
+                                    data={"field": "confirm_password"})
+            result = await up.call("auth", "changePassword", {
+                **session.auth, "current_password": form.get("current_password", ""),
+                "new_password": new, "source": source_of(request)})
+        except P2PInferError as err:
+            account_view: dict[str, Any] | None = None
+            try:
+                account_view = await up.call("auth", "getUser", session.auth)
+            except P2PInferError:
+                pass
+            field = err.data.get("field") or (
+                "new_password" if isinstance(err, WeakPassword) else "current_password")
+            return pages.render(request, "account.html", {
+                "account": account_view, "erased": None, "error": err.message,
+                "field": field}, session=session,
+                status=http_status(err), headers=error_headers(err))
+        # this browser continues with the new session; every other one is over
+        response = RedirectResponse("/account?password=changed", status_code=303)
+        web.sessions.set_cookies(response, result)
+        pages.csrf.set_cookie(response, pages.csrf.seed_new())
         return response
 
     async def account_delete(request: Request) -> Response:
@@ -138,5 +175,6 @@ def privacy_routes(web: WebRole) -> list[Route]:
         Route("/api/auth/users/{user_id}", erase_user, methods=["DELETE"]),
         Route("/account", account, methods=["GET"]),
         Route("/account/export", account_export, methods=["GET"]),
+        Route("/account/password", account_password, methods=["POST"]),
         Route("/account/delete", account_delete, methods=["POST"]),
     ]
