@@ -274,14 +274,14 @@ class Ledger:
         for author, seq, digest, raw in self.store.conn.execute(
                 "SELECT author, seq, hash, raw FROM events WHERE kind IN "
                 "('user.registered', 'user.updated') AND redacted=0 "
-                "ORDER BY kind='user.updated', hlc").fetchall():
+                "ORDER BY kind='user.updated', hlc DESC").fetchall():
             held = decode_trusted(raw).body
             if held.get("user_id") == user_id and (
                     "username" in held or "password_hash" in held):
                 redacts.append({"author": author, "seq": seq, "hash": digest})
         body: dict[str, Any] = {"user_id": user_id, "erased_at": time.time()}
-        if redacts:
-            body["redacts"] = redacts[:64]
+        if redacts:  # at most 64 (the event format's cap): registrations, then the
+            body["redacts"] = redacts[:64]  # newest password changes
         return self.append("user.erased", body)
 
     # -- restore fence (see .backup) -----------------------------------------------------
