@@ -278,7 +278,11 @@ async def test_error_rate_alert_fires_and_resolves_with_webhook(
             resolved = receiver.bodies[-1]
             assert resolved["alerts"][0]["endsAt"] != "0001-01-01T00:00:00Z"
             assert role.evaluator.firing() == []
-            assert role.notifier is not None and role.notifier.statistics().sent == 2
+            notifier = role.notifier
+            assert notifier is not None
+            # the receiver has the body before the notifier has its answer
+            # and counts the delivery: wait for the count, do not race it
+            await wait_for(lambda: notifier.statistics().sent == 2, limit=5)
             assert heard == [("firing", "HighErrorRate"), ("resolved", "HighErrorRate")]
 
 
