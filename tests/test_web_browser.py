@@ -103,11 +103,23 @@ def visit(url: str, shots: Path) -> dict[str, Any]:
             page.select_option("select[name=model]", "smollm2")
             page.fill("input[name=max_tokens]", "24")
             page.fill("input[name=temperature]", "0")
+            # the page's script streams the answer: record every text the
+            # answer shows on the way (a whole answer at once would be one)
+            page.evaluate("""() => {
+                window.__texts = [];
+                const out = document.querySelector('#answer .answer');
+                new MutationObserver(() => window.__texts.push(out.textContent))
+                    .observe(out, {childList: true, characterData: true, subtree: true});
+            }""")
             page.click("text=Run")
             answer = page.locator("#answer .answer")
-            expect(answer).not_to_be_empty(timeout=90_000)
+            meta = page.locator("#answer .meta")
+            expect(meta).to_contain_text("finish:", timeout=90_000)
+            expect(page).to_have_url(url + "/playground")  # no page load: it streamed
             seen["answer"] = answer.inner_text()
-            seen["answer_meta"] = page.locator("#answer .muted").inner_text()
+            seen["answer_meta"] = meta.inner_text()
+            seen["partial_texts"] = [t for t in page.evaluate("window.__texts")
+                                     if t and t != seen["answer"]]
             shot(page, "playground-real-model")
 
             # the dashboard shows the usage (the gateway flushes it to the ledger)
@@ -189,6 +201,7 @@ async def test_a_visit_in_a_real_browser(tmp_path: Path, nursery: trio.Nursery) 
     assert seen["after_revoke"] == (401, "RevokedApiKey")
     assert "paris" in seen["answer"].lower(), seen["answer"]
     assert "smollm2" in seen["answer_meta"]
+    assert len(seen["partial_texts"]) >= 3, seen["partial_texts"]  # it streamed
     assert seen["bars"] >= 28  # two 14-day charts and the per-key chart
     assert "Swarm health" in seen["system"]
     assert seen["old_password"] == 401

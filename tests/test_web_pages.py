@@ -5,6 +5,7 @@ session renewal and logout. (The whole flow in a real browser is
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -148,7 +149,27 @@ async def test_hostile_text_is_escaped(tmp_path: Path, nursery: trio.Nursery) ->
                     "prompt": HOSTILE, "model": "fake", "max_tokens": "3",
                     "temperature": "0", "csrf_token": csrf_of(page.text)})
                 assert r.status_code == 200 and 'id="answer"' in r.text
-                assert HOSTILE not in r.text and "<script" not in r.text
+                assert HOSTILE not in r.text  # the only script is the page's own:
+                assert r.text.count("<script") == 1
+                assert '<script src="/static/playground.js" defer></script>' in r.text
+                # the same form, streamed for the page's script (NDJSON)
+                form = {"prompt": HOSTILE, "model": "fake", "max_tokens": "3",
+                        "temperature": "0"}
+                r = await http.post("/playground/stream", data=form)
+                assert r.status_code == 403 and r.json()["error"]["type"] == "PermissionDenied"
+                r = await http.post("/playground/stream",
+                                    data={**form, "csrf_token": csrf_of(page.text)})
+                assert r.status_code == 200
+                assert r.headers["content-type"].startswith("application/x-ndjson")
+                lines = [json.loads(line) for line in r.text.splitlines()]
+                assert [set(x) for x in lines[:-1]] == [{"delta"}] * (len(lines) - 1)
+                assert lines[-1]["done"] is True and lines[-1]["usage"]["completion_tokens"] == 3
+                r = await http.post("/playground/stream", data={
+                    **form, "prompt": " ", "csrf_token": csrf_of(page.text)})
+                assert r.status_code == 422 and "Write a prompt" in r.json()["error"]["message"]
+                async with swarm.client() as stranger:
+                    r = await stranger.post("/playground/stream", data=form)
+                    assert r.status_code == 401
 
 
 async def test_login_throttling_and_errors_read_well(tmp_path: Path,

@@ -1,9 +1,12 @@
 """The server-rendered pages: landing, register, log in / out, dashboard,
 API keys, playground and the system view.
 
-No front-end build step and no script: every action is an HTML form
-(POST, with a CSRF token, see :mod:`~p2pinfer.web.security`) answered with a
-page or a redirect (303). Pages that show an account need a session
+No front-end build step, and every action is an HTML form (POST, with a
+CSRF token, see :mod:`~p2pinfer.web.security`) answered with a page or a
+redirect (303). One small script (``static/playground.js``) makes the
+playground stream its answer as it is generated, posting the same form to
+``/playground/stream`` (NDJSON); without scripts the form posts as usual.
+Pages that show an account need a session
 (:mod:`~p2pinfer.web.sessions`); without one they redirect to
 ``/login?next=...``. Errors that the user can act on (a taken username, a
 weak password, too many failed logins, a rate limit) are shown on the page
@@ -19,10 +22,11 @@ from urllib.parse import quote
 
 import trio
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from ..errors import (
+    AuthenticationRequired,
     EmailTaken,
     InactiveUser,
     InvalidCredentials,
@@ -36,11 +40,12 @@ from ..errors import (
     UsernameTaken,
     WeakPassword,
 )
-from .api import prepare_inference
+from .api import NdjsonDialect, prepare_inference
 from .charts import bar_chart, day_range, hbar_chart
 from .inputs import read_form, source_of
 from .responses import error_headers, http_status
 from .sessions import Session
+from .streaming import StreamResponse
 
 if TYPE_CHECKING:  # pragma: no cover
     from .role import WebRole
@@ -336,6 +341,31 @@ class Pages:
                            {"values": values, "models": models, **context},
                            session=session, status=status)
 
+    async def playground_stream(self, request: Request) -> Response:
+        """The playground form's answer as it is generated, for the page's
+        script: NDJSON lines ``{"delta"}``, then ``{"done", ...trailer}`` (an
+        ``{"error"}`` line if it fails midway). Errors before the answer
+        starts are a JSON ``{"error"}`` with their status code."""
+        session = await self.sessions.load(request)
+        try:
+            if session is None:
+                raise AuthenticationRequired("Your session has ended: log in again.")
+            form = await self._form(request)
+            values = {k: form.get(k, "")[:100_000]
+                      for k in ("prompt", "model", "max_tokens", "temperature")}
+            params = self._prompt_params(values)
+            params = await prepare_inference(self.web, params, session.auth)
+            call = await self.web.upstream.inference(params, session.auth)
+        except P2PInferError as err:
+            failed = JSONResponse({"error": {**err.to_dict(), "message": _friendly(err)}},
+                                  status_code=http_status(err),
+                                  headers={"Cache-Control": "no-store", **error_headers(err)})
+            self.sessions.apply(failed, session)
+            return failed
+        response = StreamResponse(call, NdjsonDialect())
+        self.sessions.apply(response, session)
+        return response
+
     @staticmethod
     def _prompt_params(values: dict[str, str]) -> dict[str, Any]:
         if not values["prompt"].strip():
@@ -392,5 +422,6 @@ class Pages:
             Route("/api-keys", self.api_keys, methods=["GET", "POST"]),
             Route("/api-keys/{key_id}/revoke", self.revoke_key, methods=["POST"]),
             Route("/playground", self.playground, methods=["GET", "POST"]),
+            Route("/playground/stream", self.playground_stream, methods=["POST"]),
             Route("/system", self.system, methods=["GET"]),
         ]
