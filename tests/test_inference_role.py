@@ -346,11 +346,16 @@ async def test_a_caller_deadline_stops_generation_on_the_worker() -> None:
         with trio.fail_after(60):
             await role.engine.wait_settled()
             got: list[Any] = []
-            with trio.move_on_after(0.8):
+            # temperature 0: the same long answer every time (a sampled one
+            # could end on its own before the deadline, and nothing would be
+            # cancelled)
+            with trio.move_on_after(0.8) as deadline:
                 async with client.stream(peer, "processPrompt", {
-                        "prompt": "Write a very long story.", "max_tokens": 1500}) as stream:
+                        "prompt": "Write a very long story.", "max_tokens": 1500,
+                        "temperature": 0}) as stream:
                     async for chunk in stream:
                         got.append(chunk)
+            assert deadline.cancelled_caught and stream.trailer is None
             await wait_for(lambda: model.free_slots == 2, limit=2, interval=0.005)
     assert got and model.outcomes["cancelled"] == 1
 
