@@ -406,6 +406,30 @@ def test_queries(tmp_path: Path) -> None:
     assert "USING INDEX" in plan and "SCAN k" not in plan, plan
 
 
+def test_an_erasure_lists_every_password_change_however_many(tmp_path: Path) -> None:
+    """A user who changed the password 70 times: the erasure redacts the
+    registration and all 70 changes (two user.erased events, the event
+    format lists at most MAX_REDACTS each); no stored event keeps a hash."""
+    from p2pinfer.ledger.events import MAX_REDACTS
+
+    s = SCENARIO
+    ledger = Ledger.open(tmp_path / "e.db", s.ids["a1"], s.network, s.certs["a1"])
+    ledger.store.absorb_docs(s.cert_docs())
+    ledger.ingest([e.raw for e in s.events])
+    assert ledger.user(uid(1)) is not None
+    for i in range(70):
+        ledger.append("user.updated", {"user_id": uid(1), "password_hash": f"secret-hash-{i}",
+                                       "sessions_after": T0 + 30 + i, "updated_at": T0 + 30 + i})
+    assert ledger.user(uid(1)).password_hash == "secret-hash-69"
+    erasures = ledger.erase_user(uid(1))
+    listed = [r for e in erasures for r in e.body.get("redacts", [])]
+    assert len(erasures) == 2 and max(len(e.body["redacts"]) for e in erasures) == MAX_REDACTS
+    assert len(listed) == 71  # the registration and every change
+    assert ledger.user(uid(1)) is None
+    for (raw,) in ledger.store.conn.execute("SELECT raw FROM events"):
+        assert b"secret-hash-" not in raw
+
+
 async def test_the_log_is_checkpointed_from_a_thread_while_the_ledger_runs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Commits on the event loop never run SQLite's checkpoint (10-15 ms on

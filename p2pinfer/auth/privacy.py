@@ -133,12 +133,12 @@ class Privacy:
                   if k.is_active and k.revoked_at is None]
         if revoke:
             self.ledger.append_many(revoke)
-        event = self.ledger.erase_user(user_id)
-        redacted = len(event.body.get("redacts", []))
+        erasures = self.ledger.erase_user(user_id)
+        redacted = sum(len(e.body.get("redacts", [])) for e in erasures)
         target = f"user:{user_id}"
         svc._write(svc._audit(ERASE, "success", actor=actor.name, target=target, source=source,
                               detail={"revoked_keys": len(revoke), "redacted": redacted}))
-        log.info("erased user %s (%d key(s) revoked, %d registration(s) redacted)", user_id,
+        log.info("erased user %s (%d key(s) revoked, %d event(s) redacted)", user_id,
                  len(revoke), redacted)
-        return {"user_id": user_id, "erased_at": event.body["erased_at"],
+        return {"user_id": user_id, "erased_at": erasures[0].body["erased_at"],
                 "revoked_keys": len(revoke), "redacted": redacted, "already_erased": False}

@@ -255,6 +255,7 @@ STUB_TAG = "stub"
 # lists them, and every node replaces them with stubs.
 REDACTABLE_KINDS = frozenset({"user.registered", "user.updated"})
 USER_FIELDS = frozenset({"tier", "is_active", "is_admin", "password_hash", "sessions_after"})
+MAX_REDACTS = 64  # events one user.erased lists; more go in further user.erased events
 
 
 @dataclass(frozen=True, slots=True)
@@ -481,7 +482,7 @@ _SHAPES: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
     "user.erased": (
         {"user_id": _uuid, "erased_at": _time},
         {"redacts": _list_of(_record({"author": _str(128), "seq": _count(2**62),
-                                      "hash": _digest}), max_len=64)},
+                                      "hash": _digest}), max_len=MAX_REDACTS)},
     ),
     "apikey.issued": (
         {"key_id": _uuid, "user_id": _uuid, "public_id": _str(32, 4, _PUBLIC_ID),

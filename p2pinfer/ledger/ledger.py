@@ -25,7 +25,7 @@ from ..config import ROLES, Section
 from ..errors import ConfigError, EmailTaken, RegistrationLost, StorageError, UsernameTaken
 from ..identity import Identity
 from . import queries
-from .events import Event, decode_trusted
+from .events import MAX_REDACTS, Event, decode_trusted
 from .gossip import Gossip, topic_for
 from .membership import (
     Certificate,
@@ -258,12 +258,13 @@ class Ledger:
         """Like :meth:`append` for several events, all in one transaction."""
         return self.store.append(self.identity, items)
 
-    def erase_user(self, user_id: str) -> Event:
+    def erase_user(self, user_id: str) -> list[Event]:
         """Erase a user everywhere (issue 11): append ``user.erased`` listing
         every registration and password change of ``user_id`` this node
-        holds, so that every node drops the user from ``users`` and replaces
-        those events by stubs with no personal data (nor password hash).
-        Usage totals are unchanged.
+        holds (several ``user.erased`` events in one transaction when there
+        are more than :data:`~.events.MAX_REDACTS`), so that every node drops
+        the user from ``users`` and replaces those events by stubs with no
+        personal data (nor password hash). Usage totals are unchanged.
 
         A registration of the same id that this node has not seen yet (written
         concurrently elsewhere) is not listed; its username and email never
@@ -274,15 +275,19 @@ class Ledger:
         for author, seq, digest, raw in self.store.conn.execute(
                 "SELECT author, seq, hash, raw FROM events WHERE kind IN "
                 "('user.registered', 'user.updated') AND redacted=0 "
-                "ORDER BY kind='user.updated', hlc DESC").fetchall():
+                "ORDER BY kind='user.updated', hlc").fetchall():
             held = decode_trusted(raw).body
             if held.get("user_id") == user_id and (
                     "username" in held or "password_hash" in held):
                 redacts.append({"author": author, "seq": seq, "hash": digest})
-        body: dict[str, Any] = {"user_id": user_id, "erased_at": time.time()}
-        if redacts:  # at most 64 (the event format's cap): registrations, then the
-            body["redacts"] = redacts[:64]  # newest password changes
-        return self.append("user.erased", body)
+        erased_at = time.time()
+        items: list[tuple[str, dict[str, Any]]] = []
+        for i in range(0, max(1, len(redacts)), MAX_REDACTS):
+            body: dict[str, Any] = {"user_id": user_id, "erased_at": erased_at}
+            if redacts[i:i + MAX_REDACTS]:
+                body["redacts"] = redacts[i:i + MAX_REDACTS]
+            items.append(("user.erased", body))
+        return self.append_many(items)
 
     # -- restore fence (see .backup) -----------------------------------------------------
     @property
