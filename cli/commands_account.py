@@ -136,14 +136,20 @@ def login(user: str | None, password: str | None, create_key: bool,
 @click.command(context_settings=CONTEXT)
 @click.option("--forget-key", is_flag=True,
               help="Also forget the saved API key (it stays valid until revoked).")
+@click.option("--everywhere", is_flag=True,
+              help="End every session of the account, on every device (a lost laptop).")
 @swarm_access(api_key=False)
-def logout(forget_key: bool, access: SwarmAccess) -> None:
+def logout(forget_key: bool, everywhere: bool, access: SwarmAccess) -> None:
     """End the saved session on every node and forget it here.
+
+    With --everywhere, every session of the account ends (other browsers
+    and devices must log in again). API keys stay valid either way.
 
     \b
     Examples:
       p2pinfer logout
       p2pinfer logout --forget-key
+      p2pinfer logout --everywhere
     """
     import trio
 
@@ -152,6 +158,8 @@ def logout(forget_key: bool, access: SwarmAccess) -> None:
         raise CliError("not logged in", EXIT_AUTH)
 
     async def body(client: Client) -> Any:
+        if everywhere:
+            return await client.logout_everywhere()
         if creds.refresh_token:
             return await client.logout(refresh_token=creds.refresh_token)
         return await client.logout()
@@ -159,14 +167,17 @@ def logout(forget_key: bool, access: SwarmAccess) -> None:
     try:
         trio.run(with_client, access, "token", body)
     except PeerUnavailable as exc:
+        if everywhere:  # the other sessions are not over: say so, keep this one
+            raise
         note(f"[yellow]Could not reach the swarm ({exc.message}); the session is forgotten "
              "here but stays valid until it expires.[/]")
     creds.forget_session()
     if forget_key:
         creds.forget_key()
     access.store.save(creds)
-    note("Logged out." + ("" if forget_key or not creds.api_key
-                           else " The saved API key is kept (--forget-key drops it)."))
+    note(("Every session of the account has ended." if everywhere else "Logged out.")
+         + ("" if forget_key or not creds.api_key
+            else " The saved API key is kept (--forget-key drops it)."))
 
 
 @click.command(context_settings=CONTEXT)

@@ -656,6 +656,20 @@ class Client:
             self.token = None
         return dict(result)
 
+    async def logout_everywhere(self) -> dict[str, Any]:
+        """End every session of the caller's account on every node (this
+        client's too): ``{user_id, sessions_ended_at}``. API keys stay valid."""
+        self._need_open()
+        if not self.token:
+            raise AuthenticationRequired("ending your sessions needs a session: log in first")
+        if self._http is not None:
+            result = await self._http_json("POST", "/api/auth/logout-all",
+                                           headers=self._http_headers())
+        else:
+            result = await self._call_role("auth", "logoutEverywhere", {"token": self.token})
+        self.token = None
+        return dict(result)
+
     async def change_password(self, current_password: str,
                               new_password: str) -> dict[str, Any]:
         """Change the caller's password (needs a session token). Every session

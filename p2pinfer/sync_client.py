@@ -289,6 +289,10 @@ class SyncClient:
         """See :meth:`Client.logout`."""
         return self._run(functools.partial(self._require().logout, refresh_token=refresh_token))
 
+    def logout_everywhere(self) -> dict[str, Any]:
+        """See :meth:`Client.logout_everywhere`."""
+        return self._run(self._require().logout_everywhere)
+
     def change_password(self, current_password: str, new_password: str) -> dict[str, Any]:
         """See :meth:`Client.change_password`."""
         return self._run(functools.partial(self._require().change_password, current_password,

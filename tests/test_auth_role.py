@@ -736,7 +736,7 @@ async def test_a_password_change_ends_every_session_everywhere(
                     for old in (on_a, on_b):
                         with pytest.raises(errors.TokenRevoked) as ei:
                             Authenticator(node).verify_token(old["token"])
-                        assert ei.value.data["reason"] == "password_changed"
+                        assert ei.value.data["reason"] == "sessions_ended"
                     assert Authenticator(node).verify_token(session["token"]).user_id == uid
                 with pytest.raises(errors.TokenRevoked):
                     await client.call(a.peer_id, "refreshToken",
@@ -767,3 +767,41 @@ async def test_a_password_change_ends_every_session_everywhere(
                     return not any(new_hash.encode() in raw for (raw,) in rows)
 
                 await replicated(nodes, scrubbed)
+
+
+async def test_logout_everywhere_ends_every_session_on_every_node(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    """logoutEverywhere on A: sessions from A and B (this one too) are refused
+    on every node once replicated; a new login works at once; API keys stay."""
+    with trio.fail_after(60):
+        async with swarm(nursery, tmp_path, certs=[["auth"], ["auth"], ["gateway"]],
+                         roles=[["auth"], ["auth"], []]) as nodes:
+            a, b, c = nodes
+            async with client_of([a, b]) as (client, _):
+                user = await client.call(a.peer_id, "registerUser", register_params("dora"))
+                uid = user["user_id"]
+                await replicated(nodes, lambda n: n.ledger.user(uid) is not None)
+                sessions = [await client.call(n.peer_id, "loginUser",
+                                              {"username": "dora", "password": PASSWORD})
+                            for n in (a, b)]
+                key = await client.call(b.peer_id, "generateApiKey",
+                                        {"token": sessions[1]["token"]})
+                with pytest.raises(errors.AuthenticationRequired):
+                    await client.call(a.peer_id, "logoutEverywhere",
+                                      {"api_key": key["api_key"]})
+                ended = await client.call(a.peer_id, "logoutEverywhere",
+                                          {"token": sessions[0]["token"]})
+                assert ended["user_id"] == uid
+                await replicated(nodes, lambda n: n.ledger.user(uid).sessions_after
+                                 == ended["sessions_ended_at"])
+                for node in nodes:
+                    for session in sessions:
+                        with pytest.raises(errors.TokenRevoked):
+                            Authenticator(node).verify_token(session["token"])
+                    assert Authenticator(node).validate_api_key(key["api_key"]).user_id == uid
+                with pytest.raises(errors.TokenRevoked):
+                    await client.call(b.peer_id, "refreshToken",
+                                      {"refresh_token": sessions[1]["refresh_token"]})
+                again = await client.call(b.peer_id, "loginUser",
+                                          {"username": "dora", "password": PASSWORD})
+                assert Authenticator(c).verify_token(again["token"]).user_id == uid

@@ -186,3 +186,21 @@ def test_password_change(swarm: BackgroundSwarm, over: str) -> None:
     invoke("login", name, "--password", PASSWORD, code=EXIT_AUTH)
     invoke("login", name, "--password", new)
     invoke("logout")
+
+
+def test_logout_everywhere(swarm: BackgroundSwarm) -> None:
+    """``p2pinfer logout --everywhere`` ends the other device's session too."""
+    invoke("register", "-u", "wanda", "-e", "wanda@example.com", "--password", PASSWORD,
+           "--bootstrap", swarm.addr)
+    other_device = saved()
+    invoke("login", "wanda", "--password", PASSWORD)  # a second session, this "device"
+    assert saved().token != other_device.token
+    out = invoke("logout", "--everywhere").output
+    assert "Every session of the account has ended" in out and saved().token is None
+    CredentialStore().save(Credentials(bootstrap=other_device.bootstrap,
+                                       token=other_device.token,
+                                       refresh_token=other_device.refresh_token))
+    assert "session" in invoke("whoami", code=EXIT_AUTH).output.lower()
+    invoke("login", "wanda", "--password", PASSWORD)
+    assert json.loads(invoke("whoami", "--json").stdout)["username"] == "wanda"
+    invoke("logout")

@@ -268,7 +268,26 @@ async def test_the_account_page_changes_the_password(tmp_path: Path,
                 assert r.status_code == 200 and r.json()["token"]
                 r = await http.get("/api/auth/me", headers=bearer)
                 assert r.status_code == 401
-                assert r.json()["error"]["data"]["reason"] == "password_changed"
+                assert r.json()["error"]["data"]["reason"] == "sessions_ended"
+
+                # "log out everywhere" on the page ends this browser's session too
+                async with swarm.client() as third:
+                    await log_in(swarm, third, "alice")
+                    page = await http.get("/account")
+                    assert page.status_code == 303  # the REST change above ended it
+                    await log_in(swarm, http, "alice")
+                    page = await http.get("/account")
+                    assert 'action="/account/logout-all"' in page.text
+                    r = await http.post("/account/logout-all", data={"csrf_token": "forged"})
+                    assert r.status_code == 403  # CSRF
+                    r = await http.post("/account/logout-all",
+                                        data={"csrf_token": csrf_of(page.text)})
+                    assert r.status_code == 303 and r.headers["location"] == "/login?ended=all"
+                    page = await http.get("/login?ended=all")
+                    assert "Every session of your account has ended" in page.text
+                    for browser in (http, third):
+                        r = await browser.get("/dashboard")
+                        assert r.status_code == 303 and "/login" in r.headers["location"]
 
 
 def test_pure_helpers() -> None:

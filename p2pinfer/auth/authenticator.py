@@ -45,8 +45,8 @@ checked against the public key inside the ``iss`` peer id
   tokens stop working everywhere as soon as its removal replicates);
 - TokenRevoked: its ``jti`` or its session ``sid`` is in the ledger's
   revoked sessions (logout, refresh rotation), or the session was
-  authenticated before the user's password was changed
-  (``data.reason="password_changed"``);
+  authenticated before the user's sessions were ended: a password change
+  or "log out everywhere" (``data.reason="sessions_ended"``);
 - RegistrationLost / UnknownUser / InactiveUser: as for keys.
 
 Revocations, deactivations and key revocations take effect on a node as
@@ -305,7 +305,9 @@ class Authenticator:
 
 def check_session_current(user: User, claims: Claims) -> None:
     """Raise TokenRevoked if the session of ``claims`` was authenticated
-    before the user's sessions were ended (a password change)."""
+    before the user's sessions were ended (a password change or "log out
+    everywhere")."""
     if user.sessions_after is not None and claims.auth_at < user.sessions_after:
-        raise TokenRevoked("this session ended when the password was changed",
-                           data={"reason": "password_changed"})
+        raise TokenRevoked("this session was ended on every device (a password change or "
+                           "'log out everywhere')",
+                           data={"reason": "sessions_ended"})

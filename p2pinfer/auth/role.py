@@ -347,6 +347,14 @@ class AuthRole:
         return await self.service.change_password(principal, current, new,
                                                   source=self._source(ctx, p))
 
+    @rpc_method("logoutEverywhere", access=Access.PUBLIC)
+    async def rpc_logout_everywhere(self, ctx: CallContext, params: Any) -> dict[str, Any]:
+        """``{token}``: end every session of the caller's account, on every
+        node → ``{user_id, sessions_ended_at}``. API keys stay valid."""
+        p = Params(params, _CREDENTIALS)
+        principal = self._principal(ctx, p, allow=("token",))
+        return self.service.logout_everywhere(principal, source=self._source(ctx, p))
+
     @rpc_method("getUser", access=Access.PUBLIC)
     async def rpc_get_user(self, ctx: CallContext, params: Any) -> dict[str, Any]:
         """The caller's account (or, for an admin, ``user_id``'s)."""

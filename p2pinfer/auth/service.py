@@ -500,6 +500,24 @@ class AuthService:
                                 target=f"session:{claims.sid}", source=source))
         return {"session_id": claims.sid, "revoked": True, "already_revoked": False}
 
+    def logout_everywhere(self, principal: Principal, *, source: str) -> dict[str, Any]:
+        """End every session of the caller's account, on every node once the
+        event has replicated (a lost or shared device). API keys stay valid.
+
+        Returns:
+            ``{user_id, sessions_ended_at}``.
+        """
+        user = self.ledger.user(principal.user_id)
+        if user is None:
+            self.authenticator._missing_user(principal.user_id)
+        now = round(self.clock(), 6)
+        actor = f"user:{user.id}"
+        self._write(("user.updated", {"user_id": user.id, "updated_at": now,
+                                      "sessions_after": now}),
+                    self._audit("session.logout_all", "success", actor=actor, target=actor,
+                                source=source))
+        return {"user_id": user.id, "sessions_ended_at": now}
+
     # -- API keys ----------------------------------------------------------------------
     def _target_user(self, principal: Principal, user_id: str | None, what: str) -> User:
         target = user_id or principal.user_id

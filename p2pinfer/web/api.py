@@ -132,6 +132,13 @@ def api_routes(web: WebRole) -> list[Route]:
                                          data={"field": "Authorization"})
         return JSONResponse(await up.call("auth", "logoutUser", params))
 
+    async def logout_all(request: Request) -> Response:
+        auth = creds(request, allow=("token",))
+        only_keys(await read_json(request, empty_ok=True), ())
+        return JSONResponse(await up.call("auth", "logoutEverywhere",
+                                          {**auth, "source": source_of(request)}),
+                            headers=NO_STORE)
+
     async def change_password(request: Request) -> Response:
         auth = creds(request, allow=("token",))
         body = only_keys(await read_json(request), ("current_password", "new_password"))
@@ -209,6 +216,7 @@ def api_routes(web: WebRole) -> list[Route]:
         Route("/api/auth/logout", logout, methods=["POST"]),
         Route("/api/auth/me", me, methods=["GET"]),
         Route("/api/auth/password", change_password, methods=["POST"]),
+        Route("/api/auth/logout-all", logout_all, methods=["POST"]),
         Route("/api/auth/api-keys", create_key, methods=["POST"]),
         Route("/api/auth/api-keys", list_keys, methods=["GET"]),
         Route("/api/auth/api-keys", revoke_key, methods=["DELETE"]),

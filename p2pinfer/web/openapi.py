@@ -200,6 +200,13 @@ def _paths() -> dict[str, Any]:
             "auth", "End the session", {"200": ok("revoked"), **e("Error", 401, 422)},
             body=_body(_ref("Logout"), required=False), security=TOKEN_AUTH,
             operation_id="logout")},
+        "/api/auth/logout-all": {"post": _op(
+            "auth", "End every session of the caller's account, on every node",
+            {"200": ok("when the sessions ended"), **e("Error", 401, 422)},
+            security=TOKEN_AUTH, operation_id="logoutEverywhere",
+            description="For a lost or shared device: every session token of the account "
+                        "(this one too) is refused once the change has replicated. API keys "
+                        "stay valid.")},
         "/api/auth/password": {"post": _op(
             "auth", "Change the caller's password: every other session ends",
             {"200": ok("the new session", _ref("Session")), **e("Error", 401, 422, 429)},

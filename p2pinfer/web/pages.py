@@ -171,6 +171,8 @@ class Pages:
         if request.method == "GET":
             registered = request.query_params.get("registered", "")[:64]
             notice = "Account created: log in to continue." if registered else None
+            if request.query_params.get("ended") == "all":
+                notice = "Every session of your account has ended: log in again."
             return self.render(request, "login.html", {
                 "values": {"login": registered},
                 "next": _safe_next(request.query_params.get("next")),

@@ -21,6 +21,8 @@ Pages (session cookie; forms carry the CSRF token):
   (password required);
 - ``POST /account/password``: changes the password; this browser gets the
   new session (every other session of the account ends);
+- ``POST /account/logout-all``: ends every session of the account, this
+  one included (a lost or shared device);
 - ``GET /account/export``: the export as a file download;
 - ``POST /account/delete``: erases the account, ends the session (the
   cookies are cleared) and shows a confirmation.
@@ -142,6 +144,17 @@ def privacy_routes(web: WebRole) -> list[Route]:
         pages.csrf.set_cookie(response, pages.csrf.seed_new())
         return response
 
+    async def account_logout_all(request: Request) -> Response:
+        session = await pages._session_or_login(request)
+        if isinstance(session, Response):
+            return session
+        await pages._form(request)  # the CSRF check
+        await up.call("auth", "logoutEverywhere", {**session.auth,
+                                                   "source": source_of(request)})
+        response = RedirectResponse("/login?ended=all", status_code=303)
+        web.sessions.clear(response)
+        return response
+
     async def account_delete(request: Request) -> Response:
         session = await pages._session_or_login(request)
         if isinstance(session, Response):
@@ -176,5 +189,6 @@ def privacy_routes(web: WebRole) -> list[Route]:
         Route("/account", account, methods=["GET"]),
         Route("/account/export", account_export, methods=["GET"]),
         Route("/account/password", account_password, methods=["POST"]),
+        Route("/account/logout-all", account_logout_all, methods=["POST"]),
         Route("/account/delete", account_delete, methods=["POST"]),
     ]
