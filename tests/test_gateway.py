@@ -224,18 +224,23 @@ def _usage_total(node: Any, user_id: str) -> tuple[int, int]:
     return (sum(r.request_count for r in rows), sum(r.tokens_used for r in rows))
 
 
+async def gateway_and_two_slow_workers(tmp_path: Path, nursery: trio.Nursery) -> list[Any]:
+    """A gateway (with auth) and two workers whose answers take 2 s (40
+    tokens, 50 ms apart): time to stop one of them mid-answer."""
+    roles = [["auth", "gateway"], ["inference"], ["inference"]]
+    homes = make_network(tmp_path, ["gw", "w1", "w2"], roles=roles)
+    return await start(nursery, homes, roles, tables={
+        "gateway": {"concurrent_per_key": 0, "default_rate_limit": 10_000, "cooldown": 30}},
+        per_node_tables=[{}, synthetic(tokens=40, token_delay=0.05),
+                         synthetic(tokens=40, token_delay=0.05)])
+
+
 async def test_worker_death_retries_unstarted_requests(tmp_path: Path,
                                                        nursery: trio.Nursery) -> None:
     """Kill a worker under load: requests it had not started streaming are
     retried on the other worker; requests that had started end with a clear
     StreamInterrupted error."""
-    roles = [["auth", "gateway"], ["inference"], ["inference"]]
-    homes = make_network(tmp_path, ["gw", "w1", "w2"], roles=roles)
-    nodes = await start(nursery, homes, roles, tables={
-        "gateway": {"concurrent_per_key": 0, "default_rate_limit": 10_000, "cooldown": 30}},
-        per_node_tables=[{}, synthetic(tokens=40, token_delay=0.05),
-                         synthetic(tokens=40, token_delay=0.05)])
-    gw, w1, w2 = nodes
+    gw, w1, w2 = nodes = await gateway_and_two_slow_workers(tmp_path, nursery)
     with trio.fail_after(90):
         creds = await new_user_with_key(gw)
         await gateways_see_workers(nodes, "fake", 2)
@@ -280,13 +285,7 @@ async def test_a_whole_answer_survives_its_worker_dying_mid_generation(
     sends) have shown the client nothing until the answer is complete, so
     a worker killed half way through is replaced: every request succeeds on
     the other worker, with its exact token count."""
-    roles = [["auth", "gateway"], ["inference"], ["inference"]]
-    homes = make_network(tmp_path, ["gw", "w1", "w2"], roles=roles)
-    nodes = await start(nursery, homes, roles, tables={
-        "gateway": {"concurrent_per_key": 0, "default_rate_limit": 10_000, "cooldown": 30}},
-        per_node_tables=[{}, synthetic(tokens=40, token_delay=0.05),
-                         synthetic(tokens=40, token_delay=0.05)])
-    gw, w1, w2 = nodes
+    gw, w1, w2 = nodes = await gateway_and_two_slow_workers(tmp_path, nursery)
     with trio.fail_after(90):
         creds = await new_user_with_key(gw)
         await gateways_see_workers(nodes, "fake", 2)

@@ -34,9 +34,8 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..errors import InvalidCredentials, NotFound, PermissionDenied
+from ..errors import NotFound, PermissionDenied
 from ..ledger.privacy import EXPORT_VERSION, is_erased, user_record
-from .passwords import normalise_password
 
 if TYPE_CHECKING:  # pragma: no cover
     from .service import Actor, AuthService
@@ -45,10 +44,8 @@ __all__ = ["Privacy"]
 
 log = logging.getLogger(__name__)
 
-LOGIN = "user.login"
 EXPORT = "user.export"
 ERASE = "user.erase"
-MAX_PASSWORD = 4096
 
 
 class Privacy:
@@ -90,23 +87,11 @@ class Privacy:
         Raises:
             LoginThrottled, InvalidCredentials, NotFound.
         """
-        svc = self.service
         user = self.ledger.user(user_id)
         if user is None:
             raise NotFound("no such user", data={"user_id": user_id})
-        secret = normalise_password(password, max_len=MAX_PASSWORD)
-        actor = f"user:{user_id}"
-        now = svc.clock()
-        for scope, wait in (("source", svc.source_failures.retry_after(source, now)),
-                            ("account", svc._account_retry_after(user_id, now))):
-            if wait is not None:
-                raise svc._throttled(scope, user_id if scope == "account" else source, wait,
-                                     actor=actor, source=source)
-        if not await svc._in_thread(svc.hasher.verify, user.password_hash, secret):
-            svc.source_failures.hit(source, now)
-            svc._write(svc._audit(LOGIN, "failure", actor=actor, target=actor, source=source,
-                                  detail={"reason": "password", "for": "erase"}))
-            raise InvalidCredentials("wrong password: the account was not erased")
+        await self.service.confirm_password(user, password, source=source, purpose="erase",
+                                            refused="the account was not erased")
 
     def erase(self, actor: Actor, user_id: str, *, self_id: str | None,
               source: str) -> dict[str, Any]:

@@ -329,23 +329,14 @@ class AuthService:
         if wait is not None:
             self.source_failures.hit(source, now)
             raise self._throttled("account", user.id, wait, actor=actor, source=source)
-        self._pending[user.id] = self._pending.get(user.id, 0) + 1
-        reason: str | None = None
-        try:
-            ok = await self._in_thread(self.hasher.verify, user.password_hash, secret)
-            reason = None if ok else "password"
-            if ok and not user.is_active:
-                reason = "inactive"
-            if reason is not None:
-                self.source_failures.hit(source, now)
-                self._write(self._audit(LOGIN, "failure", actor=actor, target=actor,
-                                        source=source, detail={"reason": reason}))
-        finally:
-            left = self._pending[user.id] - 1
-            if left:
-                self._pending[user.id] = left
-            else:
-                del self._pending[user.id]
+        ok = await self._verify(user, secret)
+        reason = None if ok else "password"
+        if ok and not user.is_active:
+            reason = "inactive"
+        if reason is not None:
+            self.source_failures.hit(source, now)
+            self._write(self._audit(LOGIN, "failure", actor=actor, target=actor,
+                                    source=source, detail={"reason": reason}))
         if reason == "password":
             raise InvalidCredentials("wrong password")
         if reason == "inactive":
@@ -372,33 +363,11 @@ class AuthService:
         if user is None:
             self.authenticator._missing_user(principal.user_id)
         actor = f"user:{user.id}"
-        secret = normalise_password(current, max_len=MAX_LOGIN_PASSWORD)
         fresh = normalise_password(new)
         check_password(fresh, username=user.username, email=user.email,
                        min_length=self.settings.password_min_length)
-        now = self.clock()
-        for scope, key in (("source", source), ("account", user.id)):
-            wait = (self.source_failures.retry_after(source, now) if scope == "source"
-                    else self._account_retry_after(user.id, now))
-            if wait is not None:
-                raise self._throttled(scope, key, wait, actor=actor, source=source)
-        self._pending[user.id] = self._pending.get(user.id, 0) + 1
-        try:
-            ok = await self._in_thread(self.hasher.verify, user.password_hash, secret)
-        finally:
-            left = self._pending[user.id] - 1
-            if left:
-                self._pending[user.id] = left
-            else:
-                del self._pending[user.id]
-        if not ok:
-            # counted as a failed login: the per-account limit (from the
-            # ledger's audit rows, swarm-wide) covers guessing through here too
-            self.source_failures.hit(source, now)
-            self._write(self._audit(LOGIN, "failure", actor=actor, target=actor,
-                                    source=source,
-                                    detail={"reason": "password", "during": "password_change"}))
-            raise InvalidCredentials("the current password is wrong")
+        await self.confirm_password(user, current, source=source, purpose="password_change",
+                                    refused="the password was not changed")
         password_hash = await self._in_thread(self.hasher.hash, fresh)
         now = round(self.clock(), 6)  # as tokens carry auth_at: the new session is not before
         self._write(("user.updated", {"user_id": user.id, "updated_at": now,
@@ -409,6 +378,46 @@ class AuthService:
         session = self._new_session(updated, now)  # authenticated at sessions_after
         log.info("password changed for user %s; its other sessions are over", user.id)
         return session
+
+    async def _verify(self, user: User, secret: str) -> bool:
+        """``secret`` against the user's hash, in a worker thread; while it
+        runs the attempt counts toward the account's limit
+        (:meth:`_account_retry_after`), so parallel guesses cannot slip past."""
+        self._pending[user.id] = self._pending.get(user.id, 0) + 1
+        try:
+            return bool(await self._in_thread(self.hasher.verify, user.password_hash, secret))
+        finally:
+            left = self._pending[user.id] - 1
+            if left:
+                self._pending[user.id] = left
+            else:
+                del self._pending[user.id]
+
+    async def confirm_password(self, user: User, password: Any, *, source: str, purpose: str,
+                               refused: str) -> None:
+        """Check the account's password as a login would, before an action
+        that needs it (a password change, an erasure): throttled per source
+        and per account, and a wrong password is a failed login (audited with
+        ``detail.for = purpose``), so guessing through here is limited too.
+
+        Raises:
+            LoginThrottled: too many failures for the account or the source.
+            InvalidCredentials: ``wrong password: <refused>``.
+        """
+        secret = normalise_password(password, max_len=MAX_LOGIN_PASSWORD)
+        actor = f"user:{user.id}"
+        now = self.clock()
+        for scope, key, wait in (
+                ("source", source, self.source_failures.retry_after(source, now)),
+                ("account", user.id, self._account_retry_after(user.id, now))):
+            if wait is not None:
+                raise self._throttled(scope, key, wait, actor=actor, source=source)
+        if not await self._verify(user, secret):
+            self.source_failures.hit(source, now)
+            self._write(self._audit(LOGIN, "failure", actor=actor, target=actor,
+                                    source=source,
+                                    detail={"reason": "password", "for": purpose}))
+            raise InvalidCredentials(f"wrong password: {refused}")
 
     def _new_session(self, user: User, now: float, *, sid: str | None = None,
                      auth_time: float | None = None) -> dict[str, Any]:

@@ -113,6 +113,18 @@ def privacy_routes(web: WebRole) -> list[Route]:
         web.sessions.apply(response, session)
         return response
 
+    async def account_refused(request: Request, session: Any, err: P2PInferError,
+                              field: str) -> Response:
+        """The account page again, with ``err`` shown and ``field`` marked."""
+        account_view: dict[str, Any] | None = None
+        try:
+            account_view = await up.call("auth", "getUser", session.auth)
+        except P2PInferError:
+            pass
+        return pages.render(request, "account.html", {
+            "account": account_view, "erased": None, "error": err.message, "field": field},
+            session=session, status=http_status(err), headers=error_headers(err))
+
     async def account_password(request: Request) -> Response:
         session = await pages._session_or_login(request)
         if isinstance(session, Response):
@@ -127,17 +139,8 @@ def privacy_routes(web: WebRole) -> list[Route]:
                 **session.auth, "current_password": form.get("current_password", ""),
                 "new_password": new, "source": source_of(request)})
         except P2PInferError as err:
-            account_view: dict[str, Any] | None = None
-            try:
-                account_view = await up.call("auth", "getUser", session.auth)
-            except P2PInferError:
-                pass
-            field = err.data.get("field") or (
-                "new_password" if isinstance(err, WeakPassword) else "current_password")
-            return pages.render(request, "account.html", {
-                "account": account_view, "erased": None, "error": err.message,
-                "field": field}, session=session,
-                status=http_status(err), headers=error_headers(err))
+            return await account_refused(request, session, err, err.data.get("field") or (
+                "new_password" if isinstance(err, WeakPassword) else "current_password"))
         # this browser continues with the new session; every other one is over
         response = RedirectResponse("/account?password=changed", status_code=303)
         web.sessions.set_cookies(response, result)
@@ -168,15 +171,8 @@ def privacy_routes(web: WebRole) -> list[Route]:
                 **session.auth, "password": form.get("password", ""),
                 "source": source_of(request)})
         except P2PInferError as err:
-            account_view: dict[str, Any] | None = None
-            try:
-                account_view = await up.call("auth", "getUser", session.auth)
-            except P2PInferError:
-                pass
-            return pages.render(request, "account.html", {
-                "account": account_view, "erased": None, "error": err.message,
-                "field": err.data.get("field") or "password"}, session=session,
-                status=http_status(err), headers=error_headers(err))
+            return await account_refused(request, session, err,
+                                         err.data.get("field") or "password")
         response = pages.render(request, "account.html", {"account": None, "erased": erased},
                                 session=None)
         web.sessions.clear(response)
