@@ -236,7 +236,11 @@ def _chat_turn(client: Any, access: SwarmAccess, messages: list[dict[str, str]],
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @swarm_access()
 def models(as_json: bool, access: SwarmAccess) -> None:
-    """List the models the swarm serves, with workers and free slots.
+    """List the models the swarm serves, with workers, free slots and what runs them.
+
+    The runner column says how local models run on their workers: llama.cpp's
+    server, the CPU features it uses, and whether weights are repacked for
+    the CPU (off on AMX CPUs and after a crash).
 
     \b
     Examples:
@@ -251,10 +255,11 @@ def models(as_json: bool, access: SwarmAccess) -> None:
         return
     rows = [(m["name"], ", ".join(m.get("aliases") or []), m.get("backend"), m.get("workers"),
              m.get("free_slots"), m.get("queue_depth"), m.get("status"),
-             m.get("context_length")) for m in found]
+             m.get("context_length"), "; ".join(m.get("runners") or []) or "-")
+            for m in found]
     console().print(table(f"{len(found)} model(s)",
                           ["model", "aliases", "backend", "workers", "free slots", "queued",
-                           "status", "context"], rows,
+                           "status", "context", "runner"], rows,
                           justify={k: "right" for k in ("workers", "free slots", "queued",
                                                         "context")}))
     if not found:

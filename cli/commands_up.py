@@ -74,12 +74,17 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _tables(port: int, extra: dict[str, Any]) -> dict[str, Any]:
+def _tables(port: int, extra: dict[str, Any], workers: int = 2) -> dict[str, Any]:
+    import os
+
     tables: dict[str, Any] = {
         # One auth node: nothing to wait for before a registration is final.
         "auth": {"registration_wait": 0},
-        # Workers of a laptop swarm: one llama.cpp instance each.
-        "inference": {"slots": 1},
+        # Workers of a laptop swarm: each runs one llama.cpp runner with two
+        # parallel sequences; the machine's cores are shared out between the
+        # runners (llama.cpp's threads spin while they compute, so more
+        # threads than cores would slow every runner down).
+        "inference": {"slots": 2, "n_threads": max(1, (os.cpu_count() or 1) // workers)},
         "web": {"host": "127.0.0.1", "port": port},
         "metrics": {"prometheus_port": 0, "interval": 5.0},
         # Nodes on one machine: notice each other quickly.
@@ -327,7 +332,7 @@ def up(workers: int, port: int, p2p_port: int, prompt_text: str | None, max_toke
 
     async def run_swarm() -> None:
         note(f"Starting a hub and {workers} worker(s) in {base} …")
-        swarm = LocalSwarm(base, layout, tables=_tables(port, extra),
+        swarm = LocalSwarm(base, layout, tables=_tables(port, extra, workers),
                            listen=f"/ip4/127.0.0.1/tcp/{p2p_port}")
         async with swarm:
             hub = swarm.first

@@ -97,7 +97,7 @@ async def run_app(home: Path, bootstrap: list[str], port: int, *,
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
         url = await nursery.start(serve_http, status_app(node, info), port)
-        # (llama.cpp silences stdout while a model loads: print afterwards)
+        # The model loads in its own llama.cpp process; say so once it answers.
         await node.roles["inference"].engine.wait_settled()
         print(f"app: worker {node.peer_id} serving; status on {url}/status")
         task_status.started((node, url))

@@ -51,6 +51,7 @@ so callers match on types, never on message strings.
     ├── InferenceError                 1700-1799
     │   ├── UnknownModel               1701
     │   ├── BackendUnavailable         1702 (connection refused / down)
+    │   │   └── ModelUnavailable       1708 (its runner is restarting; retry_after)
     │   ├── BackendError               1703 (the backend answered an error)
     │   ├── BackendTimeout             1704
     │   ├── MalformedBackendResponse   1705
@@ -346,6 +347,13 @@ class NoWorkerAvailable(InferenceError):
 
 class StreamInterrupted(InferenceError):
     code = 1707
+
+
+class ModelUnavailable(BackendUnavailable):
+    """The model's runner process stopped and is being restarted; another
+    worker, or this one after ``retry_after`` seconds, can answer."""
+
+    code = 1708
 
 
 # --- ledger -----------------------------------------------------------------

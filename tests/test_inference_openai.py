@@ -1,4 +1,4 @@
-"""The OpenAI-compatible backend: against a real llama-cpp-python server on
+"""The OpenAI-compatible backend: against a real llama.cpp server on
 loopback, and (for the failure cases) against real sockets that misbehave or
 an httpx MockTransport."""
 
@@ -9,7 +9,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -38,6 +37,7 @@ from p2pinfer.inference import (
     embedded_model_path,
     parse_prompt_params,
 )
+from p2pinfer.inference.runner import find_llama_server
 
 
 @pytest.fixture
@@ -51,32 +51,37 @@ def refused_port() -> Iterator[int]:
 
 @pytest.fixture(scope="module")
 def llama_server() -> Iterator[str]:
-    """A real ``python -m llama_cpp.server`` on 127.0.0.1; yields its /v1 URL.
+    """A real llama.cpp ``llama-server`` (the one p2pinfer's own runner uses)
+    on 127.0.0.1, started by hand as an operator would run an
+    OpenAI-compatible server; yields its /v1 URL.
 
     It binds port 0 itself and we read the port from its own log, so no
     other process can take the port between choosing and binding it.
     """
     log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(embedded_model_path()),
-         "--model_alias", "smollm2", "--host", "127.0.0.1", "--port", "0",
-         "--n_ctx", "2048", "--n_threads", "1", "--n_threads_batch", "1", "--verbose", "False"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        [str(find_llama_server()), "-m", str(embedded_model_path()), "-a", "smollm2",
+         "--host", "127.0.0.1", "--port", "0", "-c", "2048", "-np", "1", "-t", "1",
+         "--no-webui", "--log-colors", "off"],
+        stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "LLAMA_API_KEY": "sk-test"},
     )
     try:
         deadline = time.monotonic() + 60
         while True:
             output = Path(log.name).read_text(errors="replace")
-            found = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", output)
+            found = re.search(r"listening on (http://127\.0\.0\.1:\d+)", output)
             if found:
                 break
             if proc.poll() is not None:
-                pytest.fail(f"llama_cpp.server exited: {output[-2000:]}")
+                pytest.fail(f"llama-server exited: {output[-2000:]}")
             if time.monotonic() > deadline:
-                pytest.fail("llama_cpp.server did not start within 60 s")
+                pytest.fail("llama-server did not start within 60 s")
             time.sleep(0.05)
         url = found.group(1) + "/v1"
-        assert httpx.get(f"{url}/models", timeout=5).json()["data"][0]["id"] == "smollm2"
+        models = httpx.get(f"{url}/models", timeout=5,
+                           headers={"Authorization": "Bearer sk-test"}).json()
+        assert models["data"][0]["id"] == "smollm2"
         yield url
     finally:
         proc.terminate()
@@ -115,7 +120,7 @@ async def ask(engine: InferenceEngine, params: Any,
 async def test_streams_from_a_real_llama_cpp_server(llama_server: str,
                                                     nursery: trio.Nursery) -> None:
     backend = OpenAIBackend("remote", base_url=llama_server, remote_model="smollm2",
-                            api_key="sk-unused")
+                            api_key="sk-test")
     engine = await started_engine(nursery, backend)
     arrivals: list[float] = []
     with trio.fail_after(60):
@@ -125,7 +130,7 @@ async def test_streams_from_a_real_llama_cpp_server(llama_server: str,
             engine, {"prompt": "Write a short story about a robot.", "max_tokens": 24,
                      "temperature": 0}, on_chunk=lambda _: arrivals.append(trio.current_time()))
         ended = trio.current_time()
-        async with httpx.AsyncClient() as client:
+        async with httpx.AsyncClient(headers={"Authorization": "Bearer sk-test"}) as client:
             plain = (await client.post(f"{llama_server}/chat/completions", json={
                 "model": "smollm2", "max_tokens": 24, "temperature": 0,
                 "messages": [{"role": "user", "content": "Write a short story about a robot."}],
@@ -135,16 +140,18 @@ async def test_streams_from_a_real_llama_cpp_server(llama_server: str,
     assert arrivals[-1] - arrivals[0] > 0.05
     assert "".join(chunks) == plain["choices"][0]["message"]["content"]
     assert (done.model, done.backend, done.finish_reason) == ("remote", "openai", "length")
-    # This server sends no usage in streams: the count of deltas stands in, and says so.
-    assert not done.usage_exact
+    # This server honours stream_options.include_usage: exact counts.
+    assert done.usage_exact
     assert done.completion_tokens == plain["usage"]["completion_tokens"] == 24
+    assert done.prompt_tokens == plain["usage"]["prompt_tokens"]
     assert done.prompt_tokens > 0
 
 
 async def test_stop_and_end_of_answer_on_the_real_server(llama_server: str,
                                                          nursery: trio.Nursery) -> None:
     engine = await started_engine(
-        nursery, OpenAIBackend("remote", base_url=llama_server, remote_model="smollm2"))
+        nursery, OpenAIBackend("remote", base_url=llama_server, remote_model="smollm2",
+                               api_key="sk-test"))
     with trio.fail_after(60):
         chunks, done = await ask(engine, {"prompt": "Say hi", "max_tokens": 200,
                                           "temperature": 0})
@@ -309,3 +316,17 @@ async def test_each_failure_is_a_specific_error_and_the_backend_recovers(
     assert chunks == ["fine"] and done.finish_reason == "stop"
     assert engine.status("gpt")["requests"] == {
         "success": 1, "error": 1, "cancelled": 0, "overloaded": 0, "cached": 0}
+
+
+async def test_a_server_without_stream_usage_gets_estimates_that_say_so(
+        fake: tuple[FakeOpenAI, InferenceEngine]) -> None:
+    """Some OpenAI-compatible servers ignore stream_options.include_usage:
+    one token per delta and ~4 characters a prompt token stand in, marked
+    inexact."""
+    handler, engine = fake
+    handler.response = httpx.Response(200, content=sse(
+        delta("Hello"), delta(" there"), delta(" friend", "stop"), "[DONE]"))
+    with trio.fail_after(10):
+        chunks, done = await ask(engine, {"prompt": "hello there", "max_tokens": 8})
+    assert "".join(chunks) == "Hello there friend"
+    assert not done.usage_exact and done.completion_tokens == 3 and done.prompt_tokens > 0

@@ -24,7 +24,7 @@ def test_exports() -> None:
     assert sorted(inference.__all__) == sorted(
         name for name in dir(inference) if not name.startswith("_")
         and name not in {"annotations", "backend", "cache", "engine", "llamacpp", "metrics",
-                         "ollama", "openai", "params", "remote", "role", "settings",
+                         "ollama", "openai", "params", "remote", "role", "runner", "settings",
                          "slots", "synthetic"}
     )
 

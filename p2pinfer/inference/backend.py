@@ -207,6 +207,14 @@ class Backend(ABC):
         """What is known about this backend's model without asking anyone."""
         return ModelInfo(self.name, self.kind, self.context_length)
 
+    def variant(self) -> str | None:
+        """What runs the model, in a few words (None: nothing to say)."""
+        return None
+
+    def runtime(self) -> dict[str, Any] | None:
+        """The process that runs the model, for ``getModelStatus`` (None: none)."""
+        return None
+
 
 def estimate_tokens(messages: tuple[Message, ...]) -> int:
     """A rough prompt size for backends that report none: ~4 chars a token

