@@ -133,15 +133,37 @@ async def test_a_runner_killed_mid_stream_is_back_within_10_s(
 
 async def test_the_forced_fallback_runs_without_repacking(nursery: trio.Nursery) -> None:
     """``repack = "off"``: the path an AMX CPU takes, on whatever CPU this is."""
-    engine, backend = await started(nursery, repack="off", slots=1)
+    engine, backend = await started(nursery, repack="off", slots=1, gpu_layers=0)
     runtime = engine.status("smollm2")["runtime"]
     assert runtime["repack"] is False and "configuration" in runtime["repack_reason"]
-    assert "--no-repack" in psutil.Process(runtime["pid"]).cmdline()
+    cmdline = psutil.Process(runtime["pid"]).cmdline()
+    assert "--no-repack" in cmdline
+    # gpu_layers reaches the runner; on a machine without a GPU nothing is offloaded.
+    assert cmdline[cmdline.index("-ngl") + 1] == "0"
+    assert runtime["gpu_layers"] is None and list(runtime["devices"]) == ["CPU"]
     assert runtime["variant"].endswith("repack off") and not runtime["repacked_buffers_mib"]
     with trio.fail_after(60):
         text, done = await ask(engine, {"prompt": "Name three colors.", "max_tokens": 16,
                                         "temperature": 0})
     assert text and done.usage_exact and done.completion_tokens <= 16
+
+
+def test_the_fallback_is_one_setting_or_variable_away(tmp_path: Path) -> None:
+    from p2pinfer.config import NodeConfig
+    from p2pinfer.errors import ConfigError
+    from p2pinfer.inference.settings import InferenceSettings, build_models
+
+    config = NodeConfig.from_mapping({"node": {"home": str(tmp_path)}},
+                                     env={"P2PINFER_REPACK": "off"})
+    settings = InferenceSettings.from_config(config)
+    assert settings.repack == "off"
+    (entry,) = build_models(config.tree, settings)
+    assert entry.backend.runtime()["repack"] is False
+    with pytest.raises(ConfigError, match="inference.repack: must be one of auto, on, off"):
+        InferenceSettings.from_config(NodeConfig.from_mapping(
+            {"node": {"home": str(tmp_path)}, "inference": {"repack": "maybe"}}, env={}))
+    with pytest.raises(ConfigError, match="models\\[0\\].gpu_layers"):
+        build_models({"models": [{"name": "m", "gpu_layers": "all"}]}, settings)
 
 
 def test_amx_cpus_start_without_repacking() -> None:

@@ -69,7 +69,7 @@ from .backend import (
     StreamEvent,
     TextChunk,
 )
-from .remote import SSEDecoder, error_for_status, parse_json_line, translate_http_error
+from .remote import error_for_status, translate_http_error
 from .runner import (
     RunnerFailed,
     RunnerProcess,
@@ -105,6 +105,8 @@ HEALTHY_RESET = 60.0  # seconds of health after which the backoff starts over
 # The runner's RAM cache of idle slots' prompts (MiB). llama-server's default
 # (8 GiB) would let a small node's memory grow far beyond the model.
 CACHE_RAM_MIB = 256
+KEEPALIVE_EXPIRY = 2.0  # seconds; the runner's own keep-alive timeout is 5 s
+MAX_EVENT = 1024 * 1024  # one server-sent event; a larger one is not a token stream
 
 
 def embedded_model_path() -> Path:
@@ -275,16 +277,21 @@ class LlamaCppBackend(Backend):
         except OSError as exc:
             raise RunnerFailed(f"cannot start {self._binary}: {exc}") from exc
         session.client = httpx.AsyncClient(
-            headers=process.headers(),
+            headers={**process.headers(), "Accept-Encoding": "identity"},
             timeout=httpx.Timeout(self.options.timeout, connect=5.0),
+            # llama-server (cpp-httplib) closes a connection idle for 5 s: let
+            # go of ours sooner, so a request never races that close.
             limits=httpx.Limits(max_connections=slots * 2 + 4,
-                                max_keepalive_connections=slots * 2 + 4),
+                                max_keepalive_connections=slots * 2 + 4,
+                                keepalive_expiry=KEEPALIVE_EXPIRY),
         )
         try:
             await process.wait_healthy(session.client, self.options.startup_timeout)
             await self._warm_up(session)
         except BaseException:
             session.scope.cancel()
+            with trio.CancelScope(shield=True):
+                await session.client.aclose()  # closing twice is harmless
             raise
         session.healthy_at = trio.current_time()
         return session
@@ -592,13 +599,24 @@ class LlamaCppBackend(Backend):
         url = f"{session.process.url}/v1/chat/completions"
         what = f"model {self.name}"
         try:
-            async with session.client.stream("POST", url, json=self.request_body(request)
-                                             ) as response:
+            sent = session.client.build_request("POST", url, json=self.request_body(request))
+            try:
+                response = await session.client.send(sent, stream=True)
+            except httpx.RemoteProtocolError:
+                # A kept-alive connection the runner closed as we sent (it
+                # answered nothing, so it did nothing): once more, anew.
+                if session.process.returncode is not None:
+                    raise
+                response = await session.client.send(sent, stream=True)
+            try:
                 if response.status_code >= 400:
-                    body = await response.aread()
-                    raise self._error_for(response, body[:8192])
+                    payload = await response.aread()
+                    raise self._error_for(response, payload[:8192])
                 async for event in self._events(response, what):
                     yield event
+            finally:
+                with trio.CancelScope(shield=True):
+                    await response.aclose()
         except (httpx.HTTPError, RuntimeError) as exc:
             # RuntimeError: httpx's "the client has been closed", when the
             # runner exited between choosing it and sending.
@@ -606,38 +624,55 @@ class LlamaCppBackend(Backend):
 
     async def _events(self, response: httpx.Response, what: str
                       ) -> AsyncGenerator[StreamEvent, None]:
-        decoder = SSEDecoder()
+        """The runner's server-sent events as our events. This runs once per
+        token, so it parses the raw bytes itself: llama-server writes each
+        event as ``data: <json>`` and a blank line (``\n\n``), unencoded
+        (the request asks for ``identity``)."""
         finish: str | None = None
         usage: dict[str, Any] | None = None
-        done = False
-        async for line in response.aiter_lines():
-            for data in decoder.feed_line(line):
-                if data.strip() == "[DONE]":
-                    done = True
-                    break
-                obj = parse_json_line(data, what)
-                if "error" in obj:
-                    raise self._error_body(obj, 500)
-                if isinstance(obj.get("usage"), dict):
-                    usage = obj["usage"]
-                for choice in (obj.get("choices") or [])[:1]:
-                    delta = choice.get("delta") if isinstance(choice, dict) else None
-                    content = delta.get("content") if isinstance(delta, dict) else None
-                    if content:
-                        if not isinstance(content, str):
-                            raise MalformedBackendResponse(f"{what}: delta.content is not text")
-                        yield TextChunk(content)
-                    reason = choice.get("finish_reason") if isinstance(choice, dict) else None
-                    if isinstance(reason, str) and reason:
-                        finish = reason[:32]
-            if done:
-                break
-        if not done:
-            raise MalformedBackendResponse(f"{what}: the runner's stream ended before [DONE]")
-        if usage is None or type(usage.get("completion_tokens")) is not int:
-            raise MalformedBackendResponse(f"{what}: the runner sent no token counts")
-        yield GenerationResult(int(usage.get("prompt_tokens") or 0),
-                               usage["completion_tokens"], finish or "stop")
+        buf = b""
+        async for raw in response.aiter_raw():
+            buf += raw
+            while (end := buf.find(b"\n\n")) >= 0:
+                event, buf = buf[:end], buf[end + 2:]
+                for line in event.split(b"\n"):
+                    if not line.startswith(b"data:"):
+                        continue  # a comment (keep-alive) or a field we do not use
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        if usage is None or type(usage.get("completion_tokens")) is not int:
+                            raise MalformedBackendResponse(
+                                f"{what}: the runner sent no token counts")
+                        yield GenerationResult(int(usage.get("prompt_tokens") or 0),
+                                               usage["completion_tokens"], finish or "stop")
+                        return
+                    try:
+                        obj = json.loads(data)
+                    except ValueError:
+                        raise MalformedBackendResponse(
+                            f"{what}: not JSON: {data[:80]!r}") from None
+                    if not isinstance(obj, dict):
+                        raise MalformedBackendResponse(f"{what}: an event is not an object")
+                    if "error" in obj:
+                        raise self._error_body(obj, 500)
+                    if obj.get("usage"):
+                        usage = obj["usage"]
+                    choices = obj.get("choices")
+                    if choices:
+                        choice = choices[0]
+                        delta = choice.get("delta")
+                        content = delta.get("content") if delta else None
+                        if content:
+                            if not isinstance(content, str):
+                                raise MalformedBackendResponse(
+                                    f"{what}: delta.content is not text")
+                            yield TextChunk(content)
+                        reason = choice.get("finish_reason")
+                        if reason and isinstance(reason, str):
+                            finish = reason[:32]
+            if len(buf) > MAX_EVENT:
+                raise MalformedBackendResponse(f"{what}: an event of over {MAX_EVENT} bytes")
+        raise MalformedBackendResponse(f"{what}: the runner's stream ended before [DONE]")
 
     def _error_for(self, response: httpx.Response, body: bytes) -> P2PInferError:
         try:

@@ -45,7 +45,8 @@ other nodes, call a worker; users go through a gateway):
          "cpu_features": ["AVX2", "AVX512", ...], "repacked_buffers_mib": {"CPU_REPACK": 60.1},
          "slots": 2, "kv_cache": {"n_ctx_per_slot": 2048, "mib_total": 90.0, "mib_per_slot": 45.0},
          "devices": {"CPU": "AMD EPYC"}, "gpu_layers": null,  # or {"offloaded": 31, "total": 31}
-         "threads": 2, "restarts": 0, "last_exits": [{"exit": "SIGSEGV", "after_s": 12.5, "log": ...}]}
+         "threads": 2, "restarts": 0,
+         "last_exits": [{"exit": "SIGSEGV", "after_s": 12.5, "log": "..."}]}
 
     While a model's runner restarts after it died, ``processPrompt`` fails at
     once with ModelUnavailable (``data.retry_after``); a stream cut by the

@@ -340,11 +340,18 @@ class RunnerProcess:
         if not line:
             return
         self.tail.append(line)
-        self.facts.feed(line)
-        if self.facts.url is not None:
-            self._url_known.set()
-        level = logging.WARNING if _ALARMING.search(line) else logging.DEBUG
-        self._log.log(level, "%s", line)
+        if not self._url_known.is_set():
+            # What runs is said while starting; every request adds lines too
+            # (about 25 at this verbosity), which need no parsing.
+            self.facts.feed(line)
+            if self.facts.url is not None:
+                self._url_known.set()
+        # llama.cpp's lines read "0.01.511.213 I slot ...": E is an error;
+        # a line without that prefix is a crash report or an assertion.
+        head = line[:24].split(" ", 2)
+        level = head[1] if len(head) > 2 and head[0][:1].isdigit() else ""
+        alarming = level == "E" or (level not in ("I", "W", "D") and _ALARMING.search(line))
+        self._log.log(logging.WARNING if alarming else logging.DEBUG, "%s", line)
         if self._on_line is not None:
             self._on_line(line)
 
