@@ -9,7 +9,8 @@ other nodes, call a worker; users go through a gateway):
     ``stop``, ``seed``, ``cache``, ``stream``; or the same inside
     ``modelConfig``). Chunks: ``{"delta": "<text>"}`` in generation order,
     usually one token each (tokens that wait while the stream is busy are
-    merged; a cached answer comes as one chunk). With ``"stream": false``
+    merged, and so are a local model's tokens less than 20 ms apart; a
+    cached answer comes as one chunk). With ``"stream": false``
     the whole answer comes as one chunk once it is complete (one frame
     instead of one per token, and a caller that has received nothing may
     safely retry elsewhere). Trailer (END frame)::
