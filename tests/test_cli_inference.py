@@ -104,3 +104,4 @@ def test_models(swarm: BackgroundSwarm) -> None:
     assert FAKE in out and "synthetic" in out and "default" in out
     (model,) = json.loads(invoke("models", "--json").stdout)
     assert model["name"] == FAKE and model["workers"] == 1 and model["status"] == "loaded"
+    assert model["runners"] == []  # a synthetic model has no runner process

@@ -42,6 +42,7 @@ from p2pinfer.inference.runner import cpu_features, find_llama_server, repack_de
 
 from .helpers import wait_for
 from .test_daemon import start_daemon, wait_ready
+from .test_inference_llamacpp import ask as ask_chunks
 
 
 async def started(nursery: trio.Nursery, **options: Any) -> tuple[InferenceEngine, Any]:
@@ -61,15 +62,7 @@ async def served(nursery: trio.Nursery) -> AsyncIterator[tuple[InferenceEngine, 
 
 
 async def ask(engine: InferenceEngine, params: Any) -> tuple[str, Completion]:
-    chunks: list[str] = []
-    done: Completion | None = None
-    async with aclosing(engine.generate(parse_prompt_params(params))) as events:
-        async for event in events:
-            if isinstance(event, TextChunk):
-                chunks.append(event.text)
-            else:
-                done = event
-    assert done is not None
+    chunks, done = await ask_chunks(engine, params)
     return "".join(chunks), done
 
 
@@ -162,6 +155,10 @@ def test_the_fallback_is_one_setting_or_variable_away(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="inference.repack: must be one of auto, on, off"):
         InferenceSettings.from_config(NodeConfig.from_mapping(
             {"node": {"home": str(tmp_path)}, "inference": {"repack": "maybe"}}, env={}))
+    with pytest.raises(ConfigError, match="inference.llama_server: not an executable file"):
+        InferenceSettings.from_config(NodeConfig.from_mapping(
+            {"node": {"home": str(tmp_path)}, "inference": {"llama_server": str(tmp_path)}},
+            env={}))
     with pytest.raises(ConfigError, match="models\\[0\\].gpu_layers"):
         build_models({"models": [{"name": "m", "gpu_layers": "all"}]}, settings)
 

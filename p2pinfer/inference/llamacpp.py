@@ -73,6 +73,7 @@ from .backend import (
     StreamEvent,
     TextChunk,
 )
+from .openai import chat_request_body
 from .remote import error_for_status, translate_http_error
 from .runner import (
     RunnerFailed,
@@ -187,7 +188,6 @@ class _Session:
         self.active = 0
         self.retiring = False
         self.idle = trio.Event()
-        self.started_at = trio.current_time()
         self.healthy_at: float | None = None
 
     def enter(self) -> None:
@@ -449,7 +449,7 @@ class LlamaCppBackend(Backend):
     def variant(self) -> str:
         """What runs, in a few words: ``llama-server, AVX2 AVX512, repack on``."""
         session = self._last
-        features = session.process.facts.features() if session else []
+        features = session.process.facts.features if session else []
         simd = [f for f in features if f.startswith(("AVX", "AMX", "SSE", "NEON", "SVE"))]
         shown = " ".join(f for f in simd if f in ("AVX2", "AVX512", "AMX_INT8", "NEON", "SVE"))
         repack = session.repack if session else self._repack
@@ -472,7 +472,7 @@ class LlamaCppBackend(Backend):
             "variant": self.variant(),
             "repack": session.repack if session else self._repack,
             "repack_reason": self._repack_reason,
-            "cpu_features": facts.features() if facts else [],
+            "cpu_features": list(facts.features) if facts else [],
             "repacked_buffers_mib": dict(facts.repacked) if facts else {},
             "slots": slots,
             "kv_cache": {"n_ctx_per_slot": self.options.n_ctx,
@@ -521,23 +521,10 @@ class LlamaCppBackend(Backend):
         raise self._unavailable(self.error or "its runner is restarting")
 
     def request_body(self, request: GenerationRequest) -> dict[str, Any]:
-        """The JSON body of ``POST /v1/chat/completions`` for ``request``."""
-        params = request.params
-        body: dict[str, Any] = {
-            "model": self.name,
-            "messages": [m.to_dict() for m in request.messages],
-            "max_tokens": params.max_tokens,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-            "cache_prompt": True,
-        }
-        if params.stop:
-            body["stop"] = list(params.stop)
-        if params.seed is not None:
-            body["seed"] = params.seed
-        return body
+        """The JSON body of ``POST /v1/chat/completions`` for ``request``:
+        an OpenAI one, and the runner keeps each slot's prompt in its KV
+        cache for the next request that shares a prefix."""
+        return {**chat_request_body(self.name, request), "cache_prompt": True}
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         session = await self._current()

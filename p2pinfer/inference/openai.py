@@ -32,9 +32,29 @@ from .backend import (
 )
 from .remote import HttpBackend, SSEDecoder, parse_json_line
 
-__all__ = ["DEFAULT_OPENAI_URL", "OpenAIBackend"]
+__all__ = ["DEFAULT_OPENAI_URL", "OpenAIBackend", "chat_request_body"]
 
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
+
+
+def chat_request_body(model: str, request: GenerationRequest) -> dict[str, Any]:
+    """A streamed ``/chat/completions`` request for ``request``, asking for
+    token counts in the stream (``stream_options.include_usage``)."""
+    params = request.params
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [m.to_dict() for m in request.messages],
+        "max_tokens": params.max_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if params.stop:
+        body["stop"] = list(params.stop)
+    if params.seed is not None:
+        body["seed"] = params.seed
+    return body
 
 
 def _int(value: Any, what: str) -> int:
@@ -91,21 +111,7 @@ class OpenAIBackend(HttpBackend):
 
     def request_body(self, request: GenerationRequest) -> dict[str, Any]:
         """The JSON body of ``POST /chat/completions`` for ``request``."""
-        params = request.params
-        body: dict[str, Any] = {
-            "model": self.remote_model,
-            "messages": [m.to_dict() for m in request.messages],
-            "max_tokens": params.max_tokens,
-            "temperature": params.temperature,
-            "top_p": params.top_p,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if params.stop:
-            body["stop"] = list(params.stop)
-        if params.seed is not None:
-            body["seed"] = params.seed
-        return body
+        return chat_request_body(self.remote_model, request)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         what = f"chat completion on the {self.where}"

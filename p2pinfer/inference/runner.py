@@ -154,16 +154,12 @@ class RunnerFacts:
 
     url: str | None = None
     system_info: str | None = None
+    # The CPU features llama.cpp reports using (AVX2, AMX_INT8, ...), from system_info.
+    features: list[str] = field(default_factory=list)
     kv_cache_mib: float | None = None
     gpu_layers: tuple[int, int] | None = None  # (offloaded, total)
     devices: dict[str, str] = field(default_factory=dict)  # CPU, CUDA0, ... -> description
     repacked: dict[str, float] = field(default_factory=dict)  # buffer type -> MiB
-
-    def features(self) -> list[str]:
-        """The CPU features llama.cpp reports using (``AVX2``, ``AMX_INT8``, ...)."""
-        if not self.system_info:
-            return []
-        return re.findall(r"\b([A-Z][A-Z0-9_]+) = 1\b", self.system_info)
 
     def gpus(self) -> list[str]:
         """The non-CPU devices the runner sees."""
@@ -174,6 +170,7 @@ class RunnerFacts:
             self.url = m.group(1)
         elif m := _SYSTEM_INFO.search(line):
             self.system_info = m.group(1).strip()
+            self.features = re.findall(r"\b([A-Z][A-Z0-9_]+) = 1\b", self.system_info)
         elif m := _KV_SIZE.search(line):
             self.kv_cache_mib = float(m.group(1))
         elif m := _DEVICE.search(line):
@@ -215,11 +212,9 @@ class RunnerProcess:
         binary: the llama-server executable.
         args: its arguments, without ``--host``, ``--port`` and the API key.
         name: the model's name, for log lines.
-        on_line: called with every line the runner prints (after logging).
     """
 
-    def __init__(self, binary: Path, args: Sequence[str], *, name: str,
-                 on_line: Callable[[str], None] | None = None) -> None:
+    def __init__(self, binary: Path, args: Sequence[str], *, name: str) -> None:
         self.binary = binary
         self.args = list(args)
         self.name = name
@@ -228,7 +223,6 @@ class RunnerProcess:
         self.tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL)
         self.returncode: int | None = None
         self.exited = trio.Event()
-        self._on_line = on_line
         self._url_known = trio.Event()
         self._proc: subprocess.Popen[bytes] | None = None
         self._pidfd: int | None = None
@@ -352,8 +346,6 @@ class RunnerProcess:
         level = head[1] if len(head) > 2 and head[0][:1].isdigit() else ""
         alarming = level == "E" or (level not in ("I", "W", "D") and _ALARMING.search(line))
         self._log.log(logging.WARNING if alarming else logging.DEBUG, "%s", line)
-        if self._on_line is not None:
-            self._on_line(line)
 
     def last_lines(self, n: int = 8) -> str:
         """The runner's last ``n`` lines, joined (for error messages)."""

@@ -60,6 +60,7 @@ from .llamacpp import REPACK_MODES, LlamaCppBackend, LlamaCppOptions, embedded_m
 from .ollama import DEFAULT_OLLAMA_URL, OllamaBackend
 from .openai import DEFAULT_OPENAI_URL, OpenAIBackend
 from .params import MODEL_NAME, ParamLimits
+from .runner import find_llama_server
 from .synthetic import SyntheticBackend
 
 __all__ = ["EMBEDDED_ALIASES", "EMBEDDED_NAME", "InferenceSettings", "ModelEntry", "build_models"]
@@ -104,16 +105,6 @@ def _check_url(section: Section, key: str, value: str) -> str:
     if url.scheme not in ("http", "https") or not url.host:
         raise ConfigError(f"{_where(section, key)}: must be an http(s) URL, got {value!r}")
     return value.rstrip("/")
-
-
-def _executable(section: Section, key: str) -> Path | None:
-    raw = section.get_optional_str(key)
-    if raw is None:
-        return None
-    path = Path(raw).expanduser()
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        raise ConfigError(f"{_where(section, key)}: not an executable file: {raw!r}")
-    return path
 
 
 def _name(section: Section, key: str, value: Any) -> str:
@@ -163,6 +154,7 @@ class InferenceSettings:
                                        maximum=10_000_000),
         )
         ollama = s.get_optional_str("ollama_url")
+        llama_server = s.get_optional_str("llama_server")
         openai = s.get_optional_str("openai_base_url")
         return cls(
             default_model=default_model,
@@ -173,7 +165,7 @@ class InferenceSettings:
                        if "n_threads" in s.data else None),
             n_ctx=s.get_int("n_ctx", 2048, minimum=128, maximum=1 << 20),
             repack=s.get_str("repack", "auto", choices=REPACK_MODES),
-            llama_server=_executable(s, "llama_server"),
+            llama_server=(find_llama_server(llama_server) if llama_server else None),
             max_queue=s.get_int("max_queue", 32, minimum=0, maximum=1_000_000),
             cache=s.get_bool("cache", True),
             cache_size=s.get_int("cache_size", 256, minimum=1, maximum=10_000_000),
