@@ -12,8 +12,11 @@ Prints one JSON object:
   - ``direct``: the same runner (the worker's own llama-server process) asked
     directly over HTTP with the same streamed request the backend sends;
   - ``ratio``: worker / direct (goal >= 0.95 at every concurrency); each
-    path is timed twice per cell, in the order worker, direct, direct,
-    worker (or the reverse), and the two figures averaged;
+    path is timed ``--pairs`` times per cell (4 by default), in rounds of
+    worker, direct, direct, worker (or the reverse), and the figures
+    averaged; every timed pass asks for at least ``PASS_TOKENS`` (1,024)
+    completion tokens, so a one-stream pass of 64-token answers sends 16
+    requests one after the other;
   - ``inprocess``: the in-process llama-cpp-python engine this project used
     before the runner (``--inprocess-tree DIR``: a checkout of commit 4a81836
     with its own .venv; its engine alone, slots = concurrency, one thread per
@@ -65,6 +68,16 @@ TOPICS = ["a robot who paints", "a lighthouse keeper", "a lost city", "a dragon 
 CONCURRENCY = (1, 2, 4, 8)
 TOKENS = (64, 256)
 SLOTS = 8
+
+
+# Completion tokens per timed pass (at least): short passes are at the mercy
+# of a shared machine's hiccups, so small cells send more requests per client.
+PASS_TOKENS = 1024
+
+
+def per_client(concurrency: int, max_tokens: int, minimum: int) -> int:
+    """Requests each client sends in one timed pass of a cell."""
+    return max(minimum, -(-PASS_TOKENS // (concurrency * max_tokens)))
 
 
 def prompt_for(i: int) -> str:
@@ -274,10 +287,11 @@ def inprocess(tree: Path, per: int) -> dict[str, Any]:
 
 # -- the run --------------------------------------------------------------------------------
 async def main(args: argparse.Namespace) -> dict[str, Any]:
-    per = 1 if args.quick else 2
+    per = 1 if args.quick else 2  # the in-process engine's passes
     tables = {"inference": {"slots": SLOTS, "max_queue": 1000, "cache": False}}
     result: dict[str, Any] = {"machine": machine(), "config": {
-        "model": "SmolLM2-135M-Instruct Q4_1", "slots": SLOTS, "requests_per_client": per,
+        "model": "SmolLM2-135M-Instruct Q4_1", "slots": SLOTS, "pass_tokens": PASS_TOKENS,
+        "timed_passes_per_path": 2 * (args.pairs // 2 or 1),
         "concurrency": list(CONCURRENCY), "max_tokens": list(TOKENS), "quick": args.quick}}
     result["machine"]["loadavg_start"] = [round(x, 2) for x in os.getloadavg()]
     rss = PeakRss()
@@ -305,7 +319,6 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             offset = 0
             for n in TOKENS:
                 for c in CONCURRENCY:
-                    await aggregate(direct.run, c, per, n, offset)
                     # Worker, direct, direct, worker (then the other way
                     # round in the next cell): drift of the machine's speed
                     # during a cell hits both paths alike.
@@ -314,15 +327,20 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                         first, second = second, first
                     rates: dict[str, list[float]] = {"worker": [], "direct": []}
                     texts: dict[str, dict[int, str]] = {}
-                    for name, run_one in (first, second, second, first):
-                        tok_s, texts[name] = await aggregate(run_one, c, per, n, offset)
-                        rates[name].append(tok_s)
+                    k = 1 if args.quick else per_client(c, n, 1)
+                    await aggregate(direct.run, c, k, n, offset)  # primes the prompts
+                    for _ in range(args.pairs // 2 or 1):
+                        for name, run_one in (first, second, second, first):
+                            tok_s, texts[name] = await aggregate(run_one, c, k, n, offset)
+                            rates[name].append(tok_s)
                     row: dict[str, Any] = {name: round(statistics.mean(r), 1)
                                            for name, r in rates.items()}
                     row["ratio"] = round(row["worker"] / row["direct"], 3)
+                    row["passes"] = len(rates["worker"])
+                    row["requests_per_client"] = k
                     same = same and texts["worker"] == texts["direct"]
                     agg.setdefault(str(n), {})[str(c)] = row
-                    offset += c * per
+                    offset += c * k
                     print(f"{n} tokens, {c} concurrent: {row}", file=sys.stderr)
 
             # Time to first token: pairs of prompts of the same length, one
@@ -374,6 +392,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one request per client")
+    parser.add_argument("--pairs", type=int, default=4,
+                        help="timed passes per path and cell (in rounds of worker, direct, "
+                             "direct, worker)")
     parser.add_argument("--ttft-requests", type=int, default=20,
                         help="short requests on each path for the time to first token")
     parser.add_argument("--inprocess-tree", default=None,

@@ -11,7 +11,8 @@ one copy of the weights, each with a KV cache of ``n_ctx`` tokens. The node
 talks to it over loopback HTTP with a random API key, streaming
 ``/v1/chat/completions``; closing a stream closes the connection, and the
 runner drops that sequence at its next token. Tokens less than
-``CHUNK_INTERVAL`` (20 ms) apart, and tokens that piled up while the
+``CHUNK_INTERVAL`` (20 ms) apart, times the answers the runner is
+generating at once (at most 200 ms), and tokens that piled up while the
 consumer was busy, go out as one chunk: every chunk costs a frame on every
 hop to the client, and a single fast stream would otherwise spend a third
 of the node's CPU on them.
@@ -112,10 +113,19 @@ HEALTHY_RESET = 60.0  # seconds of health after which the backoff starts over
 CACHE_RAM_MIB = 256
 KEEPALIVE_EXPIRY = 2.0  # seconds; the runner's own keep-alive timeout is 5 s
 MAX_EVENT = 1024 * 1024  # one server-sent event; a larger one is not a token stream
-# The shortest time between two chunks of one answer (seconds): a faster
-# runner's tokens are merged, so a frame carries about two tokens at 100
-# tok/s, and none waits at the pace of a batch of several streams.
+# The shortest time between two chunks of one answer (seconds), after the
+# first, which goes out at once: a runner's tokens that come faster are
+# merged. It grows with the answers the runner is generating at once
+# (CHUNK_INTERVAL each, at most CHUNK_INTERVAL_MAX), so that a model sends
+# about 1 / CHUNK_INTERVAL chunks a second in all, however many streams:
+# every chunk costs a frame (msgpack, yamux, Noise) on every hop, in Python
+# processes that share the CPU with the runner's threads. With a fixed 20 ms,
+# 4 and 8 batched streams (a token every ~22 and ~42 ms each) sent a frame
+# per token and the worker gave 0.89-0.92 of the runner's own tokens/s
+# (benchmarks/RESULTS.md). One stream still gets a chunk every 20 ms; eight
+# get one every 160 ms, six updates a second.
 CHUNK_INTERVAL = 0.02
+CHUNK_INTERVAL_MAX = 0.2
 
 
 def embedded_model_path() -> Path:
@@ -561,7 +571,9 @@ class LlamaCppBackend(Backend):
                     if pending is None and last_chunk is not None:
                         # Tokens faster than one per CHUNK_INTERVAL go out
                         # together: each chunk costs a frame on every hop.
-                        with trio.move_on_at(last_chunk + CHUNK_INTERVAL):
+                        interval = min(CHUNK_INTERVAL * max(1, session.active),
+                                       CHUNK_INTERVAL_MAX)
+                        with trio.move_on_at(last_chunk + interval):
                             while pending is None:
                                 nxt = await recv.receive()
                                 if isinstance(nxt, TextChunk):
