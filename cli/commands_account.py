@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from p2pinfer.errors import PeerUnavailable, UnknownUser
+from p2pinfer.errors import InvalidCredentials, PeerUnavailable
 
 from .connect import SwarmAccess, swarm_access, with_client
 from .errors import EXIT_AUTH, EXIT_USAGE, CliError
@@ -73,8 +73,10 @@ def register(username: str | None, email: str | None, password: str | None, logi
             while True:
                 try:
                     return user, await client.login(username, password=password)
-                except UnknownUser:
-                    await trio.sleep(0.2)  # not replicated to that auth node yet
+                except InvalidCredentials:
+                    # the password was just set: the registration has not
+                    # reached that auth node yet (logins do not say which)
+                    await trio.sleep(0.2)
         return user, await client.login(username, password=password)
 
     user, session = trio.run(with_client, access, "none", body)

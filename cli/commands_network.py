@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from p2pinfer.errors import ConfigError
+from p2pinfer.grants import OPERATOR
 
 from .connect import split_addrs
 from .errors import EXIT_USAGE, CliError
@@ -175,8 +176,8 @@ def network_info(home: Path | None, as_json: bool) -> None:
 @click.option("--roles", default="", help="Roles the node may run, comma-separated "
               "(auth,gateway,inference,metrics,web).")
 @click.option("--operator", is_flag=True,
-              help="Admit an operator key (no roles): for running operator commands "
-                   "from another machine.")
+              help="Admit an operator key (the operator grant, no node role): for "
+                   "running operator commands from another machine.")
 @click.option("--days", type=click.FloatRange(min=1), default=365, show_default=True,
               help="How long the certificate is valid.")
 @click.option("-b", "--bootstrap", multiple=True, metavar="MULTIADDR",
@@ -205,7 +206,7 @@ def network_admit(peer_id: str, home: Path | None, roles: str, operator: bool, d
     if not operator and not role_list:
         raise CliError("give --roles (e.g. --roles inference), or --operator", EXIT_USAGE)
     owner = _owner(path)
-    cert = admit(owner, peer_id, role_list, days=days)
+    cert = admit(owner, peer_id, [OPERATOR] if operator else role_list, days=days)
     addrs = split_addrs(bootstrap) or daemon_addrs(path) or list(owner.network.bootstrap)
     token = make_join_token(owner.network, cert, addrs)
     click.echo(token)

@@ -166,6 +166,8 @@ class SwarmAccess:
             raise AuthenticationRequired("no API key and no saved session")
         target: dict[str, Any] = ({"bootstrap": self.bootstrap} if self.bootstrap
                                   else {"base_url": self.url})
+        if self.bootstrap and self.creds.network:
+            target["network"] = self.creds.network
         if self.ca_file:  # HTTPS certificates are checked against it (always checked)
             target["verify"] = self.ca_file
         return {**target, "api_key": api_key, "token": token}
@@ -280,4 +282,9 @@ async def with_client(access: SwarmAccess, credential: str,
                       fn: Callable[[Client], Awaitable[T]]) -> T:
     """Open a client for ``access`` and run ``fn`` with it (see :meth:`SwarmAccess.call`)."""
     async with access.client(credential) as client:
-        return await access.call(client, fn)
+        result = await access.call(client, fn)
+        # pin the saved swarm's network once a node proved it belongs to it
+        if (client.network and access.bootstrap and access.creds.has_swarm
+                and not access.creds.network):
+            access.creds.network = client.network
+        return result

@@ -77,7 +77,7 @@ def explain(exc: e.P2PInferError) -> str:
     """One line telling a person what went wrong and, where it helps, what to do."""
     msg = exc.message
     if isinstance(exc, e.InvalidCredentials):
-        return "wrong username or password"
+        return "wrong username or password (no account yet? `p2pinfer register`)"
     if isinstance(exc, e.UnknownUser):
         return f"{msg} (register with `p2pinfer register`)"
     if isinstance(exc, e.LoginThrottled):

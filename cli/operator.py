@@ -11,9 +11,11 @@ running node's peer id would make the node seem to come and go to its
 peers. It uses an **operator key** of its own, kept in the home:
 
 - ``<home>/operator.key`` (mode 0600, created on first use);
-- ``<home>/operator.cert``: its certificate, with no roles (an operator writes
-  nothing to the ledger; it calls member-only methods and acts
-  ``as_operator``).
+- ``<home>/operator.cert``: its certificate, granting ``operator`` and no
+  node role (an operator writes nothing to the ledger; it calls the methods
+  that need the operator grant and acts ``as_operator``). A certificate
+  without that grant (made before grants existed) is re-signed on the
+  owner's machine and refused elsewhere.
 
 On the network owner's machine (the home holds ``owner.key``) the CLI signs
 that certificate itself. Elsewhere the owner admits the operator key like a
@@ -46,6 +48,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from p2pinfer.errors import ConfigError, NotMember, P2PInferError, PeerUnavailable
+from p2pinfer.grants import OPERATOR
 
 from .connect import quiet_logging, split_addrs, timeout_option
 from .store import Credentials, CredentialStore, write_private
@@ -124,7 +127,7 @@ def _valid_cert(path: Path, network: NetworkInfo, peer_id: str) -> SignedDoc | N
         return None
     if not isinstance(parsed, Certificate) or parsed.peer != peer_id:
         return None
-    if parsed.exp < time.time() + 3600:
+    if OPERATOR not in parsed.roles or parsed.exp < time.time() + 3600:
         return None
     return cert
 
@@ -149,10 +152,11 @@ def load_operator(home: Path) -> Operator:
         owner = load_owner(home)
         if owner is None:
             raise NotMember(
-                f"{home} holds no operator certificate and no owner key; on the owner's "
+                f"{home} holds no operator certificate granting operator, and no owner key; "
+                "on the owner's "
                 f"machine run `p2pinfer network admit {identity.peer_id} --operator`, then "
                 "here `p2pinfer network join TOKEN`")
-        cert = admit(owner, identity.peer_id, [], days=OPERATOR_CERT_DAYS)
+        cert = admit(owner, identity.peer_id, [OPERATOR], days=OPERATOR_CERT_DAYS)
         write_private(home / OPERATOR_CERT, encode_cert(cert) + "\n")
     return Operator(home, network, identity, cert)
 

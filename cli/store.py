@@ -71,6 +71,9 @@ class Credentials:
     api_key_id: str | None = None
     home: str | None = None
     saved_by: str | None = None
+    # The network the saved swarm belongs to, learnt at the first login: the
+    # SDK then sends credentials only to nodes holding its certificates.
+    network: str | None = None
 
     @classmethod
     def from_json(cls, data: Any) -> Credentials:

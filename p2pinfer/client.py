@@ -6,7 +6,12 @@ A client needs a way in and, for most calls, a credential:
   libp2p host of its own (Noise-encrypted, like every node), dials a
   bootstrap node, finds the swarm's gateways (and auth nodes) and calls
   them. It is not a network member and needs no certificate: the API key or
-  session token authenticates each request.
+  session token authenticates each request. It sends a credential only to a
+  node whose certificate, signed by the network owner, grants the role it
+  is asked for: the owner key is the one the bootstrap node proves its own
+  membership with, and ``network="p2p-..."`` (env ``P2PINFER_NETWORK``)
+  pins which network that must be. A node that cannot show one is never
+  called (``UntrustedPeer`` when no node is left).
 - **HTTP** (``base_url="http://host:3000"``): any node with the web role.
 
 ::
@@ -56,6 +61,7 @@ from .errors import (
     PeerUnavailable,
     StreamBroken,
     UnknownMethod,
+    UntrustedPeer,
 )
 from .identity import Identity
 
@@ -211,6 +217,8 @@ class Client:
             production). Default: ``P2PINFER_CA_FILE`` if set, else True.
         transport: an ``httpx`` transport for HTTP mode (tests use
             ``httpx.MockTransport``).
+        network: the network id the swarm must belong to (default:
+            ``P2PINFER_NETWORK``, else the bootstrap node's).
 
     Raises:
         ConfigError: neither bootstrap addresses nor a base URL.
@@ -226,6 +234,7 @@ class Client:
         identity: Identity | None = None,
         verify: bool | str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        network: str | None = None,
     ) -> None:
         env_boot = os.environ.get("P2PINFER_BOOTSTRAP", "")
         if bootstrap is None and not base_url:
@@ -238,6 +247,10 @@ class Client:
         self.verify: bool | str = (verify if verify is not None
                                    else os.environ.get("P2PINFER_CA_FILE") or True)
         self.transport = transport
+        self.network = network or os.environ.get("P2PINFER_NETWORK") or None
+        self._owner_key: bytes | None = None
+        #: nodes not used because they showed no valid certificate, by peer id
+        self.untrusted: dict[str, str] = {}
         if not self.bootstrap and not self.base_url:
             raise ConfigError("a client needs bootstrap addresses or a base_url "
                               "(or P2PINFER_BOOTSTRAP / P2PINFER_URL)")
@@ -322,21 +335,69 @@ class Client:
         from .discovery import Descriptor
 
         errors: list[str] = []
+        untrusted: list[str] = []
         for addr in self.bootstrap:
             try:
                 with trio.fail_after(BOOTSTRAP_TIMEOUT):
                     peer = await self._rpc.connect(addr)
                     desc = Descriptor.from_wire(await self._rpc.call(peer, "getDescriptor"))
+                self._trust_entry(desc)
                 self._entry[peer] = desc
             except trio.TooSlowError:
                 errors.append(f"{addr}: no answer within {BOOTSTRAP_TIMEOUT:.0f} s")
+            except UntrustedPeer as exc:
+                untrusted.append(f"{addr}: {exc.message}")
+                self.untrusted[str(exc.data.get("peer_id", addr))] = exc.message
             except P2PInferError as exc:
                 errors.append(f"{addr}: {exc.message}")
-        self._entry_errors = errors
+        self._entry_errors = errors + untrusted
+        if not self._entry and untrusted:
+            raise UntrustedPeer("no bootstrap node proves it is a member of the network: "
+                                + "; ".join(untrusted), data={"bootstrap": list(self.bootstrap)})
         if not self._entry:
             raise PeerUnavailable("cannot reach any bootstrap node: " + "; ".join(errors),
                                   data={"bootstrap": list(self.bootstrap)})
         return self._entry
+
+    def _trust_entry(self, desc: Descriptor) -> None:
+        """Learn the owner key from a bootstrap node that proves, with it,
+        that it is a member of the (pinned) network.
+
+        Raises:
+            UntrustedPeer: another network, or no valid certificate.
+        """
+        from .discovery import check_member_descriptor
+        from .ledger.membership import network_id_for
+
+        if self.network is not None and desc.network != self.network:
+            raise UntrustedPeer(f"bootstrap node {desc.peer_id} is in network "
+                                f"{desc.network[:64]!r}, not {self.network}",
+                                data={"peer_id": desc.peer_id})
+        proof = desc.member_proof()
+        try:
+            owner = bytes.fromhex(proof[0]) if proof else b""
+        except ValueError:
+            owner = b""
+        if self._owner_key is not None and owner != self._owner_key:
+            raise UntrustedPeer(f"bootstrap node {desc.peer_id} names another network owner",
+                                data={"peer_id": desc.peer_id})
+        if network_id_for(owner) != desc.network:
+            raise UntrustedPeer(f"bootstrap node {desc.peer_id} shows no owner key of its "
+                                "network", data={"peer_id": desc.peer_id})
+        check_member_descriptor(desc, desc.network, owner)
+        self.network, self._owner_key = desc.network, owner
+
+    def _trusted(self, desc: Descriptor, role: str) -> bool:
+        """Whether ``desc``'s certificate grants ``role`` in our network."""
+        from .discovery import check_member_descriptor
+
+        assert self.network is not None and self._owner_key is not None
+        try:
+            check_member_descriptor(desc, self.network, self._owner_key, role)
+        except UntrustedPeer as exc:
+            self.untrusted[desc.peer_id] = exc.message
+            return False
+        return True
 
     async def find(self, role: str) -> list[Descriptor]:
         """Descriptors of nodes with ``role`` that the bootstrap nodes know.
@@ -353,7 +414,8 @@ class Client:
         from .discovery import Descriptor
 
         entry = await self._entry_points()
-        found: dict[str, Descriptor] = {p: d for p, d in entry.items() if role in d.roles}
+        found: dict[str, Descriptor] = {p: d for p, d in entry.items()
+                                        if role in d.roles and self._trusted(d, role)}
         for peer in list(entry):
             try:
                 with trio.fail_after(BOOTSTRAP_TIMEOUT):
@@ -367,7 +429,8 @@ class Client:
                     desc = Descriptor.from_wire(raw)
                 except P2PInferError:
                     continue
-                if role in desc.roles and desc.peer_id not in found:
+                if (role in desc.roles and desc.peer_id not in found
+                        and self._trusted(desc, role)):
                     self._remember(desc)
                     found[desc.peer_id] = desc
         result = sorted(found.values(), key=lambda d: d.peer_id)
@@ -377,6 +440,11 @@ class Client:
     async def gateways(self) -> list[str]:
         """Peer ids of reachable gateways (refreshed every 30 s)."""
         gateways = [d.peer_id for d in await self.find("gateway")]
+        if not gateways and self.untrusted:
+            raise UntrustedPeer(
+                "no gateway with a valid certificate of network "
+                f"{self.network}: " + "; ".join(sorted(self.untrusted.values()))[:1000],
+                data={"untrusted": sorted(self.untrusted)})
         if not gateways:
             raise NoWorkerAvailable("no gateway reachable through the bootstrap nodes",
                                     data={"retry_after": 2.0})

@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ConfigError
+from .grants import ROLES as _ROLES
 from .identity import default_home
 
 __all__ = ["NodeConfig", "ROLES", "Section"]
 
-ROLES = ("auth", "gateway", "inference", "metrics", "web")
+ROLES = _ROLES  # the node roles (p2pinfer.grants lists them once)
 T = TypeVar("T")
 
 # Environment variables of the design document, and where they land.
@@ -219,6 +220,7 @@ class NodeConfig:
     max_streams_per_peer: int = 16
     max_inbound_per_ip: int = 64
     dead_link_timeout: float = 15.0
+    stall_timeout: float = 3.0
     log_format: str = "text"
     network: str = "default"
     tree: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -316,6 +318,7 @@ class NodeConfig:
             max_inbound_per_ip=node.get_int("max_inbound_per_ip", 64, minimum=1, maximum=10_000),
             dead_link_timeout=node.get_float("dead_link_timeout", 15.0, minimum=3.0,
                                              maximum=3600.0),
+            stall_timeout=node.get_float("stall_timeout", 3.0, minimum=0.1, maximum=3600.0),
             log_format=log_format,
             network=node.get_str("network", "default"),
             tree=tree,

@@ -13,6 +13,17 @@ per-role details (models, load), software version and a timestamp, signed
 with the node key. A descriptor is accepted only if its signature matches the
 peer id and it is recent.
 
+Authority: anyone can provide a topic on the DHT and sign a descriptor with
+its own key, so neither says a node belongs to the network. A descriptor is
+used only if its peer is a member with the grant for the topic (``role/r``
+needs ``r``; ``model/...`` needs ``inference``), as the node's membership view
+(``authority``) says; other descriptors are refused and counted
+(``ai_platform_access_refused_total{layer="discovery"}``). A member's
+descriptor also carries its certificate and the network owner's public key
+(``info["member"]``), so that a client, which has no membership view, can
+check a gateway's certificate itself before sending it a credential
+(:func:`check_member_descriptor`).
+
 Freshness: descriptors are cached for ``descriptor_ttl`` seconds (15 by
 default); a peer whose connection closes is dropped from the cache at once,
 and a peer that does not answer ``getDescriptor`` within
@@ -40,7 +51,8 @@ from .wire import canonical_pack
 if TYPE_CHECKING:  # pragma: no cover
     from .rpc.client import RpcClient
 
-__all__ = ["Descriptor", "Discovery", "topic_key", "DESCRIPTOR_MAX_AGE"]
+__all__ = ["Descriptor", "Discovery", "topic_key", "DESCRIPTOR_MAX_AGE",
+           "check_member_descriptor", "required_grant"]
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +143,70 @@ class Descriptor:
             raise InvalidParams(f"descriptor of {desc.peer_id} is stale or from the future")
         return desc
 
+    def member_proof(self) -> tuple[str, str] | None:
+        """The owner public key (hex) and certificate (``p2pc1.``) this node
+        carries, if any (unchecked: see :func:`check_member_descriptor`)."""
+        member = self.info.get("member")
+        if not isinstance(member, dict):
+            return None
+        owner, cert = member.get("owner"), member.get("cert")
+        if isinstance(owner, str) and isinstance(cert, str):
+            return owner, cert
+        return None
+
     def models(self) -> list[dict[str, Any]]:
         """The models this node serves (from its inference role), if any."""
         inference = self.info.get("inference")
         if isinstance(inference, dict) and isinstance(inference.get("models"), list):
             return [m for m in inference["models"] if isinstance(m, dict)]
         return []
+
+
+def required_grant(topic: str) -> str | None:
+    """The grant a node needs to be found under ``topic``."""
+    kind, _, name = topic.partition("/")
+    if kind == "role":
+        return name
+    if kind == "model":
+        return "inference"
+    return None
+
+
+def check_member_descriptor(desc: Descriptor, network: str, owner_key: bytes,
+                            role: str | None = None, *, now: float | None = None) -> None:
+    """Check, without a membership view, that ``desc`` is a member of
+    ``network`` (owned by ``owner_key``) whose certificate grants ``role``.
+
+    Raises:
+        UntrustedPeer: no certificate, another network's, not for this
+            peer, expired, or not granting ``role``.
+    """
+    from .errors import UntrustedPeer
+    from .ledger.membership import Certificate, NetworkInfo, decode_cert, parse_doc
+
+    if desc.network != network:
+        raise UntrustedPeer(f"{desc.peer_id} is in network {desc.network[:64]!r}, "
+                            f"not {network}", data={"peer_id": desc.peer_id})
+    proof = desc.member_proof()
+    if proof is None:
+        raise UntrustedPeer(f"{desc.peer_id} shows no member certificate",
+                            data={"peer_id": desc.peer_id})
+    try:
+        info = NetworkInfo(network, owner_key)
+        parsed = parse_doc(decode_cert(proof[1]).to_wire(), info)
+    except P2PInferError as exc:
+        raise UntrustedPeer(f"{desc.peer_id}: its certificate does not check: {exc.message}",
+                            data={"peer_id": desc.peer_id}) from exc
+    t = time.time() if now is None else now
+    if not isinstance(parsed, Certificate) or parsed.peer != desc.peer_id:
+        raise UntrustedPeer(f"{desc.peer_id} shows another node's certificate",
+                            data={"peer_id": desc.peer_id})
+    if parsed.exp < t:
+        raise UntrustedPeer(f"the certificate of {desc.peer_id} has expired",
+                            data={"peer_id": desc.peer_id})
+    if role is not None and role not in parsed.roles:
+        raise UntrustedPeer(f"the certificate of {desc.peer_id} does not grant {role}",
+                            data={"peer_id": desc.peer_id, "role": role})
 
 
 def _str(value: Any) -> str:
@@ -168,6 +238,11 @@ class Discovery:
         dht_server: run the DHT in server mode (member nodes do).
         announce_interval: seconds between re-announcements.
         descriptor_ttl: seconds a fetched descriptor is trusted without asking again.
+        authority: what a peer's certificate grants now (empty for a
+            non-member); without it every descriptor is used (a node with
+            no membership view).
+        on_refused: called with ``"not_member"`` or ``"no_grant"`` for each
+            descriptor refused.
     """
 
     def __init__(
@@ -180,7 +255,11 @@ class Discovery:
         dht_server: bool = True,
         announce_interval: float = 30.0,
         descriptor_ttl: float = 15.0,
+        authority: Callable[[str], frozenset[str]] | None = None,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
+        self.authority = authority
+        self.on_refused = on_refused
         self.host = host
         self.rpc = rpc
         self.local = local
@@ -285,18 +364,42 @@ class Discovery:
                     providers = []
                 for info in providers:
                     pid = info.peer_id.to_base58()
-                    if pid != local.peer_id and pid not in candidates:
-                        candidates.append(pid)
-                        if info.addrs:
-                            self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 600)
+                    if pid == local.peer_id or pid in candidates:
+                        continue
+                    if not self._granted(pid, topic):  # never even asked
+                        continue
+                    candidates.append(pid)
+                    if info.addrs:
+                        self.host.get_peerstore().add_addrs(info.peer_id, info.addrs, 600)
         async with trio.open_nursery() as nursery:
             for pid in candidates:
                 nursery.start_soon(self._collect, pid, topic, found)
         return sorted(found.values(), key=lambda d: d.peer_id)
 
+    def _granted(self, peer_id: str, topic: str) -> bool:
+        """Whether ``peer_id`` may be found under ``topic`` (counted if not)."""
+        if self.authority is None:
+            return True
+        grants = self.authority(peer_id)
+        if not grants:
+            self._refuse("not_member", peer_id, topic)
+            return False
+        needed = required_grant(topic)
+        if needed is not None and needed not in grants:
+            self._refuse("no_grant", peer_id, topic)
+            return False
+        return True
+
+    def _refuse(self, reason: str, peer_id: str, topic: str) -> None:
+        log.info("discovery: ignoring %s under %s (%s)", peer_id, topic,
+                 "not a member" if reason == "not_member" else "not granted")
+        if self.on_refused is not None:
+            self.on_refused(reason)
+
     async def _collect(self, peer_id: str, topic: str, found: dict[str, Descriptor]) -> None:
         desc = await self.descriptor(peer_id)
-        if desc is not None and topic in desc.topics:
+        # checked again: the membership may have changed while we asked
+        if desc is not None and topic in desc.topics and self._granted(peer_id, topic):
             found[peer_id] = desc
 
     async def descriptor(self, peer_id: str) -> Descriptor | None:

@@ -19,11 +19,13 @@ so callers match on types, never on message strings.
     │   ├── HandlerError               1203 (the remote handler raised)
     │   ├── PeerUnavailable            1204 (cannot dial / connection lost)
     │   ├── StreamBroken               1205 (the stream died mid-call)
-    │   └── TooManyStreams             1206 (per-peer limits)
+    │   ├── TooManyStreams             1206 (per-peer limits)
+    │   └── StreamStalled              1207 (the caller stopped reading a stream)
     ├── AccessError                    1300-1399: who you are
     │   ├── NotMember                  1301 (member-only method, caller not admitted)
     │   ├── PermissionDenied           1302 (member, but not for this)
     │   ├── AuthenticationRequired     1303
+    │   ├── UntrustedPeer              1304 (a peer shows no valid member certificate)
     │   ├── InvalidCredentials         1310 (wrong password)
     │   ├── UnknownUser                1311
     │   ├── InactiveUser               1312
@@ -179,6 +181,14 @@ class TooManyStreams(CallError):
     http_status = 429
 
 
+class StreamStalled(CallError):
+    """The caller granted no credit (read nothing) for the server's
+    ``stall_timeout``: the stream was ended to free what it held."""
+
+    code = 1207
+    http_status = 408
+
+
 # --- access -----------------------------------------------------------------
 class AccessError(P2PInferError):
     code = 1300
@@ -196,6 +206,14 @@ class PermissionDenied(AccessError):
 class AuthenticationRequired(AccessError):
     code = 1303
     http_status = 401
+
+
+class UntrustedPeer(AccessError):
+    """A node offered as a gateway (or other entry point) shows no valid
+    certificate of the network: the client sends it no credential."""
+
+    code = 1304
+    http_status = 502
 
 
 class InvalidCredentials(AccessError):

@@ -28,7 +28,8 @@ from prometheus_client import CollectorRegistry
 from . import __version__
 from .config import NodeConfig
 from .discovery import Descriptor, Discovery
-from .errors import ConfigError, InvalidParams, PeerUnavailable
+from .errors import ConfigError, InvalidParams, P2PInferError, PeerUnavailable
+from .grants import ALL_GRANTS
 from .identity import Identity
 from .metrics.node_metrics import NodeMetrics
 from .rpc import RPC_PROTOCOL, Access, CallContext, RpcClient, RpcServer, make_host, rpc_method
@@ -129,8 +130,10 @@ class Node:
         )
         self.rpc_server = RpcServer(
             is_member=self.is_member,
+            grants_of=self.grants_of,
             max_frame=config.max_frame,
             max_streams_per_peer=config.max_streams_per_peer,
+            stall_timeout=config.stall_timeout,
         )
         self.rpc = RpcClient(self.host, max_frame=config.max_frame)
         # Called with a peer id when its connection closes (e.g. the gateway
@@ -149,6 +152,8 @@ class Node:
             dht_server=config.dht_server,
             announce_interval=config.announce_interval,
             descriptor_ttl=config.descriptor_ttl,
+            authority=self.grants_of if self.ledger is not None else None,
+            on_refused=lambda reason: self.metrics.refused("discovery", reason),
         )
         factories = role_factories or {}
         self.roles: dict[str, Any] = {}
@@ -168,6 +173,14 @@ class Node:
         self._descriptor: tuple[float, Descriptor] | None = None
         self._cancel_scope: trio.CancelScope | None = None
         self._bootstrap_peers: list[str] = []
+        self._nursery: trio.Nursery | None = None
+        #: set when this node learns the network owner removed it
+        self.removed = False
+        if self.ledger is not None:
+            self.ledger.store.membership_listeners.append(self._on_membership)
+            if self.ledger.gossip is not None:
+                self.ledger.gossip.on_refused = (
+                    lambda: self.metrics.refused("pubsub", "not_member"))
 
     # -- membership --------------------------------------------------------------
     def _init_ledger(self) -> None:
@@ -192,6 +205,15 @@ class Node:
         if self.ledger is None:
             return False
         return bool(self.ledger.is_member(peer_id))
+
+    def grants_of(self, peer_id: str) -> frozenset[str]:
+        """What ``peer_id``'s certificate lets it do here (every grant for
+        this node itself, none for a non-member or a removed node)."""
+        if peer_id == self.peer_id:
+            return ALL_GRANTS
+        if self.ledger is None:
+            return frozenset()
+        return frozenset(self.ledger.grants_of(peer_id))
 
     # -- addresses and descriptor -----------------------------------------------
     @property
@@ -234,6 +256,12 @@ class Node:
                     info[name] = describe()
                 except Exception:
                     log.exception("role %s failed to describe itself", name)
+        if self.ledger is not None:
+            # what lets a client check us without a membership view
+            from .ledger.membership import encode_cert
+
+            info["member"] = {"owner": self.ledger.network.owner_public_key.hex(),
+                              "cert": encode_cert(self.ledger.own_cert)}
         desc = Descriptor.create(
             self.identity,
             addrs=self.addrs,
@@ -296,14 +324,72 @@ class Node:
             "network": self.network_id,
         }
 
+    # -- membership changes ----------------------------------------------------------
+    def _on_membership(self, peer_id: str, removed: bool) -> None:
+        """A certificate or removal was applied (from any path: an event,
+        anti-entropy, ``ledgerHello``)."""
+        if peer_id == self.peer_id:
+            if removed and not self.removed:
+                self.removed = True
+                log.error("this node (%s) was removed from network %s by its owner: it "
+                          "stops serving; its peer id can never rejoin (the owner can admit "
+                          "a new node key)", self.peer_id, self.network_id)
+                self.stop()
+            return
+        gossip = self.ledger.gossip if self.ledger is not None else None
+        if removed:
+            if gossip is not None:
+                gossip.expel(peer_id)
+            self._schedule_cut_off(peer_id)
+        elif gossip is not None and self.is_member(peer_id):
+            gossip.admit(peer_id)
+
+    def _was_removed(self, peer_id: str) -> bool:
+        return (self.ledger is not None
+                and self.ledger.store.membership.cutoff(peer_id) is not None)
+
+    def _schedule_cut_off(self, peer_id: str) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self._cut_off, peer_id)
+
+    async def _cut_off(self, peer_id: str) -> None:
+        """Close every connection of a removed node, after handing it its
+        removal (so it knows, and stops) if it still answers within 0.5 s."""
+        if peer_id not in self.connected_peers():
+            return
+        from libp2p.peer.id import ID
+
+        self.metrics.refused("connection", "removed")
+        docs = [d.to_wire() for d in self.ledger.store.membership.docs_of(peer_id)
+                if d.doc.get("t") == "removal"]
+        with trio.move_on_after(0.5):
+            try:
+                await self.rpc.call(peer_id, "ledgerHello", {"net": self.network_id,
+                                                             "docs": docs})
+            except P2PInferError:
+                pass  # it learns from the closed connections instead
+        with trio.move_on_after(2):
+            try:
+                await self.host.disconnect(ID.from_base58(peer_id))
+            except Exception:
+                log.debug("disconnecting removed node %s failed", peer_id, exc_info=True)
+        log.info("closed the connections of removed node %s", peer_id)
+
     # -- connections ----------------------------------------------------------------
     def _on_connected(self, peer_id: str) -> None:
+        if self._was_removed(peer_id):
+            self._schedule_cut_off(peer_id)
+            return
         if self.ledger is not None and hasattr(self.ledger, "on_peer_connected"):
             self.ledger.on_peer_connected(peer_id)
 
     def _on_disconnected(self, peer_id: str) -> None:
         self.discovery.forget(peer_id)
         self.rpc.drop(peer_id)
+        if peer_id not in self.connected_peers():  # its last connection
+            cancelled = self.rpc_server.peer_gone(peer_id)
+            if cancelled:
+                log.info("%s left: cancelled its %d call(s) in flight", peer_id[-8:], cancelled)
         for listener in self.disconnect_listeners:
             try:
                 listener(peer_id)
@@ -346,7 +432,16 @@ class Node:
 
     # -- lifecycle ------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Run the node until cancelled."""
+        """Run the node until cancelled.
+
+        Raises:
+            ConfigError: the network owner removed this node.
+        """
+        if self._was_removed(self.peer_id):
+            raise ConfigError(
+                f"this node ({self.peer_id}) was removed from network {self.network_id} by "
+                "its owner: its peer id can never rejoin; ask the owner to admit a new node "
+                "key (p2pinfer network admit)")
         listen = [parse_multiaddr(a) for a in self.config.listen]
         with trio.CancelScope() as scope:
             self._cancel_scope = scope
@@ -368,6 +463,7 @@ class Node:
 
     async def _run_services(self, task_status: Any) -> None:
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             await nursery.start(self.rpc.run)
             if self.ledger is not None:
                 await nursery.start(self.ledger.run)

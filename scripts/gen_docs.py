@@ -112,7 +112,10 @@ def render_rpc() -> str:
         "**Access.** `public`: any peer that completed the Noise handshake (the method",
         "authenticates the caller from its params: an API key, a session token or a",
         "password); `member`: only nodes admitted to the network (an owner-signed",
-        "certificate); anyone else gets `NotMember` (1301).", "",
+        "certificate); anyone else gets `NotMember` (1301). `member (gateway)`: a member",
+        "whose certificate grants one of the names in brackets; other members get",
+        "`PermissionDenied` (1302) (the capability table in",
+        "[security.md](security.md#capabilities)).", "",
         "**Errors.** A method raises the [error](#errors) that names the problem; the",
         "caller gets the same class and `code`, with its `data` (e.g. `retry_after`,",
         "`field`). Anything else becomes `HandlerError` (1203).", "",
@@ -132,10 +135,12 @@ def render_rpc() -> str:
         for m in group:
             kind = "stream" if m.streaming else "unary"
             anchor = m.name.lower().replace(".", "")
+            access = m.access.value + (f" ({' or '.join(sorted(m.grants))})" if m.grants
+                                       else "")
             out.append(f"| [`{m.name}`](#{anchor}) | [{title}](#{_slug(title)}) | "
-                       f"{m.access.value} | {kind} | {_cell(_first_line(m.func.__doc__))} |")
+                       f"{access} | {kind} | {_cell(_first_line(m.func.__doc__))} |")
             sections += [f"### `{m.name}`", "",
-                         f"*{m.access.value}, {kind}* · handler "
+                         f"*{access}, {kind}* · handler "
                          f"`{cls_name}.{m.func.__name__}`", "",
                          _dedent(m.func.__doc__) or "(no docstring)", ""]
         doc = _dedent(module.__doc__)

@@ -108,7 +108,7 @@ def test_members_and_remove(swarm: BackgroundSwarm) -> None:
     assert all(by_peer[p]["state"] == "active" and by_peer[p]["up"] for p in nodes)
     assert by_peer[swarm.hub.peer_id]["note"] == "this home's node"
     operator = [r for r in rows if r["note"] == "this home's operator key"]
-    assert len(operator) == 1 and operator[0]["roles"] == []
+    assert len(operator) == 1 and operator[0]["roles"] == ["operator"]
 
     doomed = swarm.swarm.nodes["worker-2"].peer_id
     invoke("network", "remove", doomed, "--home", home, "--bootstrap", boot, input="n\n",

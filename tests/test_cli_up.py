@@ -207,6 +207,7 @@ class FakeHub:
         self.config = type("Config", (), {"home": home})()
         self.peer_id = peer_id
         self.addrs = [f"/ip4/127.0.0.1/tcp/4001/p2p/{peer_id}"]
+        self.network_id = "p2p-" + "a" * 26
 
 
 def test_up_points_the_cli_at_its_swarm_unless_another_login_is_saved(tmp_path: Path) -> None:

@@ -365,16 +365,19 @@ async def test_cancelled_requests_leave_no_held_slots(tmp_path: Path,
 
 def test_relayed_client_source_is_honoured_from_members_only() -> None:
     """The web role relays the HTTP client's address so that key guessing is
-    throttled per client; a non-member cannot pick its own throttle bucket."""
+    throttled per client; a non-member, or a member without the web or
+    gateway grant (a worker), cannot pick its own throttle bucket."""
     from p2pinfer.gateway.role import _source
     from p2pinfer.rpc.server import CallContext
 
-    def ctx(member: bool) -> CallContext:
+    def ctx(member: bool, grants: frozenset[str] = frozenset({"web"})) -> CallContext:
         return CallContext(peer_id="12D3KooWpeer", method="m", call_id=1, is_member=member,
-                           request_id="r", remote_ip="10.0.0.9")
+                           request_id="r", remote_ip="10.0.0.9",
+                           grants=grants if member else frozenset())
 
     relayed = {"source": "ip:192.0.2.7"}
     assert _source(ctx(True), relayed) == "ip:192.0.2.7"
     assert _source(ctx(False), relayed) == "ip:10.0.0.9"
+    assert _source(ctx(True, frozenset({"inference"})), relayed) == "ip:10.0.0.9"
     assert _source(ctx(True), {"source": "anything goes"}) == "ip:10.0.0.9"
     assert _source(ctx(True), {}) == "ip:10.0.0.9"

@@ -245,15 +245,17 @@ async def test_late_joiner_and_removal(tmp_path: Path, nursery: trio.Nursery) ->
             # removal: n1's events after the last one n0 has seen become void everywhere
             removal = n0.ledger.remove_member(owner, n1.peer_id)
             cutoff = removal.body["removal"]["doc"]["after"]
-            for node in (n1, late):
-                await node.ledger.wait_for_event(removal.author, removal.seq)
+            await late.ledger.wait_for_event(removal.author, removal.seq)
+            # n1 is handed its removal as it is cut off (not the whole event)
+            await wait_for(lambda: n1.removed, limit=5)
             assert not late.ledger.is_member(n1.peer_id) and not n0.ledger.is_member(n1.peer_id)
             with pytest.raises(errors.UnauthorizedAuthor, match="removed"):
                 n1.ledger.append("audit", audit(0))
             assert late.ledger.version_vector()[n1.peer_id] == cutoff
-            with pytest.raises(errors.NotMember):
-                with trio.fail_after(10):
-                    await n1.rpc.call(n0.peer_id, "ledgerSync", {"vv": {}})
+            # the removed node knows it, has stopped, and is connected to no one
+            assert n1.removed
+            await wait_for(lambda: all(n1.peer_id not in n.connected_peers()
+                                       for n in (n0, late)), limit=5)
             for node in (n0, n1, late):
                 node.stop()
 

@@ -121,6 +121,12 @@ async def test_exporter_serves_metrics_that_parse_and_pass_promtool(
             assert users == {"5m": 1.0, "1h": 1.0, "24h": 1.0}
             tokens = fams["ai_platform_tokens_used"].samples
             assert [(s.labels["model"], s.value) for s in tokens] == [("smollm2", 42.0)]
+            # no user or key id is exposed unless an operator opts in
+            assert "user-1" not in text and "key-1" not in text
+            violations = [s for s in fams["ai_platform_rate_limit_violations"].samples
+                          if s.name.endswith("_total")]
+            assert [(s.labels["user_id"], s.labels["api_key_id"], s.value)
+                    for s in violations] == [("hidden", "hidden", 1.0)]
             await promtool_check_metrics(text)
 
             assert health["status"] == "ok" and health["summary"]["up"] == 1

@@ -460,38 +460,48 @@ def test_api_key_comparison_takes_the_same_time_wherever_a_guess_differs(
 
 
 async def test_api_key_guessing_is_throttled_per_address(target: Target) -> None:
-    """From one address, 20 invalid keys get InvalidApiKey; then every key
-    from there, the right one included, gets LoginThrottled with
-    retry_after, while a client at another address is served."""
+    """From one address, guesses are throttled by what they guess at:
+    ``limit`` wrong secrets of a real key id, then that key (the right
+    secret included) gets LoginThrottled with retry_after; ``limit``
+    unknown keys, then every further unknown key gets it, but not a valid
+    key of another id. A client at another address is served throughout."""
     node = target.node
     limit = node.roles["gateway"].auth.settings.max_failures_per_source
     good = target.user["api_key"]
     public_id = apikeys.parse_key(good)
     assert public_id is not None
-    guesses = [f"p2p_{public_id}_{apikeys.generate_key().key[-43:]}"] * (limit // 2) + \
-              [apikeys.generate_key().key for _ in range(limit - limit // 2)]
     host = attacker_host()
     listen = [__import__("multiaddr").Multiaddr(f"/ip4/{ATTACKER_IP}/tcp/0")]
+
+    async def quota(rpc: RpcClient, gw: str, key: str) -> Any:
+        return await rpc.call(gw, "getUserQuota", {"auth": {"api_key": key}})
+
     async with host.run(listen_addrs=listen), RpcClient.open(host) as rpc:
         gw = await rpc.connect(target.addr)
         with trio.fail_after(60):
-            for guess in guesses:
+            for _ in range(limit):  # unknown keys
                 with pytest.raises(errors.InvalidApiKey):
-                    await rpc.call(gw, "getUserQuota", {"auth": {"api_key": guess}})
-            for key in (apikeys.generate_key().key, good):
-                with pytest.raises(errors.LoginThrottled) as ei:
-                    await rpc.call(gw, "getUserQuota", {"auth": {"api_key": key}})
-                assert 0 < ei.value.retry_after <= 900
+                    await quota(rpc, gw, apikeys.generate_key().key)
+            with pytest.raises(errors.LoginThrottled) as ei:
+                await quota(rpc, gw, apikeys.generate_key().key)
+            assert 0 < ei.value.retry_after <= 900
+            # the valid key from the same address is not locked out by them
+            assert (await quota(rpc, gw, good))["user_id"] == target.user["user_id"]
+            for _ in range(limit):  # wrong secrets of the real key's id
+                with pytest.raises(errors.InvalidApiKey):
+                    await quota(rpc, gw, f"p2p_{public_id}_{apikeys.generate_key().key[-43:]}")
+            with pytest.raises(errors.LoginThrottled):
+                await quota(rpc, gw, good)  # the right secret learns nothing now
             # the auth role's own validateApiKey is throttled the same way
             for _ in range(limit):
                 with pytest.raises(errors.InvalidApiKey):
                     await rpc.call(gw, "validateApiKey",
                                    {"api_key": apikeys.generate_key().key})
             with pytest.raises(errors.LoginThrottled):
-                await rpc.call(gw, "validateApiKey", {"api_key": good})
+                await rpc.call(gw, "validateApiKey", {"api_key": apikeys.generate_key().key})
         # the rightful user, elsewhere, is not affected
-        quota = await node.rpc.call(node.peer_id, "getUserQuota", {"auth": {"api_key": good}})
-        assert quota["user_id"] == target.user["user_id"]
+        answer = await node.rpc.call(node.peer_id, "getUserQuota", {"auth": {"api_key": good}})
+        assert answer["user_id"] == target.user["user_id"]
 
 
 # -- oversized input ------------------------------------------------------------------------

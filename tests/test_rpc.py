@@ -331,3 +331,18 @@ async def test_a_burst_is_handed_on_in_groups_so_work_can_start_early() -> None:
     # it runs at the first scheduling point or the next (trio may order a
     # batch either way); without the groups it would run only after all 64
     assert progress_when_woken and progress_when_woken[0] <= 2 * DISPATCH_GROUP < 64
+
+
+def test_throttles_count_an_ipv6_host_by_its_64() -> None:
+    """A peer id is free to change, and so is an address inside one's /64."""
+    from p2pinfer.rpc.server import CallContext, throttle_address
+
+    assert throttle_address("203.0.113.9") == "203.0.113.9"
+    assert throttle_address("2001:db8:1:2:aaaa::1") == "2001:db8:1:2::/64"
+    assert throttle_address("2001:db8:1:2:bbbb::7") == "2001:db8:1:2::/64"
+    assert throttle_address("::ffff:198.51.100.4") == "198.51.100.4"
+    ctx = CallContext(peer_id="12D3KooWx", method="m", call_id=1, is_member=False,
+                      request_id="r", remote_ip="2001:db8:1:2:cccc::9")
+    assert ctx.source == "ip:2001:db8:1:2::/64"
+    assert CallContext(peer_id="12D3KooWx", method="m", call_id=1, is_member=False,
+                       request_id="r").source == "peer:12D3KooWx"

@@ -144,7 +144,7 @@ async def test_every_error_class_has_its_status_and_shape(tmp_path: Path,
                     "username": "alice", "password": "wrong password here"}),
                     401, errors.InvalidCredentials)
                 check_error(await http.post("/api/auth/login", json={
-                    "username": "nobody", "password": PASSWORD}), 401, errors.UnknownUser)
+                    "username": "nobody", "password": PASSWORD}), 401, errors.InvalidCredentials)
                 # 403: another user's key
                 check_error(await http.delete(f"/api/auth/api-keys/{alice.key_id}",
                                               headers=bob.bearer), 403, errors.PermissionDenied)
@@ -290,14 +290,15 @@ async def test_requests_are_counted_by_route_template(tmp_path: Path,
 async def test_api_key_guessing_over_http_is_throttled_per_client(
         tmp_path: Path, nursery: trio.Nursery) -> None:
     """Invalid keys sent over HTTP count against the HTTP client's address
-    (not the web node's), here and at the gateway; past the limit the
-    client gets 429 with Retry-After, even with a valid key."""
+    (not the web node's), by what they guess at: unknown keys lock out
+    further unknown keys from that address, never a valid key; wrong
+    secrets of one key id lock out that key from that address."""
     async with web_swarm(nursery, tmp_path,
                          auth={"max_failures_per_source": 3, "throttle_window": 60}) as swarm:
         account = await swarm.account()
+        inference = {"prompt": "hi", "model": "fake"}
         async with swarm.client() as http:
-            r = await http.post("/api/inference", json={"prompt": "hi", "model": "fake"},
-                                headers=account.key_headers)
+            r = await http.post("/api/inference", json=inference, headers=account.key_headers)
             assert r.status_code == 200, r.text
             for i in range(3):
                 r = await http.get("/api/models", headers={"X-API-Key": f"p2p_guess{i:07d}_x"})
@@ -305,9 +306,59 @@ async def test_api_key_guessing_over_http_is_throttled_per_client(
             r = await http.get("/api/models", headers={"X-API-Key": "p2p_guess9999999_x"})
             assert r.status_code == 429 and "Retry-After" in r.headers, r.text
             assert r.json()["error"]["type"] == "LoginThrottled"
-            r = await http.post("/api/inference", json={"prompt": "hi", "model": "fake"},
-                                headers=account.key_headers)
+            # the client's own valid key still works
+            r = await http.post("/api/inference", json=inference, headers=account.key_headers)
+            assert r.status_code == 200, r.text
+            # guessing the secret of a real key id: that key is locked out here
+            wrong = account.api_key[:-4] + ("aaaa" if not account.api_key.endswith("aaaa")
+                                            else "bbbb")
+            for _ in range(3):
+                r = await http.get("/api/models", headers={"X-API-Key": wrong})
+                assert r.status_code == 401, r.text
+            r = await http.post("/api/inference", json=inference, headers=account.key_headers)
             assert r.status_code == 429
         # counted under the HTTP client's address, not under the web node
         failures = swarm.web.upstream._authenticator.key_failures
-        assert failures.count("ip:127.0.0.1", time.time()) >= 3
+        assert failures.count("ip:127.0.0.1|?", time.time()) >= 3
+
+
+async def test_one_typo_locks_out_nobody(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """A mistyped key costs its client one failure (not one per re-check
+    while the web node waits for the key to replicate), and 100 bad keys
+    from one address leave clients at other addresses unaffected on every
+    route, sessions and keys alike."""
+    async with web_swarm(nursery, tmp_path) as swarm:
+        alice = await swarm.account("alice")
+        bob = await swarm.account("bob")
+        typo = alice.api_key[:8] + ("x" if alice.api_key[8] != "x" else "y") + alice.api_key[9:]
+        async with swarm.client() as http:
+            started = trio.current_time()
+            r = await http.get("/api/models", headers={"X-API-Key": typo})
+            assert r.status_code == 401, r.text
+            assert trio.current_time() - started >= 0.5  # it waited for replication
+            r = await http.get("/api/models", headers=alice.key_headers)
+            assert r.status_code == 200, r.text
+        failures = swarm.web.upstream._authenticator.key_failures
+        assert failures.count("ip:127.0.0.1|?", time.time()) == 1
+        # 100 bad keys from 127.0.0.2
+        other = httpx.AsyncHTTPTransport(local_address="127.0.0.2")
+        async with swarm.client(transport=other) as attacker:
+            for i in range(100):
+                r = await attacker.get("/api/auth/me",
+                                       headers={"X-API-Key": f"p2p_bad{i:09d}_x"})
+                assert r.status_code in (401, 429), r.text
+            assert r.status_code == 429
+        # bob, at 127.0.0.1, on every route
+        async with swarm.client() as http:
+            for method, path, body, headers in (
+                    ("GET", "/api/models", None, bob.key_headers),
+                    ("POST", "/api/inference", {"prompt": "hi", "model": "fake"},
+                     bob.key_headers),
+                    ("POST", "/v1/chat/completions",
+                     {"model": "fake", "messages": [{"role": "user", "content": "hi"}]},
+                     {"Authorization": f"Bearer {bob.api_key}"}),
+                    ("GET", "/api/auth/me", None, bob.bearer),
+                    ("GET", "/api/auth/api-keys", None, bob.bearer),
+                    ("GET", "/api/usage", None, bob.bearer)):
+                r = await http.request(method, path, json=body, headers=headers)
+                assert r.status_code == 200, (path, r.status_code, r.text)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,10 @@ pytestmark = pytest.mark.skipif(shutil.which(CHROMIUM) is None,
                                 reason="needs Debian's chromium (apt-get install chromium)")
 
 
-def visit(url: str, shots: Path) -> dict[str, Any]:
+def visit(url: str, shots: Path, make_admin: Callable[[str], None]) -> dict[str, Any]:
     """What a person does in the browser (runs in a worker thread: the
-    Playwright sync API blocks, the node keeps serving on trio)."""
+    Playwright sync API blocks, the node keeps serving on trio).
+    ``make_admin(username)`` has the operator make that user an admin."""
     from playwright.sync_api import expect, sync_playwright
 
     seen: dict[str, Any] = {}
@@ -139,6 +141,11 @@ def visit(url: str, shots: Path) -> dict[str, Any]:
 
             # the system page
             page.click("nav >> text=System")
+            # the member list is the operator's view: an admin's, not grace's
+            expect(page.locator("#members")).to_contain_text("shown to admins")
+            assert "this node" not in page.locator("main").inner_text()
+            make_admin("grace")
+            page.reload()
             expect(page.locator("#members")).to_contain_text("this node")
             expect(page.locator("#models")).to_contain_text("smollm2")
             expect(page.locator("#models")).to_contain_text("fake")
@@ -193,7 +200,17 @@ async def test_a_visit_in_a_real_browser(tmp_path: Path, nursery: trio.Nursery) 
         async with web_swarm(nursery, tmp_path, models=[FAKE, SMOLLM2],
                              roles=("auth", "gateway", "inference", "metrics", "web"),
                              metrics={"prometheus_port": 0, "interval": 1}) as swarm:
-            seen = await trio.to_thread.run_sync(visit, swarm.url, shots)
+            node = swarm.node
+
+            async def promote(name: str) -> None:
+                user = node.ledger.user_by_username(name)
+                await node.rpc.call(node.peer_id, "setUserAdmin", {
+                    "as_operator": True, "user_id": user.id, "is_admin": True})
+
+            def make_admin(name: str) -> None:
+                trio.from_thread.run(promote, name)
+
+            seen = await trio.to_thread.run_sync(visit, swarm.url, shots, make_admin)
             ledger = swarm.node.ledger
             user = ledger.user_by_username("grace")
             keys = ledger.api_keys_of(user.id)

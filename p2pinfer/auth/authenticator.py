@@ -29,10 +29,13 @@ caller without the secret learns nothing but "unknown" or "mismatch".
 
 **Guessing is throttled.** When the caller's ``source`` is given (the
 gateway passes the connection's IP address, the auth role its caller), more
-than ``[auth] max_failures_per_source`` invalid keys (malformed, unknown or
-mismatched) within ``throttle_window`` seconds make every further API key
-from that source refused with LoginThrottled (``retry_after``) until the
-window has passed, valid keys included: a guesser learns nothing more.
+than ``[auth] max_failures_per_source`` invalid keys within
+``throttle_window`` seconds are refused with LoginThrottled (``retry_after``)
+until the window has passed, counted apart by what was guessed: wrong
+secrets of one key id (that key from that source is then refused, valid or
+not: a guesser learns nothing more), and malformed or unknown keys (further
+unknown keys from that source are refused). So one client's typo locks out
+neither its own valid key nor anybody else's key from the same address.
 
 **Session tokens** (:meth:`Authenticator.verify_token`): the signature is
 checked against the public key inside the ``iss`` peer id
@@ -204,7 +207,8 @@ class Authenticator:
         if source is None:
             return self._logged(self.validate_api_key, key, source)
         now = time.time()
-        wait = self.key_failures.retry_after(source, now)
+        scope = f"{source}|{self._guessed(key)}"
+        wait = self.key_failures.retry_after(scope, now)
         if wait is not None:
             raise LoginThrottled(
                 f"too many invalid API keys from here; retry in {wait:.0f} s",
@@ -212,8 +216,18 @@ class Authenticator:
         try:
             return self._logged(self.validate_api_key, key, source)
         except InvalidApiKey:
-            self.key_failures.hit(source, now)
+            self.key_failures.hit(scope, now)
             raise
+
+    def _guessed(self, key: Any) -> str:
+        """What a failure with ``key`` guesses at: the secret of a known key
+        id (that id), or some key (``?``: malformed or unknown)."""
+        public_id = parse_key(key)
+        if public_id is None:
+            return "?"
+        if public_id in self._keys or self.ledger.api_key(public_id) is not None:
+            return public_id
+        return "?"
 
     def _logged(self, check: Any, secret: Any, source: str | None) -> Principal:
         try:

@@ -26,8 +26,9 @@ registerUser       {username, email, password} → user              InvalidUser
                                                                    EmailTaken,
                                                                    RegistrationLost,
                                                                    RateLimited
-loginUser          {username | email, password} → session          UnknownUser,
-                                                                   InvalidCredentials,
+loginUser          {username | email, password} → session          InvalidCredentials
+                                                                   (unknown user or wrong
+                                                                   password: one error),
                                                                    InactiveUser,
                                                                    LoginThrottled
 refreshToken       {refresh_token} → session (rotated)             InvalidToken,
@@ -106,7 +107,8 @@ from typing import Any
 
 import trio
 
-from ..errors import InvalidParams, NotMember
+from ..errors import InvalidParams, NotMember, PermissionDenied
+from ..grants import OPERATOR, RELAYS
 from ..rpc.server import Access, CallContext, rpc_method
 from .authenticator import Principal, Via
 from .privacy import Privacy
@@ -261,10 +263,12 @@ class AuthRole:
     # -- helpers ---------------------------------------------------------------------
     @staticmethod
     def _source(ctx: CallContext, p: Params) -> str:
+        """Whom to throttle: the client a web or gateway member relays, else
+        the connection's address (a peer id costs nothing to change)."""
         claimed = p.string("source", required=False, max_len=100)
-        if claimed is not None and ctx.is_member:
+        if claimed is not None and RELAYS & ctx.grants:
             return claimed
-        return f"peer:{ctx.peer_id}"
+        return ctx.source
 
     def _principal(self, ctx: CallContext, p: Params,
                    allow: tuple[Via, ...] = ("api_key", "token")) -> Principal:
@@ -292,6 +296,10 @@ class AuthRole:
                                     "token", data={"field": "as_operator"})
             if not ctx.is_member:
                 raise NotMember("only network members may act as the operator")
+            if OPERATOR not in ctx.grants:
+                raise PermissionDenied(
+                    "as_operator needs a certificate granting operator (p2pinfer network "
+                    "admit PEER_ID --operator)", data={"needs": [OPERATOR]})
             return Actor.operator_peer(ctx.peer_id)
         return Actor.of(self._principal(ctx, p, allow=("token",)))
 

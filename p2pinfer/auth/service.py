@@ -103,6 +103,10 @@ T = TypeVar("T")
 LOGIN = "user.login"
 PASSWORD = "user.password"
 MAX_LOGIN_PASSWORD = 4096
+UNKNOWN_AUDIT_WINDOW = 60.0
+# What a login that fails says, whether the user is unknown or the password
+# wrong: the two must not tell a guesser which usernames exist.
+LOGIN_FAILED = "wrong username or password"
 LOGIN_THROTTLED = "user.login_throttled"
 
 
@@ -174,6 +178,12 @@ class AuthService:
         self.registrations = SlidingWindow(s.registrations_per_source, s.registration_window)
         # one "throttled" audit row per account or source per window, not per attempt
         self._throttle_noted = SlidingWindow(1, s.throttle_window)
+        # Failed logins of unknown users: one replicated audit row per source
+        # and minute (with the count since the last), not one per attempt,
+        # which let anyone write to every node's ledger as fast as it asked.
+        self._unknown_noted = SlidingWindow(1, UNKNOWN_AUDIT_WINDOW)
+        self._unknown_since: dict[str, int] = {}
+        self._dummy_hash: str | None = None
         self._pending: dict[str, int] = {}
 
     # -- helpers ---------------------------------------------------------------------
@@ -308,8 +318,9 @@ class AuthService:
 
         Raises:
             LoginThrottled: too many failures for the account or the source.
-            UnknownUser: no user with this username or email.
-            InvalidCredentials: wrong password.
+            InvalidCredentials: no user with this username or email, or a
+                wrong password: the same error, after the same argon2id work
+                (an unknown user's password is checked against a dummy hash).
             InactiveUser: right password, deactivated account.
         """
         # no policy here: a too-long password is just a wrong one (and counts)
@@ -321,9 +332,9 @@ class AuthService:
         user = self._find_user(login)
         if user is None:
             self.source_failures.hit(source, now)
-            self._write(self._audit(LOGIN, "failure", actor="anonymous", source=source,
-                                    detail={"reason": "unknown_user"}))
-            raise UnknownUser("no user with this username or email")
+            await self._verify_dummy(secret)
+            self._note_unknown(source, now)
+            raise InvalidCredentials(LOGIN_FAILED)
         actor = f"user:{user.id}"
         wait = self._account_retry_after(user.id, now)
         if wait is not None:
@@ -338,7 +349,7 @@ class AuthService:
             self._write(self._audit(LOGIN, "failure", actor=actor, target=actor,
                                     source=source, detail={"reason": reason}))
         if reason == "password":
-            raise InvalidCredentials("wrong password")
+            raise InvalidCredentials(LOGIN_FAILED)
         if reason == "inactive":
             raise InactiveUser("this account is deactivated")
         session = self._new_session(user, self.clock())
@@ -378,6 +389,26 @@ class AuthService:
         session = self._new_session(updated, now)  # authenticated at sessions_after
         log.info("password changed for user %s; its other sessions are over", user.id)
         return session
+
+    async def _verify_dummy(self, secret: str) -> None:
+        """The work of a password check, for a login that names no user."""
+        if self._dummy_hash is None:
+            self._dummy_hash = await self._in_thread(self.hasher.hash, "not a password: " +
+                                                     uuid.uuid4().hex)
+        await self._in_thread(self.hasher.verify, self._dummy_hash, secret)
+
+    def _note_unknown(self, source: str, now: float) -> None:
+        """Audit failed logins of unknown users, one row per source per
+        :data:`UNKNOWN_AUDIT_WINDOW` with how many there were."""
+        self._unknown_since[source] = self._unknown_since.get(source, 0) + 1
+        if self._unknown_noted.retry_after(source, now) is not None:
+            return
+        self._unknown_noted.hit(source, now)
+        count = self._unknown_since.pop(source)
+        if len(self._unknown_since) > 100_000:  # sources that never came back
+            self._unknown_since.clear()
+        self._write(self._audit(LOGIN, "failure", actor="anonymous", source=source,
+                                detail={"reason": "unknown_user", "attempts": count}))
 
     async def _verify(self, user: User, secret: str) -> bool:
         """``secret`` against the user's hash, in a worker thread; while it

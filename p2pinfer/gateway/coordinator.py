@@ -168,7 +168,7 @@ class QuotaService:
         return self.book.usage(user_id)
 
     # -- server side ---------------------------------------------------------------
-    @rpc_method("quota.acquire", access=Access.MEMBER)
+    @rpc_method("quota.acquire", access=Access.MEMBER, grants=("gateway",))
     async def rpc_acquire(self, ctx: CallContext, params: Any) -> dict[str, Any]:
         if not isinstance(params, dict):
             raise InvalidParams("params: must be a map")
@@ -179,7 +179,7 @@ class QuotaService:
         ticket = self.book.acquire(user_id, key_id, limits, holder=ctx.peer_id)
         return {"ticket": ticket.id, "coordinator": self.node.peer_id}
 
-    @rpc_method("quota.release", access=Access.MEMBER)
+    @rpc_method("quota.release", access=Access.MEMBER, grants=("gateway",))
     async def rpc_release(self, ctx: CallContext, params: Any) -> dict[str, Any]:
         if not isinstance(params, dict):
             raise InvalidParams("params: must be a map")
@@ -192,7 +192,7 @@ class QuotaService:
                                 data={"field": "tokens"})
         return {"released": self.book.release(ticket, tokens)}
 
-    @rpc_method("quota.usage", access=Access.MEMBER)
+    @rpc_method("quota.usage", access=Access.MEMBER, grants=("gateway",))
     async def rpc_usage(self, ctx: CallContext, params: Any) -> dict[str, Any]:
         if not isinstance(params, dict):
             raise InvalidParams("params: must be a map")

@@ -52,6 +52,7 @@ from ..errors import (
     P2PInferError,
     PermissionDenied,
 )
+from ..grants import RELAYS
 from ..inference.params import ParamLimits, parse_prompt_params
 from ..rpc.server import Access, CallContext, rpc_method
 from .coordinator import QuotaService
@@ -89,9 +90,11 @@ _SOURCE = re.compile(r"^(ip|peer):[0-9A-Za-z.:_%-]{1,100}$")
 def _source(ctx: CallContext, params: Any) -> str:
     """Whom to throttle for this call: the connection's address, or the
     client's address a member relayed (the web role passes the HTTP
-    client's ``ip:...`` so its users are not throttled as one)."""
+    client's ``ip:...`` so its users are not throttled as one). Only a
+    web or gateway member may relay one."""
     relayed = params.get("source") if isinstance(params, dict) else None
-    if ctx.is_member and isinstance(relayed, str) and _SOURCE.match(relayed):
+    if (RELAYS & ctx.grants and isinstance(relayed, str)
+            and _SOURCE.match(relayed)):
         return relayed
     return ctx.source
 

@@ -9,7 +9,8 @@ other nodes, call a worker; users go through a gateway):
     ``stop``, ``seed``, ``cache``, ``stream``; or the same inside
     ``modelConfig``). Chunks: ``{"delta": "<text>"}`` in generation order,
     usually one token each (tokens that wait while the stream is busy are
-    merged, and so are a local model's tokens less than 20 ms apart; a
+    merged, and so are a local model's tokens less than 20 ms apart, times
+    the answers its runner is generating at once, at most 200 ms; a
     cached answer comes as one chunk). With ``"stream": false``
     the whole answer comes as one chunk once it is complete (one frame
     instead of one per token, and a caller that has received nothing may
@@ -70,6 +71,7 @@ import httpx
 import trio
 
 from ..errors import InvalidParams
+from ..grants import OBSERVERS
 from ..rpc.server import Access, CallContext, rpc_method
 from .cache import ResponseCache
 from .engine import Completion, InferenceEngine
@@ -161,7 +163,7 @@ class InferenceRole:
         """``model/<name>`` for every model name and alias served here."""
         return [f"model/{name}" for name in self.engine.names()]
 
-    @rpc_method("processPrompt", access=Access.MEMBER)
+    @rpc_method("processPrompt", access=Access.MEMBER, grants=("gateway",))
     async def rpc_process_prompt(self, ctx: CallContext, params: Any
                                  ) -> AsyncGenerator[dict[str, str], None]:
         """Stream an answer to a prompt; the trailer carries usage and timing."""
@@ -182,7 +184,7 @@ class InferenceRole:
         if whole:  # a whole answer: one frame, and nothing sent before it is complete
             yield {"delta": "".join(whole)}
 
-    @rpc_method("listAvailableModels", access=Access.MEMBER)
+    @rpc_method("listAvailableModels", access=Access.MEMBER, grants=tuple(OBSERVERS))
     async def rpc_list_available_models(self, ctx: CallContext, params: Any) -> dict[str, Any]:
         """The model catalog of this node."""
         if params not in (None, {}):
@@ -191,7 +193,7 @@ class InferenceRole:
         return {"models": self.engine.list_models(),
                 "default_model": self.engine.default_model}
 
-    @rpc_method("getModelStatus", access=Access.MEMBER)
+    @rpc_method("getModelStatus", access=Access.MEMBER, grants=tuple(OBSERVERS))
     async def rpc_get_model_status(self, ctx: CallContext, params: Any) -> dict[str, Any]:
         """Health and load of one model (the default model if none is named)."""
         name: Any = params

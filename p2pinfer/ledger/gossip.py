@@ -16,6 +16,16 @@ libp2p notes), so:
   (:func:`tune_pubsub`; these are module globals of py-libp2p, so the change
   is process-wide and made once);
 - one task reads the subscription continuously;
+- **members only, both ways**: pubsub opens no stream to a peer that is not
+  a network member, and refuses (resets) one a non-member opens, so a
+  non-member never learns our subscriptions, cannot subscribe or graft, and
+  is sent nothing: a topic validator filters only what comes *in*, and
+  anyone subscribed would otherwise receive every event (users, emails,
+  password and key hashes). A peer that opens a pubsub stream is given
+  :data:`MEMBER_WAIT` seconds for its certificate to arrive (``ledgerHello``
+  runs right after a connection opens); we open one to a peer only once it
+  is a member (:meth:`Gossip.admit`, called when its certificate is
+  applied), and a removed one is cut off (:meth:`Gossip.expel`);
 - a topic validator drops messages whose origin is not a network member
   before they are forwarded;
 - the pubsub stream handler is guarded: py-libp2p lets a malformed frame's
@@ -55,6 +65,9 @@ MAX_BATCH_BYTES = 32 * 1024
 # Events applied per step of the receiving event loop (see Gossip._reader):
 # about one request.logged event of 50 rows (~15 KB, ~2.5 ms on a worker).
 DELIVER_BYTES = 16 * 1024
+# Seconds a newly connected peer has to become a member (its certificate
+# arrives by ledgerHello within milliseconds) before pubsub gives up on it.
+MEMBER_WAIT = 5.0
 _tuned = False
 
 
@@ -141,6 +154,55 @@ def _router_class(base: Any) -> Any:
     return LedgerGossipSub
 
 
+def _pubsub_class(base: Any) -> Any:
+    """Pubsub that talks to network members only (see the module docstring)."""
+
+    class LedgerPubsub(base):  # type: ignore[misc, valid-type]
+        admits: Callable[[str], bool] = staticmethod(lambda peer: True)
+        on_refused: Callable[[], None] | None = None
+
+        async def _admitted(self, peer_id: Any) -> bool:
+            name = peer_id.to_base58()
+            deadline = trio.current_time() + MEMBER_WAIT
+            while not self.admits(name):
+                if trio.current_time() >= deadline or not self._peer_is_connected(peer_id):
+                    log.debug("pubsub: %s is not a member; no ledger gossip with it", name)
+                    if self.on_refused is not None:
+                        self.on_refused()
+                    return False
+                await trio.sleep(0.1)
+            return True
+
+        async def _handle_new_peer(self, peer_id: Any) -> None:
+            # Every connection comes here, clients' too: no waiting. A peer
+            # whose certificate arrives later is taken in by Gossip.admit.
+            if peer_id in self.peers or not self.admits(peer_id.to_base58()):
+                return
+            await super()._handle_new_peer(peer_id)
+
+        async def stream_handler(self, stream: Any) -> None:
+            if not await self._admitted(stream.muxed_conn.peer_id):
+                try:
+                    await stream.reset()
+                except Exception:  # already gone
+                    log.debug("resetting a refused pubsub stream failed", exc_info=True)
+                return
+            await super().stream_handler(stream)
+
+        def handle_subscription(self, origin_id: Any, sub_message: Any) -> None:
+            if self.admits(origin_id.to_base58()):
+                super().handle_subscription(origin_id, sub_message)
+
+    return LedgerPubsub
+
+
+async def _reset_quietly(stream: Any) -> None:
+    try:
+        await stream.reset()
+    except Exception:  # already closed: nothing left to cut
+        log.debug("resetting a pubsub stream failed", exc_info=True)
+
+
 def _peer_id(raw: bytes) -> Any:
     from libp2p.peer.id import ID
 
@@ -179,6 +241,7 @@ class Gossip:
         accept_from: whether a peer id is a member (messages from others are
             dropped, not forwarded).
         on_drop: called when an event could not be queued for publishing.
+        on_refused: called when a peer is refused pubsub (not a member).
     """
 
     def __init__(
@@ -189,7 +252,9 @@ class Gossip:
         deliver: Callable[[list[bytes], str], None],
         accept_from: Callable[[str], bool],
         on_drop: Callable[[], None] | None = None,
+        on_refused: Callable[[], None] | None = None,
     ) -> None:
+        self.on_refused = on_refused
         self.host = host
         self.topic = topic
         self.deliver = deliver
@@ -242,7 +307,9 @@ class Gossip:
             heartbeat_interval=1,
             spam_protection_enabled=False,
         )
-        self.pubsub = Pubsub(self.host, self.router, strict_signing=True)
+        self.pubsub = _pubsub_class(Pubsub)(self.host, self.router, strict_signing=True)
+        self.pubsub.admits = self.accept_from
+        self.pubsub.on_refused = self.on_refused
         # Pubsub's own stream handler lets a protobuf DecodeError escape, and
         # an exception escaping a stream handler takes the whole host down:
         # any peer could crash us with one garbage frame. Guard it.
@@ -258,6 +325,30 @@ class Gossip:
                 nursery.start_soon(self._publisher)
                 self.started.set()
                 task_status.started()
+
+    def admit(self, peer_id: str) -> None:
+        """``peer_id`` became a member: open pubsub with it if connected."""
+        if self.pubsub is None or not self.pubsub.manager.is_running:
+            return
+        from libp2p.peer.id import ID
+
+        pid = ID.from_base58(peer_id)
+        if pid not in self.pubsub.peers and self.pubsub._peer_is_connected(pid):
+            self.pubsub._schedule_peer_stream_retry(pid)
+
+    def expel(self, peer_id: str) -> None:
+        """``peer_id`` was removed: stop sending it anything at once."""
+        if self.pubsub is None or not self.pubsub.manager.is_running:
+            return
+        from libp2p.peer.id import ID
+
+        pid = ID.from_base58(peer_id)
+        stream = self.pubsub.peers.get(pid)
+        # forgets its subscriptions, outbound queue and mesh places; a retry
+        # it may schedule waits for a membership that never comes back
+        self.pubsub._handle_dead_peer(pid)
+        if stream is not None:
+            self.pubsub.manager.run_task(_reset_quietly, stream)
 
     def _validate(self, forwarder: Any, msg: Any) -> bool:
         from libp2p.peer.id import ID

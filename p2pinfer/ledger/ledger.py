@@ -202,6 +202,8 @@ class Ledger:
         cert = parse_doc(self.own_cert.to_wire(), self.network)
         if not isinstance(cert, Certificate) or cert.peer != self.peer_id:
             raise ConfigError(f"member.cert is not a certificate for {self.peer_id}")
+        if self.store.membership.cutoff(self.peer_id) is not None:
+            return  # removed: it may write nothing (the node says so as it starts)
         rows = self.store.conn.execute(
             "SELECT raw FROM events WHERE author=? AND kind='member.admitted'",
             (self.peer_id,)).fetchall()
@@ -219,6 +221,11 @@ class Ledger:
         """Whether ``peer_id`` is an admitted, unexpired, unremoved member
         (an in-memory lookup)."""
         return self.store.membership.is_member(peer_id)
+
+    def grants_of(self, peer_id: str) -> frozenset[str]:
+        """What a member may do (its certificates' grants); empty for a
+        non-member or a removed node."""
+        return self.store.membership.grants(peer_id)
 
     def roles_of(self, peer_id: str) -> frozenset[str]:
         return self.store.membership.roles(peer_id)

@@ -9,7 +9,13 @@ public key can check they belong together.
 The owner signs two kinds of documents:
 
 - a **certificate** ``{t: "cert", v, net, peer, roles, iat, exp}``: the node
-  with peer id ``peer`` is a member with these roles until ``exp``;
+  with peer id ``peer`` is a member with these *grants* until ``exp``. A
+  grant is a node role (``auth``, ``gateway``, ``inference``, ``metrics``,
+  ``web``: the role may run there, and what the role does other members let
+  it do) or ``operator``: the key may act for the network's operator
+  (administer users, read metrics and the audit trail). Being a member
+  alone permits little: each member-only method names the grants it needs
+  (the capability table in docs/security.md);
 - a **removal** ``{t: "removal", v, net, peer, after, iat}``: the node's
   events with ``seq > after`` are void (those up to ``after`` stay valid, so
   every node cuts the removed author's history at the same place).
@@ -46,7 +52,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ROLES
 from ..errors import (
     BadSignature,
     ConfigError,
@@ -56,11 +61,14 @@ from ..errors import (
     UnauthorizedAuthor,
     WrongNetwork,
 )
+from ..grants import GRANTS, OPERATOR
 from ..identity import Identity, public_key_from_peer_id, verify, write_secret_file
 from ..wire import canonical_pack, pack, unpack
 from .events import KIND_ROLES, MEMBER_KINDS
 
 __all__ = [
+    "GRANTS",
+    "OPERATOR",
     "NETWORK_FILE",
     "OWNER_KEY_FILE",
     "MEMBER_CERT_FILE",
@@ -230,9 +238,9 @@ def parse_doc(wire: Any, network: NetworkInfo) -> Certificate | Removal:
     signed = SignedDoc(doc, sig)
     if kind == "cert":
         roles = doc["roles"]
-        if (not isinstance(roles, list) or not all(r in ROLES for r in roles)
+        if (not isinstance(roles, list) or not all(r in GRANTS for r in roles)
                 or len(set(roles)) != len(roles)):
-            raise InvalidEvent(f"certificate roles must be distinct names from {ROLES}")
+            raise InvalidEvent(f"certificate roles must be distinct names from {GRANTS}")
         iat, exp = _int(doc, "iat"), _int(doc, "exp")
         if exp <= iat:
             raise InvalidEvent("certificate expires before it is issued")
@@ -296,15 +304,16 @@ def load_owner(home: Path) -> Owner | None:
 
 def admit(owner: Owner, peer_id: str, roles: Iterable[str], *,
           days: float = DEFAULT_CERT_DAYS, now: float | None = None) -> SignedDoc:
-    """Sign a certificate admitting ``peer_id`` with ``roles`` for ``days``.
+    """Sign a certificate admitting ``peer_id`` with ``roles`` (grants, see
+    :data:`GRANTS`) for ``days``.
 
     Raises:
-        InvalidParams: unknown role or not a peer id.
+        InvalidParams: unknown grant or not a peer id.
     """
     role_list = sorted(set(roles))
     for role in role_list:
-        if role not in ROLES:
-            raise InvalidParams(f"unknown role {role!r} (known: {', '.join(ROLES)})")
+        if role not in GRANTS:
+            raise InvalidParams(f"unknown role {role!r} (known: {', '.join(GRANTS)})")
     public_key_from_peer_id(peer_id)
     iat = int(now if now is not None else time.time())
     doc = {"t": "cert", "v": DOC_VERSION, "net": owner.network.network_id, "peer": peer_id,
@@ -528,6 +537,14 @@ class Membership:
             if cert.exp >= t:
                 out |= cert.roles
         return frozenset(out)
+
+    def grants(self, peer_id: str, now: float | None = None) -> frozenset[str]:
+        """What ``peer_id`` may do now: the grants of its unexpired
+        certificates, none if it is not a member or was removed."""
+        state = self._peers.get(peer_id)
+        if state is None or state.removed_after is not None:
+            return frozenset()
+        return self.roles(peer_id, now)
 
     def check_author(self, author: str, kind: str, seq: int, at: float) -> None:
         """May ``author`` write event ``seq`` of ``kind`` stamped at ``at``?

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -67,6 +68,23 @@ log = logging.getLogger(__name__)
 Listener = Callable[[list[Event], str], None]
 # Kinds whose events never change a user, key, session or member.
 USAGE_KINDS = frozenset({"usage", "request.logged", "apikey.used", "audit"})
+
+
+def _private_files(path: Path) -> None:
+    """Make the database, and its WAL and shared-memory files, readable by
+    this user only (0600): they hold personal data (emails, password and key
+    hashes, audit rows with client addresses). A new file is created so;
+    SQLite gives the files it creates beside it the database's own mode."""
+    if str(path) == ":memory:":
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            if name.stat().st_mode & 0o077:
+                os.chmod(name, 0o600)
+        except FileNotFoundError:
+            continue
 
 
 @dataclass
@@ -113,6 +131,10 @@ class Store:
         self.held_count = 0
         self.membership = Membership(network)
         self.listeners: list[Listener] = []
+        # Called with (peer id, removed) when a document changes a peer's
+        # standing: a new certificate, or a removal. Listeners only schedule
+        # work (the store is mid-transaction).
+        self.membership_listeners: list[Callable[[str, bool], None]] = []
         # Bumped whenever applied events may change who holds which key, role
         # or account (anything but usage, request logs, key use and audit):
         # a cache of credentials is valid while this stays the same.
@@ -123,6 +145,7 @@ class Store:
         self._checkpoint_conn: sqlite3.Connection | None = None
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _private_files(self.path)
             conn = sqlite3.connect(str(self.path), isolation_level=None,
                                    check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
@@ -244,6 +267,11 @@ class Store:
                  info.removed_after))
         if cutoff is not None:
             self._cut(peer, cutoff)
+        for listener in list(self.membership_listeners):
+            try:
+                listener(peer, cutoff is not None)
+            except Exception:
+                log.exception("membership listener failed")
         return 1
 
     def _cut(self, peer: str, cutoff: int) -> None:

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from ..errors import InvalidParams
 
 __all__ = [
+    "ACCESS_REFUSED",
     "ACTIVE_USERS",
     "ACTIVE_USER_WINDOWS",
     "ALERTS_FIRING",
@@ -65,6 +66,9 @@ RPC_DURATION = "ai_platform_rpc_duration_seconds"
 TOKENS_USED = "ai_platform_tokens_used_total"
 ACTIVE_USERS = "ai_platform_active_users"
 RATE_LIMIT_VIOLATIONS = "ai_platform_rate_limit_violations_total"
+# Descriptors, pubsub streams, RPC calls and connections refused to peers
+# that are not members or lack a grant (layer, reason: fixed sets).
+ACCESS_REFUSED = "ai_platform_access_refused_total"
 # Owned by the ledger (p2pinfer.ledger.metrics), read here: time from an event's
 # creation on its author to its application on this node, and events missing.
 LEDGER_LAG = "ai_platform_ledger_replication_lag_seconds"

@@ -55,6 +55,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from .. import __version__
+from ..grants import OPERATOR
 from ..rpc.server import Access, CallContext, rpc_method
 from . import catalogue as cat
 from .samples import encode_families
@@ -65,6 +66,20 @@ log = logging.getLogger(__name__)
 
 MAX_TRACKED_USERS = 100_000
 CPU_SAMPLE_SPACING = 1.0
+
+
+# The user_id / api_key_id label value unless [metrics] label_user_ids is on.
+HIDDEN = "hidden"
+
+# What ai_platform_access_refused_total counts: (layer, reason).
+REFUSALS = frozenset({
+    ("rpc", "not_member"),        # a member-only method called by a non-member
+    ("rpc", "no_grant"),          # a member lacking the grant the method needs
+    ("discovery", "not_member"),  # a descriptor or provider from a non-member
+    ("discovery", "no_grant"),    # a member announcing a role it is not granted
+    ("pubsub", "not_member"),     # a ledger gossip stream to or from a non-member
+    ("connection", "removed"),    # a connection of a removed node, closed
+})
 
 
 class ActiveUsers:
@@ -181,8 +196,14 @@ class NodeMetrics:
         self.rate_limit_violations = Counter(
             cat.RATE_LIMIT_VIOLATIONS, "Requests denied by a rate limit, by user and API key id",
             ["user_id", "api_key_id"], registry=reg)
+        self.access_refused = Counter(
+            cat.ACCESS_REFUSED, "What this node refused to a peer for want of membership or a "
+            "grant, by layer (discovery, pubsub, rpc, connection) and reason",
+            ["layer", "reason"], registry=reg)
         self.active_users = ActiveUsers(cat.ACTIVE_USER_WINDOWS)
         self.cpu = _CpuPercent()
+        for layer, reason in REFUSALS:  # every series exists from the start, at 0
+            self.access_refused.labels(layer, reason)
         self._last_user_counts = {w: 0 for w in cat.ACTIVE_USER_WINDOWS}
         reg.register(_NodeCollector(self))
         ProcessCollector(registry=reg)
@@ -195,6 +216,7 @@ class NodeMetrics:
         }
         self._services: dict[str, str] = {}
         node.rpc_server.observers.append(self.observe_rpc)
+        node.rpc_server.on_refused = lambda reason: self.refused("rpc", reason)
         node.rpc_server.register(self)
 
     # -- what other roles call ---------------------------------------------------
@@ -243,7 +265,12 @@ class NodeMetrics:
             user_id: the user's id.
             api_key_id: the API key's id (not the key), or None for a session.
         """
-        pair = (cat.clean_label(user_id), cat.clean_label(api_key_id or "none"))
+        if not self.settings.label_user_ids:
+            # ids are personal data, and /metrics is read by whoever scrapes
+            # it: an operator opts in with [metrics] label_user_ids
+            pair = (HIDDEN, HIDDEN)
+        else:
+            pair = (cat.clean_label(user_id), cat.clean_label(api_key_id or "none"))
         self.rate_limit_violations.labels(
             *self.guards[cat.RATE_LIMIT_VIOLATIONS].admit(pair)).inc()
 
@@ -328,6 +355,11 @@ class NodeMetrics:
         }
 
     # -- RPC observer ----------------------------------------------------------------
+    def refused(self, layer: str, reason: str) -> None:
+        """Count something refused to a peer (see :data:`REFUSALS`)."""
+        if (layer, reason) in REFUSALS:
+            self.access_refused.labels(layer, reason).inc()
+
     def observe_rpc(self, method: str, status: str, seconds: float) -> None:
         """``node.rpc_server.observers`` callback: one served call."""
         service = self._service_of(method)
@@ -357,7 +389,7 @@ class NodeMetrics:
         return service
 
     # -- RPC -------------------------------------------------------------------------
-    @rpc_method("getNodeMetrics", access=Access.MEMBER)
+    @rpc_method("getNodeMetrics", access=Access.MEMBER, grants=("metrics", OPERATOR))
     async def rpc_get_node_metrics(self, ctx: CallContext, params: Any) -> dict[str, Any]:
         """This node's metric families (wire form) and health, for a collector.
 

@@ -65,6 +65,7 @@ from typing import Any
 import trio
 
 from ..errors import InvalidParams, StorageError
+from ..grants import OBSERVERS, OPERATOR
 from ..rpc.server import Access, CallContext, rpc_method
 from .alerts import (
     AlertEvaluator,
@@ -262,7 +263,7 @@ class MetricsRole:
                             "field": exc.data.get("field")})
             raise
 
-    @rpc_method("getMetrics", access=Access.MEMBER)
+    @rpc_method("getMetrics", access=Access.MEMBER, grants=tuple(OBSERVERS))
     async def rpc_get_metrics(self, ctx: CallContext, params: Any) -> str:
         """Prometheus text of this node (default) or of the whole swarm."""
         scope = "node"
@@ -284,7 +285,7 @@ class MetricsRole:
             raise InvalidParams("params: getSystemHealth takes none", data={"field": "params"})
         return await self.system_health(member=ctx.is_member)
 
-    @rpc_method("getAuditLog", access=Access.MEMBER)
+    @rpc_method("getAuditLog", access=Access.MEMBER, grants=(OPERATOR, "metrics", "web"))
     async def rpc_get_audit_log(self, ctx: CallContext, params: Any) -> dict[str, Any]:
         """Audit rows of sensitive operations across the swarm, newest first."""
         query = parse_audit_query(params)

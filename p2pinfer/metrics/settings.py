@@ -19,6 +19,7 @@
     webhook_url = ""            # POSTed on every alert that fires or resolves
     webhook_timeout = 5.0
     max_violation_pairs = 1000  # cardinality cap of the rate-limit violation counter
+    label_user_ids = false      # put user and API key ids in metric labels (else "hidden")
     max_models = 100            # distinct model label values per metric
     max_recorded_series = 200   # distinct label sets per metric via recordMetric
 """
@@ -55,6 +56,7 @@ class MetricsSettings:
     webhook_url: str | None = None
     webhook_timeout: float = 5.0
     max_violation_pairs: int = 1000
+    label_user_ids: bool = False
     max_models: int = 100
     max_recorded_series: int = 200
 
@@ -95,6 +97,7 @@ class MetricsSettings:
             webhook_timeout=s.get_float("webhook_timeout", 5.0, minimum=0.1, maximum=120.0),
             max_violation_pairs=s.get_int("max_violation_pairs", 1000, minimum=1,
                                           maximum=1_000_000),
+            label_user_ids=s.get_bool("label_user_ids", False),
             max_models=s.get_int("max_models", 100, minimum=1, maximum=100_000),
             max_recorded_series=s.get_int("max_recorded_series", 200, minimum=1,
                                           maximum=100_000),

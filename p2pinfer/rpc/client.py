@@ -253,7 +253,9 @@ class RpcStream:
         self._channel: _PeerChannel | None = None
         self._call_id = 0
         self._pending: _Streaming | None = None
-        self._consumed = 0
+        self._consumed = 0   # chunks taken since the last credit we sent
+        self._taken = 0      # chunks taken in all
+        self._granted = window  # chunks the server may send in all
         self._finished = False
         self.trailer: Any = None
 
@@ -301,8 +303,16 @@ class RpcStream:
         kind, value = item
         if kind == "chunk":
             self._consumed += 1
-            if self._consumed >= max(1, self._window // 2) and not self._channel.closed:
+            self._taken += 1
+            # Credit goes out per half window, or at once when the server has
+            # used all it had (it waits for us): a slow but steady reader
+            # then keeps the stream going, and only one that stops reading
+            # runs into the server's stall timeout.
+            blocked = self._taken + len(self._pending.items) >= self._granted
+            if ((blocked or self._consumed >= max(1, self._window // 2))
+                    and not self._channel.closed):
                 self._channel.channel.send_nowait(wire.Credit(self._call_id, self._consumed))
+                self._granted += self._consumed
                 self._consumed = 0
             return value
         self._finished = True

@@ -14,7 +14,12 @@ for a unary call, or an async generator for a server stream::
 Every method has an :class:`Access` level. The default is ``MEMBER``: only
 peers admitted to the network may call it. ``PUBLIC`` methods can be called by
 any peer that completed the Noise handshake and must authenticate the caller
-themselves (an API key or a session token in the params).
+themselves (an API key or a session token in the params). A member-only
+method may also name the **grants** it needs (``grants=("gateway",)``): the
+caller's certificate must hold one of them, else ``PermissionDenied``.
+Membership alone is not authority: a worker's key must not administer users
+or spend another user's quota. :attr:`CallContext.grants` tells a handler
+what the caller holds, for checks that depend on the params.
 
 Guarantees:
 
@@ -24,13 +29,19 @@ Guarantees:
 - the caller's remaining time becomes the handler's deadline;
 - a CANCEL frame, a deadline, or the stream dying cancels the handler: a
   streaming handler stops at its next ``await`` and its ``finally`` runs;
-- a streaming handler never runs more than its credit ahead of the client.
+- a streaming handler never runs more than its credit ahead of the client,
+  and a client that grants no credit for ``stall_timeout`` seconds (it
+  stopped reading) has the call cancelled with ``StreamStalled``: a reader
+  that stops must not hold a worker's slot;
+- when a peer's connection closes (:meth:`RpcServer.peer_gone`), every call
+  it had in flight is cancelled at once.
 """
 
 from __future__ import annotations
 
 import enum
 import inspect
+import ipaddress
 import logging
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -50,18 +61,36 @@ from ..errors import (
     MalformedFrame,
     NotMember,
     P2PInferError,
+    PermissionDenied,
     StreamBroken,
+    StreamStalled,
     TooManyStreams,
     UnknownMethod,
 )
+from ..grants import ALL_GRANTS
 from ..tracing import current_request_id, new_request_id, valid_request_id
 from .channel import FramedChannel
 
-__all__ = ["Access", "CallContext", "RpcServer", "rpc_method", "DEFAULT_STREAM_WINDOW"]
+__all__ = ["Access", "CallContext", "RpcServer", "rpc_method", "throttle_address",
+           "DEFAULT_STREAM_WINDOW"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STREAM_WINDOW = 32
+
+
+def throttle_address(address: str) -> str:
+    """``address`` as throttles count it: an IPv4 address itself, an IPv6
+    address as its /64 network (a host often has a whole /64 to pick from)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 class Access(enum.Enum):
@@ -70,13 +99,18 @@ class Access(enum.Enum):
 
 
 def rpc_method(
-    name: str | None = None, *, access: Access = Access.MEMBER
+    name: str | None = None, *, access: Access = Access.MEMBER,
+    grants: tuple[str, ...] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Set the wire name and access level of an ``rpc_*`` handler."""
+    """Set the wire name, access level and needed grants (any one of them)
+    of an ``rpc_*`` handler."""
+    if grants and access is not Access.MEMBER:
+        raise ValueError("only member-only methods can need grants")
 
     def deco(func: Callable[..., Any]) -> Callable[..., Any]:
         func.__rpc_name__ = name  # type: ignore[attr-defined]
         func.__rpc_access__ = access  # type: ignore[attr-defined]
+        func.__rpc_grants__ = frozenset(grants)  # type: ignore[attr-defined]
         return func
 
     return deco
@@ -97,6 +131,8 @@ class CallContext:
     is_member: bool
     request_id: str
     meta: dict[str, Any] = field(default_factory=dict)
+    #: what the caller's certificate grants (empty for a non-member)
+    grants: frozenset[str] = frozenset()
     deadline: float = float("inf")
     trailer: Any = None
     remote_ip: str | None = None
@@ -106,8 +142,11 @@ class CallContext:
     def source(self) -> str:
         """Where the call came from, for throttling: ``ip:<address>`` when
         the connection's address is known (a peer id costs nothing to
-        change; an address does), else ``peer:<peer id>``."""
-        return f"ip:{self.remote_ip}" if self.remote_ip else f"peer:{self.peer_id}"
+        change; an address does; an IPv6 address counts as its /64, which
+        one host usually holds whole), else ``peer:<peer id>``."""
+        if self.remote_ip:
+            return f"ip:{throttle_address(self.remote_ip)}"
+        return f"peer:{self.peer_id}"
 
     def shorten_deadline(self, seconds: float) -> None:
         """Let the call run at most ``seconds`` more (never extends the
@@ -138,6 +177,7 @@ class Method:
     func: Handler
     access: Access
     streaming: bool
+    grants: frozenset[str] = frozenset()
 
 
 def status_of(exc: P2PInferError) -> str:
@@ -163,10 +203,15 @@ class _ServerCall:
         self.credit += n
         self._credit_event.set()
 
-    async def take_credit(self) -> None:
+    async def take_credit(self, stall_timeout: float) -> None:
         while self.credit <= 0:
             self._credit_event = trio.Event()
-            await self._credit_event.wait()
+            with trio.move_on_after(stall_timeout):
+                await self._credit_event.wait()
+            if self.credit <= 0 and not self._credit_event.is_set():
+                raise StreamStalled(
+                    f"the caller read nothing for {stall_timeout:g} s; the stream is ended",
+                    data={"stall_timeout": stall_timeout})
         self.credit -= 1
 
 
@@ -180,6 +225,7 @@ class ServerStats:
     decode_errors: int = 0
     streams_open: int = 0
     rejected_streams: int = 0
+    denied: int = 0  # member calls refused for want of a grant
 
 
 def _remote_ip(stream: Any) -> str | None:
@@ -196,20 +242,31 @@ class RpcServer:
     Args:
         is_member: tells whether a peer id belongs to an admitted network
             member; consulted for every ``MEMBER`` method call.
+        grants_of: what a member's certificate grants (consulted for every
+            call). Without it every member holds every grant: for a server
+            that has no membership view (a benchmark, a test of the wire).
         max_frame: largest frame accepted or sent, in bytes.
         max_inflight: concurrent calls allowed on one stream.
         max_streams_per_peer: RPC streams one peer may hold open at once.
+        stall_timeout: seconds a streaming call may wait for the caller's
+            credit before it is ended.
     """
 
     def __init__(
         self,
         *,
         is_member: Callable[[str], bool],
+        grants_of: Callable[[str], frozenset[str]] | None = None,
         max_frame: int = wire.DEFAULT_MAX_FRAME,
         max_inflight: int = 2048,
         max_streams_per_peer: int = 16,
+        stall_timeout: float = 3.0,
     ) -> None:
+        self.stall_timeout = stall_timeout
+        # the calls of each peer's open streams, cancelled when it goes away
+        self._peer_calls: dict[str, list[dict[int, _ServerCall]]] = {}
         self._is_member = is_member
+        self._grants_of = grants_of
         self.max_frame = max_frame
         self.max_inflight = max_inflight
         self.max_streams_per_peer = max_streams_per_peer
@@ -217,6 +274,8 @@ class RpcServer:
         self._streams_by_peer: dict[str, int] = {}
         self.stats = ServerStats()
         self.observers: list[Callable[[str, str, float], None]] = []
+        # Called with "not_member" or "no_grant" for each call refused so.
+        self.on_refused: Callable[[str], None] | None = None
 
     # -- registration ----------------------------------------------------------
     def register(self, obj: object) -> list[str]:
@@ -228,11 +287,13 @@ class RpcServer:
             func = getattr(obj, attr)
             name = getattr(func, "__rpc_name__", None) or camel_case(attr[4:])
             access = getattr(func, "__rpc_access__", Access.MEMBER)
-            self.add_method(name, func, access=access)
+            grants: frozenset[str] = getattr(func, "__rpc_grants__", frozenset())
+            self.add_method(name, func, access=access, grants=grants)
             names.append(name)
         return names
 
-    def add_method(self, name: str, func: Handler, *, access: Access = Access.MEMBER) -> None:
+    def add_method(self, name: str, func: Handler, *, access: Access = Access.MEMBER,
+                   grants: frozenset[str] = frozenset()) -> None:
         if not _METHOD_NAME.match(name):
             raise ValueError(f"invalid RPC method name {name!r}")
         if name in self.methods:
@@ -240,7 +301,18 @@ class RpcServer:
         streaming = inspect.isasyncgenfunction(func)
         if not streaming and not inspect.iscoroutinefunction(func):
             raise TypeError(f"RPC handler for {name!r} must be async")
-        self.methods[name] = Method(name, func, access, streaming)
+        self.methods[name] = Method(name, func, access, streaming, frozenset(grants))
+
+    def _refused(self, reason: str) -> None:
+        if self.on_refused is not None:
+            self.on_refused(reason)
+
+    def grants_for(self, peer_id: str, is_member: bool) -> frozenset[str]:
+        if not is_member:
+            return frozenset()
+        if self._grants_of is None:
+            return ALL_GRANTS
+        return self._grants_of(peer_id)
 
     # -- serving ---------------------------------------------------------------
     async def handle_stream(self, stream: Any) -> None:
@@ -289,6 +361,8 @@ class RpcServer:
     async def _serve(self, stream: Any, peer_id: str, remote_ip: str | None) -> None:
         channel = FramedChannel(stream, max_frame=self.max_frame)
         calls: dict[int, _ServerCall] = {}
+        mine = self._peer_calls.setdefault(peer_id, [])
+        mine.append(calls)
         try:
             async with trio.open_nursery() as outer:
                 outer.start_soon(channel.run_writer)
@@ -299,7 +373,21 @@ class RpcServer:
                 # The peer closed its side: in-flight calls have all answered.
                 channel.close_writer()
         finally:
+            mine.remove(calls)
+            if not mine:
+                self._peer_calls.pop(peer_id, None)
             await channel.aclose()
+
+    def peer_gone(self, peer_id: str) -> int:
+        """``peer_id``'s connection closed: cancel every call it has in
+        flight (nobody is left to read the answers). Returns how many."""
+        n = 0
+        for calls in self._peer_calls.get(peer_id, []):
+            for call in calls.values():
+                call.client_cancelled = True
+                call.cancel_scope.cancel()
+                n += 1
+        return n
 
     def _dispatch(
         self,
@@ -353,9 +441,20 @@ class RpcServer:
         is_member = self._is_member(peer_id)
         if method.access is Access.MEMBER and not is_member:
             self._observe(method.name, "denied", 0.0)
+            self._refused("not_member")
             channel.send_error_nowait(
                 req.id, NotMember(f"{req.method} is for network members only")
             )
+            return
+        grants = self.grants_for(peer_id, is_member)
+        if method.grants and not method.grants & grants:
+            self._observe(method.name, "denied", 0.0)
+            self.stats.denied += 1
+            self._refused("no_grant")
+            channel.send_error_nowait(req.id, PermissionDenied(
+                f"{req.method} needs a certificate granting "
+                f"{' or '.join(sorted(method.grants))}",
+                data={"needs": sorted(method.grants)}))
             return
         if len(calls) >= self.max_inflight:
             channel.send_error_nowait(
@@ -375,6 +474,7 @@ class RpcServer:
             method=req.method,
             call_id=req.id,
             is_member=is_member,
+            grants=grants,
             request_id=valid_request_id(req.meta.get("rid")) or new_request_id(),
             meta=req.meta,
             deadline=call.cancel_scope.deadline,
@@ -402,7 +502,7 @@ class RpcServer:
                         assert isinstance(agen, AsyncGenerator)
                         async with aclosing(agen):
                             async for item in agen:
-                                await call.take_credit()
+                                await call.take_credit(self.stall_timeout)
                                 channel.send_nowait(wire.Chunk(ctx.call_id, item))
                         channel.send_nowait(wire.End(ctx.call_id, ctx.trailer))
                     else:

@@ -20,6 +20,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from ..errors import InvalidParams, NotFound, P2PInferError, UnknownMethod
+from ..rpc.server import throttle_address
 from .api import api_routes
 from .inputs import current_source
 from .ollama_api import OLLAMA_PATHS, ollama_routes
@@ -73,7 +74,7 @@ class ClientSource:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         client = scope.get("client") if scope["type"] == "http" else None
-        token = current_source.set(f"ip:{client[0]}" if client else None)
+        token = current_source.set(f"ip:{throttle_address(client[0])}" if client else None)
         try:
             await self.app(scope, receive, send)
         finally:

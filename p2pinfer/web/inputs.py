@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl
 from starlette.requests import Request
 
 from ..errors import InvalidParams
+from ..rpc.server import throttle_address
 
 __all__ = ["current_source", "only_keys", "read_form", "read_json", "source_of"]
 
@@ -75,4 +76,4 @@ current_source: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 def source_of(request: Request) -> str:
     """The client's address as the auth role records it (``ip:<address>``)."""
     client = request.client
-    return f"ip:{client.host}" if client is not None else "ip:unknown"
+    return f"ip:{throttle_address(client.host)}" if client is not None else "ip:unknown"

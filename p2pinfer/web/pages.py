@@ -93,6 +93,17 @@ def _friendly(err: P2PInferError) -> str:
     return err.message
 
 
+def public_health(health: dict[str, Any]) -> dict[str, Any]:
+    """``getSystemHealth`` as a non-member gets it: no node list, alerts by
+    name and severity only."""
+    out: dict[str, Any] = {k: health[k] for k in ("status", "time", "checked_by", "alerting",
+                                                  "summary", "models") if k in health}
+    out["alerts"] = [{"name": a.get("name"), "severity": a.get("severity"),
+                      "since": a.get("since") or a.get("started_at")}
+                     for a in health.get("alerts") or [] if isinstance(a, dict)]
+    return out
+
+
 class Pages:
     """The HTML routes of ``web`` (see the module docstring)."""
 
@@ -389,19 +400,24 @@ class Pages:
             return session
         node = self.web.node
         up = self.web.upstream
+        # The member list and per-node health are the operator's view: a
+        # user who is not an admin sees what getSystemHealth shows to
+        # non-members (status, counts, models, alert names).
+        admin = session.principal.is_admin
         online: dict[str, set[str]] = {}
-        with trio.move_on_after(3):
-            for role in ROLE_NAMES:
-                online[role] = set(await up.peers(role))
+        if admin:
+            with trio.move_on_after(3):
+                for role in ROLE_NAMES:
+                    online[role] = set(await up.peers(role))
         members = []
-        for m in sorted(node.ledger.members(), key=lambda m: m.admitted_at):
+        for m in sorted(node.ledger.members() if admin else [], key=lambda m: m.admitted_at):
             seen = [r for r in sorted(m.roles) if m.peer_id in online.get(r, set())]
             members.append({"peer_id": m.peer_id, "roles": sorted(m.roles),
                             "admitted_at": m.admitted_at, "expires_at": m.expires_at,
                             "removed": m.removed_after is not None, "online": seen,
                             "self": m.peer_id == node.peer_id})
         context: dict[str, Any] = {"members": members, "models": [], "gateway": None,
-                                   "swarm": None, "problems": []}
+                                   "swarm": None, "problems": [], "admin": admin}
         calls: dict[str, Callable[[], Awaitable[Any]]] = {
             "models": lambda: up.catalog.models(session.auth),
             "gateway": lambda: up.call("gateway", "getServiceHealth", {}),
@@ -412,6 +428,8 @@ class Pages:
                 context[key] = await call()
             except P2PInferError as err:
                 context["problems"].append(f"{key}: {err.message}")
+        if not admin and context["swarm"]:
+            context["swarm"] = public_health(context["swarm"])
         return self.render(request, "system.html", context, session=session)
 
     def routes(self) -> list[Route]:

@@ -184,11 +184,14 @@ class Upstream:
             if isinstance(exc, InvalidApiKey) and exc.data.get("reason") != "unknown":
                 raise
             first = exc
+        # The first try counted as one failure of this source; the re-checks
+        # while we wait are ours, not the client's, and count for nothing
+        # (they once made a single mistyped key 20 failures).
         with trio.move_on_after(REPLICATION_WAIT):
             while True:
                 await trio.sleep(0.05)
                 try:
-                    return check.authenticate(auth, source=source)
+                    return check.authenticate(auth, source=None)
                 except (InvalidApiKey, UnknownUser):
                     continue
         raise first
@@ -217,7 +220,12 @@ class Upstream:
 
     async def call(self, role: str, method: str, params: Any = None) -> Any:
         """Call ``method`` on a node with ``role`` (failing over on
-        unreachable nodes only: any other error is the answer)."""
+        unreachable nodes only: any other error is the answer). A call to an
+        auth node made for an HTTP client names that client (``source``), so
+        the auth node throttles the client, not this web node."""
+        source = current_source.get()
+        if role == "auth" and source and isinstance(params, dict) and "source" not in params:
+            params = {**params, "source": source}
         candidates = await self._candidates(role)
         tried: list[str] = []
         last: P2PInferError | None = None
