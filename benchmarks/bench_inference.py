@@ -17,6 +17,9 @@ Prints one JSON object:
     averaged; every timed pass asks for at least ``PASS_TOKENS`` (1,024)
     completion tokens, so a one-stream pass of 64-token answers sends 16
     requests one after the other;
+  - ``cpu_ms_per_token``: this process's CPU time per token on each path
+    (the worker role and the client host for ``worker``, the HTTP client
+    for ``direct``; the runner's own CPU is not in it);
   - ``inprocess``: the in-process llama-cpp-python engine this project used
     before the runner (``--inprocess-tree DIR``: a checkout of commit 4a81836
     with its own .venv; its engine alone, slots = concurrency, one thread per
@@ -181,9 +184,12 @@ class Direct:
 
 async def aggregate(run_one: Callable[[str, int], Awaitable[dict[str, Any]]],
                     concurrency: int, per_client: int, max_tokens: int, offset: int
-                    ) -> tuple[float, dict[int, str]]:
+                    ) -> tuple[float, dict[int, str], float]:
     """Completion tokens/s with ``concurrency`` clients, each sending
-    ``per_client`` requests one after the other; and the texts by prompt."""
+    ``per_client`` requests one after the other; the texts by prompt; and
+    this process's CPU time per token (ms), the runner's excluded."""
+    me = psutil.Process()
+    cpu_before = sum(me.cpu_times()[:2])
     tokens = 0
     texts: dict[int, str] = {}
 
@@ -199,7 +205,8 @@ async def aggregate(run_one: Callable[[str, int], Awaitable[dict[str, Any]]],
     async with trio.open_nursery() as nursery:
         for c in range(concurrency):
             nursery.start_soon(client_loop, c)
-    return tokens / (trio.current_time() - started), texts
+    cpu_ms = (sum(me.cpu_times()[:2]) - cpu_before) * 1000 / max(1, tokens)
+    return tokens / (trio.current_time() - started), texts, cpu_ms
 
 
 class PeakRss:
@@ -326,17 +333,21 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                     if (c + n // 64) % 2:
                         first, second = second, first
                     rates: dict[str, list[float]] = {"worker": [], "direct": []}
+                    cpu: dict[str, list[float]] = {"worker": [], "direct": []}
                     texts: dict[str, dict[int, str]] = {}
                     k = 1 if args.quick else per_client(c, n, 1)
                     await aggregate(direct.run, c, k, n, offset)  # primes the prompts
                     for _ in range(args.pairs // 2 or 1):
                         for name, run_one in (first, second, second, first):
-                            tok_s, texts[name] = await aggregate(run_one, c, k, n, offset)
+                            tok_s, texts[name], ms = await aggregate(run_one, c, k, n, offset)
                             rates[name].append(tok_s)
+                            cpu[name].append(ms)
                     row: dict[str, Any] = {name: round(statistics.mean(r), 1)
                                            for name, r in rates.items()}
                     row["ratio"] = round(row["worker"] / row["direct"], 3)
                     row["passes"] = len(rates["worker"])
+                    row["cpu_ms_per_token"] = {name: round(statistics.mean(v), 3)
+                                               for name, v in cpu.items()}
                     row["requests_per_client"] = k
                     same = same and texts["worker"] == texts["direct"]
                     agg.setdefault(str(n), {})[str(c)] = row

@@ -57,8 +57,10 @@ async def test_client_peer_streams_from_the_real_model(tmp_path: Path,
             await wait_for(lambda: gw.discovery.find_model("smollm2"), limit=30)
             async with Client(bootstrap=[gw.addrs[0]], api_key=creds["api_key"]) as client:
                 arrivals: list[float] = []
-                async with client.stream("Name three colors.", model="smollm2",
-                                         max_tokens=24, temperature=0) as stream:
+                # a long answer (~0.6 s here): several of the runner's 50 ms chunks
+                async with client.stream("Write a long story about a lighthouse keeper.",
+                                         model="smollm2", max_tokens=64,
+                                         temperature=0) as stream:
                     parts = []
                     async for part in stream:
                         parts.append(part)
@@ -71,8 +73,8 @@ async def test_client_peer_streams_from_the_real_model(tmp_path: Path,
                 assert response.usage["completion_tokens"] >= len(parts) >= 1
                 assert response.usage["total_tokens"] == (response.usage["prompt_tokens"]
                                                           + response.usage["completion_tokens"])
-                again = await client.inference("Name three colors.", model="smollm2",
-                                               max_tokens=24, temperature=0)
+                again = await client.inference("Write a long story about a lighthouse keeper.",
+                                               model="smollm2", max_tokens=64, temperature=0)
                 assert again.text == response.text  # deterministic at temperature 0
                 models = await client.models()
                 assert [m["name"] for m in models] == ["smollm2"]

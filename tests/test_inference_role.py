@@ -87,7 +87,8 @@ async def test_process_prompt_streams_the_real_model_over_rpc() -> None:
         with trio.fail_after(90):
             await role.engine.wait_settled()
             arrivals: list[float] = []
-            params = {"prompt": STORY, "max_tokens": 32, "temperature": 0}
+            # 64 tokens: ~0.6 s here, so ~12 chunks of the runner's 50 ms
+            params = {"prompt": STORY, "max_tokens": 64, "temperature": 0}
             chunks, trailer = await prompt(client, peer, params, arrivals)
             ended = trio.current_time()
             again, cached = await prompt(client, peer, {**params, "model": "default"})
@@ -102,9 +103,9 @@ async def test_process_prompt_streams_the_real_model_over_rpc() -> None:
     assert arrivals == sorted(arrivals)
     assert trailer["model"] == "smollm2" and trailer["backend"] == "llamacpp"
     assert trailer["finish_reason"] == "length" and trailer["cached"] is False
-    assert trailer["usage"]["completion_tokens"] == 32
+    assert trailer["usage"]["completion_tokens"] == 64
     assert trailer["usage"]["prompt_tokens"] > len(STORY.split())
-    assert trailer["usage"]["total_tokens"] == 32 + trailer["usage"]["prompt_tokens"]
+    assert trailer["usage"]["total_tokens"] == 64 + trailer["usage"]["prompt_tokens"]
     assert trailer["usage_exact"] is True
     assert 0 < trailer["ttft_ms"] <= trailer["latency_ms"]
     # Temperature 0: the cache sends the same answer in one chunk; a fresh run gives the
@@ -113,7 +114,7 @@ async def test_process_prompt_streams_the_real_model_over_rpc() -> None:
     assert cached["usage"] == trailer["usage"] and cached["finish_reason"] == "length"
     assert "".join(c["delta"] for c in fresh) == text and uncached["cached"] is False
     assert sample(role, "ai_platform_inference_tokens_generated_total",
-                  {"model": "smollm2"}) == 64
+                  {"model": "smollm2"}) == 128
     assert sample(role, "ai_platform_inference_cache_hits_total", {"model": "smollm2"}) == 1
     assert sample(role, "ai_platform_inference_cache_misses_total", {"model": "smollm2"}) == 1
     assert sample(role, "ai_platform_inference_queue_depth", {"model": "smollm2"}) == 0
@@ -127,7 +128,7 @@ async def test_a_whole_answer_is_one_chunk_sent_when_complete() -> None:
     async with serve(role) as (client, peer):
         with trio.fail_after(90):
             await role.engine.wait_settled()
-            params = {"prompt": STORY, "max_tokens": 32, "temperature": 0}
+            params = {"prompt": STORY, "max_tokens": 64, "temperature": 0}
             streamed, streamed_trailer = await prompt(client, peer, params)
             arrivals: list[float] = []
             started = trio.current_time()

@@ -101,9 +101,12 @@ def visit(url: str, shots: Path, make_admin: Callable[[str], None]) -> dict[str,
 
             # the playground with the real embedded model
             page.click("nav >> text=Playground")
-            page.fill("textarea[name=prompt]", "What is the capital of France? Answer briefly.")
+            # an answer of a few sentences: a one-line one is two or three of
+            # the runner's 50 ms chunks, too few to see it grow
+            page.fill("textarea[name=prompt]",
+                      "Write a long story about a trip to Paris, the capital of France.")
             page.select_option("select[name=model]", "smollm2")
-            page.fill("input[name=max_tokens]", "24")
+            page.fill("input[name=max_tokens]", "64")
             page.fill("input[name=temperature]", "0")
             # the page's script streams the answer: record every text the
             # answer shows on the way (a whole answer at once would be one)

@@ -11,8 +11,8 @@ one copy of the weights, each with a KV cache of ``n_ctx`` tokens. The node
 talks to it over loopback HTTP with a random API key, streaming
 ``/v1/chat/completions``; closing a stream closes the connection, and the
 runner drops that sequence at its next token. Tokens less than
-``CHUNK_INTERVAL`` (20 ms) apart, times the answers the runner is
-generating at once (at most 200 ms), and tokens that piled up while the
+``CHUNK_INTERVAL`` (50 ms) apart, times the answers the runner is
+generating at once (at most 250 ms), and tokens that piled up while the
 consumer was busy, go out as one chunk: every chunk costs a frame on every
 hop to the client, and a single fast stream would otherwise spend a third
 of the node's CPU on them.
@@ -117,15 +117,17 @@ MAX_EVENT = 1024 * 1024  # one server-sent event; a larger one is not a token st
 # first, which goes out at once: a runner's tokens that come faster are
 # merged. It grows with the answers the runner is generating at once
 # (CHUNK_INTERVAL each, at most CHUNK_INTERVAL_MAX), so that a model sends
-# about 1 / CHUNK_INTERVAL chunks a second in all, however many streams:
-# every chunk costs a frame (msgpack, yamux, Noise) on every hop, in Python
-# processes that share the CPU with the runner's threads. With a fixed 20 ms,
-# 4 and 8 batched streams (a token every ~22 and ~42 ms each) sent a frame
-# per token and the worker gave 0.89-0.92 of the runner's own tokens/s
-# (benchmarks/RESULTS.md). One stream still gets a chunk every 20 ms; eight
-# get one every 160 ms, six updates a second.
-CHUNK_INTERVAL = 0.02
-CHUNK_INTERVAL_MAX = 0.2
+# about 1 / CHUNK_INTERVAL chunks a second in all, however many streams.
+# Every chunk costs a frame (msgpack, yamux, Noise) on every hop and several
+# wake-ups of a Python process that shares the CPU with the runner's
+# threads, and each wake-up stalls a batch step of the runner: a fixed 20 ms
+# gave 0.89-0.92 of the runner's own tokens/s at one, four and eight
+# streams; a fixed 50 ms 0.96-1.05, but 0.92 at eight long answers (a token
+# every ~42 ms each: still one frame per token) (benchmarks/RESULTS.md). One
+# stream gets a chunk every 50 ms (20 a second); four or more get one every
+# 200 ms or 250 ms.
+CHUNK_INTERVAL = 0.05
+CHUNK_INTERVAL_MAX = 0.25
 
 
 def embedded_model_path() -> Path:
@@ -550,38 +552,43 @@ class LlamaCppBackend(Backend):
         session.enter()
         nursery.start_soon(self._read, session, request, send, scope, done)
         try:
-            pending: StreamEvent | P2PInferError | None = None
             last_chunk: float | None = None
             while True:
-                item = pending if pending is not None else await recv.receive()
-                pending = None
+                if last_chunk is not None:
+                    # Tokens gather in the channel until the interval has
+                    # passed (or the answer is complete): this task sleeps
+                    # meanwhile instead of waking for each token, and the
+                    # chunk costs one frame on every hop.
+                    interval = min(CHUNK_INTERVAL * max(1, session.active),
+                                   CHUNK_INTERVAL_MAX)
+                    with trio.move_on_at(last_chunk + interval):
+                        await done.wait()
+                try:
+                    item = recv.receive_nowait()
+                except trio.WouldBlock:
+                    item = await recv.receive()
                 if isinstance(item, P2PInferError):
                     raise item
+                pending: StreamEvent | P2PInferError | None = None
                 if isinstance(item, TextChunk):
                     text = item.text
                     while True:
                         try:
-                            pending = recv.receive_nowait()
+                            nxt = recv.receive_nowait()
                         except trio.WouldBlock:
                             break
-                        if not isinstance(pending, TextChunk):
+                        if not isinstance(nxt, TextChunk):
+                            pending = nxt
                             break
-                        text += pending.text
-                        pending = None
-                    if pending is None and last_chunk is not None:
-                        # Tokens faster than one per CHUNK_INTERVAL go out
-                        # together: each chunk costs a frame on every hop.
-                        interval = min(CHUNK_INTERVAL * max(1, session.active),
-                                       CHUNK_INTERVAL_MAX)
-                        with trio.move_on_at(last_chunk + interval):
-                            while pending is None:
-                                nxt = await recv.receive()
-                                if isinstance(nxt, TextChunk):
-                                    text += nxt.text
-                                else:
-                                    pending = nxt
+                        text += nxt.text
                     item = TextChunk(text) if text is not item.text else item
                     last_chunk = trio.current_time()
+                    yield item
+                    if pending is None:
+                        continue
+                    if isinstance(pending, P2PInferError):
+                        raise pending
+                    item = pending
                 yield item
                 if isinstance(item, GenerationResult):
                     return

@@ -9,8 +9,8 @@ other nodes, call a worker; users go through a gateway):
     ``stop``, ``seed``, ``cache``, ``stream``; or the same inside
     ``modelConfig``). Chunks: ``{"delta": "<text>"}`` in generation order,
     usually one token each (tokens that wait while the stream is busy are
-    merged, and so are a local model's tokens less than 20 ms apart, times
-    the answers its runner is generating at once, at most 200 ms; a
+    merged, and so are a local model's tokens less than 50 ms apart, times
+    the answers its runner is generating at once, at most 250 ms; a
     cached answer comes as one chunk). With ``"stream": false``
     the whole answer comes as one chunk once it is complete (one frame
     instead of one per token, and a caller that has received nothing may
