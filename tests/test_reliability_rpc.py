@@ -34,7 +34,14 @@ from p2pinfer.rpc import (
     make_host,
     rpc_method,
 )
-from p2pinfer.rpc.host import DEFAULT_MAX_INBOUND_PER_IP, guard_handler
+from p2pinfer.rpc.host import (
+    DEFAULT_MAX_INBOUND_PER_IP,
+    PENDING_PER_IP,
+    PENDING_TOTAL,
+    guard_handler,
+)
+
+from .helpers import wait_for
 
 LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
 ATTACKER_IP = "127.0.0.2"
@@ -113,8 +120,9 @@ async def test_idle_tcp_flood_from_one_address_does_not_lock_others_out(
         server: Server) -> None:
     """300 idle TCP connections from one address (no handshake, nothing
     sent): py-libp2p alone would fill its 250 inbound slots and refuse
-    everyone for as long as the attacker likes. Only 64 are kept; the rest
-    are closed at once, and a new client elsewhere is served."""
+    everyone for as long as the attacker likes. Only 8 pending handshakes
+    per address are kept; the rest are closed at once, and a new client
+    elsewhere is served."""
     socks = []
     try:
         with trio.fail_after(30):
@@ -143,11 +151,85 @@ async def test_idle_tcp_flood_from_one_address_does_not_lock_others_out(
 
                 for sock in socks:
                     nursery.start_soon(probe, sock)
-        assert refused == 300 - DEFAULT_MAX_INBOUND_PER_IP
+        assert refused == 300 - PENDING_PER_IP
         assert await ping_from_a_new_client(server.addr) < 5
     finally:
         for sock in socks:
             await sock.aclose()
+
+
+async def test_idle_connections_from_eight_addresses_do_not_lock_a_new_client_out(
+        server: Server) -> None:
+    """Eight addresses each keep as many idle TCP connections open as the
+    node accepts, reopening every one it closes, for 6 s: more pending
+    handshakes than the node keeps in all. A new client is still served
+    (the oldest pending handshake makes room for it), every time."""
+    attackers = [f"127.0.0.{10 + i}" for i in range(8)]
+    opened = 0
+    pings: list[float] = []
+
+    async def flood(ip: str) -> None:
+        nonlocal opened
+
+        async def one() -> None:
+            nonlocal opened
+            while True:
+                try:
+                    sock = await trio.open_tcp_stream("127.0.0.1", server.port,
+                                                      local_address=ip)
+                except OSError:
+                    await trio.sleep(0.05)
+                    continue
+                opened += 1
+                try:
+                    await sock.send_all(b"\x13")  # one byte, then nothing
+                    while await sock.receive_some(4096):
+                        pass
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+                finally:
+                    await sock.aclose()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(DEFAULT_MAX_INBOUND_PER_IP):
+                nursery.start_soon(one)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for ip in attackers:
+                nursery.start_soon(flood, ip)
+            await trio.sleep(1.0)  # the flood is on
+            deadline = trio.current_time() + 5
+            while trio.current_time() < deadline:
+                pings.append(await ping_from_a_new_client(server.addr))
+            nursery.cancel_scope.cancel()
+    assert opened > PENDING_TOTAL
+    assert pings and max(pings) < 5, pings
+    # and afterwards, a normal client as fast as ever
+    assert await ping_from_a_new_client(server.addr) < 5
+
+
+async def test_closed_connections_give_their_slot_back() -> None:
+    """Three times the per-address limit of clients (8 here), one after the
+    other, each connecting, calling and leaving: all served. py-libp2p
+    0.8.1's inbound handler kept every slot until the node stopped, so the
+    9th was refused, and with the default limit the 65th CLI run from one
+    machine."""
+    host = make_host(Identity.generate(), max_inbound_per_ip=8)
+    rpc_server = RpcServer(is_member=lambda peer: False)
+    rpc_server.register(Service())
+    async with host.run(listen_addrs=LOOPBACK):
+        host.set_stream_handler(RPC_PROTOCOL, guard_handler("rpc", rpc_server.handle_stream))
+        addr = f"{host.get_addrs()[0]}/p2p/{host.get_id().to_base58()}"
+        for _ in range(24):  # clients that leave as the SDK does: closing the host
+            client_host = make_host(Identity.generate())
+            async with client_host.run(listen_addrs=LOOPBACK), RpcClient.open(client_host) as rpc:
+                with trio.fail_after(10):
+                    peer = await rpc.connect(addr)
+                    assert await rpc.call(peer, "ping") == "pong"
+                await client_host.close()
+        # and the node holds none of them any more
+        await wait_for(lambda: not host.get_network().get_connections(), limit=5)
 
 
 async def test_many_handshaked_peers_from_one_address_are_capped(server: Server) -> None:

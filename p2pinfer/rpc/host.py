@@ -13,6 +13,17 @@ handler crash the whole host. :func:`make_host` fixes the first two and
   py-libp2p accepts 250 inbound connections in all and holds each slot
   while the handshake runs (up to 10 s) or for the connection's life: one
   client opening 300 idle TCP connections otherwise locks everyone out;
+- connections still in their handshake (nothing proven yet) are bounded
+  too: :data:`PENDING_PER_IP` per address and :data:`PENDING_TOTAL` in all;
+  past the total, the oldest pending handshake is closed to make room, so
+  idle connections from many addresses cannot keep a new client (or a
+  member) from being heard;
+- a slot is given back when its connection closes. py-libp2p 0.8.1's
+  inbound handler never returns (it waits for the whole swarm to stop, to
+  "keep the handler alive"), so without this every inbound connection
+  ever made held its slot for good: 64 CLI runs from one machine locked
+  that machine out of the node, and 250 connections in all locked out
+  everyone;
 - every TCP socket gets keepalive and ``TCP_USER_TIMEOUT``: a peer whose
   link silently drops packets (a cut cable, a partition) is declared gone
   within about ``dead_link_timeout`` seconds (``[node] dead_link_timeout``,
@@ -23,11 +34,14 @@ handler crash the whole host. :func:`make_host` fixes the first two and
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
+
+import trio
 
 from ..identity import Identity
 
@@ -38,6 +52,8 @@ log = logging.getLogger(__name__)
 
 RPC_PROTOCOL = "/p2pinfer/rpc/1.0.0"
 DEFAULT_MAX_INBOUND_PER_IP = 64
+PENDING_PER_IP = 8
+PENDING_TOTAL = 64
 # Seconds after which unacknowledged data (or unanswered keepalive probes)
 # mean the peer is gone.
 TCP_DEAD_AFTER = 15
@@ -147,35 +163,89 @@ def _remote_ip(conn: Any) -> str | None:
     return str(address[0]) if address else None
 
 
+class _Inbound:
+    """One inbound connection, from accept to close."""
+
+    __slots__ = ("ip", "conn", "muxed", "settled", "born")
+
+    def __init__(self, ip: str | None, conn: Any) -> None:
+        self.ip = ip
+        self.conn = conn
+        self.muxed: Any = None          # once the handshake is done
+        self.settled = trio.Event()     # handshake done, or the handler ended
+        self.born = trio.current_time()
+
+
+_current_inbound: contextvars.ContextVar[_Inbound | None] = contextvars.ContextVar(
+    "p2pinfer_inbound", default=None)
+
+
 def harden_tcp(host: Any, *, max_inbound_per_ip: int,
                dead_after: float = TCP_DEAD_AFTER) -> None:
-    """Per-IP inbound limit and liveness on every TCP connection of ``host``
-    (see the module docstring). Wraps two py-libp2p 0.8.1 entry points: the
-    swarm's inbound connection handler and each transport's dial."""
+    """Per-IP and pending-handshake inbound limits, slots given back on
+    close, and liveness on every TCP connection of ``host`` (see the module
+    docstring). Wraps three py-libp2p 0.8.1 entry points: the swarm's
+    inbound connection handler and upgrade, and each transport's dial."""
     swarm = host.get_network()
     inbound = getattr(swarm, "_handle_inbound_connection", None)
-    if inbound is not None:
+    upgrade = getattr(swarm, "upgrade_inbound_raw_conn", None)
+    if inbound is not None and upgrade is not None:
         per_ip: dict[str, int] = {}
+        pending: list[_Inbound] = []  # oldest first
         warned: set[str] = set()  # one warning per flood, not one per connection
+
+        async def upgrade_noted(raw_conn: Any, maddr: Any) -> Any:
+            muxed = await upgrade(raw_conn, maddr)
+            me = _current_inbound.get()
+            if me is not None:
+                me.muxed = muxed
+                me.settled.set()
+            return muxed
+
+        async def close_quietly(conn: Any) -> None:
+            try:
+                await conn.close()
+            except Exception:
+                log.debug("closing a refused connection failed", exc_info=True)
+
+        def refuse(ip: str | None, why: str) -> None:
+            if ip is not None and ip not in warned:
+                warned.add(ip)
+                log.warning("refusing inbound connections from %s: %s", ip, why)
 
         async def limited(read_write_closer: Any, maddr: Any) -> None:
             ip = _remote_ip(read_write_closer)
             if ip is not None and per_ip.get(ip, 0) >= max_inbound_per_ip:
-                if ip not in warned:
-                    warned.add(ip)
-                    log.warning("refusing inbound connections from %s: %d already open",
-                                ip, max_inbound_per_ip)
-                try:
-                    await read_write_closer.close()
-                except Exception:
-                    log.debug("closing a refused connection failed", exc_info=True)
+                refuse(ip, f"{max_inbound_per_ip} already open")
+                await close_quietly(read_write_closer)
                 return
+            if ip is not None and sum(1 for p in pending if p.ip == ip) >= PENDING_PER_IP:
+                refuse(ip, f"{PENDING_PER_IP} handshakes already pending")
+                await close_quietly(read_write_closer)
+                return
+            if len(pending) >= PENDING_TOTAL:  # make room: the oldest handshake goes
+                oldest = pending.pop(0)
+                oldest.settled.set()
+                await close_quietly(oldest.conn)
+            me = _Inbound(ip, read_write_closer)
+            pending.append(me)
             if ip is not None:
                 per_ip[ip] = per_ip.get(ip, 0) + 1
             try:
                 _watch_liveness(read_write_closer, dead_after)
-                await inbound(read_write_closer, maddr)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_handle, inbound, read_write_closer, maddr, me)
+                    await me.settled.wait()
+                    if me in pending:
+                        pending.remove(me)
+                    if me.muxed is not None:
+                        await me.muxed.event_closed.wait()
+                    # closed (or never upgraded): end py-libp2p's handler,
+                    # which would otherwise wait for the whole swarm
+                    nursery.cancel_scope.cancel()
             finally:
+                if me in pending:
+                    pending.remove(me)
                 if ip is not None:
                     left = per_ip[ip] - 1
                     if left:
@@ -186,6 +256,7 @@ def harden_tcp(host: Any, *, max_inbound_per_ip: int,
                         warned.discard(ip)
 
         swarm._handle_inbound_connection = limited
+        swarm.upgrade_inbound_raw_conn = upgrade_noted
     manager = getattr(swarm, "transport_manager", None)
     for transport in (manager.get_transports() if manager is not None else []):
         for name in ("dial", "dial_with_source"):
@@ -199,6 +270,15 @@ def harden_tcp(host: Any, *, max_inbound_per_ip: int,
                 return conn
 
             setattr(transport, name, dial)
+
+
+async def _handle(inbound: Any, conn: Any, maddr: Any, me: _Inbound) -> None:
+    token = _current_inbound.set(me)
+    try:
+        await inbound(conn, maddr)
+    finally:
+        _current_inbound.reset(token)
+        me.settled.set()
 
 
 # Seconds a peer whose every address failed is refused without dialing.
