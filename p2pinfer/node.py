@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import random
 import time
 from typing import Any, Protocol
 
@@ -50,7 +51,13 @@ ROLE_CLASSES: dict[str, str] = {
 
 # What a non-member peer may look up through ``findPeers``: the entry points.
 PUBLIC_ROLES = ("gateway", "web")
-BOOTSTRAP_RETRY_MAX = 30.0
+# Redialing a bootstrap peer: from BOOTSTRAP_RETRY_FIRST seconds, doubling to
+# BOOTSTRAP_RETRY_MAX, each wait +-BOOTSTRAP_JITTER of itself. The cap bounds
+# how long a node stays cut off after the peer it joined through comes back
+# (a restarted hub has every worker back within about 5 s of serving).
+BOOTSTRAP_RETRY_FIRST = 0.2
+BOOTSTRAP_RETRY_MAX = 5.0
+BOOTSTRAP_JITTER = 0.2
 
 
 class Role(Protocol):
@@ -173,6 +180,8 @@ class Node:
         self._descriptor: tuple[float, Descriptor] | None = None
         self._cancel_scope: trio.CancelScope | None = None
         self._bootstrap_peers: list[str] = []
+        # set when the last connection to a bootstrap peer closes
+        self._link_lost: dict[str, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
         #: set when this node learns the network owner removed it
         self.removed = False
@@ -387,6 +396,9 @@ class Node:
         self.discovery.forget(peer_id)
         self.rpc.drop(peer_id)
         if peer_id not in self.connected_peers():  # its last connection
+            lost = self._link_lost.pop(peer_id, None)
+            if lost is not None:
+                lost.set()
             cancelled = self.rpc_server.peer_gone(peer_id)
             if cancelled:
                 log.info("%s left: cancelled its %d call(s) in flight", peer_id[-8:], cancelled)
@@ -414,21 +426,38 @@ class Node:
         return [a for a in addrs if not a.endswith("/p2p/" + self.peer_id)]
 
     async def _bootstrap(self, addr: str) -> None:
-        """Dial one bootstrap peer, retrying with backoff until it answers."""
-        delay = 0.2
+        """Stay linked to one bootstrap peer for the node's life: dial it,
+        retrying with backoff until it answers, and dial it again whenever
+        the link is lost (the peer restarted, crashed or moved off the
+        network for a while). Each time, the node refreshes its DHT routing
+        table and announces its topics again, so that a restarted peer,
+        which lost its routing table and provider records, knows it at once.
+        """
+        delay = BOOTSTRAP_RETRY_FIRST
+        linked_before = False
         while True:
             try:
                 peer_id = await self.connect(addr)
             except PeerUnavailable as exc:
-                log.info("bootstrap %s not reachable (%s); retrying in %.1fs", addr, exc, delay)
-                await trio.sleep(delay)
+                wait = delay * random.uniform(1 - BOOTSTRAP_JITTER, 1 + BOOTSTRAP_JITTER)
+                log.log(logging.INFO if not linked_before else logging.DEBUG,
+                        "bootstrap %s not reachable (%s); retrying in %.1fs", addr, exc, wait)
+                await trio.sleep(wait)
                 delay = min(delay * 2, BOOTSTRAP_RETRY_MAX)
                 continue
-            self._bootstrap_peers.append(peer_id)
+            delay = BOOTSTRAP_RETRY_FIRST
+            lost = self._link_lost.setdefault(peer_id, trio.Event())
+            if peer_id not in self._bootstrap_peers:
+                self._bootstrap_peers.append(peer_id)
             await self.discovery.refresh()
             self.discovery.request_announce()
-            log.info("joined through bootstrap peer %s", peer_id)
-            return
+            log.info("%s bootstrap peer %s", "link restored to" if linked_before
+                     else "joined through", peer_id)
+            linked_before = True
+            if peer_id not in self.connected_peers():  # lost while we refreshed
+                continue
+            await lost.wait()
+            log.warning("link to bootstrap peer %s lost; redialing", peer_id)
 
     # -- lifecycle ------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
