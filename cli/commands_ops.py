@@ -70,8 +70,14 @@ def _node_of(config: NodeConfig) -> tuple[str, str]:
     return Identity.load_or_create(home).peer_id, network.network_id
 
 
-def _running_pid(home: Path) -> int | None:
-    """The pid of the home's running daemon, if one runs."""
+def _running_pid(home: Path) -> int | str | None:
+    """The pid of the process running the home's node, if one runs: the
+    holder of its lock (p2pinfer.homelock), else the pid in daemon.json."""
+    from p2pinfer.homelock import holder_of
+
+    holder = holder_of(home)
+    if holder is not None:
+        return holder
     try:
         pid = int(json.loads((home / "daemon.json").read_text())["pid"])
     except (OSError, ValueError, KeyError, TypeError):

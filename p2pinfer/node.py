@@ -31,6 +31,7 @@ from .config import NodeConfig
 from .discovery import Descriptor, Discovery
 from .errors import ConfigError, InvalidParams, P2PInferError, PeerUnavailable
 from .grants import ALL_GRANTS
+from .homelock import HomeLock
 from .identity import Identity
 from .metrics.node_metrics import NodeMetrics
 from .rpc import RPC_PROTOCOL, Access, CallContext, RpcClient, RpcServer, make_host, rpc_method
@@ -464,7 +465,8 @@ class Node:
         """Run the node until cancelled.
 
         Raises:
-            ConfigError: the network owner removed this node.
+            ConfigError: the network owner removed this node, or another
+                node runs on its home (:mod:`p2pinfer.homelock`).
         """
         if self._was_removed(self.peer_id):
             raise ConfigError(
@@ -472,6 +474,14 @@ class Node:
                 "its owner: its peer id can never rejoin; ask the owner to admit a new node "
                 "key (p2pinfer network admit)")
         listen = [parse_multiaddr(a) for a in self.config.listen]
+        lock = HomeLock(self.config.home)
+        await lock.acquire()
+        try:
+            await self._run_locked(listen, task_status)
+        finally:
+            lock.release()
+
+    async def _run_locked(self, listen: list[Any], task_status: Any) -> None:
         with trio.CancelScope() as scope:
             self._cancel_scope = scope
             async with self.host.run(listen_addrs=listen):

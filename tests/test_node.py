@@ -50,3 +50,28 @@ async def test_stop_is_prompt(tmp_path: Path, nursery: trio.Nursery) -> None:
     node.stop()
     await wait_for(lambda: not node.host.get_network().listeners, limit=5, interval=0.01)
     assert trio.current_time() - t0 < 1.0
+
+
+async def test_one_node_per_home(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """A second node on a home that one runs on refuses to start, naming the
+    process; the lock is free again once the first has stopped, and
+    commands that need the node stopped see who holds it."""
+    import os
+
+    import pytest
+
+    from p2pinfer.errors import ConfigError
+    from p2pinfer.homelock import holder_of
+
+    (home,) = make_network(tmp_path, ["n"], roles=["auth"])
+    first = Node(node_config(home, roles=["auth"]))
+    await nursery.start(first.run)
+    assert holder_of(home) == str(os.getpid())
+    second = Node(node_config(home, roles=["auth"]))
+    with pytest.raises(ConfigError, match=f"pid {os.getpid()}"):
+        await second.run()
+    first.stop()
+    await wait_for(lambda: holder_of(home) is None, limit=10)
+    again = Node(node_config(home, roles=["auth"]))
+    await nursery.start(again.run)
+    again.stop()
