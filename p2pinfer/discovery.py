@@ -391,7 +391,8 @@ class Discovery:
         return True
 
     def _refuse(self, reason: str, peer_id: str, topic: str) -> None:
-        log.info("discovery: ignoring %s under %s (%s)", peer_id, topic,
+        # debug: a standing impostor would log once per lookup; the metric counts
+        log.debug("discovery: ignoring %s under %s (%s)", peer_id, topic,
                  "not a member" if reason == "not_member" else "not granted")
         if self.on_refused is not None:
             self.on_refused(reason)

@@ -59,6 +59,7 @@ PUBLIC_ROLES = ("gateway", "web")
 BOOTSTRAP_RETRY_FIRST = 0.2
 BOOTSTRAP_RETRY_MAX = 5.0
 BOOTSTRAP_JITTER = 0.2
+BOOTSTRAP_STABLE = 10.0  # seconds a link must hold for the backoff to start over
 
 
 class Role(Protocol):
@@ -446,7 +447,7 @@ class Node:
                 await trio.sleep(wait)
                 delay = min(delay * 2, BOOTSTRAP_RETRY_MAX)
                 continue
-            delay = BOOTSTRAP_RETRY_FIRST
+            linked_at = trio.current_time()
             lost = self._link_lost.setdefault(peer_id, trio.Event())
             if peer_id not in self._bootstrap_peers:
                 self._bootstrap_peers.append(peer_id)
@@ -455,10 +456,16 @@ class Node:
             log.info("%s bootstrap peer %s", "link restored to" if linked_before
                      else "joined through", peer_id)
             linked_before = True
-            if peer_id not in self.connected_peers():  # lost while we refreshed
-                continue
-            await lost.wait()
-            log.warning("link to bootstrap peer %s lost; redialing", peer_id)
+            if peer_id in self.connected_peers():  # (not lost while we refreshed)
+                await lost.wait()
+                log.warning("link to bootstrap peer %s lost; redialing", peer_id)
+            # the backoff starts over only after a link that held: a peer that
+            # closes each connection at once is not redialed every 0.2 s
+            if trio.current_time() - linked_at >= BOOTSTRAP_STABLE:
+                delay = BOOTSTRAP_RETRY_FIRST
+            else:
+                await trio.sleep(delay)
+                delay = min(delay * 2, BOOTSTRAP_RETRY_MAX)
 
     # -- lifecycle ------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

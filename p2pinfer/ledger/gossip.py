@@ -182,10 +182,7 @@ def _pubsub_class(base: Any) -> Any:
 
         async def stream_handler(self, stream: Any) -> None:
             if not await self._admitted(stream.muxed_conn.peer_id):
-                try:
-                    await stream.reset()
-                except Exception:  # already gone
-                    log.debug("resetting a refused pubsub stream failed", exc_info=True)
+                await _reset_quietly(stream)
                 return
             await super().stream_handler(stream)
 
