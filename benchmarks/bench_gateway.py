@@ -50,7 +50,7 @@ from p2pinfer.client import Client  # noqa: E402
 PASSWORD = "benchmark password 42"
 FAST = {"name": "fast", "backend": "synthetic", "tokens": 16, "token_delay": 0.0}
 SLOW = {"name": "slow", "backend": "synthetic", "tokens": 10, "token_delay": 0.1}
-OPEN_LIMITS = {"default_rate_limit": 10**9, "concurrent_per_key": 0,
+OPEN_LIMITS = {"default_rate_limit": 10**9, "concurrent_per_key": 0, "concurrent_per_user": 0,
                "usage_flush_interval": 0.5}
 
 
@@ -329,6 +329,7 @@ async def overshoot(base: Path, quick: bool, out: dict[str, Any]) -> None:
     cluster = Cluster(base / "limit", layout,
                       {"models": [{**FAST, "slots": 4096}],
                        "gateway": {"default_rate_limit": limit, "concurrent_per_key": 0,
+                                   "concurrent_per_user": 0,
                                    "usage_flush_interval": 0.5}})
     try:
         cluster.start([["g1"], ["g2", "g3"], ["worker"]])

@@ -31,7 +31,7 @@ TABLES: dict[str, Any] = {
     "models": [{"name": "slow", "backend": "synthetic", "tokens": 3000, "token_delay": 0.01,
                 "slots": 2, "max_queue": 100, "aliases": ["default"]}],
     "auth": {"argon2_memory_kib": 1024, "argon2_time_cost": 1, "registration_wait": 0},
-    "gateway": {"default_rate_limit": 10_000, "concurrent_per_key": 16},
+    "gateway": {"default_rate_limit": 10_000, "concurrent_per_key": 16, "concurrent_per_user": 16},
     "node": {"announce_interval": 0.5, "descriptor_ttl": 0.5, "stall_timeout": 3.0},
 }
 
@@ -139,3 +139,46 @@ async def test_a_slow_but_steady_reader_is_not_cut_off(tmp_path: Path,
                     raise AssertionError(f"cut off after {len(parts)} chunks") from exc
                 assert s.response is not None
                 assert s.response.usage["completion_tokens"] == 60
+
+
+async def test_a_user_flooding_a_worker_does_not_queue_others_behind_it(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    """One user sends eight whole answers at once to a two-slot worker
+    while allowed six in flight: two are refused (ConcurrencyLimited, scope
+    user), two run and four queue. Another user's request then takes the
+    next slot that frees, not the fifth: its latency is its baseline plus
+    at most one of the flood's answers (first come, first served would
+    add two more)."""
+    from p2pinfer.swarm import LocalSwarm
+
+    tables = {**TABLES, "gateway": {**TABLES["gateway"], "concurrent_per_user": 6}}
+    layout = {"hub": ["auth", "gateway"], "worker": ["inference"]}
+    with trio.fail_after(150):
+        async with LocalSwarm(tmp_path / "swarm", layout, tables=tables) as swarm:
+            hub, worker = swarm.first, swarm.nodes["worker"]
+            keys = {name: await api_key(hub, name) for name in ("flood", "victor")}
+            async with Client(bootstrap=[hub.addrs[0]], api_key=keys["flood"]) as flood, \
+                    Client(bootstrap=[hub.addrs[0]], api_key=keys["victor"]) as client:
+                await client.wait_for_model("slow")
+                baseline = statistics.median([await victim_latency(client) for _ in range(3)])
+                started = trio.current_time()
+                await flood.inference(prompt="long", model="slow", max_tokens=100)
+                one_flood = trio.current_time() - started
+                outcomes: list[str] = []
+
+                async def flood_one() -> None:
+                    try:
+                        await flood.inference(prompt="long", model="slow", max_tokens=100)
+                        outcomes.append("ok")
+                    except errors.ConcurrencyLimited as exc:
+                        assert exc.data["scope"] == "user"
+                        outcomes.append("limited")
+
+                async with trio.open_nursery() as floods:
+                    for _ in range(8):
+                        floods.start_soon(flood_one)
+                    await wait_for(lambda: worker.roles["inference"].engine.status("slow")[
+                        "queue_depth"] == 4, limit=10, interval=0.01)
+                    victim = await victim_latency(client)
+                assert sorted(outcomes) == ["limited"] * 2 + ["ok"] * 6, outcomes
+    assert victim <= baseline + one_flood + 0.5, (victim, baseline, one_flood)

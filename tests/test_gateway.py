@@ -187,6 +187,7 @@ async def test_three_gateways_share_one_limit_and_exact_usage(tmp_path: Path,
     limit = 30
     nodes = await start(nursery, homes, roles, tables={
         **synthetic(tokens=5), "gateway": {"default_rate_limit": limit, "concurrent_per_key": 0,
+                                           "concurrent_per_user": 0,
                                            "usage_flush_interval": 0.2}})
     gateways = nodes[:3]
     with trio.fail_after(90):
@@ -236,7 +237,8 @@ async def gateway_and_two_slow_workers(tmp_path: Path, nursery: trio.Nursery) ->
     roles = [["auth", "gateway"], ["inference"], ["inference"]]
     homes = make_network(tmp_path, ["gw", "w1", "w2"], roles=roles)
     return await start(nursery, homes, roles, tables={
-        "gateway": {"concurrent_per_key": 0, "default_rate_limit": 10_000, "cooldown": 30}},
+        "gateway": {"concurrent_per_key": 0,
+                    "concurrent_per_user": 0, "default_rate_limit": 10_000, "cooldown": 30}},
         per_node_tables=[{}, synthetic(tokens=40, token_delay=0.05),
                          synthetic(tokens=40, token_delay=0.05)])
 
@@ -333,7 +335,8 @@ async def test_cancelled_requests_leave_no_held_slots(tmp_path: Path,
     homes = make_network(tmp_path, ["all"], roles=roles)
     nodes = await start(nursery, homes, roles, tables={
         **synthetic(tokens=1000, token_delay=0.01),
-        "gateway": {"concurrent_per_key": 0, "default_rate_limit": 100_000}})
+        "gateway": {"concurrent_per_key": 0,
+                    "concurrent_per_user": 0, "default_rate_limit": 100_000}})
     (node,) = nodes
     gateway = node.roles["gateway"]
     with trio.fail_after(120):

@@ -45,6 +45,20 @@ def test_key_limit_token_quota_and_concurrency() -> None:
     assert book.usage("u", now=T0)["tokens"] == 55
 
 
+def test_requests_in_flight_per_user_count_every_key_and_session() -> None:
+    book = QuotaBook()
+    limits = Limits(requests_per_window=100, concurrent_per_key=2, concurrent_per_user=3)
+    held = [book.acquire("u", key, limits, holder="g", now=T0) for key in ("k1", "k1", "k2")]
+    with pytest.raises(errors.ConcurrencyLimited) as ei:  # k2 has room, the user not
+        book.acquire("u", "k2", limits, holder="g", now=T0)
+    assert ei.value.data["scope"] == "user" and ei.value.data["limit"] == 3
+    book.acquire("v", "k3", limits, holder="g", now=T0)  # another user is not affected
+    book.release(held[0].id)
+    book.acquire("u", "session-u", limits, holder="g", now=T0)
+    assert book.user_in_flight == {"u": 3, "v": 1}
+    assert Limits.from_wire(limits.to_wire()) == limits
+
+
 def test_slots_come_back_on_release_holder_and_expiry() -> None:
     book = QuotaBook()
     limits = Limits(requests_per_window=100, concurrent_per_key=2)

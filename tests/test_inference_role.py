@@ -196,11 +196,15 @@ async def test_invalid_params_name_the_field_over_rpc() -> None:
             for params, field in [({"prompt": "x", "temperature": 3}, "temperature"),
                                   ({"messages": [{"role": "x", "content": ""}]},
                                    "messages[0].role"),
-                                  ({"prompt": "x", "stop": ["a"] * 9}, "stop")]:
+                                  ({"prompt": "x", "stop": ["a"] * 9}, "stop"),
+                                  ({"prompt": "x", "share": ""}, "share"),
+                                  ({"prompt": "x", "share": "s" * 65}, "share"),
+                                  ({"prompt": "x", "share": 7}, "share")]:
                 with pytest.raises(errors.InvalidParams) as ei:
                     await prompt(client, peer, params)
                 assert ei.value.data["field"] == field
-            chunks, trailer = await prompt(client, peer, {"prompt": "still here"})
+            chunks, trailer = await prompt(client, peer, {"prompt": "still here",
+                                                          "share": "0123abcd"})
     assert trailer["usage"] == {"prompt_tokens": 5, "completion_tokens": 16,
                                 "total_tokens": 21}
     assert len(chunks) == 16

@@ -66,7 +66,8 @@ NETNS_SKIP = netns_unavailable_reason()
 
 
 def gateway_table(limit: int, **extra: Any) -> dict[str, Any]:
-    return {"default_rate_limit": limit, "concurrent_per_key": 0, "usage_flush_interval": 0.5,
+    return {"default_rate_limit": limit, "concurrent_per_key": 0,
+            "concurrent_per_user": 0, "usage_flush_interval": 0.5,
             "coordinator_timeout": 0.5, "cooldown": 3, **extra}
 
 

@@ -87,7 +87,8 @@ async def target(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Target]
     and a user with a session and a key."""
     (home,) = make_network(tmp_path, 1, roles=ROLES)
     tables = web_tables(metrics={"prometheus_port": 0}, web={"body_timeout": 2},
-                        gateway={"default_rate_limit": 10**6, "concurrent_per_key": 0})
+                        gateway={"default_rate_limit": 10**6, "concurrent_per_key": 0,
+                                 "concurrent_per_user": 0})
     cfg = node_config(home, roles=ROLES, tables=tables, max_frame=MAX_FRAME)
     async with run_nodes(nursery, [cfg]) as (node,):
         with trio.fail_after(60):

@@ -62,6 +62,7 @@ LAYOUT = {"g1": ["auth", "gateway"], "g2": ["gateway"], "w1": ["inference"],
           "w2": ["inference"], "w3": ["inference"]}
 TABLES = {"models": [synthetic(tokens=8, token_delay=0.02)],
           "gateway": {"default_rate_limit": 10**9, "concurrent_per_key": 0,
+                      "concurrent_per_user": 0,
                       "usage_flush_interval": 0.5},
           "inference": {"max_queue": 4096}}
 CLIENTS = 1000

@@ -31,7 +31,8 @@ async def test_no_generated_request_gets_a_server_error(tmp_path: Path,
         # the gateway's default model ("default") is served by nobody
         async with web_swarm(nursery, tmp_path, models=[{**FAKE, "aliases": ["smollm2"]}],
                              gateway={"default_rate_limit": 1_000_000,
-                                                         "concurrent_per_key": 0},
+                                                         "concurrent_per_key": 0,
+                                                         "concurrent_per_user": 0},
                              auth={"registrations_per_source": 1000,
                                    "max_failures_per_source": 1000}) as swarm:
             alice = await swarm.account("alice")

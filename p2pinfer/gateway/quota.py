@@ -11,7 +11,8 @@ gateway that received it asks the coordinator for a *ticket*
   ``DEFAULT_RATE_LIMIT`` or ``PREMIUM_RATE_LIMIT``),
 - requests of the API key in the current hour (``[gateway] key_rate_limit``),
 - tokens of the user in the current hour (``[gateway] token_limit`` per tier),
-- requests in flight for the API key (``[gateway] concurrent_per_key``).
+- requests in flight for the API key (``[gateway] concurrent_per_key``) and
+  for the user, all keys and sessions together (``concurrent_per_user``).
 
 When the request ends, for any reason, the gateway returns the ticket with
 the exact token count the backend reported (``quota.release``). A ticket that
@@ -78,6 +79,7 @@ class Limits:
     key_requests_per_window: int | None = None
     tokens_per_window: int | None = None
     concurrent_per_key: int | None = None
+    concurrent_per_user: int | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -85,6 +87,7 @@ class Limits:
             "key_requests": self.key_requests_per_window,
             "tokens": self.tokens_per_window,
             "concurrent": self.concurrent_per_key,
+            "concurrent_user": self.concurrent_per_user,
         }
 
     @classmethod
@@ -103,7 +106,8 @@ class Limits:
 
         requests = opt("requests", required=True)
         assert requests is not None
-        return cls(requests, opt("key_requests"), opt("tokens"), opt("concurrent"))
+        return cls(requests, opt("key_requests"), opt("tokens"), opt("concurrent"),
+                   opt("concurrent_user"))
 
 
 @dataclass
@@ -139,6 +143,7 @@ class QuotaBook:
     users: dict[tuple[str, int], _UserWindow] = field(default_factory=dict)
     keys: dict[tuple[str, int], int] = field(default_factory=dict)
     in_flight: dict[str, int] = field(default_factory=dict)
+    user_in_flight: dict[str, int] = field(default_factory=dict)
     tickets: dict[str, Ticket] = field(default_factory=dict)
     granted: int = 0
     denied: int = 0
@@ -178,7 +183,7 @@ class QuotaBook:
         Raises:
             RateLimited: requests per window for the user or the key.
             QuotaExceeded: tokens per window for the user.
-            ConcurrencyLimited: requests in flight for the key.
+            ConcurrencyLimited: requests in flight for the key or the user.
         """
         now = time.time() if now is None else now
         window = self.window_of(now)
@@ -217,9 +222,19 @@ class QuotaBook:
                 data={"retry_after": 1.0, "limit": limits.concurrent_per_key,
                       "scope": "key"},
             )
+        user_active = self.user_in_flight.get(user_id, 0)
+        if limits.concurrent_per_user is not None and \
+                user_active >= limits.concurrent_per_user:
+            self.denied += 1
+            raise ConcurrencyLimited(
+                f"at most {limits.concurrent_per_user} requests in flight per user",
+                data={"retry_after": 1.0, "limit": limits.concurrent_per_user,
+                      "scope": "user"},
+            )
         user.requests += 1
         self.keys[(key_id, window)] = key_count + 1
         self.in_flight[key_id] = active + 1
+        self.user_in_flight[user_id] = user_active + 1
         ticket = Ticket(secrets.token_hex(12), user_id, key_id, window, holder, now + ttl)
         self.tickets[ticket.id] = ticket
         self.granted += 1
@@ -232,7 +247,8 @@ class QuotaBook:
         ticket = self.tickets.pop(ticket_id, None)
         if ticket is None:
             return False
-        self._free_slot(ticket.key_id)
+        self._free_slot(self.in_flight, ticket.key_id)
+        self._free_slot(self.user_in_flight, ticket.user_id)
         if tokens > 0:
             entry = self.users.get((ticket.user_id, ticket.window))
             if entry is not None:
@@ -254,12 +270,13 @@ class QuotaBook:
             self.release(ticket_id)
         return len(stale)
 
-    def _free_slot(self, key_id: str) -> None:
-        left = self.in_flight.get(key_id, 0) - 1
+    @staticmethod
+    def _free_slot(counts: dict[str, int], key: str) -> None:
+        left = counts.get(key, 0) - 1
         if left > 0:
-            self.in_flight[key_id] = left
+            counts[key] = left
         else:
-            self.in_flight.pop(key_id, None)
+            counts.pop(key, None)
 
     def _forget_old_windows(self, window: int) -> None:
         if len(self.users) > 4096 or len(self.keys) > 4096:

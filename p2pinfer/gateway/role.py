@@ -32,6 +32,7 @@ replaced like one that failed before its first token.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -69,6 +70,12 @@ log = logging.getLogger(__name__)
 # Shape checks at the gateway are generous: the worker applies its own limits.
 GATEWAY_LIMITS = ParamLimits(max_tokens=1_000_000, max_messages=1024,
                              max_prompt_chars=1_000_000)
+
+
+def share_of(user_id: str) -> str:
+    """The opaque token a worker shares its slots by (one per user; the
+    worker learns no user id from it)."""
+    return hashlib.blake2b(user_id.encode(), digest_size=8, person=b"p2pinfer-share").hexdigest()
 
 
 def _auth_params(params: Any) -> dict[str, Any]:
@@ -163,6 +170,7 @@ class GatewayRole:
         if isinstance(request.get("modelConfig"), dict):
             worker_params.update(request["modelConfig"])
         worker_params["model"] = model
+        worker_params["share"] = share_of(principal.user_id)
         digest = prompt_hash(request)
         quota_key = principal.api_key_id or f"session-{principal.user_id}"
         limits = self.settings.limits_for(principal.tier)

@@ -7,6 +7,7 @@
     default_token_limit = 0        # tokens per hour, default tier; 0 = no token limit
     premium_token_limit = 0        # tokens per hour, premium tier; 0 = no token limit
     concurrent_per_key = 8         # requests in flight per API key; 0 = unlimited
+    concurrent_per_user = 16       # requests in flight per user, all keys; 0 = unlimited
     default_model = "default"      # for requests that name no model
     request_timeout = 300          # seconds from arrival to the last token
     max_attempts = 3               # workers tried before the first token
@@ -30,8 +31,9 @@ __all__ = ["GatewaySettings"]
 
 _KEYS = {
     "default_rate_limit", "premium_rate_limit", "key_rate_limit", "default_token_limit",
-    "premium_token_limit", "concurrent_per_key", "default_model", "request_timeout",
-    "max_attempts", "cooldown", "candidate_ttl", "usage_flush_interval", "coordinator_timeout",
+    "premium_token_limit", "concurrent_per_key", "concurrent_per_user", "default_model",
+    "request_timeout", "max_attempts", "cooldown", "candidate_ttl", "usage_flush_interval",
+    "coordinator_timeout",
 }
 
 
@@ -43,6 +45,7 @@ class GatewaySettings:
     default_token_limit: int | None = None
     premium_token_limit: int | None = None
     concurrent_per_key: int | None = 8
+    concurrent_per_user: int | None = 16
     default_model: str = "default"
     request_timeout: float = 300.0
     max_attempts: int = 3
@@ -69,6 +72,7 @@ class GatewaySettings:
             default_token_limit=zero_is_none("default_token_limit", 0),
             premium_token_limit=zero_is_none("premium_token_limit", 0),
             concurrent_per_key=zero_is_none("concurrent_per_key", 8),
+            concurrent_per_user=zero_is_none("concurrent_per_user", 16),
             default_model=sec.get_str("default_model", "default"),
             request_timeout=sec.get_float("request_timeout", 300.0, minimum=1, maximum=86400),
             max_attempts=sec.get_int("max_attempts", 3, minimum=1, maximum=20),
@@ -88,4 +92,5 @@ class GatewaySettings:
             key_requests_per_window=self.key_rate_limit,
             tokens_per_window=self.premium_token_limit if premium else self.default_token_limit,
             concurrent_per_key=self.concurrent_per_key,
+            concurrent_per_user=self.concurrent_per_user,
         )

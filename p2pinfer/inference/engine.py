@@ -5,8 +5,11 @@ once, from the backend) and ``max_queue`` (requests allowed to wait for a
 slot). A request for a model whose slots are all busy and whose queue is
 full fails at once with :class:`~p2pinfer.errors.Overloaded` and a
 ``retry_after`` hint (the queue ahead of it times the model's average
-request duration, divided by its slots). Waiting is first come, first
-served. A cancelled request, queued or running, gives its place back
+request duration, divided by its slots). Waiting is fair between users:
+a freed slot goes to the request whose user (its ``share``) holds the
+fewest slots, first come, first served among equals, and a full queue makes
+room for a lighter user by refusing the heaviest user's newest waiter
+(:mod:`.slots`). A cancelled request, queued or running, gives its place back
 before its cancellation completes (see :mod:`.llamacpp` for how a running
 generation stops within a token).
 
@@ -49,7 +52,7 @@ from .backend import Backend, GenerationRequest, GenerationResult, ModelState, T
 from .cache import CachedAnswer, ResponseCache, cache_key
 from .metrics import UNKNOWN_MODEL, InferenceMetrics
 from .params import PromptRequest
-from .slots import SlotPool
+from .slots import Displaced, SlotPool
 
 __all__ = ["Completion", "Ewma", "InferenceEngine", "ServedModel"]
 
@@ -267,20 +270,20 @@ class InferenceEngine:
                 return
             self._count_cache(model, hit=False)
 
-        if model.free_slots == 0 and model.waiting >= model.max_queue:
+        share = request.share
+        if model.free_slots == 0 and model.waiting >= model.max_queue \
+                and not model.pool.make_room(share):
             self._count(model, "overloaded")
-            retry = model.retry_after()
-            raise Overloaded(
-                f"model {model.name} is busy: {model.in_flight} running, {model.waiting} "
-                f"queued (max {model.max_queue}); retry in {retry:.2f}s",
-                data={"retry_after": retry, "model": model.name, "queue_depth": model.waiting},
-            )
+            raise self._overloaded(model)
         try:
-            model.pool.acquire_nowait()
+            model.pool.acquire_nowait(share)
         except trio.WouldBlock:
             model.waiting += 1  # only requests that really wait count as queued
             try:
-                await model.pool.acquire()
+                await model.pool.acquire(share)
+            except Displaced:
+                self._count(model, "overloaded")
+                raise self._overloaded(model, displaced=True) from None
             except BaseException:
                 self._count(model, "cancelled")
                 raise
@@ -312,7 +315,7 @@ class InferenceEngine:
                 log.info("model %s: %s: %s", model.name, type(exc).__name__, exc.message)
             raise
         finally:
-            model.pool.release()
+            model.pool.release(share)
             self._count(model, outcome)
         ended = trio.current_time()
         self._record(model, result, started, first, ended)
@@ -333,6 +336,15 @@ class InferenceEngine:
             latency=ended - started,
             queued=acquired - started,
         )
+
+    @staticmethod
+    def _overloaded(model: ServedModel, *, displaced: bool = False) -> Overloaded:
+        retry = model.retry_after()
+        why = ("gave its place in the queue to another user's request" if displaced
+               else f"{model.in_flight} running, {model.waiting} queued (max {model.max_queue})")
+        return Overloaded(f"model {model.name} is busy: {why}; retry in {retry:.2f}s",
+                          data={"retry_after": retry, "model": model.name,
+                                "queue_depth": model.waiting})
 
     async def _replay(self, model: ServedModel, answer: CachedAnswer,
                       started: float) -> AsyncGenerator[TextChunk | Completion, None]:

@@ -64,6 +64,7 @@ class PromptRequest:
     params: GenerationParams
     use_cache: bool = True
     stream: bool = True
+    share: str = ""  # whose slots these are, for fair share (see inference.slots)
 
 
 def _fail(field: str, problem: str) -> InvalidParams:

@@ -65,6 +65,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -166,8 +167,20 @@ class InferenceRole:
     @rpc_method("processPrompt", access=Access.MEMBER, grants=("gateway",))
     async def rpc_process_prompt(self, ctx: CallContext, params: Any
                                  ) -> AsyncGenerator[dict[str, str], None]:
-        """Stream an answer to a prompt; the trailer carries usage and timing."""
-        request = parse_prompt_params(params, self.settings.limits)
+        """Stream an answer to a prompt; the trailer carries usage and timing.
+
+        Besides the prompt parameters, a gateway names the request's
+        ``share`` (an opaque token per user, at most 64 characters): slots
+        are shared fairly between shares. Without it, the calling gateway's
+        requests are one share."""
+        share = ctx.peer_id
+        if isinstance(params, dict) and "share" in params:
+            params = dict(params)
+            share = params.pop("share")
+            if not isinstance(share, str) or not 0 < len(share) <= 64:
+                raise InvalidParams("share: must be a string of 1 to 64 characters",
+                                    data={"field": "share"})
+        request = replace(parse_prompt_params(params, self.settings.limits), share=share)
         whole: list[str] | None = None if request.stream else []
         async with aclosing(self.engine.generate(request)) as events:
             async for event in events:

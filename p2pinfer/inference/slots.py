@@ -1,27 +1,42 @@
-"""A resizable pool of generation slots (first come, first served).
+"""A resizable pool of generation slots, shared fairly between users.
 
 :class:`SlotPool` is a counting semaphore whose capacity can change while
 requests hold and wait for slots, which is what lets a worker grow and
 shrink a model's slots at run time (``[scaling] autoscale``):
 
-- **growing** hands the new slots to the longest-waiting requests at once;
+- **growing** hands the new slots to waiting requests at once;
 - **shrinking** never takes a slot away from a request that holds one: the
   pool just stops handing slots out until enough holders have released
   theirs (``in_use`` may stay above ``capacity`` for a while, never the
   other way round).
 
-Waiters are served strictly in arrival order (a slot freed while others
-wait is handed over directly, so a newcomer cannot jump the queue), and a
-waiter cancelled before it got a slot leaves no trace.
+**Fair share.** Each request names its *share* (the gateway sends an opaque
+hash of the user; requests without one share their gateway's). A freed slot
+goes to the waiting request whose share holds the fewest slots at that
+moment, the earliest among equals; with one share this is strictly first
+come, first served. So a user who sends eight requests at a two-slot worker
+does not make another user's single request wait for all eight: it gets
+the next slot that frees. When the queue is full, a newcomer may take the
+place of the newest waiter of the share that holds and waits for the most
+(:meth:`SlotPool.make_room`), which then fails with :class:`Displaced`.
+
+A slot freed while others wait is handed over directly, so a newcomer cannot
+jump the queue, and a waiter cancelled before it got a slot leaves no trace.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from collections import Counter
+from dataclasses import dataclass, field
 
 import trio
 
-__all__ = ["SlotPool", "SlotPoolStatistics"]
+__all__ = ["Displaced", "SlotPool", "SlotPoolStatistics"]
+
+
+class Displaced(Exception):
+    """A waiting request gave its place in the queue to a lighter share's."""
 
 
 @dataclass(frozen=True)
@@ -38,8 +53,16 @@ class SlotPoolStatistics:
         return max(0, self.capacity - self.in_use)
 
 
+@dataclass(eq=False)
+class _Waiter:
+    share: str
+    seq: int
+    event: trio.Event = field(default_factory=trio.Event)
+    outcome: str | None = None  # "granted" or "displaced" once decided
+
+
 class SlotPool:
-    """A FIFO semaphore with a capacity that may change (see the module docstring).
+    """A fair semaphore with a capacity that may change (see the module docstring).
 
     Args:
         capacity: slots at first (>= 1).
@@ -50,7 +73,9 @@ class SlotPool:
             raise ValueError("capacity must be >= 1")
         self._capacity = capacity
         self._in_use = 0
-        self._lot = trio.lowlevel.ParkingLot()
+        self._held: Counter[str] = Counter()
+        self._waiters: list[_Waiter] = []  # in arrival order
+        self._seq = itertools.count()
 
     @property
     def capacity(self) -> int:
@@ -65,34 +90,59 @@ class SlotPool:
         return max(0, self._capacity - self._in_use)
 
     def statistics(self) -> SlotPoolStatistics:
-        return SlotPoolStatistics(self._capacity, self._in_use, len(self._lot))
+        return SlotPoolStatistics(self._capacity, self._in_use, len(self._waiters))
 
-    def acquire_nowait(self) -> None:
+    def held_by(self, share: str) -> int:
+        """Slots that requests of ``share`` hold now."""
+        return self._held[share]
+
+    def acquire_nowait(self, share: str = "") -> None:
         """Take a slot if one is free and nobody waits for one.
 
         Raises:
             trio.WouldBlock: no free slot (or others are first in line).
         """
-        if self._in_use >= self._capacity or len(self._lot):
+        if self._in_use >= self._capacity or self._waiters:
             raise trio.WouldBlock
-        self._in_use += 1
+        self._take(share)
 
-    async def acquire(self) -> None:
-        """Take a slot, waiting in line for one if needed."""
+    async def acquire(self, share: str = "") -> None:
+        """Take a slot, waiting in line for one if needed.
+
+        Raises:
+            Displaced: a newcomer of a lighter share took this place in line.
+        """
         await trio.lowlevel.checkpoint_if_cancelled()
         try:
-            self.acquire_nowait()
+            self.acquire_nowait(share)
         except trio.WouldBlock:
-            # The slot is counted for us by whoever unparks us (_dispatch).
-            await self._lot.park()
+            pass
         else:
             await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        waiter = _Waiter(share, next(self._seq))
+        self._waiters.append(waiter)
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            if waiter.outcome == "granted":  # the slot came with the cancellation
+                self.release(share)
+            elif waiter.outcome is None:
+                self._waiters.remove(waiter)
+            raise
+        if waiter.outcome == "displaced":
+            raise Displaced("another user's request took this place in the queue")
 
-    def release(self) -> None:
-        """Give a slot back (to the first waiter, if the capacity allows)."""
+    def release(self, share: str = "") -> None:
+        """Give a slot back (to the fairest waiter, if the capacity allows)."""
         if self._in_use <= 0:
             raise RuntimeError("release() without a slot held")
         self._in_use -= 1
+        left = self._held[share] - 1
+        if left > 0:
+            self._held[share] = left
+        else:
+            del self._held[share]
         self._dispatch()
 
     def resize(self, capacity: int) -> None:
@@ -103,7 +153,34 @@ class SlotPool:
         self._capacity = capacity
         self._dispatch()
 
+    def make_room(self, share: str) -> bool:
+        """Displace the newest waiter of the heaviest share (slots held plus
+        requests waiting) if that evens out the shares: True when a place
+        was freed for a request of ``share``, False when ``share`` is itself
+        among the heaviest and should be refused instead."""
+        if not self._waiters:
+            return False
+        load = self._held.copy()
+        load.update(w.share for w in self._waiters)
+        mine = load[share] + 1  # counting the newcomer
+        heaviest = max((w.share for w in self._waiters), key=lambda s: load[s])
+        if load[heaviest] - 1 < mine:
+            return False
+        victim = next(w for w in reversed(self._waiters) if w.share == heaviest)
+        self._waiters.remove(victim)
+        victim.outcome = "displaced"
+        victim.event.set()
+        return True
+
+    def _take(self, share: str) -> None:
+        self._in_use += 1
+        self._held[share] += 1
+
     def _dispatch(self) -> None:
-        while self._in_use < self._capacity and len(self._lot):
-            self._in_use += 1
-            self._lot.unpark(count=1)
+        while self._in_use < self._capacity and self._waiters:
+            held = self._held
+            waiter = min(self._waiters, key=lambda w: (held[w.share], w.seq))
+            self._waiters.remove(waiter)
+            self._take(waiter.share)
+            waiter.outcome = "granted"
+            waiter.event.set()
