@@ -16,6 +16,7 @@ per-address limit can be told apart from the legitimate client on 127.0.0.1.
 from __future__ import annotations
 
 import logging
+import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -41,10 +42,12 @@ from p2pinfer.rpc.host import (
     guard_handler,
 )
 
+from .chaos_harness import Topology, netns_unavailable_reason
 from .helpers import wait_for
 
 LOOPBACK = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
 ATTACKER_IP = "127.0.0.2"
+NETNS_SKIP = netns_unavailable_reason()
 
 
 class Service:
@@ -105,11 +108,12 @@ def attacker_host() -> Any:
     return host
 
 
-async def ping_from_a_new_client(addr: str) -> float:
+async def ping_from_a_new_client(addr: str, *, listen: str = "127.0.0.1") -> float:
     """Seconds for a brand-new peer (from 127.0.0.1) to connect and ping."""
     t0 = trio.current_time()
     host = make_host(Identity.generate())
-    async with host.run(listen_addrs=LOOPBACK), RpcClient.open(host) as rpc:
+    listen_addrs = [multiaddr.Multiaddr(f"/ip4/{listen}/tcp/0")]
+    async with host.run(listen_addrs=listen_addrs), RpcClient.open(host) as rpc:
         with trio.fail_after(10):
             peer = await rpc.connect(addr)
             assert await rpc.call(peer, "ping") == "pong"
@@ -207,6 +211,82 @@ async def test_idle_connections_from_eight_addresses_do_not_lock_a_new_client_ou
     assert pings and max(pings) < 5, pings
     # and afterwards, a normal client as fast as ever
     assert await ping_from_a_new_client(server.addr) < 5
+
+
+FLOOD_SCRIPT = """
+import asyncio, sys
+host, port, n, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+opened = 0
+async def one():
+    global opened
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            await asyncio.sleep(0.05)
+            continue
+        opened += 1
+        try:
+            writer.write(b"\\x13")  # one byte, then nothing
+            while await reader.read(4096):
+                pass
+        except OSError:
+            pass
+        writer.close()
+async def main():
+    tasks = [asyncio.create_task(one()) for _ in range(n)]
+    await asyncio.sleep(seconds)
+    print(opened, flush=True)
+    for t in tasks:
+        t.cancel()
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(NETNS_SKIP is not None, reason=f"needs network namespaces: {NETNS_SKIP}")
+async def test_idle_connections_from_eight_machines_do_not_lock_a_new_client_out() -> None:
+    """The same flood from eight network namespaces (eight machines with
+    their own addresses, behind a bridge): each keeps 64 idle connections
+    open for 8 s, reopening every one the node closes. A new client from
+    another address is served within 5 s throughout."""
+    import sys
+
+    with Topology(8) as net:
+        gateway_ip = f"10.231.{net.subnet}.1"
+        host = make_host(Identity.generate())
+        rpc_server = RpcServer(is_member=lambda peer: False)
+        rpc_server.register(Service())
+        async with host.run(listen_addrs=[multiaddr.Multiaddr(f"/ip4/{gateway_ip}/tcp/0")]):
+            host.set_stream_handler(RPC_PROTOCOL,
+                                    guard_handler("rpc", rpc_server.handle_stream))
+            server = Server(host, None, Service())  # type: ignore[arg-type]
+            floods = [await trio.lowlevel.open_process(
+                net.wrap(i, [sys.executable, "-c", FLOOD_SCRIPT, gateway_ip,
+                             str(server.port), str(DEFAULT_MAX_INBOUND_PER_IP), "8"]),
+                stdout=subprocess.PIPE) for i in range(8)]
+            pings: list[float] = []
+            try:
+                with trio.fail_after(60):
+                    await trio.sleep(1.5)  # the flood is on
+                    deadline = trio.current_time() + 5
+                    while trio.current_time() < deadline:
+                        pings.append(await ping_from_a_new_client(server.addr,
+                                                                  listen=gateway_ip))
+                    opened = []
+                    for proc in floods:
+                        assert proc.stdout is not None
+                        out = b""
+                        while chunk := await proc.stdout.receive_some():
+                            out += chunk
+                        opened.append(int(out.decode().split()[0]))
+                        await proc.wait()
+            finally:
+                for proc in floods:
+                    if proc.returncode is None:
+                        proc.kill()
+                        await proc.wait()
+    assert all(n >= DEFAULT_MAX_INBOUND_PER_IP for n in opened) and sum(opened) > PENDING_TOTAL
+    assert pings and max(pings) < 5, pings
 
 
 async def test_closed_connections_give_their_slot_back() -> None:
