@@ -181,8 +181,9 @@ def network_info(home: Path | None, as_json: bool) -> None:
 @click.option("--days", type=click.FloatRange(min=1), default=365, show_default=True,
               help="How long the certificate is valid.")
 @click.option("-b", "--bootstrap", multiple=True, metavar="MULTIADDR",
-              help="Addresses the new node should dial (repeatable). Default: this home's "
-                   "running daemon, else the network's bootstrap list.")
+              help="Addresses the new node should dial (repeatable). Default: the "
+                   "network's bootstrap list (network init --bootstrap), else this "
+                   "home's running daemon.")
 def network_admit(peer_id: str, home: Path | None, roles: str, operator: bool, days: float,
                   bootstrap: tuple[str, ...]) -> None:
     """Admit a node (owner only) and print its join token on stdout.
@@ -207,7 +208,7 @@ def network_admit(peer_id: str, home: Path | None, roles: str, operator: bool, d
         raise CliError("give --roles (e.g. --roles inference), or --operator", EXIT_USAGE)
     owner = _owner(path)
     cert = admit(owner, peer_id, [OPERATOR] if operator else role_list, days=days)
-    addrs = split_addrs(bootstrap) or daemon_addrs(path) or list(owner.network.bootstrap)
+    addrs = split_addrs(bootstrap) or list(owner.network.bootstrap) or daemon_addrs(path)
     token = make_join_token(owner.network, cert, addrs)
     click.echo(token)
     what = "operator key" if operator else f"node with roles {', '.join(role_list)}"

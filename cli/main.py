@@ -24,6 +24,7 @@ operator commands through :mod:`.operator`.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,11 @@ def cli() -> None:
     """
 
 
+# Where a daemon listens unless told: the node is a machine's member of a
+# network, reached by other machines (an embedded Node defaults to loopback).
+DAEMON_LISTEN = "/ip4/0.0.0.0/tcp/4001"
+
+
 @cli.command(context_settings=CONTEXT)
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               envvar="P2PINFER_CONFIG", help="TOML config file (env: P2PINFER_CONFIG).")
@@ -78,7 +84,8 @@ def cli() -> None:
               help="Node home dir for keys and data (env: P2PINFER_HOME).")
 @click.option("--roles", help="Comma-separated roles, overriding the config "
               "(auth,gateway,inference,metrics,web).")
-@click.option("--listen", multiple=True, help="Multiaddr to listen on (repeatable).")
+@click.option("--listen", multiple=True, help="Multiaddr to listen on (repeatable; default "
+              f"{DAEMON_LISTEN}: every interface, so other machines reach the node).")
 @click.option("--bootstrap", multiple=True, help="Bootstrap peer multiaddr ending in /p2p/<id> "
               "(repeatable).")
 @click.option("--ready-file", type=click.Path(dir_okay=False, path_type=Path),
@@ -126,6 +133,8 @@ def daemon(config_path: Path | None, home: Path | None, roles: str | None,
             node["roles"] = [r.strip() for r in roles.split(",") if r.strip()]
         if listen:
             node["listen"] = list(listen)
+        elif "listen" not in node and not os.environ.get("P2PINFER_LISTEN"):
+            node["listen"] = [DAEMON_LISTEN]
         if bootstrap:
             node["bootstrap"] = list(bootstrap)
         if log_format:

@@ -59,17 +59,38 @@ class _NodeFilter(logging.Filter):
         return True
 
 
+class _Libp2pRoutine(logging.Filter):
+    """py-libp2p logs each failed dial, refused protocol and failed
+    handshake of a single peer at ERROR, often over several lines (dozens a
+    minute while a node is down). p2pinfer handles each failure where it
+    happens and logs what matters once (a link lost and restored, a peer
+    refused), so py-libp2p's records below CRITICAL are shown only at DEBUG."""
+
+    def __init__(self, debug: bool) -> None:
+        super().__init__()
+        self.debug = debug
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("libp2p") and record.levelno < logging.CRITICAL:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return self.debug
+        return True
+
+
 def configure_logging(
     *, level: str | int = "INFO", fmt: str = "text", node: str = "", stream: Any = None
 ) -> None:
     """Configure the root logger once for a daemon or CLI process.
 
     py-libp2p logs multi-line warnings about ordinary events (a peer closing a
-    DHT stream), so its loggers are held at ERROR unless ``level`` is DEBUG.
+    DHT stream), so its loggers are held at ERROR unless ``level`` is DEBUG,
+    and its errors about single peers are shown as DEBUG (:class:`_Libp2pRoutine`).
     """
     import libp2p as _libp2p  # noqa: F401  (its import resets its logger: import first)
 
+    debug = logging.getLevelName(level) == "DEBUG" or level == logging.DEBUG
     handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(_Libp2pRoutine(debug))
     handler.addFilter(RequestIdFilter())
     if node:
         handler.addFilter(_NodeFilter(node))

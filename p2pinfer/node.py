@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import random
 import time
 from typing import Any, Protocol
 
@@ -27,12 +26,14 @@ import trio
 from prometheus_client import CollectorRegistry
 
 from . import __version__
+from .addresses import check_ports_free
 from .config import NodeConfig
 from .discovery import Descriptor, Discovery
-from .errors import ConfigError, InvalidParams, P2PInferError, PeerUnavailable
+from .errors import ConfigError, InvalidParams, P2PInferError
 from .grants import ALL_GRANTS
 from .homelock import HomeLock
 from .identity import Identity
+from .links import Links
 from .metrics.node_metrics import NodeMetrics
 from .rpc import RPC_PROTOCOL, Access, CallContext, RpcClient, RpcServer, make_host, rpc_method
 from .rpc.host import guard_handler, parse_multiaddr
@@ -50,18 +51,12 @@ ROLE_CLASSES: dict[str, str] = {
     "web": "p2pinfer.web.role:WebRole",
 }
 
+# Connections to one peer opened this close together were dialled by both
+# sides at once (rather than one replacing the other).
+SIMULTANEOUS_DIAL = 1.0
+
 # What a non-member peer may look up through ``findPeers``: the entry points.
 PUBLIC_ROLES = ("gateway", "web")
-# Redialing a bootstrap peer: from BOOTSTRAP_RETRY_FIRST seconds, doubling to
-# BOOTSTRAP_RETRY_MAX, each wait +-BOOTSTRAP_JITTER of itself. The cap bounds
-# how long a node stays cut off after the peer it joined through comes back
-# (a restarted hub has every worker back within about 5 s of serving).
-BOOTSTRAP_RETRY_FIRST = 0.2
-BOOTSTRAP_RETRY_MAX = 5.0
-BOOTSTRAP_JITTER = 0.2
-BOOTSTRAP_STABLE = 10.0  # seconds a link must hold for the backoff to start over
-
-
 class Role(Protocol):
     name: str
 
@@ -181,9 +176,8 @@ class Node:
         self.ready = trio.Event()
         self._descriptor: tuple[float, Descriptor] | None = None
         self._cancel_scope: trio.CancelScope | None = None
-        self._bootstrap_peers: list[str] = []
-        # set when the last connection to a bootstrap peer closes
-        self._link_lost: dict[str, trio.Event] = {}
+        # bootstrap peers and known members, dialled and redialled for ever
+        self.links = Links(self, keep=config.keep_links, clock=time.time)
         self._nursery: trio.Nursery | None = None
         #: set when this node learns the network owner removed it
         self.removed = False
@@ -229,21 +223,13 @@ class Node:
     # -- addresses and descriptor -----------------------------------------------
     @property
     def addrs(self) -> list[str]:
-        """This node's dialable multiaddrs, each ending in ``/p2p/<peer id>``."""
+        """The multiaddrs other machines can dial this node at, each ending
+        in ``/p2p/<peer id>`` (``[node] announce``, else the listen addresses
+        as :mod:`p2pinfer.addresses` picks them)."""
         out = []
         for addr in self.host.get_addrs():
             text = str(addr)
-            if "/ip4/0.0.0.0/" in text or "/ip6/::/" in text:
-                continue
             out.append(text if "/p2p/" in text else f"{text}/p2p/{self.peer_id}")
-        if not out:  # listening on a wildcard: advertise the real interfaces
-            from libp2p.utils.address_validation import get_available_interfaces
-
-            for addr in self.host.get_transport_addrs():
-                port = addr.value_for_protocol("tcp")
-                if port:
-                    for iface in get_available_interfaces(int(port)):
-                        out.append(f"{iface}/p2p/{self.peer_id}")
         return out
 
     def topics(self) -> list[str]:
@@ -351,13 +337,21 @@ class Node:
         if removed:
             if gossip is not None:
                 gossip.expel(peer_id)
+            self.links.removed(peer_id)
             self._schedule_cut_off(peer_id)
-        elif gossip is not None and self.is_member(peer_id):
-            gossip.admit(peer_id)
+        elif self.is_member(peer_id):
+            if gossip is not None:
+                gossip.admit(peer_id)
+            # its certificate often arrives just after its connection
+            if self._nursery is not None and peer_id in self.connected_peers():
+                self._nursery.start_soon(self._learn_addrs, peer_id)
 
-    def _was_removed(self, peer_id: str) -> bool:
+    def removed_peer(self, peer_id: str) -> bool:
+        """Whether the owner removed ``peer_id`` from the network."""
         return (self.ledger is not None
                 and self.ledger.store.membership.cutoff(peer_id) is not None)
+
+    _was_removed = removed_peer
 
     def _schedule_cut_off(self, peer_id: str) -> None:
         if self._nursery is not None:
@@ -393,14 +387,64 @@ class Node:
             return
         if self.ledger is not None and hasattr(self.ledger, "on_peer_connected"):
             self.ledger.on_peer_connected(peer_id)
+        if self._nursery is not None and self.is_member(peer_id):
+            self._nursery.start_soon(self._learn_addrs, peer_id)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._one_connection, peer_id)
+
+    async def _one_connection(self, peer_id: str) -> None:
+        """Keep one connection per peer, the same one on both sides.
+
+        A peer that dials again while we still hold a connection to it has
+        given up on that one (its address changed, or it restarted faster
+        than TCP noticed): calls would keep going down the dead one until
+        the dead-link timeout: the newest connection stays. Of connections
+        both sides opened at once (within ``SIMULTANEOUS_DIAL`` seconds),
+        both keep the one dialled by the smaller peer id. The RPC channel on
+        a closed one is dropped with it."""
+        swarm = self.host.get_network()
+        conns = [c for pid, cs in getattr(swarm, "connections", {}).items()
+                 if pid.to_base58() == peer_id for c in cs]
+        if len(conns) < 2:
+            return
+
+        def dialled_by_us(conn: Any) -> bool:
+            return bool(getattr(conn.muxed_conn, "is_initiator", False))
+
+        def born(conn: Any) -> float:
+            return float(getattr(conn, "_created_at", 0.0) or 0.0)
+
+        newest = max(born(c) for c in conns)
+        recent = [c for c in conns if newest - born(c) < SIMULTANEOUS_DIAL]
+        preferred = [c for c in recent if dialled_by_us(c) == (self.peer_id < peer_id)]
+        keep = max(preferred or recent, key=born)
+        self.rpc.drop(peer_id)  # its next call opens a stream on the one kept
+        for conn in conns:
+            if conn is not keep:
+                log.debug("closing a second connection to %s", peer_id)
+                with trio.move_on_after(2):
+                    try:
+                        await conn.close()
+                    except Exception:
+                        log.debug("closing a duplicate connection failed", exc_info=True)
+
+    async def _learn_addrs(self, peer_id: str) -> None:
+        """Remember where a member that just connected announces itself."""
+        desc = await self.discovery.descriptor(peer_id)
+        if desc is not None and self.is_member(peer_id):
+            self.links.learned(peer_id, list(desc.addrs))
+
+    def on_link_closed(self, peer_id: str) -> None:
+        """This node closed its connection to ``peer_id`` itself (the swarm
+        may not report it): act as on a disconnection unless it is back."""
+        if peer_id not in self.connected_peers():
+            self._on_disconnected(peer_id)
 
     def _on_disconnected(self, peer_id: str) -> None:
         self.discovery.forget(peer_id)
         self.rpc.drop(peer_id)
         if peer_id not in self.connected_peers():  # its last connection
-            lost = self._link_lost.pop(peer_id, None)
-            if lost is not None:
-                lost.set()
+            self.links.disconnected(peer_id)
             cancelled = self.rpc_server.peer_gone(peer_id)
             if cancelled:
                 log.info("%s left: cancelled its %d call(s) in flight", peer_id[-8:], cancelled)
@@ -427,53 +471,14 @@ class Node:
             addrs = list(getattr(self.ledger.network, "bootstrap", ()) or ())
         return [a for a in addrs if not a.endswith("/p2p/" + self.peer_id)]
 
-    async def _bootstrap(self, addr: str) -> None:
-        """Stay linked to one bootstrap peer for the node's life: dial it,
-        retrying with backoff until it answers, and dial it again whenever
-        the link is lost (the peer restarted, crashed or moved off the
-        network for a while). Each time, the node refreshes its DHT routing
-        table and announces its topics again, so that a restarted peer,
-        which lost its routing table and provider records, knows it at once.
-        """
-        delay = BOOTSTRAP_RETRY_FIRST
-        linked_before = False
-        while True:
-            try:
-                peer_id = await self.connect(addr)
-            except PeerUnavailable as exc:
-                wait = delay * random.uniform(1 - BOOTSTRAP_JITTER, 1 + BOOTSTRAP_JITTER)
-                log.log(logging.INFO if not linked_before else logging.DEBUG,
-                        "bootstrap %s not reachable (%s); retrying in %.1fs", addr, exc, wait)
-                await trio.sleep(wait)
-                delay = min(delay * 2, BOOTSTRAP_RETRY_MAX)
-                continue
-            linked_at = trio.current_time()
-            lost = self._link_lost.setdefault(peer_id, trio.Event())
-            if peer_id not in self._bootstrap_peers:
-                self._bootstrap_peers.append(peer_id)
-            await self.discovery.refresh()
-            self.discovery.request_announce()
-            log.info("%s bootstrap peer %s", "link restored to" if linked_before
-                     else "joined through", peer_id)
-            linked_before = True
-            if peer_id in self.connected_peers():  # (not lost while we refreshed)
-                await lost.wait()
-                log.warning("link to bootstrap peer %s lost; redialing", peer_id)
-            # the backoff starts over only after a link that held: a peer that
-            # closes each connection at once is not redialed every 0.2 s
-            if trio.current_time() - linked_at >= BOOTSTRAP_STABLE:
-                delay = BOOTSTRAP_RETRY_FIRST
-            else:
-                await trio.sleep(delay)
-                delay = min(delay * 2, BOOTSTRAP_RETRY_MAX)
-
     # -- lifecycle ------------------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run the node until cancelled.
 
         Raises:
-            ConfigError: the network owner removed this node, or another
-                node runs on its home (:mod:`p2pinfer.homelock`).
+            ConfigError: the network owner removed this node, another
+                node runs on its home (:mod:`p2pinfer.homelock`), or a
+                listen port is in use.
         """
         if self._was_removed(self.peer_id):
             raise ConfigError(
@@ -484,6 +489,7 @@ class Node:
         lock = HomeLock(self.config.home)
         await lock.acquire()
         try:
+            check_ports_free(listen)
             await self._run_locked(listen, task_status)
         finally:
             lock.release()
@@ -514,8 +520,7 @@ class Node:
             if self.ledger is not None:
                 await nursery.start(self.ledger.run)
             await nursery.start(self.discovery.run)
-            for addr in self.bootstrap_addrs():
-                nursery.start_soon(self._bootstrap, addr)
+            await nursery.start(self.links.run, self.bootstrap_addrs())
             for name, role in self.roles.items():
                 log.debug("starting role %s", name)
                 await nursery.start(role.run)

@@ -161,13 +161,14 @@ class Topology:
         self.bridge = f"p2cb{self.tag}"
         self.namespaces = [f"{NS_PREFIX}-{self.pid}-{i}" for i in range(n)]
         self.subnet = 0
+        self.moved: dict[int, str] = {}  # node -> its address after readdress()
         self._made: list[tuple[str, str]] = []
 
     def host_veth(self, i: int) -> str:
         return f"p2c{self.tag}h{i}"
 
     def addr(self, i: int) -> str:
-        return f"10.231.{self.subnet}.{10 + i}"
+        return self.moved.get(i, f"10.231.{self.subnet}.{10 + i}")
 
     def port(self, i: int) -> int:
         return 4001
@@ -227,6 +228,19 @@ class Topology:
 
     def heal(self, i: int) -> None:
         _ip("link", "set", self.host_veth(i), "up")
+
+    def readdress(self, i: int, host: int) -> str:
+        """Give node ``i`` the address ``10.231.<subnet>.<host>`` in place of
+        its own (as a DHCP lease change or a move to another network does);
+        returns the new address. Its sockets are left as they are."""
+        ns, inner = self.namespaces[i], f"p2c{self.tag}n{i}"
+        old, new = self.addr(i), f"10.231.{self.subnet}.{host}"
+        # the old one first: deleting a primary address also deletes the
+        # secondaries of its subnet (unless promote_secondaries is set)
+        _ip("-n", ns, "addr", "del", f"{old}/24", "dev", inner)
+        _ip("-n", ns, "addr", "add", f"{new}/24", "dev", inner)
+        self.moved[i] = new
+        return new
 
     def block(self, i: int, j: int) -> None:
         """Cut the path between nodes ``i`` and ``j`` only (both directions)."""
@@ -418,11 +432,17 @@ class Cluster:
         netns: namespaces (True), loopback (False) or namespaces if
             permitted and ``CHAOS_NETNS`` is not ``0`` (None).
         env: extra environment per node name (e.g. ``DATABASE_URL``).
+        hub: the first node is the only bootstrap node, as in the documented
+            deployment (it joins through nobody, every other node through
+            it); by default it bootstraps from the second node.
+        listen_any: every node listens on ``0.0.0.0`` (all its interfaces,
+            loopback included) instead of its namespace's address only.
     """
 
     def __init__(self, base: Path, layout: Mapping[str, Sequence[str]],
                  tables: Mapping[str, Any] | None = None, *, netns: bool | None = None,
-                 env: Mapping[str, Mapping[str, str]] | None = None) -> None:
+                 env: Mapping[str, Mapping[str, str]] | None = None, hub: bool = False,
+                 listen_any: bool = False) -> None:
         from p2pinfer.identity import Identity
         from p2pinfer.swarm import prepare_local_network
 
@@ -431,6 +451,8 @@ class Cluster:
         self.names = list(self.layout)
         self.tables = dict(tables or {})
         self.env = {k: dict(v) for k, v in (env or {}).items()}
+        self.hub = hub
+        self.listen_any = listen_any
         homes = prepare_local_network(base, self.layout, name="chaos network")
         self.peer_ids = {n: Identity.load_or_create(homes[n]).peer_id for n in self.names}
         if netns is None:  # CHAOS_NETNS=0 forces loopback
@@ -454,11 +476,13 @@ class Cluster:
         i = self.index(name)
         shared = {k: v for k, v in self.tables.items() if k not in self.layout}
         tables = _merge(shared, self.tables.get(name, {}))
-        boot = self.names[1] if i == 0 and len(self.names) > 1 else self.names[0]
+        boot = self.names[1] if i == 0 and len(self.names) > 1 and not self.hub \
+            else self.names[0]
+        host = "0.0.0.0" if self.listen_any else self.topology.addr(i)
         node = {
             "home": str(self.base / name),
             "roles": self.layout[name],
-            "listen": [f"/ip4/{self.topology.addr(i)}/tcp/{self.topology.port(i)}"],
+            "listen": [f"/ip4/{host}/tcp/{self.topology.port(i)}"],
             "bootstrap": [self.addr_of(boot)] if boot != name else [],
             "database_url": f"sqlite:///{self.base / name / 'node.db'}",
             "descriptor_ttl": 1.0,

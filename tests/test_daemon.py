@@ -109,3 +109,88 @@ def test_tune_gc_freezes_startup_objects_and_raises_thresholds() -> None:
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def spawn(env: dict[str, str], home: Path, *args: str) -> subprocess.Popen[bytes]:
+    with open(home / "stderr.log", "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "p2pinfer.daemon", *args], env=env,
+                                stdout=subprocess.DEVNULL, stderr=log)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_a_second_daemon_on_a_home_or_a_busy_port_is_refused(tmp_path: Path) -> None:
+    """A second daemon on the same home, and a daemon on another home whose
+    libp2p port is taken (py-libp2p listens with SO_REUSEPORT, so it used to
+    start and split connections with the first): exit 2, saying why."""
+    port = free_port()
+    home, other = tmp_path / "a", tmp_path / "b"
+    home.mkdir()
+    other.mkdir()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    listen = f"/ip4/127.0.0.1/tcp/{port}"
+    first = spawn(env, home, "--home", str(home), "--roles", "", "--listen", listen,
+                  "--ready-file", str(home / "ready.json"))
+    try:
+        await trio.to_thread.run_sync(wait_ready, first, home / "ready.json")
+
+        def second(h: Path) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "p2pinfer.daemon", "--home", str(h), "--roles", "",
+                 "--listen", listen], env=env, capture_output=True, text=True, timeout=60)
+
+        same_home = await trio.to_thread.run_sync(second, home)
+        busy_port = await trio.to_thread.run_sync(second, other)
+    finally:
+        stop(first)
+    assert same_home.returncode == 2, same_home.stderr
+    assert f"pid {first.pid}" in same_home.stderr
+    assert busy_port.returncode == 2, busy_port.stderr
+    assert f"port {port} is already in use" in busy_port.stderr
+    assert first.returncode == 0
+
+
+async def test_the_daemon_listens_on_every_interface_unless_told(tmp_path: Path) -> None:
+    """With no listen address anywhere, a daemon listens on port 4001 of
+    every interface and announces the machine's addresses, not loopback
+    (where the documented worker command used to leave it unreachable)."""
+    from p2pinfer.addresses import interface_ips, is_local
+
+    env = {k: v for k, v in os.environ.items() if k != "P2PINFER_LISTEN"}
+    env["PYTHONUNBUFFERED"] = "1"
+    ready = tmp_path / "ready.json"
+    proc = spawn(env, tmp_path, "--home", str(tmp_path), "--roles", "",
+                 "--ready-file", str(ready))
+    try:
+        info = await trio.to_thread.run_sync(wait_ready, proc, ready)
+    finally:
+        stop(proc)
+    remote = [ip for ip in interface_ips(4) if not is_local(ip)]
+    expected = remote or ["127.0.0.1"]
+    assert sorted(info["addrs"]) == sorted(
+        f"/ip4/{ip}/tcp/4001/p2p/{info['peer_id']}" for ip in expected)
+
+
+async def test_a_missing_bootstrap_peer_is_logged_once_not_per_dial(tmp_path: Path) -> None:
+    """Bootstrap peer down for the node's first 4 s: one line says so (its
+    redials, and py-libp2p's own error per failed dial, only at DEBUG)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ready = tmp_path / "ready.json"
+    gone = Identity.generate().peer_id
+    proc = spawn(env, tmp_path, "--home", str(tmp_path), "--roles", "", "--listen",
+                 "/ip4/127.0.0.1/tcp/0", "--bootstrap",
+                 f"/ip4/127.0.0.1/tcp/{free_port()}/p2p/{gone}", "--ready-file", str(ready))
+    try:
+        await trio.to_thread.run_sync(wait_ready, proc, ready)
+        await trio.sleep(4)
+    finally:
+        stop(proc)
+    log = (tmp_path / "stderr.log").read_text()
+    assert log.count(f"bootstrap {gone} not reachable") == 1, log
+    assert "libp2p" not in log, log

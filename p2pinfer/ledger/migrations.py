@@ -24,7 +24,8 @@ Tables (timestamps are REAL seconds since the epoch, ids UUID strings):
 - ``audit`` and ``revoked_sessions``;
 - ``erased_users`` and ``redactions`` (what erasures redacted; a redacted
   row of ``events`` holds a stub, ``redacted`` = 1);
-- ``local_state``: this node's own, unreplicated state (the restore fence).
+- ``local_state``: this node's own, unreplicated state (the restore fence);
+- ``peer_addrs``: where this node last saw each member (unreplicated).
 """
 
 from __future__ import annotations
@@ -180,6 +181,15 @@ def m006_password_change(db: Database) -> None:
     db.table("user_attrs").add_column("password_rank", TEXT)
     db.table("user_attrs").add_column("sessions_after", REAL)
     db.table("users").add_column("sessions_after", REAL)
+
+
+@migration
+def m007_peer_addrs(db: Database) -> None:
+    """``peer_addrs``: where this node last saw each member (the addresses
+    of its signed descriptor), never replicated: a restarted node redials
+    its members from here before any peer answers."""
+    db.table("peer_addrs").create({"peer_id": TEXT, "addrs": TEXT, "seen_at": REAL},
+                                  pk="peer_id", if_not_exists=True)
 
 
 def applied_migrations(db: Database) -> list[str]:

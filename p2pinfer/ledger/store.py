@@ -518,6 +518,26 @@ class Store:
             self.conn.execute("DELETE FROM local_state WHERE key='fence'")
         self.fence = None
 
+    # -- where members were seen (this node's own, never replicated) ----------------
+    def remember_addrs(self, peer_id: str, addrs: list[str], now: float) -> None:
+        """Record where member ``peer_id`` announced itself."""
+        with self._transaction():
+            self.conn.execute(
+                "INSERT INTO peer_addrs (peer_id, addrs, seen_at) VALUES (?, ?, ?) "
+                "ON CONFLICT(peer_id) DO UPDATE SET addrs=excluded.addrs, "
+                "seen_at=excluded.seen_at", (peer_id, json.dumps(addrs), now))
+
+    def known_addrs(self, limit: int = 256) -> list[tuple[str, list[str], float]]:
+        """(peer id, addresses, last seen), the most recently seen first."""
+        rows = self.conn.execute(
+            "SELECT peer_id, addrs, seen_at FROM peer_addrs ORDER BY seen_at DESC LIMIT ?",
+            (limit,)).fetchall()
+        return [(p, list(json.loads(a)), float(t)) for p, a, t in rows]
+
+    def forget_addrs(self, peer_id: str) -> None:
+        with self._transaction():
+            self.conn.execute("DELETE FROM peer_addrs WHERE peer_id=?", (peer_id,))
+
     def count_events(self) -> int:
         return int(self.conn.execute("SELECT count(*) FROM events WHERE applied=1").fetchone()[0])
 

@@ -71,8 +71,9 @@ def make_host(
 
     Args:
         identity: the node key; the host's peer id is ``identity.peer_id``.
-        announce_addrs: addresses to advertise instead of the listen ones
-            (listening on 0.0.0.0 would otherwise advertise 0.0.0.0).
+        announce_addrs: addresses to advertise instead of those
+            :func:`p2pinfer.addresses.advertised` picks from the listen
+            addresses (wildcards expanded, loopback dropped if there is more).
         enable_mdns: LAN discovery through mDNS.
         max_inbound_per_ip: inbound connections accepted from one IP address.
         dead_link_timeout: seconds of unacknowledged data (or unanswered
@@ -100,8 +101,17 @@ def make_host(
     }
     muxer_opt = {TProtocol(YAMUX_PROTOCOL_ID): Yamux}
     kwargs: dict[str, Any] = {}
+    built: list[Any] = []
     if announce_addrs:
         kwargs["announce_addrs"] = [multiaddr.Multiaddr(a) for a in announce_addrs]
+    else:
+        from ..addresses import advertised
+
+        def addrs_factory(candidates: list[Any]) -> list[Any]:
+            listening = built[0].get_transport_addrs() if built else candidates
+            return advertised(candidates, listening)
+
+        kwargs["addrs_factory"] = addrs_factory
     host = new_host(
         key_pair=key_pair,
         sec_opt=sec_opt,
@@ -110,6 +120,7 @@ def make_host(
         enable_mDNS=enable_mdns,
         **kwargs,
     )
+    built.append(host)
     _disable_auto_dial(host)
     _shorten_dial_blacklist(host)
     harden_tcp(host, max_inbound_per_ip=max_inbound_per_ip, dead_after=dead_link_timeout)
@@ -127,6 +138,29 @@ def _tcp_socket(conn: Any) -> Any:
         obj = getattr(obj, "stream", None)
         if obj is None:
             return None
+    return None
+
+
+def local_ip(conn: Any) -> str | None:
+    """The local IP address of a py-libp2p connection at any layer (swarm,
+    muxed, secured or raw), or None if there is no TCP socket under it."""
+    seen: set[int] = set()
+    layer = [conn]
+    for _ in range(8):
+        below: list[Any] = []
+        for obj in layer:
+            if obj is None or id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            sock = getattr(obj, "socket", None)
+            if sock is not None and hasattr(sock, "getsockname"):
+                try:
+                    return str(sock.getsockname()[0])
+                except OSError:
+                    return None
+            below.extend(getattr(obj, name, None) for name in
+                         ("muxed_conn", "secured_conn", "conn", "stream", "raw_conn"))
+        layer = below
     return None
 
 
