@@ -215,16 +215,38 @@ def _uptime(seconds: Any) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+async def _member_health(session: OperatorSession) -> dict[str, Any]:
+    """A gateway's and a metrics node's health, asked as a member (every
+    node named)."""
+    out: dict[str, Any] = {"gateway": None, "system": None}
+    for role, method, key in (("gateway", "getServiceHealth", "gateway"),
+                              ("metrics", "getSystemHealth", "system")):
+        found = await session.find(role)
+        if not found:
+            out[f"{key}_error"] = f"no {role} node found"
+            continue
+        try:
+            out[key] = await session.call(method, {}, peer=found[0].peer_id)
+        except P2PInferError as exc:
+            out[f"{key}_error"] = exc.message
+    return out
+
+
 @click.command(context_settings=CONTEXT)
+@home_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @swarm_access(api_key=False)
-def health(as_json: bool, access: SwarmAccess) -> None:
+def health(home: Path | None, as_json: bool, access: SwarmAccess) -> None:
     """The swarm's health: a gateway's view (workers, models, load) and, when
-    a metrics node is reachable, every node's status and firing alerts.
+    a metrics node is reachable, every node's status, firing alerts, and why
+    it is not ok (a node down or fenced, a model no worker serves, a link
+    down). With a home that can act as a network member (--home, or the up
+    swarm's hub) nodes are named.
 
     \b
     Examples:
       p2pinfer health
+      p2pinfer health --home /var/lib/p2pinfer
       p2pinfer health --url http://gateway.lan:3000 --json
     """
     import trio
@@ -237,7 +259,15 @@ def health(as_json: bool, access: SwarmAccess) -> None:
             out["system_error"] = exc.message
         return out
 
-    result = trio.run(with_client, access, "none", body)
+    member_home = _member_home(home, access) if home is not None else None
+    if member_home is not None:
+        op = OperatorAccess(member_home, access.bootstrap if not access.saved_target else [],
+                            access.timeout, access.creds)
+        result = trio.run(op.run, _member_health)
+        if result["gateway"] is None:
+            raise CliError(result.get("gateway_error") or "no gateway found")
+    else:
+        result = trio.run(with_client, access, "none", body)
     if as_json:
         print_json(result)
         return
@@ -249,6 +279,8 @@ def health(as_json: bool, access: SwarmAccess) -> None:
               f"[{colour.get(status, 'white')}]{status}[/] · v{gw.get('version', '?')} · "
               f"up {_uptime(gw.get('uptime'))} · {gw.get('workers', 0)} worker(s) · "
               f"{gw.get('in_flight', 0)} in flight · {gw.get('served', 0)} served")
+    for reason in gw.get("reasons") or []:
+        out.print(f"  [yellow]why[/] {reason}")
     models = gw.get("models") or {}
     if models:
         out.print("Models: " + ", ".join(f"{name} ({len(workers)} worker(s))"
@@ -262,6 +294,8 @@ def health(as_json: bool, access: SwarmAccess) -> None:
     sys_status = system.get("status", "?")
     out.print(f"Swarm: [{colour.get(sys_status, 'white')}]{sys_status}[/] · "
               f"{summary.get('up', '?')} of {summary.get('nodes', '?')} node(s) up")
+    for reason in system.get("reasons") or []:
+        out.print(f"  [yellow]why[/] {reason}")
     alerts = system.get("alerts") or []
     for alert in alerts:
         out.print(f"  [red]alert[/] {alert.get('name', '?')} ({alert.get('severity', '?')}, "

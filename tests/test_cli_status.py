@@ -93,6 +93,24 @@ def test_health(swarm: BackgroundSwarm) -> None:
     assert data["gateway"]["status"] == "ok" and data["system"] is None  # HTTP: gateway view
 
 
+def test_health_as_a_member_names_nodes_and_counts_only_nodes(swarm: BackgroundSwarm) -> None:
+    """With --home the nodes are listed by peer id; operator commands, whose
+    keys connect for a moment and leave, are never counted as nodes (each
+    used to become a node that was "down" for an hour)."""
+    home = str(swarm.home)
+    for _ in range(2):  # operator keys connect and leave
+        invoke("metrics", "--home", home, "--bootstrap", swarm.addr, "--scope", "node")
+    data = json.loads(invoke("health", "--home", home, "--bootstrap", swarm.addr,
+                             "--json").stdout)
+    nodes = {n.peer_id for n in swarm.swarm.nodes.values()}
+    listed = {n["peer_id"] for n in data["system"]["nodes"]}
+    assert listed == nodes, (listed, nodes)
+    assert data["system"]["summary"]["nodes"] == len(nodes)
+    assert data["system"]["status"] == "ok" and data["system"]["reasons"] == []
+    out = invoke("health", "--home", home, "--bootstrap", swarm.addr).stdout
+    assert "Swarm:" in out and f"{len(nodes)} of {len(nodes)} node(s) up" in out
+
+
 def test_metrics_as_an_operator(swarm: BackgroundSwarm) -> None:
     home = str(swarm.home)
     out = invoke("metrics", "--home", home, "--bootstrap", swarm.addr, "--scope", "node").stdout

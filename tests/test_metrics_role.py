@@ -347,3 +347,49 @@ async def test_audit_log_query(tmp_path: Path, nursery: trio.Nursery) -> None:
             assert [r["action"] for r in recent["rows"]] == ["apikey.issue"]
             with pytest.raises(errors.InvalidParams, match="limit"):
                 await node.rpc.call(node.peer_id, "getAuditLog", {"limit": 10_000})
+
+
+async def test_health_says_why_it_is_degraded(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """A metrics node whose bootstrap peer does not answer, and which expects
+    a model no worker serves: getSystemHealth and GET /health say degraded,
+    and why, naming the peer and the model for members and neither for
+    strangers; when the peer is back the link reason goes."""
+    homes = make_network(tmp_path, ["m", "boot"], roles=["metrics"])
+    boot_id = Identity.load_or_create(homes[1]).peer_id
+    port = _free_port()
+    boot_addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{boot_id}"
+    cfg = node_config(homes[0], roles=["metrics"], bootstrap=[boot_addr],
+                      tables=metrics_tables(expected_models=["llama-big"]))
+    with trio.fail_after(60):
+        async with run_nodes(nursery, [cfg]) as (node,):
+            health = await node.rpc.call(node.peer_id, "getSystemHealth")
+            assert health["status"] == "degraded"
+            reasons = health["reasons"]
+            assert any(f"not linked to its bootstrap peer {boot_id}" in r for r in reasons)
+            assert "no worker serves model llama-big" in reasons
+            url = node.roles["metrics"].url
+            async with httpx.AsyncClient() as http:
+                body = (await http.get(f"{url}/health")).json()
+            assert body["status"] == "degraded" and body["reasons"] == reasons
+            async with stranger_client() as client:
+                peer = await client.connect(node.addrs[0])
+                public = await client.call(peer, "getSystemHealth")
+            assert public["status"] == "degraded"
+            assert not any(boot_id in r for r in public["reasons"])
+            assert any("not linked to a bootstrap peer" in r for r in public["reasons"])
+            boot_cfg = node_config(homes[1], roles=[], listen=[f"/ip4/127.0.0.1/tcp/{port}"])
+            async with run_nodes(nursery, [boot_cfg]):
+
+                async def linked() -> bool:
+                    h = await node.rpc.call(node.peer_id, "getSystemHealth")
+                    return not any("bootstrap" in r for r in h["reasons"])
+
+                await wait_for(linked, limit=20)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

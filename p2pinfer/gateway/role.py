@@ -278,9 +278,15 @@ class GatewayRole:
                     models.setdefault(name, []).append(desc.peer_id)
         metrics = self._metrics()
         ledger = metrics.ledger_health() if metrics is not None else None
-        status = "ok" if models else "degraded"
+        reasons = [] if models else ["no worker serves any model"]
+        if metrics is not None:  # what this node itself lacks (kinds only: PUBLIC)
+            from ..metrics.node_metrics import PROBLEM_KINDS
+
+            reasons += [PROBLEM_KINDS.get(str(p.get("kind")), str(p.get("kind")))
+                        for p in metrics.health().get("problems", [])]
         return {
-            "status": status,
+            "status": "degraded" if reasons else "ok",
+            "reasons": reasons,
             "peer_id": self.node.peer_id,
             "version": __version__,
             "uptime": time.time() - self.node.started_at,

@@ -5,7 +5,9 @@ each role, refreshed every ``discover_interval`` seconds) or connected to
 this node, and every node seen before. A node keeps its place in the
 snapshot while it is down (``up = false``, which is what the ``NodeDown``
 alert watches) until it has been down ``forget_after`` seconds, or as soon
-as it stops being a network member.
+as it stops being a network member. Only members whose certificate grants a
+node role are nodes: operator keys and role-less members (an operator's
+command, an observer) come and go without ever counting as down.
 
 How: one ``getNodeMetrics`` call per node per round, all at once; a round
 waits ``peer_timeout`` for each, and a node that has not answered by then,
@@ -32,6 +34,7 @@ from typing import Any
 import trio
 
 from ..errors import P2PInferError
+from ..grants import ROLES
 from . import catalogue as cat
 from .alerts import Alert, AlertRule
 from .samples import Family, NodeSample, Sample, SwarmSnapshot, decode_families, encode_families
@@ -42,6 +45,7 @@ __all__ = ["ClusterCollector", "swarm_families"]
 log = logging.getLogger(__name__)
 
 DISCOVERED_ROLES = ("auth", "gateway", "inference", "metrics", "web")
+NODE_ROLES = frozenset(ROLES)  # a member with one of these grants is a node
 CALL_TIMEOUT = 30.0
 
 
@@ -83,12 +87,17 @@ class ClusterCollector:
 
     # -- peers -------------------------------------------------------------------
     def add_peer(self, peer_id: str) -> None:
-        """Start watching a member node (ignored for non-members and self)."""
+        """Start watching a member node (ignored for self, non-members, and
+        members that are not nodes: operator keys and role-less observers,
+        which connect for a command and leave)."""
         if peer_id == self.node.peer_id or peer_id in self.known:
             return
-        if not self.node.is_member(peer_id):
+        if not self._is_node(peer_id):
             return
         self.known[peer_id] = _Peer(first_seen=trio.current_time())
+
+    def _is_node(self, peer_id: str) -> bool:
+        return bool(self.node.grants_of(peer_id) & NODE_ROLES)
 
     async def discover(self) -> None:
         """Find member nodes of every role through the DHT."""
@@ -124,7 +133,7 @@ class ClusterCollector:
         for peer_id in list(self.known):
             peer = self.known[peer_id]
             since = peer.last_up if peer.last_up is not None else peer.first_seen
-            if not self.node.is_member(peer_id) or now - since > self.settings.forget_after:
+            if not self._is_node(peer_id) or now - since > self.settings.forget_after:
                 log.info("no longer watching node %s", peer_id)
                 del self.known[peer_id]
 

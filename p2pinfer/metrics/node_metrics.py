@@ -62,6 +62,10 @@ from .samples import encode_families
 
 __all__ = ["NodeMetrics", "ActiveUsers"]
 
+# What non-members are told of a node's problem (members get the text).
+PROBLEM_KINDS = {"model_error": "a model is in error", "fenced": "restore fence",
+                 "unlinked": "not linked to a bootstrap peer"}
+
 log = logging.getLogger(__name__)
 
 MAX_TRACKED_USERS = 100_000
@@ -340,12 +344,26 @@ class NodeMetrics:
                                        "in_flight": m.get("in_flight")})
             except Exception:
                 log.exception("inference role failed to describe itself")
-        degraded = [m["name"] for m in models if m["status"] == "error"]
+        # what keeps this node from serving fully: {"kind", "text"} (the
+        # kind is what non-members are told; the text names models and peers)
+        problems = [{"kind": "model_error", "text": f"model {m['name']} is in error"}
+                    for m in models if m["status"] == "error"]
+        ledger = self.ledger_health()
+        if ledger is not None and ledger.get("fenced"):
+            problems.append({"kind": "fenced", "text": (
+                "restored from a backup: it writes nothing until enough members have "
+                "told it the newest of its own events (restore fence)")})
+        links = getattr(node, "links", None)
+        if links is not None:
+            for peer_id in links.unlinked_bootstrap():
+                problems.append({"kind": "unlinked",
+                                 "text": f"not linked to its bootstrap peer {peer_id}"})
         scaling = getattr(node, "scaling", None)
         return {
             "scaling": scaling.status() if scaling is not None else None,
             "peer_id": node.peer_id,
-            "status": "degraded" if degraded else "ok",
+            "status": "degraded" if problems else "ok",
+            "problems": problems,
             "roles": sorted(getattr(node, "roles", {})),
             "version": __version__,
             "uptime": round(time.time() - node.started_at, 3),

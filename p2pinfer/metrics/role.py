@@ -31,10 +31,17 @@ RPC methods:
 
         {"status": "ok"|"degraded"|"critical", "time", "checked_by",
          "summary": {"nodes", "up", "down", "roles": {role: nodes up}},
-         "models": {name: workers}, "alerts": [alert, ...],
+         "models": {name: workers}, "reasons": ["why it is not ok", ...],
+         "alerts": [alert, ...],
          "nodes": [{"peer_id", "up", "status", "roles", "version", "uptime",
                     "replication_lag", "ledger", "connected_peers", "models",
-                    "last_seen", "error", "scaling"}]}
+                    "last_seen", "error", "problems", "scaling"}]}
+
+    ``reasons`` has one line per cause: a node down (named, with the error),
+    a node's own problems (``problems``: ``{"kind", "text"}``: a model in
+    error, the restore fence, a bootstrap peer it is not linked to), a
+    model no worker serves, another firing alert. Only members whose
+    certificate grants a node role count as nodes (not operator keys).
 
     ``scaling`` is the node's scaling view (:meth:`p2pinfer.scaling.Scaling.status`:
     window figures, triggers and slots per model; the swarm's on a metrics
@@ -43,10 +50,9 @@ RPC methods:
     replication lag on that node (None if it applied no replicated event in
     the window); ``ledger`` has its event, held, behind and member counts.
 
-    Non-members get the same without ``nodes`` and with alert labels other
-    than ``service`` and ``model`` removed: counts and states, no peer ids.
-    ``critical``: a critical alert fires; ``degraded``: a warning alert
-    fires, a node is down, or a node reports a model in error.
+    Non-members get the same without ``nodes``, with alert labels other
+    than ``service`` and ``model`` removed and reasons without peer ids.
+    ``critical``: a critical alert fires; ``degraded``: there is a reason.
 
 ``getAuditLog`` (MEMBER)
     params: ``{"actor", "action", "since", "limit"}`` (all optional).
@@ -78,7 +84,7 @@ from .alerts import (
 from .audit import audit_row, parse_audit_query
 from .collector import ClusterCollector, swarm_families
 from .exporter import build_app, serve_http
-from .node_metrics import NodeMetrics
+from .node_metrics import PROBLEM_KINDS, NodeMetrics
 from .samples import SwarmSnapshot, render_swarm
 from .settings import MetricsSettings
 from .webhook import WebhookNotifier
@@ -222,11 +228,13 @@ class MetricsRole:
                 "models": health.get("models", []),
                 "last_seen": None if last_up is None else round(last_up + wall_offset, 3),
                 "error": sample.error,
+                "problems": health.get("problems") or [],
                 "scaling": health.get("scaling"),
             })
+        reasons = self._reasons(nodes, snap.models, firing, member=member)
         if any(a.severity == "critical" for a in firing):
             status = "critical"
-        elif firing or any(n["status"] != "ok" for n in nodes):
+        elif reasons:
             status = "degraded"
         else:
             status = "ok"
@@ -239,6 +247,7 @@ class MetricsRole:
             "summary": {"nodes": len(nodes), "up": up, "down": len(nodes) - up,
                         "roles": roles},
             "models": dict(sorted(snap.models.items())),
+            "reasons": reasons,
         }
         if member:
             out["alerts"] = [a.to_dict() for a in firing]
@@ -249,6 +258,38 @@ class MetricsRole:
                  "labels": {k: v for k, v in a.labels.items() if k in PUBLIC_ALERT_LABELS}}
                 for a in firing
             ]
+        return out
+
+    @staticmethod
+    def _reasons(nodes: list[dict[str, Any]], models: dict[str, int], firing: list[Any], *,
+                 member: bool) -> list[str]:
+        """Why the swarm is not "ok", one line each. Members are told which
+        node; others get the same lines without peer ids."""
+        out: list[str] = []
+
+        def who(n: dict[str, Any]) -> str:
+            roles = ", ".join(n.get("roles") or []) or "no roles"
+            return f"node {n['peer_id']} ({roles})" if member else f"a node ({roles})"
+
+        for n in nodes:
+            if not n["up"]:
+                out.append(f"{who(n)} is down" + (f": {n['error']}" if member and n.get("error")
+                                                  else ""))
+                continue
+            for problem in n.get("problems") or []:
+                if not isinstance(problem, dict):
+                    continue
+                kind = str(problem.get("kind", "problem"))
+                text = str(problem.get("text", kind)) if member else PROBLEM_KINDS.get(kind, kind)
+                out.append(f"{who(n)}: {text}")
+        for name, workers in sorted(models.items()):
+            if workers == 0:
+                out.append(f"no worker serves model {name}")
+        for alert in firing:
+            if alert.name in ("NodeDown", "NoWorkerForModel"):
+                continue  # said above, with the node or the model
+            out.append(f"alert {alert.name}: {alert.summary}" if member
+                       else f"alert {alert.name} ({alert.severity})")
         return out
 
     # -- RPC -------------------------------------------------------------------------
