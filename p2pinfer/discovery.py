@@ -282,10 +282,44 @@ class Discovery:
 
         mode = DHTMode.SERVER if self.dht_server else DHTMode.CLIENT
         self.dht = KadDHT(self.host, mode, max_peers_per_subnet=0)
+        self._members_only_routing(self.dht.routing_table)
         async with background_trio_service(self.dht):
             self.started.set()
             task_status.started()
             await self._announce_loop()
+
+    def _members_only_routing(self, table: Any) -> None:
+        """Only members enter the routing table.
+
+        py-libp2p adds every peer that talks to the DHT, and then sends each
+        announcement (ADD_PROVIDER) to the closest of them, for ever: after a
+        thousand CLI runs a hub kept dialling the departed clients, about 150
+        failed dials per announcement. Non-members have no place in the
+        table: their records would be refused anyway.
+        """
+        if self.authority is None:
+            return
+        original = table.add_peer
+        authority = self.authority
+
+        async def add_member(peer: Any, *args: Any, **kwargs: Any) -> bool:
+            peer_id = getattr(peer, "peer_id", peer)
+            if not authority(peer_id.to_base58()):
+                return False
+            return bool(await original(peer, *args, **kwargs))
+
+        table.add_peer = add_member
+
+    def expel(self, peer_id: str) -> None:
+        """Drop a peer from the routing table (it was removed from the network)."""
+        if self.dht is None:
+            return
+        from libp2p.peer.id import ID
+
+        try:
+            self.dht.routing_table.remove_peer(ID.from_base58(peer_id))
+        except Exception:
+            log.debug("could not drop %s from the routing table", peer_id, exc_info=True)
 
     async def add_peer(self, peer_id: str) -> None:
         """Put a connected peer in the routing table (after a bootstrap dial)."""

@@ -82,3 +82,46 @@ async def test_workers_come_back_to_a_restarted_hub_within_10_s(
 
 async def _eq(value: Any, expected: int) -> bool:
     return bool(await value == expected)
+
+
+async def test_clients_that_came_and_went_are_not_dialled(tmp_path: Path,
+                                                          nursery: trio.Nursery) -> None:
+    """A thousand short-lived clients (each its own libp2p host and key, as
+    each CLI run is) connect to the hub, ask and leave. Once they have
+    left, the hub dials none of them: its failed dials stay flat over
+    several announcement rounds (py-libp2p's DHT used to fall back on every
+    peer it had ever seen, about 150 failed dials per round after 100
+    clients, for ever)."""
+    homes = make_network(tmp_path, ["hub", "w"], roles=[["auth", "gateway"], ["inference"]])
+    hub_cfg = node_config(homes[0], roles=["auth", "gateway"], announce_interval=1.0,
+                          tables={"auth": FAST})
+    with trio.fail_after(240):
+        async with run_nodes(nursery, [hub_cfg]) as (hub,):
+            w_cfg = node_config(homes[1], roles=["inference"], bootstrap=[hub.addrs[0]],
+                                announce_interval=1.0, tables=MODEL)
+            async with run_nodes(nursery, [w_cfg]):
+                await wait_for(lambda: workers_seen(hub), limit=20)
+
+                def failed() -> float:
+                    return float(hub.metrics.dials.labels("failed")._value.get())
+
+                async def one() -> None:
+                    async with Client(bootstrap=[hub.addrs[0]]) as client:
+                        await client.health()
+
+                limiter = trio.CapacityLimiter(16)
+
+                async def guarded() -> None:
+                    async with limiter:
+                        await one()
+
+                async with trio.open_nursery() as clients:
+                    for _ in range(1000):
+                        clients.start_soon(guarded)
+                await trio.sleep(3)  # dials to clients caught leaving end
+                before = failed()
+                await trio.sleep(5)  # five announcement rounds
+                after = failed()
+                peers = len(hub.host.get_peerstore().peer_ids())
+    assert after == before, (before, after)
+    assert peers <= 3, peers  # itself, the worker (and nobody else)

@@ -29,6 +29,7 @@ from ..errors import InvalidParams
 
 __all__ = [
     "ACCESS_REFUSED",
+    "DIALS",
     "ACTIVE_USERS",
     "ACTIVE_USER_WINDOWS",
     "ALERTS_FIRING",
@@ -69,6 +70,9 @@ RATE_LIMIT_VIOLATIONS = "ai_platform_rate_limit_violations_total"
 # Descriptors, pubsub streams, RPC calls and connections refused to peers
 # that are not members or lack a grant (layer, reason: fixed sets).
 ACCESS_REFUSED = "ai_platform_access_refused_total"
+# Outgoing libp2p connection attempts by outcome (ok, failed): a node that
+# keeps dialling peers that left shows as failures that never stop.
+DIALS = "ai_platform_libp2p_dials_total"
 # Owned by the ledger (p2pinfer.ledger.metrics), read here: time from an event's
 # creation on its author to its application on this node, and events missing.
 LEDGER_LAG = "ai_platform_ledger_replication_lag_seconds"

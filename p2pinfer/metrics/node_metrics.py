@@ -204,6 +204,11 @@ class NodeMetrics:
             cat.ACCESS_REFUSED, "What this node refused to a peer for want of membership or a "
             "grant, by layer (discovery, pubsub, rpc, connection) and reason",
             ["layer", "reason"], registry=reg)
+        self.dials = Counter(
+            cat.DIALS, "Outgoing libp2p connection attempts, by outcome (ok, failed)",
+            ["outcome"], registry=reg)
+        for outcome in ("ok", "failed"):
+            self.dials.labels(outcome)
         self.active_users = ActiveUsers(cat.ACTIVE_USER_WINDOWS)
         self.cpu = _CpuPercent()
         for layer, reason in REFUSALS:  # every series exists from the start, at 0
@@ -373,6 +378,10 @@ class NodeMetrics:
         }
 
     # -- RPC observer ----------------------------------------------------------------
+    def dialled(self, ok: bool) -> None:
+        """One outgoing TCP connection attempt ended (see rpc.host.make_host)."""
+        self.dials.labels("ok" if ok else "failed").inc()
+
     def refused(self, layer: str, reason: str) -> None:
         """Count something refused to a peer (see :data:`REFUSALS`)."""
         if (layer, reason) in REFUSALS:

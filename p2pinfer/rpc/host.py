@@ -66,6 +66,7 @@ def make_host(
     enable_mdns: bool = False,
     max_inbound_per_ip: int = DEFAULT_MAX_INBOUND_PER_IP,
     dead_link_timeout: float = TCP_DEAD_AFTER,
+    on_dial: Callable[[bool], None] | None = None,
 ) -> Any:
     """A host that speaks only Noise and only yamux.
 
@@ -78,6 +79,7 @@ def make_host(
         max_inbound_per_ip: inbound connections accepted from one IP address.
         dead_link_timeout: seconds of unacknowledged data (or unanswered
             keepalives) after which a TCP connection is given up.
+        on_dial: told whether each outgoing TCP connection attempt connected.
     """
     import multiaddr
     from libp2p import new_host
@@ -123,7 +125,8 @@ def make_host(
     built.append(host)
     _disable_auto_dial(host)
     _shorten_dial_blacklist(host)
-    harden_tcp(host, max_inbound_per_ip=max_inbound_per_ip, dead_after=dead_link_timeout)
+    harden_tcp(host, max_inbound_per_ip=max_inbound_per_ip, dead_after=dead_link_timeout,
+               on_dial=on_dial)
     return host
 
 
@@ -215,11 +218,13 @@ _current_inbound: contextvars.ContextVar[_Inbound | None] = contextvars.ContextV
 
 
 def harden_tcp(host: Any, *, max_inbound_per_ip: int,
-               dead_after: float = TCP_DEAD_AFTER) -> None:
+               dead_after: float = TCP_DEAD_AFTER,
+               on_dial: Callable[[bool], None] | None = None) -> None:
     """Per-IP and pending-handshake inbound limits, slots given back on
     close, and liveness on every TCP connection of ``host`` (see the module
     docstring). Wraps three py-libp2p 0.8.1 entry points: the swarm's
-    inbound connection handler and upgrade, and each transport's dial."""
+    inbound connection handler and upgrade, and each transport's dial
+    (``on_dial`` is told whether each outgoing attempt connected)."""
     swarm = host.get_network()
     inbound = getattr(swarm, "_handle_inbound_connection", None)
     upgrade = getattr(swarm, "upgrade_inbound_raw_conn", None)
@@ -299,7 +304,14 @@ def harden_tcp(host: Any, *, max_inbound_per_ip: int,
                 continue
 
             async def dial(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
-                conn = await _original(*args, **kwargs)
+                try:
+                    conn = await _original(*args, **kwargs)
+                except BaseException:
+                    if on_dial is not None:
+                        on_dial(False)
+                    raise
+                if on_dial is not None:
+                    on_dial(True)
                 _watch_liveness(conn, dead_after)
                 return conn
 
