@@ -193,3 +193,28 @@ def test_a_single_node_network_restores_without_waiting(tmp_path: Path) -> None:
     assert not again.ledger.fenced  # no other member could hold a later event
     audit(again, 2)
     again.ledger.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="restoring as root for another user needs root")
+def test_restore_as_root_keeps_the_node_users_ownership(tmp_path: Path) -> None:
+    """``sudo p2pinfer restore`` on a home the node's own user owns: the
+    restored database belongs to that user, mode 0600 (as root's, the node
+    could not open it and would not start)."""
+    import subprocess
+
+    (home,) = make_network(tmp_path, 1, roles=["auth"])
+    cfg = node_config(home, roles=[])
+    node = Node(cfg)
+    audit(node, 1)
+    out = tmp_path / "one.db"
+    backup(cfg.database_path, out, peer_id=node.peer_id, network_id=node.ledger.network_id)
+    node.ledger.close()
+    uid = gid = 4242  # the node's user (no such account is needed)
+    for path in [home, *home.iterdir()]:
+        os.chown(path, uid, gid)
+    done = subprocess.run([sys.executable, "-m", "p2pinfer.cli.main", "restore", str(out),
+                           "--home", str(home)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    st = cfg.database_path.stat()
+    assert (st.st_uid, st.st_gid) == (uid, gid)
+    assert st.st_mode & 0o777 == 0o600

@@ -184,6 +184,7 @@ def restore(backup_file: Path, db_path: Path, *, peer_id: str, network_id: str,
                           f"({peer_id}); pass --force to use it anyway")
     moved: list[str] = []
     stamp = time.strftime("%Y%m%dT%H%M%S")
+    owner = _owner_of(db_path)
     for suffix in ("", "-wal", "-shm"):
         current = db_path.with_name(db_path.name + suffix)
         if current.exists():
@@ -218,9 +219,28 @@ def restore(backup_file: Path, db_path: Path, *, peer_id: str, network_id: str,
                 dst.close()
         finally:
             src.close()
+        if owner is not None:
+            os.chown(tmp, *owner)
         tmp.replace(db_path)
     except sqlite3.Error as exc:
         raise StorageError(f"cannot restore {backup_file}: {exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
     return {"backup": info.to_dict(), "moved_aside": moved, "fence": fence}
+
+
+def _owner_of(db_path: Path) -> tuple[int, int] | None:
+    """Who the restored database must belong to, when root restores it: the
+    owner of the database it replaces, else of its directory (the node's
+    home). Run as root (``sudo p2pinfer restore``), the restored file would
+    otherwise belong to root, and the node, running as its own user, could
+    not open it."""
+    if os.geteuid() != 0:
+        return None
+    for path in (db_path, db_path.parent):
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        return (st.st_uid, st.st_gid)
+    return None
