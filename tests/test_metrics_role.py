@@ -393,3 +393,28 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_health_reasons_name_nodes_only_for_members() -> None:
+    from p2pinfer.metrics.node_metrics import health_reasons
+
+    nodes = [{"peer_id": "12D3KooWdown", "up": False, "roles": ["inference"],
+              "error": "TooSlowError"},
+             {"peer_id": "12D3KooWhub", "up": True, "roles": ["auth", "gateway"],
+              "problems": [{"kind": "fenced", "text": "restored from a backup: ..."},
+                           {"kind": "unlinked",
+                            "text": "not linked to its bootstrap peer 12D3KooWboot"}]}]
+    alerts = [{"name": "NodeDown", "severity": "warning", "summary": "node 12D3KooWdown"},
+              {"name": "HighErrorRate", "severity": "critical", "summary": "gateway: 9%"}]
+    member = health_reasons(nodes, {"llama": 0, "fake": 2}, alerts, member=True)
+    assert member == [
+        "node 12D3KooWdown (inference) is down: TooSlowError",
+        "node 12D3KooWhub (auth, gateway): restored from a backup: ...",
+        "node 12D3KooWhub (auth, gateway): not linked to its bootstrap peer 12D3KooWboot",
+        "no worker serves model llama",
+        "alert HighErrorRate: gateway: 9%"]
+    public = health_reasons(nodes, {"llama": 0}, alerts, member=False)
+    assert public == ["a node (inference) is down", "a node (auth, gateway): restore fence",
+                      "a node (auth, gateway): not linked to a bootstrap peer",
+                      "no worker serves model llama", "alert HighErrorRate (critical)"]
+    assert not any("12D3" in r for r in public)

@@ -84,7 +84,7 @@ from .alerts import (
 from .audit import audit_row, parse_audit_query
 from .collector import ClusterCollector, swarm_families
 from .exporter import build_app, serve_http
-from .node_metrics import PROBLEM_KINDS, NodeMetrics
+from .node_metrics import NodeMetrics, health_reasons
 from .samples import SwarmSnapshot, render_swarm
 from .settings import MetricsSettings
 from .webhook import WebhookNotifier
@@ -231,7 +231,8 @@ class MetricsRole:
                 "problems": health.get("problems") or [],
                 "scaling": health.get("scaling"),
             })
-        reasons = self._reasons(nodes, snap.models, firing, member=member)
+        reasons = health_reasons(nodes, snap.models, [a.to_dict() for a in firing],
+                                 member=member)
         if any(a.severity == "critical" for a in firing):
             status = "critical"
         elif reasons:
@@ -258,38 +259,6 @@ class MetricsRole:
                  "labels": {k: v for k, v in a.labels.items() if k in PUBLIC_ALERT_LABELS}}
                 for a in firing
             ]
-        return out
-
-    @staticmethod
-    def _reasons(nodes: list[dict[str, Any]], models: dict[str, int], firing: list[Any], *,
-                 member: bool) -> list[str]:
-        """Why the swarm is not "ok", one line each. Members are told which
-        node; others get the same lines without peer ids."""
-        out: list[str] = []
-
-        def who(n: dict[str, Any]) -> str:
-            roles = ", ".join(n.get("roles") or []) or "no roles"
-            return f"node {n['peer_id']} ({roles})" if member else f"a node ({roles})"
-
-        for n in nodes:
-            if not n["up"]:
-                out.append(f"{who(n)} is down" + (f": {n['error']}" if member and n.get("error")
-                                                  else ""))
-                continue
-            for problem in n.get("problems") or []:
-                if not isinstance(problem, dict):
-                    continue
-                kind = str(problem.get("kind", "problem"))
-                text = str(problem.get("text", kind)) if member else PROBLEM_KINDS.get(kind, kind)
-                out.append(f"{who(n)}: {text}")
-        for name, workers in sorted(models.items()):
-            if workers == 0:
-                out.append(f"no worker serves model {name}")
-        for alert in firing:
-            if alert.name in ("NodeDown", "NoWorkerForModel"):
-                continue  # said above, with the node or the model
-            out.append(f"alert {alert.name}: {alert.summary}" if member
-                       else f"alert {alert.name} ({alert.severity})")
         return out
 
     # -- RPC -------------------------------------------------------------------------

@@ -40,6 +40,7 @@ from ..errors import (
     UsernameTaken,
     WeakPassword,
 )
+from ..metrics.node_metrics import health_reasons
 from .api import NdjsonDialect, prepare_inference
 from .charts import bar_chart, day_range, hbar_chart
 from .inputs import read_form, source_of
@@ -95,12 +96,16 @@ def _friendly(err: P2PInferError) -> str:
 
 def public_health(health: dict[str, Any]) -> dict[str, Any]:
     """``getSystemHealth`` as a non-member gets it: no node list, alerts by
-    name and severity only."""
+    name and severity only, reasons naming no peer."""
     out: dict[str, Any] = {k: health[k] for k in ("status", "time", "checked_by", "alerting",
                                                   "summary", "models") if k in health}
     out["alerts"] = [{"name": a.get("name"), "severity": a.get("severity"),
                       "since": a.get("since") or a.get("started_at")}
                      for a in health.get("alerts") or [] if isinstance(a, dict)]
+    out["reasons"] = health_reasons(
+        [n for n in health.get("nodes") or [] if isinstance(n, dict)],
+        health.get("models") or {},
+        [a for a in health.get("alerts") or [] if isinstance(a, dict)], member=False)
     return out
 
 
