@@ -4,6 +4,7 @@ other address still works on loopback."""
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 import multiaddr
 import pytest
@@ -63,3 +64,25 @@ def test_a_busy_port_is_named() -> None:
         assert f"port {port} is already in use" in ei.value.message
         assert ei.value.data == {"field": "node.listen", "port": port}
     addresses.check_ports_free(ma(f"/ip4/127.0.0.1/tcp/{port}", "/ip4/127.0.0.1/tcp/0"))
+
+
+async def test_announce_replaces_what_a_node_advertises(tmp_path: Any,
+                                                        nursery: Any) -> None:
+    """``[node] announce`` (a forwarded public address behind NAT) is all a
+    node advertises: in its descriptor, to identify, and in daemon.json."""
+    from p2pinfer.node import Node
+
+    from .helpers import make_network, node_config
+
+    (home,) = make_network(tmp_path, 1, roles=["gateway"])
+    cfg = node_config(home, roles=["gateway"], listen=["/ip4/0.0.0.0/tcp/0"],
+                      announce=["/ip4/203.0.113.7/tcp/4001"])
+    node = Node(cfg)
+    await nursery.start(node.run)
+    try:
+        expected = [f"/ip4/203.0.113.7/tcp/4001/p2p/{node.peer_id}"]
+        assert node.addrs == expected
+        assert list(node.descriptor().addrs) == expected
+        assert [str(a) for a in node.host.get_addrs()] == expected
+    finally:
+        node.stop()
