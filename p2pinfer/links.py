@@ -4,7 +4,8 @@ A node dials, and redials whenever the link is lost, two kinds of targets:
 
 - its **bootstrap peers** (``[node] bootstrap``, else the join token's
   addresses), always;
-- the **members it has seen**: each member it is connected to is asked for
+- the **member nodes it has seen** (members whose certificate grants a node
+  role; operator keys come and go): each one it is connected to is asked for
   its signed descriptor, whose addresses go into the node's own store
   (``peer_addrs``, never replicated). At start the node dials the
   ``[node] keep_links`` members seen most recently (16 by default) before
@@ -117,7 +118,7 @@ class Links:
             await trio.sleep_forever()
 
     def _wanted(self, peer_id: str) -> bool:
-        return peer_id != self.node.peer_id and self.node.is_member(peer_id) \
+        return peer_id != self.node.peer_id and self.node.is_node(peer_id) \
             and not self.node.removed_peer(peer_id)
 
     def _room(self) -> bool:

@@ -30,7 +30,7 @@ from .addresses import check_ports_free
 from .config import NodeConfig
 from .discovery import Descriptor, Discovery
 from .errors import ConfigError, InvalidParams, P2PInferError
-from .grants import ALL_GRANTS
+from .grants import ALL_GRANTS, ROLES
 from .homelock import HomeLock
 from .identity import Identity
 from .links import Links
@@ -54,6 +54,8 @@ ROLE_CLASSES: dict[str, str] = {
 # Connections to one peer opened this close together were dialled by both
 # sides at once (rather than one replacing the other).
 SIMULTANEOUS_DIAL = 1.0
+
+NODE_ROLES = frozenset(ROLES)
 
 # What a non-member peer may look up through ``findPeers``: the entry points.
 PUBLIC_ROLES = ("gateway", "web")
@@ -212,6 +214,12 @@ class Node:
             return False
         return bool(self.ledger.is_member(peer_id))
 
+    def is_node(self, peer_id: str) -> bool:
+        """Whether ``peer_id`` is a member node: its certificate grants a node
+        role (an operator key or a role-less member is a member, not a node:
+        it connects for a command and leaves)."""
+        return bool(self.grants_of(peer_id) & NODE_ROLES)
+
     def grants_of(self, peer_id: str) -> frozenset[str]:
         """What ``peer_id``'s certificate lets it do here (every grant for
         this node itself, none for a non-member or a removed node)."""
@@ -345,7 +353,8 @@ class Node:
             if gossip is not None:
                 gossip.admit(peer_id)
             # its certificate often arrives just after its connection
-            if self._nursery is not None and peer_id in self.connected_peers():
+            if self._nursery is not None and self.is_node(peer_id) \
+                    and peer_id in self.connected_peers():
                 self._nursery.start_soon(self._learn_addrs, peer_id)
 
     def removed_peer(self, peer_id: str) -> bool:
@@ -389,7 +398,7 @@ class Node:
             return
         if self.ledger is not None and hasattr(self.ledger, "on_peer_connected"):
             self.ledger.on_peer_connected(peer_id)
-        if self._nursery is not None and self.is_member(peer_id):
+        if self._nursery is not None and self.is_node(peer_id):
             self._nursery.start_soon(self._learn_addrs, peer_id)
         if self._nursery is not None:
             self._nursery.start_soon(self._one_connection, peer_id)
@@ -418,7 +427,10 @@ class Node:
 
         newest = max(born(c) for c in conns)
         recent = [c for c in conns if newest - born(c) < SIMULTANEOUS_DIAL]
-        preferred = [c for c in recent if dialled_by_us(c) == (self.peer_id < peer_id)]
+        # only two nodes both dial: a client's (or an operator key's) own
+        # connection is the one it uses, whatever our peer ids
+        preferred = [c for c in recent if dialled_by_us(c) == (self.peer_id < peer_id)] \
+            if self.is_node(peer_id) else []
         keep = max(preferred or recent, key=born)
         self.rpc.drop(peer_id)  # its next call opens a stream on the one kept
         for conn in conns:
@@ -433,7 +445,7 @@ class Node:
     async def _learn_addrs(self, peer_id: str) -> None:
         """Remember where a member that just connected announces itself."""
         desc = await self.discovery.descriptor(peer_id)
-        if desc is not None and self.is_member(peer_id):
+        if desc is not None and self.is_node(peer_id):
             self.links.learned(peer_id, list(desc.addrs))
 
     def on_link_closed(self, peer_id: str) -> None:
