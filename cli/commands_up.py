@@ -164,7 +164,7 @@ class DemoUser:
             key = await call("generateApiKey", {"token": session["token"], "name": "demo"})
             self.data["api_key"], self.data["api_key_id"] = key["api_key"], key["key_id"]
         self.save()
-        return session
+        return dict(session)
 
 
 def _local_call(node: Any) -> Any:

@@ -60,7 +60,8 @@ class CliError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        # click declares exit_code on the class; each error carries its own
+        self.exit_code = exit_code  # type: ignore[misc]
 
 
 def _seconds(value: float | None) -> str:

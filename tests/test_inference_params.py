@@ -15,9 +15,9 @@ from p2pinfer.config import NodeConfig
 from p2pinfer.errors import ConfigError, InvalidParams, MalformedBackendResponse
 from p2pinfer.inference.backend import GenerationParams, Message, StopMatcher
 from p2pinfer.inference.cache import CachedAnswer, ResponseCache, cache_key
-from p2pinfer.inference.params import ParamLimits, parse_prompt_params
 from p2pinfer.inference.remote import SSEDecoder
 from p2pinfer.inference.settings import InferenceSettings, build_models
+from p2pinfer.prompts import ParamLimits, parse_prompt_params
 
 
 def test_exports() -> None:

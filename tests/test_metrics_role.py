@@ -396,7 +396,7 @@ def _free_port() -> int:
 
 
 def test_health_reasons_name_nodes_only_for_members() -> None:
-    from p2pinfer.metrics.node_metrics import health_reasons
+    from p2pinfer.health import health_reasons
 
     nodes = [{"peer_id": "12D3KooWdown", "up": False, "roles": ["inference"],
               "error": "TooSlowError"},

@@ -9,9 +9,9 @@ import trio.testing
 from p2pinfer import errors
 from p2pinfer.inference.backend import GenerationParams, Message
 from p2pinfer.inference.engine import Completion, InferenceEngine
-from p2pinfer.inference.params import PromptRequest
 from p2pinfer.inference.slots import Displaced, SlotPool
 from p2pinfer.inference.synthetic import SyntheticBackend
+from p2pinfer.prompts import PromptRequest
 
 
 async def test_a_freed_slot_goes_to_the_share_holding_fewest() -> None:

@@ -22,7 +22,7 @@ RPC methods (public ones authenticate the caller from ``auth`` in params):
 
 ``request`` takes the inference role's prompt parameters (``prompt`` or
 ``messages``, ``model``, ``max_tokens``, ``temperature``, ``top_p``,
-``stop``, ``seed``, ``stream``; see :mod:`p2pinfer.inference.params`).
+``stop``, ``seed``, ``stream``; see :mod:`p2pinfer.prompts`).
 With ``"stream": false`` (what ``Client.inference`` and the non-streaming
 HTTP routes send) the worker sends the whole answer as one chunk once it is
 complete: two frames per hop instead of one per token, and since the
@@ -54,7 +54,8 @@ from ..errors import (
     PermissionDenied,
 )
 from ..grants import RELAYS
-from ..inference.params import ParamLimits, parse_prompt_params
+from ..health import PROBLEM_KINDS
+from ..prompts import ParamLimits, parse_prompt_params
 from ..rpc.server import Access, CallContext, rpc_method
 from .coordinator import QuotaService
 from .router import RoutedStream, WorkerRouter
@@ -280,8 +281,6 @@ class GatewayRole:
         ledger = metrics.ledger_health() if metrics is not None else None
         reasons = [] if models else ["no worker serves any model"]
         if metrics is not None:  # what this node itself lacks (kinds only: PUBLIC)
-            from ..metrics.node_metrics import PROBLEM_KINDS
-
             reasons += [PROBLEM_KINDS.get(str(p.get("kind")), str(p.get("kind")))
                         for p in metrics.health().get("problems", [])]
         return {

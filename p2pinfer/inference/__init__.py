@@ -18,7 +18,9 @@
 - ``synthetic.py``: an instant deterministic backend for load tests only.
 - ``remote.py``: what the HTTP backends share (httpx client, error mapping,
   SSE and NDJSON decoding).
-- ``params.py``: validation of ``processPrompt`` parameters.
+- ``p2pinfer.prompts`` (below the roles): messages, sampling parameters and
+  the validation of ``processPrompt`` parameters, shared with the gateway and
+  web roles.
 - ``cache.py``: the response cache for deterministic requests.
 - ``metrics.py``: Prometheus collectors on the node's registry.
 - ``settings.py``: ``[inference]`` and ``[[models]]`` configuration.
@@ -29,6 +31,9 @@ which the backend restarts, never the node.
 
 from __future__ import annotations
 
+from ..prompts import ParamLimits as ParamLimits
+from ..prompts import PromptRequest as PromptRequest
+from ..prompts import parse_prompt_params as parse_prompt_params
 from .backend import Backend as Backend
 from .backend import GenerationParams as GenerationParams
 from .backend import GenerationRequest as GenerationRequest
@@ -46,9 +51,6 @@ from .llamacpp import embedded_model_path as embedded_model_path
 from .metrics import InferenceMetrics as InferenceMetrics
 from .ollama import OllamaBackend as OllamaBackend
 from .openai import OpenAIBackend as OpenAIBackend
-from .params import ParamLimits as ParamLimits
-from .params import PromptRequest as PromptRequest
-from .params import parse_prompt_params as parse_prompt_params
 from .role import InferenceRole as InferenceRole
 from .settings import InferenceSettings as InferenceSettings
 from .synthetic import SyntheticBackend as SyntheticBackend

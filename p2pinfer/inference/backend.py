@@ -27,6 +27,8 @@ from typing import Any, ClassVar
 
 import trio
 
+from ..prompts import GenerationParams, Message
+
 __all__ = [
     "Backend",
     "GenerationParams",
@@ -40,46 +42,6 @@ __all__ = [
     "TextChunk",
     "estimate_tokens",
 ]
-
-ROLES = ("system", "user", "assistant")
-
-
-@dataclass(frozen=True)
-class Message:
-    """One chat message. ``role`` is ``system``, ``user`` or ``assistant``."""
-
-    role: str
-    content: str
-
-    def to_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    """Sampling parameters, already validated (see :mod:`.params`)."""
-
-    max_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.95
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-    @property
-    def deterministic(self) -> bool:
-        """True when the same request gives the same answer: greedy decoding
-        (temperature 0) or a fixed seed."""
-        return self.temperature == 0 or self.seed is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "stop": list(self.stop),
-            "seed": self.seed,
-        }
-
 
 @dataclass(frozen=True)
 class GenerationRequest:

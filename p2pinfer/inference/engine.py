@@ -48,10 +48,10 @@ from ..errors import (
     P2PInferError,
     UnknownModel,
 )
+from ..prompts import PromptRequest
 from .backend import Backend, GenerationRequest, GenerationResult, ModelState, TextChunk
 from .cache import CachedAnswer, ResponseCache, cache_key
 from .metrics import UNKNOWN_MODEL, InferenceMetrics
-from .params import PromptRequest
 from .slots import Displaced, SlotPool
 
 __all__ = ["Completion", "Ewma", "InferenceEngine", "ServedModel"]

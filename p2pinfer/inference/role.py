@@ -4,7 +4,7 @@ RPC methods (all ``Access.MEMBER``: only network members, i.e. gateways and
 other nodes, call a worker; users go through a gateway):
 
 ``processPrompt`` (server stream)
-    params: see :mod:`p2pinfer.inference.params` (``prompt`` or
+    params: see :mod:`p2pinfer.prompts` (``prompt`` or
     ``messages``, ``model``, ``max_tokens``, ``temperature``, ``top_p``,
     ``stop``, ``seed``, ``cache``, ``stream``; or the same inside
     ``modelConfig``). Chunks: ``{"delta": "<text>"}`` in generation order,
@@ -73,11 +73,11 @@ import trio
 
 from ..errors import InvalidParams
 from ..grants import OBSERVERS
+from ..prompts import parse_model_name, parse_prompt_params
 from ..rpc.server import Access, CallContext, rpc_method
 from .cache import ResponseCache
 from .engine import Completion, InferenceEngine
 from .metrics import InferenceMetrics
-from .params import parse_model_name, parse_prompt_params
 from .settings import InferenceSettings, build_models
 
 if TYPE_CHECKING:  # pragma: no cover

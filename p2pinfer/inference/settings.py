@@ -55,11 +55,11 @@ import httpx
 
 from ..config import NodeConfig, Section
 from ..errors import ConfigError
+from ..prompts import MODEL_NAME, ParamLimits
 from .backend import Backend
 from .llamacpp import REPACK_MODES, LlamaCppBackend, LlamaCppOptions, embedded_model_path
 from .ollama import DEFAULT_OLLAMA_URL, OllamaBackend
 from .openai import DEFAULT_OPENAI_URL, OpenAIBackend
-from .params import MODEL_NAME, ParamLimits
 from .runner import find_llama_server
 from .synthetic import SyntheticBackend
 

@@ -16,12 +16,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
 from prometheus_client import CollectorRegistry
 
-from ..config import ROLES, Section
+from ..config import ROLES, NodeConfig, Section
 from ..errors import ConfigError, EmailTaken, RegistrationLost, StorageError, UsernameTaken
 from ..identity import Identity
 from . import queries
@@ -48,8 +48,20 @@ from .metrics import LedgerMetrics
 from .replication import AntiEntropy, LedgerService
 from .store import IngestReport, Store
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..node import Node
+
+class LedgerHost(Protocol):
+    """What the ledger needs of the node that runs it (:class:`p2pinfer.node.Node`
+    provides it; the ledger never imports the node)."""
+
+    config: NodeConfig
+    identity: Identity
+    registry: CollectorRegistry
+    host: Any
+    rpc: Any
+    rpc_server: Any
+    peer_id: str
+
+    def connected_peers(self) -> list[str]: ...
 
 __all__ = ["Ledger", "LedgerSettings"]
 
@@ -161,7 +173,7 @@ class Ledger:
 
     # -- construction -------------------------------------------------------------------
     @classmethod
-    def for_node(cls, node: Node) -> Ledger:
+    def for_node(cls, node: LedgerHost) -> Ledger:
         """The ledger of ``node``: finds or creates its network under the node
         home, opens the store at ``config.database_path`` and registers the
         ledger RPC methods on ``node.rpc_server``."""

@@ -72,6 +72,7 @@ import trio
 
 from ..errors import InvalidParams, StorageError
 from ..grants import OBSERVERS, OPERATOR
+from ..health import health_reasons
 from ..rpc.server import Access, CallContext, rpc_method
 from .alerts import (
     AlertEvaluator,
@@ -84,7 +85,7 @@ from .alerts import (
 from .audit import audit_row, parse_audit_query
 from .collector import ClusterCollector, swarm_families
 from .exporter import build_app, serve_http
-from .node_metrics import NodeMetrics, health_reasons
+from .node_metrics import NodeMetrics
 from .samples import SwarmSnapshot, render_swarm
 from .settings import MetricsSettings
 from .webhook import WebhookNotifier

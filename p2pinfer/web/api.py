@@ -39,7 +39,7 @@ from starlette.routing import Route
 
 from .. import __version__
 from ..errors import AuthenticationRequired, InvalidParams, P2PInferError
-from ..inference.params import ParamLimits, parse_prompt_params
+from ..prompts import ParamLimits, parse_prompt_params
 from .credentials import credentials_from_headers
 from .inputs import only_keys, read_json, source_of
 from .responses import dumps

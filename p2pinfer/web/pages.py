@@ -40,7 +40,7 @@ from ..errors import (
     UsernameTaken,
     WeakPassword,
 )
-from ..metrics.node_metrics import health_reasons
+from ..health import health_reasons
 from .api import NdjsonDialect, prepare_inference
 from .charts import bar_chart, day_range, hbar_chart
 from .inputs import read_form, source_of

@@ -1,4 +1,7 @@
-"""Validation of ``processPrompt`` parameters (pure functions, no I/O).
+"""The prompt contract shared by the roles: chat messages, sampling
+parameters, and the validation of ``processPrompt`` parameters (pure
+functions, no I/O). The gateway and the web role check a user's request
+with it before it travels; the inference role checks it again on arrival.
 
 Accepted shape (a msgpack map; every field is checked and an error names it)::
 
@@ -28,13 +31,52 @@ import re
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from ..errors import InvalidParams
-from .backend import ROLES, GenerationParams, Message
+from .errors import InvalidParams
 
-__all__ = ["ParamLimits", "PromptRequest", "parse_model_name", "parse_prompt_params"]
+__all__ = ["ROLES", "GenerationParams", "Message", "ParamLimits", "PromptRequest",
+           "parse_model_name", "parse_prompt_params"]
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 MAX_SEED = 2**32 - 1
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat message. ``role`` is ``system``, ``user`` or ``assistant``."""
+
+    role: str
+    content: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Sampling parameters, already validated (see :func:`parse_prompt_params`)."""
+
+    max_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.95
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    @property
+    def deterministic(self) -> bool:
+        """True when the same request gives the same answer: greedy decoding
+        (temperature 0) or a fixed seed."""
+        return self.temperature == 0 or self.seed is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "max_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "stop": list(self.stop),
+            "seed": self.seed,
+        }
 
 _MODEL_KEYS = {"model", "max_tokens", "maxTokens", "temperature", "top_p", "topP", "stop", "seed"}
 _TOP_KEYS = {"prompt", "messages", "system", "modelConfig", "cache", "stream"} | _MODEL_KEYS
