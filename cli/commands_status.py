@@ -24,10 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-def _day(value: datetime.datetime | None) -> str | None:
-    return value.date().isoformat() if value is not None else None
-
-
 @click.command(context_settings=CONTEXT)
 @click.option("--days", type=click.IntRange(1, 366), default=14, show_default=True,
               help="How many days back, today included (ignored with --since).")

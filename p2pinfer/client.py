@@ -536,7 +536,7 @@ class Client:
         seed: int | None = None,
         system: str | None = None,
     ) -> InferenceResponse:
-        """Ask for a whole answer (the design document's ``inference``).
+        """Ask for a whole answer (the ``inference`` call of the RPC API).
 
         The worker sends it as one frame once it is complete (``"stream":
         false``), so a worker that fails part way through is replaced by

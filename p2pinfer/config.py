@@ -1,7 +1,7 @@
 """Node configuration: a frozen dataclass read from TOML and the environment.
 
 Precedence, lowest first: built-in defaults, the TOML file, environment
-variables (the design document's names: ``DATABASE_URL``, ``WEB_SERVICE_PORT``,
+variables (the platform's documented names: ``DATABASE_URL``, ``WEB_SERVICE_PORT``,
 ``DEFAULT_RATE_LIMIT``, …). Every value is validated when the config is
 built, and a bad one raises :class:`~p2pinfer.errors.ConfigError` naming the
 key and the problem, e.g. ``gateway.default_rate_limit: must be an integer
@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,7 +35,7 @@ __all__ = ["NodeConfig", "ROLES", "Section"]
 ROLES = _ROLES  # the node roles (p2pinfer.grants lists them once)
 T = TypeVar("T")
 
-# Environment variables of the design document, and where they land.
+# The documented environment variables (docs/deployment.md), and where they land.
 ENV_KEYS: dict[str, tuple[str, str]] = {
     "DATABASE_URL": ("node", "database_url"),
     "AUTH_SERVICE_PORT": ("node", "auth_service_port"),
@@ -229,12 +229,6 @@ class NodeConfig:
     def section(self, name: str) -> Section:
         """The raw TOML table ``[name]`` (with env overrides applied)."""
         return Section(name, self.tree.get(name, {}))
-
-    def has_role(self, role: str) -> bool:
-        return role in self.roles
-
-    def with_overrides(self, **changes: Any) -> NodeConfig:
-        return replace(self, **changes)
 
     @classmethod
     def from_toml(cls, path: str | Path, *, env: Mapping[str, str] | None = None) -> NodeConfig:

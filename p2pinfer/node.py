@@ -167,7 +167,7 @@ class Node:
         for name in config.roles:
             factory = factories.get(name) or load_role_class(name)
             self.roles[name] = factory(self)
-        # Scaling triggers, hook and slot autoscaling (issue 11): watches the
+        # Scaling triggers, hook and slot autoscaling: watches the
         # inference engine and/or the metrics role's collection rounds.
         from .scaling import Scaling
 

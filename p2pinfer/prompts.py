@@ -17,7 +17,7 @@ Accepted shape (a msgpack map; every field is checked and an error names it)::
       "seed": 42,                    # 0 .. 2**32-1
       "cache": true,                 # false skips the response cache
       "stream": true,                # false: the whole answer as one chunk
-      "modelConfig": {...}           # the design document's form: model, max_tokens,
+      "modelConfig": {...}           # the original API's form: model, max_tokens,
     }                                # temperature, top_p, stop, seed may go here instead
 
 A bare string is taken as ``{"prompt": <string>}``. Unknown keys are

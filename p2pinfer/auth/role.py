@@ -1,11 +1,11 @@
-"""The auth role: the design document's authentication service over RPC.
+"""The auth role: the authentication service over RPC.
 
 Every method is ``PUBLIC`` (any peer that completed the Noise handshake may
 call it) and authenticates the caller from its params: a password, a
 session token (``"token"``), an API key (``"api_key"``), or the gateway's
 form ``"auth": {"token" | "api_key": ...}``; never from the peer id alone.
 The one exception is ``as_operator`` (below), which a network member must
-ask for explicitly. Param names are snake_case; the design document's
+ask for explicitly. Param names are snake_case; the original API's
 camelCase (``userId``, ``apiKey``, ``keyId``, ``refreshToken``,
 ``isActive``, ``isAdmin``, ``asOperator``) is accepted too. A missing,
 unknown or ill-typed param is ``InvalidParams`` with ``data.field`` naming it.

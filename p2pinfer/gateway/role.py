@@ -1,4 +1,4 @@
-"""The gateway role: the design document's inference request flow.
+"""The gateway role: the inference request flow.
 
     client ──processInferenceRequest──▶ gateway
         1. authenticate (API key or session token) from the local ledger copy

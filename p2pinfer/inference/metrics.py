@@ -3,7 +3,7 @@
 Every name starts with ``ai_platform_inference_``. The ``model`` label only
 ever holds names of models configured on this node (a request for an unknown
 model is counted under ``model="_unknown"``), so label cardinality is bounded
-by the configuration. The design document's
+by the configuration. The platform-wide
 ``ai_platform_request_duration_seconds{service,model}`` belongs to the
 metrics role; this module keeps to its own names so both can share a
 registry.

@@ -1,4 +1,4 @@
-"""The inference role: the design document's inference service on a node.
+"""The inference role: the inference service on a node.
 
 RPC methods (all ``Access.MEMBER``: only network members, i.e. gateways and
 other nodes, call a worker; users go through a gateway):

@@ -278,7 +278,7 @@ class Ledger:
         return self.store.append(self.identity, items)
 
     def erase_user(self, user_id: str) -> list[Event]:
-        """Erase a user everywhere (issue 11): append ``user.erased`` listing
+        """Erase a user everywhere: append ``user.erased`` listing
         every registration and password change of ``user_id`` this node
         holds (several ``user.erased`` events in one transaction when there
         are more than :data:`~.events.MAX_REDACTS`), so that every node drops

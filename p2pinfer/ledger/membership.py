@@ -592,15 +592,6 @@ class Membership:
         return [m for m in out if m is not None]
 
 
-def peer_id_ok(peer_id: str) -> bool:
-    """True if ``peer_id`` is the peer id of an Ed25519 key."""
-    try:
-        public_key_from_peer_id(peer_id)
-    except InvalidParams:
-        return False
-    return True
-
-
 def short(peer_id: str) -> str:
     """A short form of a peer id for logs."""
     return peer_id[-8:] if len(peer_id) > 8 else peer_id

@@ -8,7 +8,7 @@ new one.
 
 Tables (timestamps are REAL seconds since the epoch, ids UUID strings):
 
-- the design document's ``users``, ``api_keys``, ``usage_stats`` and
+- the original schema's ``users``, ``api_keys``, ``usage_stats`` and
   ``request_logs`` (same columns; ``users`` adds ``tier`` and ``updated_at``,
   ``api_keys`` adds ``public_id``, ``revoked_at`` and ``rank``; ``m003``
   adds ``users.is_admin``);
@@ -128,7 +128,7 @@ def m001_initial(db: Database) -> None:
 
 @migration
 def m002_erasure(db: Database) -> None:
-    """Erased users (issue 11): the user id and when; no personal data."""
+    """Erased users: the user id and when; no personal data."""
     db.table("erased_users").create({"user_id": TEXT, "erased_at": REAL}, pk="user_id")
 
 

@@ -1,7 +1,7 @@
 """Node-wide metrics: what every node counts, whatever its roles.
 
 :class:`NodeMetrics` is built once per node (``node.metrics``) and owns the
-design document's metrics on the node's own ``CollectorRegistry``:
+platform's metrics (docs/metrics.md) on the node's own ``CollectorRegistry``:
 
     ai_platform_requests_total{service,method,status}     counter: every RPC served here
                                                           (status: success, error, timeout,

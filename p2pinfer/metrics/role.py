@@ -1,4 +1,4 @@
-"""The metrics role: the design document's metrics service on a node.
+"""The metrics role: the metrics service on a node.
 
 A node with this role collects every member node's metrics over RPC
 (:mod:`.collector`), serves one swarm-wide Prometheus ``/metrics`` on

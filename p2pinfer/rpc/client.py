@@ -30,7 +30,6 @@ import trio
 from .. import wire
 from ..errors import (
     MalformedFrame,
-    P2PInferError,
     PeerUnavailable,
     StreamBroken,
     error_from_code,
@@ -381,9 +380,6 @@ class RpcClient:
             raise PeerUnavailable(f"cannot reach {addr}: {type(exc).__name__}: {exc}") from exc
         return str(info.peer_id.to_base58())
 
-    def is_connected(self, peer_id: str) -> bool:
-        return bool(self.host.get_network().connections.get(_peer_id_obj(peer_id)))
-
     async def _channel_for(self, peer_id: str) -> _PeerChannel:
         channel = self._channels.get(peer_id)
         if channel is not None and not channel.closed:
@@ -489,6 +485,3 @@ class RpcClient:
         return RpcStream(self, peer_id, method, params, meta, window or self.stream_window)
 
 
-def is_remote(exc: BaseException) -> bool:
-    """True for errors a peer sent us (as opposed to transport failures)."""
-    return isinstance(exc, P2PInferError) and not isinstance(exc, PeerUnavailable | StreamBroken)

@@ -1,4 +1,4 @@
-"""Scaling: the design document's auto-scaling triggers, a hook for an
+"""Scaling: the auto-scaling triggers (CPU, queue depth, response time), a hook for an
 orchestrator, and slot autoscaling on workers.
 
 Files:

@@ -132,8 +132,6 @@ class HookRunner:
         self.on_result = on_result
         self._queue: deque[dict[str, Any]] = deque()
         self._wake = trio.Event()
-        self._idle = trio.Event()
-        self._idle.set()
         self._stats = HookStats()
         self.delivered: list[dict[str, Any]] = []  # the last few bodies, newest last
 
@@ -154,12 +152,7 @@ class HookRunner:
             self._stats.dropped += 1
             log.warning("scaling hook queue full: dropped the oldest notification")
         self._queue.append(body)
-        self._idle = trio.Event()
         self._wake.set()
-
-    async def wait_idle(self) -> None:
-        """Wait until every queued body has been delivered (or given up on)."""
-        await self._idle.wait()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Deliver queued bodies until cancelled."""
@@ -167,7 +160,6 @@ class HookRunner:
             task_status.started()
             while True:
                 while not self._queue:
-                    self._idle.set()
                     self._wake = trio.Event()
                     await self._wake.wait()
                 body = self._queue.popleft()

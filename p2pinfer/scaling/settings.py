@@ -43,7 +43,7 @@ from ..errors import ConfigError
 
 __all__ = ["ScalingSettings", "SlotBounds", "TRIGGERS"]
 
-# The design document's auto-scaling triggers, by name.
+# The auto-scaling triggers, by name.
 TRIGGERS = ("cpu", "queue_depth", "response_time")
 
 _KEYS = frozenset({

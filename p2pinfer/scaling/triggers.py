@@ -13,7 +13,7 @@ turns them into :class:`Figures`:
 - ``slots``: the newest value.
 
 :class:`TriggerEvaluator` compares each figure with its threshold (the
-design document's CPU > 80 %, queue depth > 100, average response time >
+documented defaults, CPU > 80 %, queue depth > 100, average response time >
 5 s) and reports :class:`TriggerEvent` transitions: ``fired`` when a figure
 goes above its threshold, ``cleared`` when a fired one drops to
 ``threshold * (1 - hysteresis)`` or below (so a figure hovering at the

@@ -1,4 +1,4 @@
-"""The REST API (the design document's, plus what the SDK's HTTP mode uses).
+"""The REST API (docs/http-api.md), with what the SDK's HTTP mode uses.
 
 Credentials (see :mod:`~p2pinfer.web.credentials`): ``X-API-Key`` or
 ``Authorization: Bearer <API key or session token>``. Errors are

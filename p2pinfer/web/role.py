@@ -1,4 +1,4 @@
-"""The web role: the design document's web interface service.
+"""The web role: the web interface service.
 
 One HTTP server inside the node (Hypercorn's trio worker and Starlette,
 see :mod:`~p2pinfer.web.server`) serving the REST API, the OpenAI- and
