@@ -7,7 +7,7 @@ import hashlib
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pinfer.auth.apikeys import KEY_LENGTH, generate_key, hash_key, key_matches, parse_key
+from p2pinfer.credentials.apikeys import KEY_LENGTH, generate_key, hash_key, key_matches, parse_key
 
 
 def test_generated_keys_have_the_documented_form() -> None:

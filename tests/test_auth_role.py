@@ -20,8 +20,8 @@ import trio
 
 from p2pinfer import errors
 from p2pinfer.auth import Authenticator, Principal
-from p2pinfer.auth.apikeys import generate_key
-from p2pinfer.auth.tokens import ACCESS, TokenIssuer, new_token_id
+from p2pinfer.credentials.apikeys import generate_key
+from p2pinfer.credentials.tokens import ACCESS, TokenIssuer, new_token_id
 from p2pinfer.identity import Identity
 from p2pinfer.node import Node
 from p2pinfer.rpc import RpcClient, make_host

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from p2pinfer.auth.throttle import SlidingWindow, retry_after
+from p2pinfer.credentials.throttle import SlidingWindow, retry_after
 
 
 def test_limit_kicks_in_at_the_count_and_lifts_after_the_window() -> None:

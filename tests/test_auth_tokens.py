@@ -11,7 +11,7 @@ import jwt
 import pytest
 
 from p2pinfer import errors
-from p2pinfer.auth.tokens import ACCESS, REFRESH, TokenIssuer, TokenVerifier, new_token_id
+from p2pinfer.credentials.tokens import ACCESS, REFRESH, TokenIssuer, TokenVerifier, new_token_id
 from p2pinfer.identity import Identity, public_key_from_peer_id
 
 NET = "p2p-testnetwork"
@@ -143,7 +143,7 @@ def test_claim_shapes_are_checked() -> None:
 
 def test_verified_tokens_are_cached_but_expiry_and_type_still_apply(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from p2pinfer.auth import tokens
+    from p2pinfer.credentials import tokens
 
     ident = Identity.generate()
     verifier = TokenVerifier(NET, leeway=0)

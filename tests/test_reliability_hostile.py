@@ -42,7 +42,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from p2pinfer import errors, wire
-from p2pinfer.auth import apikeys
+from p2pinfer.credentials import apikeys
 from p2pinfer.identity import Identity
 from p2pinfer.rpc import RPC_PROTOCOL, RpcClient, make_host
 

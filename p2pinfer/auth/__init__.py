@@ -2,9 +2,6 @@
 
 Files:
 
-- ``authenticator.py``: :class:`Authenticator` and :class:`Principal`: what
-  the gateway and web roles call on every request, offline, from the node's
-  ledger copy (API keys and session tokens, each failure its own error);
 - ``service.py``: :class:`AuthService`: register, login and throttling,
   refresh, logout, issue / list / revoke keys, tier / active / admin
   changes, usage, and the audit events they write;
@@ -13,17 +10,18 @@ Files:
   ``getUserUsage``, ...), their params and the admin model;
 - ``passwords.py``: argon2id hashing, the password policy, username and
   email rules;
-- ``apikeys.py``: the key format ``p2p_<public id>_<secret>`` and its hash;
-- ``tokens.py``: EdDSA JWTs signed with the auth node's Ed25519 key, claims
-  and lifetimes;
-- ``throttle.py``: sliding-window counters;
 - ``privacy.py``: data export and account erasure (``exportUserData``,
-  ``eraseUser``);
-- ``settings.py``: the ``[auth]`` table.
+  ``eraseUser``).
 
-Use from another role (no network round trip)::
+What every node checks, whatever its roles, lives below the roles in
+:mod:`p2pinfer.credentials`: the :class:`Authenticator` and its
+:class:`Principal` (API keys and session tokens, offline, from the node's
+ledger copy), the key format, the EdDSA session tokens, the throttles and
+the ``[auth]`` settings; they are re-exported here.
 
-    from p2pinfer.auth import Authenticator
+Use from a role (no network round trip)::
+
+    from p2pinfer.credentials import Authenticator
     auth = Authenticator(node)
     p = auth.authenticate({"api_key": key})      # or {"token": jwt}
     p.user_id, p.username, p.tier, p.is_admin, p.api_key_id, p.via
@@ -56,14 +54,14 @@ holds the auth role.
 
 from __future__ import annotations
 
-from .apikeys import IssuedKey as IssuedKey
-from .authenticator import Authenticator as Authenticator
-from .authenticator import Principal as Principal
+from ..credentials.apikeys import IssuedKey as IssuedKey
+from ..credentials.authenticator import Authenticator as Authenticator
+from ..credentials.authenticator import Principal as Principal
+from ..credentials.settings import AuthSettings as AuthSettings
+from ..credentials.tokens import Claims as Claims
 from .role import AuthRole as AuthRole
 from .service import Actor as Actor
 from .service import AuthService as AuthService
-from .settings import AuthSettings as AuthSettings
-from .tokens import Claims as Claims
 
 __all__ = [
     "Actor",

@@ -107,13 +107,13 @@ from typing import Any
 
 import trio
 
+from ..credentials.authenticator import Principal, Via
+from ..credentials.settings import AuthSettings
 from ..errors import InvalidParams, NotMember, PermissionDenied
 from ..grants import OPERATOR, RELAYS
 from ..rpc.server import Access, CallContext, rpc_method
-from .authenticator import Principal, Via
 from .privacy import Privacy
 from .service import Actor, AuthService, key_view, user_view
-from .settings import AuthSettings
 
 __all__ = ["AuthRole"]
 

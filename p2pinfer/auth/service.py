@@ -64,6 +64,11 @@ from typing import Any, TypeVar
 
 import trio
 
+from ..credentials.apikeys import generate_key
+from ..credentials.authenticator import Authenticator, Principal, check_session_current
+from ..credentials.settings import AuthSettings
+from ..credentials.throttle import SlidingWindow, retry_after
+from ..credentials.tokens import ACCESS, REFRESH, Claims, TokenIssuer, new_token_id
 from ..errors import (
     EmailTaken,
     InactiveUser,
@@ -82,8 +87,6 @@ from ..errors import (
     UsernameTaken,
 )
 from ..ledger.queries import ApiKey, User
-from .apikeys import generate_key
-from .authenticator import Authenticator, Principal, check_session_current
 from .passwords import (
     PasswordHasher,
     check_password,
@@ -91,9 +94,6 @@ from .passwords import (
     normalise_password,
     normalise_username,
 )
-from .settings import AuthSettings
-from .throttle import SlidingWindow, retry_after
-from .tokens import ACCESS, REFRESH, Claims, TokenIssuer, new_token_id
 
 __all__ = ["Actor", "AuthService", "user_view", "key_view"]
 

@@ -126,7 +126,7 @@ class GatewayRole:
                                        flush_interval=self.settings.usage_flush_interval)
         node.rpc_server.register(self.quota)
         node.disconnect_listeners.append(self.quota.on_peer_disconnected)
-        from ..auth import Authenticator
+        from ..credentials import Authenticator
 
         self.auth = Authenticator(node)
         self.in_flight = 0

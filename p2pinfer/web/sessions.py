@@ -20,7 +20,7 @@ import trio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..auth import Authenticator, Principal
+from ..credentials import Authenticator, Principal
 from ..errors import AccessError, P2PInferError, TokenExpired, UnknownUser
 from .inputs import source_of
 

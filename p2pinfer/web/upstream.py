@@ -36,7 +36,7 @@ from ..errors import (
 from .inputs import current_source
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..auth import Authenticator, Principal
+    from ..credentials import Authenticator, Principal
 
 __all__ = ["InferenceCall", "ModelCatalog", "Upstream", "model_names"]
 
@@ -173,7 +173,7 @@ class Upstream:
             AccessError: the credential's own error.
         """
         if self._authenticator is None:
-            from ..auth import Authenticator
+            from ..credentials import Authenticator
 
             self._authenticator = Authenticator(self.node)
         check = self._authenticator

@@ -39,7 +39,7 @@ neither its own valid key nor anybody else's key from the same address.
 
 **Session tokens** (:meth:`Authenticator.verify_token`): the signature is
 checked against the public key inside the ``iss`` peer id
-(:mod:`~p2pinfer.auth.tokens`); then:
+(:mod:`~p2pinfer.credentials.tokens`); then:
 
 - InvalidToken: malformed, tampered, another network, wrong type;
 - TokenExpired: past ``exp`` (``[auth] clock_skew`` of leeway);

@@ -24,7 +24,7 @@ Lifetimes (``[auth]``): an access token lives ``token_ttl`` (1 h); a refresh
 token ``refresh_ttl`` (14 d) and never beyond ``auth_time + session_max``
 (30 d). What else makes a token valid (issuer membership, revocation, the
 user's standing) needs the ledger and is checked by
-:class:`~p2pinfer.auth.authenticator.Authenticator`; this module only signs,
+:class:`~p2pinfer.credentials.authenticator.Authenticator`; this module only signs,
 checks signatures and checks claims.
 """
 
