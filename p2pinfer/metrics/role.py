@@ -161,7 +161,7 @@ class MetricsRole:
             log.warning("alert %s %s %s: %s", alert.name, transition.status,
                         alert.labels, alert.summary)
         if self.notifier is not None:
-            self.notifier.notify_nowait(changes)
+            self.notifier.notify_transitions(changes)
         for listener in self.transition_listeners:
             try:
                 listener(changes)

@@ -13,23 +13,22 @@ written for Alertmanager accept it::
                  "startsAt": "2025-01-01T00:00:00Z", "endsAt": "0001-01-01T00:00:00Z",
                  "fingerprint": "...", "value": 0.0}]}
 
-Delivery never holds up alert evaluation: :meth:`WebhookNotifier.notify_nowait`
-queues (at most ``queue_size`` bodies; beyond that the oldest waiting ones are
-dropped and counted) and :meth:`WebhookNotifier.run` posts them in order,
-retrying a failed POST up to ``attempts`` times with backoff.
+Delivery never holds up alert evaluation: :class:`WebhookNotifier` is a
+:class:`~p2pinfer.notify.Notifier` (a bounded queue that drops the oldest
+body, delivered in order, each POST retried up to ``attempts`` times with
+backoff).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import httpx
-import trio
 
+from ..notify import Notifier, post_json
 from .alerts import Transition
 
 __all__ = ["WebhookNotifier", "alert_body"]
@@ -73,18 +72,8 @@ def alert_body(transition: Transition, *, source: str) -> dict[str, Any]:
     }
 
 
-@dataclass
-class WebhookStats:
-    """Counters of a :class:`WebhookNotifier`."""
-
-    sent: int = 0
-    failed: int = 0
-    dropped: int = 0
-    queued: int = 0
-
-
-class WebhookNotifier:
-    """Posts alert transitions to ``url``.
+class WebhookNotifier(Notifier):
+    """Posts alert transitions to ``url`` (one body each, see :func:`alert_body`).
 
     Args:
         url: the receiver's http(s) URL.
@@ -100,55 +89,14 @@ class WebhookNotifier:
                  ) -> None:
         self.url = url
         self.source = source
-        self.timeout = timeout
-        self.attempts = attempts
-        self.queue_size = queue_size
-        self.transport = transport
-        self._queue: deque[dict[str, Any]] = deque()
-        self._wake = trio.Event()
-        self._stats = WebhookStats()
+        super().__init__("alert webhook", {"webhook": partial(_post, url)}, timeout=timeout,
+                         attempts=attempts, queue_size=queue_size, transport=transport)
 
-    def statistics(self) -> WebhookStats:
-        """Sent, failed, dropped and queued counts."""
-        self._stats.queued = len(self._queue)
-        return WebhookStats(**vars(self._stats))
-
-    def notify_nowait(self, transitions: list[Transition]) -> None:
+    def notify_transitions(self, transitions: list[Transition]) -> None:
         """Queue one body per transition; never blocks."""
         for transition in transitions:
-            if len(self._queue) >= self.queue_size:
-                self._queue.popleft()
-                self._stats.dropped += 1
-                log.warning("alert webhook queue full: dropped the oldest notification")
-            self._queue.append(alert_body(transition, source=self.source))
-        if transitions:
-            self._wake.set()
+            self.notify_nowait(alert_body(transition, source=self.source))
 
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Deliver queued bodies until cancelled."""
-        async with httpx.AsyncClient(transport=self.transport, timeout=self.timeout) as client:
-            task_status.started()
-            while True:
-                while not self._queue:
-                    self._wake = trio.Event()
-                    await self._wake.wait()
-                body = self._queue.popleft()
-                await self._deliver(client, body)
 
-    async def _deliver(self, client: httpx.AsyncClient, body: dict[str, Any]) -> None:
-        delay = 0.5
-        for attempt in range(1, self.attempts + 1):
-            try:
-                response = await client.post(self.url, json=body)
-                if response.status_code < 300:
-                    self._stats.sent += 1
-                    return
-                problem = f"HTTP {response.status_code}"
-            except (httpx.HTTPError, httpx.InvalidURL) as exc:
-                problem = f"{type(exc).__name__}: {exc}"
-            log.warning("alert webhook %s failed (attempt %d/%d): %s", self.url, attempt,
-                        self.attempts, problem)
-            if attempt < self.attempts:
-                await trio.sleep(delay)
-                delay *= 2
-        self._stats.failed += 1
+async def _post(url: str, client: httpx.AsyncClient, body: dict[str, Any]) -> str | None:
+    return await post_json(client, url, body)

@@ -25,10 +25,10 @@ node). An orchestrator adds workers on ``fired`` and may remove them on
 - **webhook** (``[scaling] hook_url``): the body POSTed as JSON; any 2xx is
   success.
 
-Delivery never holds up evaluation: bodies are queued
-(:meth:`HookRunner.notify_nowait`, the oldest dropped beyond ``queue_size``)
-and :meth:`HookRunner.run` delivers them in order, each up to ``attempts``
-times with backoff.
+Delivery never holds up evaluation: :class:`HookRunner` is a
+:class:`~p2pinfer.notify.Notifier` (a bounded queue that drops the oldest
+body, delivered in order, each command run and POST retried up to
+``attempts`` times with backoff).
 """
 
 from __future__ import annotations
@@ -37,18 +37,17 @@ import json
 import logging
 import os
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
 import httpx
 import trio
 
+from ..notify import Delivery, Notifier, post_json
 from .triggers import TriggerEvent
 
-__all__ = ["HookRunner", "HookStats", "hook_body", "hook_env"]
+__all__ = ["HookRunner", "hook_body", "hook_env"]
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +94,10 @@ def hook_env(body: dict[str, Any]) -> dict[str, str]:
     }
 
 
-@dataclass
-class HookStats:
-    """Deliveries of a :class:`HookRunner`, per kind (``command``, ``webhook``)."""
-
-    sent: int = 0
-    failed: int = 0
-    dropped: int = 0
-    queued: int = 0
-
-
-class HookRunner:
-    """Runs the hook command and/or posts the webhook for each queued body.
+class HookRunner(Notifier):
+    """Runs the hook command and/or posts the webhook for each queued body
+    (a :class:`~p2pinfer.notify.Notifier` with one delivery per kind,
+    ``command`` then ``webhook``).
 
     Args:
         command: argv of the hook command (empty: none).
@@ -125,75 +116,20 @@ class HookRunner:
                  on_result: Callable[[str, str], None] | None = None) -> None:
         self.command = tuple(command)
         self.url = url
-        self.timeout = timeout
-        self.attempts = attempts
-        self.queue_size = queue_size
-        self.transport = transport
-        self.on_result = on_result
-        self._queue: deque[dict[str, Any]] = deque()
-        self._wake = trio.Event()
-        self._stats = HookStats()
-        self.delivered: list[dict[str, Any]] = []  # the last few bodies, newest last
+        deliveries: dict[str, Delivery] = {}
+        if self.command:
+            deliveries["command"] = self._run_command
+        if url:
+            deliveries["webhook"] = partial(_post, url)
+        super().__init__("scaling hook", deliveries, timeout=timeout, attempts=attempts,
+                         queue_size=queue_size, transport=transport, on_result=on_result)
 
     @property
     def enabled(self) -> bool:
         return bool(self.command or self.url)
 
-    def statistics(self) -> HookStats:
-        self._stats.queued = len(self._queue)
-        return HookStats(**vars(self._stats))
-
-    def notify_nowait(self, body: dict[str, Any]) -> None:
-        """Queue ``body``; never blocks."""
-        if not self.enabled:
-            return
-        if len(self._queue) >= self.queue_size:
-            self._queue.popleft()
-            self._stats.dropped += 1
-            log.warning("scaling hook queue full: dropped the oldest notification")
-        self._queue.append(body)
-        self._wake.set()
-
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Deliver queued bodies until cancelled."""
-        async with httpx.AsyncClient(transport=self.transport, timeout=self.timeout) as client:
-            task_status.started()
-            while True:
-                while not self._queue:
-                    self._wake = trio.Event()
-                    await self._wake.wait()
-                body = self._queue.popleft()
-                if self.command:
-                    await self._retry("command", partial(self._run_command, body))
-                if self.url:
-                    await self._retry("webhook", partial(self._post, client, body))
-                self.delivered = [*self.delivered[-19:], body]
-
-    async def _retry(self, kind: str,
-                     attempt: Callable[[], Awaitable[str | None]]) -> None:
-        delay = 0.5
-        for n in range(1, self.attempts + 1):
-            problem = await attempt()
-            if problem is None:
-                self._stats.sent += 1
-                self._report(kind, "success")
-                return
-            log.warning("scaling %s failed (attempt %d/%d): %s", kind, n, self.attempts,
-                        problem)
-            if n < self.attempts:
-                await trio.sleep(delay)
-                delay *= 2
-        self._stats.failed += 1
-        self._report(kind, "failure")
-
-    def _report(self, kind: str, outcome: str) -> None:
-        if self.on_result is not None:
-            try:
-                self.on_result(kind, outcome)
-            except Exception:
-                log.exception("scaling hook result callback failed")
-
-    async def _run_command(self, body: dict[str, Any]) -> str | None:
+    async def _run_command(self, client: httpx.AsyncClient,
+                           body: dict[str, Any]) -> str | None:
         data = json.dumps(body).encode()
         env = {**os.environ, **hook_env(body)}
         try:
@@ -213,12 +149,7 @@ class HookRunner:
             log.info("scaling hook: %s", out[-300:])
         return None
 
-    async def _post(self, client: httpx.AsyncClient, body: dict[str, Any]) -> str | None:
-        assert self.url is not None
-        try:
-            response = await client.post(self.url, json=body)
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:
-            return f"{type(exc).__name__}: {exc}"
-        if response.status_code >= 300:
-            return f"HTTP {response.status_code}"
-        return None
+
+
+async def _post(url: str, client: httpx.AsyncClient, body: dict[str, Any]) -> str | None:
+    return await post_json(client, url, body)
