@@ -44,9 +44,9 @@ import trio
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine, median, pct  # noqa: E402
 
-from p2pinfer.credentials import Authenticator  # noqa: E402
 from p2pinfer.auth.passwords import PasswordHasher  # noqa: E402
 from p2pinfer.config import NodeConfig  # noqa: E402
+from p2pinfer.credentials import Authenticator  # noqa: E402
 from p2pinfer.credentials.apikeys import generate_key  # noqa: E402
 from p2pinfer.credentials.tokens import new_token_id  # noqa: E402
 from p2pinfer.identity import Identity  # noqa: E402
