@@ -35,6 +35,28 @@ __all__ = ["NodeConfig", "ROLES", "Section"]
 ROLES = _ROLES  # the node roles (p2pinfer.grants lists them once)
 T = TypeVar("T")
 
+# The config tables a node reads (each role's own, and [models]).
+TABLES = frozenset({"node", "inference", "gateway", "auth", "metrics", "web", "models",
+                    "ledger", "scaling"})
+# Tables that were never read, and where their settings are (a file that has
+# one would otherwise look configured and be silently ignored).
+MOVED_TABLES = {
+    "tls": "HTTPS is set in [web]: tls_cert, tls_key, tls_self_signed, tls_hosts",
+    "privacy": "export and erasure need no settings; retention is not configurable yet",
+    "discovery": "discovery is set in [node]: announce_interval, descriptor_ttl, dht_server, "
+                 "mdns",
+}
+# The [node] keys. The *_service_port keys take the AUTH_/GATEWAY_/
+# INFERENCE_/METRICS_SERVICE_PORT variables of the original deployment: roles
+# are reached over libp2p, so they are accepted and have no effect.
+NODE_KEYS = frozenset({
+    "home", "roles", "listen", "announce", "bootstrap", "database_url", "mdns", "dht_server",
+    "announce_interval", "descriptor_ttl", "max_frame", "max_streams_per_peer",
+    "max_inbound_per_ip", "dead_link_timeout", "stall_timeout", "keep_links", "log_format",
+    "network", "auth_service_port", "gateway_service_port", "inference_service_port",
+    "metrics_service_port",
+})
+
 # The documented environment variables (docs/deployment.md), and where they land.
 ENV_KEYS: dict[str, tuple[str, str]] = {
     "DATABASE_URL": ("node", "database_url"),
@@ -253,11 +275,11 @@ class NodeConfig:
         ``os.environ``; pass ``{}`` to ignore the environment)."""
         env = os.environ if env is None else env
         tree = _merge({}, data)
-        known_tables = {"node", "inference", "gateway", "auth", "metrics", "web", "models",
-                        "ledger", "discovery", "scaling", "tls", "privacy"}
         for key in tree:
-            if key not in known_tables:
-                known = ", ".join(sorted(known_tables))
+            if key in MOVED_TABLES:
+                raise ConfigError(f"[{key}]: not a config table; {MOVED_TABLES[key]}")
+            if key not in TABLES:
+                known = ", ".join(sorted(TABLES))
                 raise ConfigError(f"{key}: unknown config table (known: {known})")
         for var, (table, key) in ENV_KEYS.items():
             if var in env and env[var] != "":
@@ -267,6 +289,7 @@ class NodeConfig:
                 tree.setdefault(table, {})
                 tree[table] = {**tree[table], key: value}
         node = Section("node", tree.get("node", {}))
+        node.reject_unknown(NODE_KEYS)
         home_raw = node.get_optional_str("home") or env.get("P2PINFER_HOME")
         home = Path(home_raw).expanduser() if home_raw else default_home()
 

@@ -99,3 +99,25 @@ def test_connection_limits_reach_the_host(tmp_path: Path, monkeypatch: pytest.Mo
         assert idle + interval * count <= 6
     defaults = NodeConfig.from_mapping({"node": {"home": str(tmp_path)}}, env={})
     assert (defaults.max_inbound_per_ip, defaults.dead_link_timeout) == (64, 15.0)
+
+
+@pytest.mark.parametrize("table, hint", [("tls", "[web]: tls_cert"),
+                                         ("discovery", "[node]: announce_interval"),
+                                         ("privacy", "need no settings")])
+def test_tables_that_are_not_read_are_refused_with_a_pointer(tmp_path: Path, table: str,
+                                                             hint: str) -> None:
+    """``[tls] cert = ...`` used to be accepted and silently ignored."""
+    with pytest.raises(ConfigError) as ei:
+        NodeConfig.from_mapping({"node": {"home": str(tmp_path)}, table: {"cert": "x.pem"}},
+                                env={})
+    assert f"[{table}]: not a config table" in ei.value.message and hint in ei.value.message
+
+
+def test_unknown_node_keys_are_refused_like_in_every_table(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as ei:
+        NodeConfig.from_mapping({"node": {"home": str(tmp_path), "lisen": ["/ip4/0.0.0.0"]}},
+                                env={})
+    assert ei.value.message.startswith("node.lisen: unknown key (known: ")
+    # the original deployment's per-service ports are accepted (and unused)
+    NodeConfig.from_mapping({"node": {"home": str(tmp_path)}},
+                            env={"AUTH_SERVICE_PORT": "8001", "GATEWAY_SERVICE_PORT": "8002"})
