@@ -171,3 +171,28 @@ async def test_the_engine_refuses_the_heaviest_user_when_its_queue_is_full() -> 
             nursery.cancel_scope.cancel()
     assert all(isinstance(results[n], Completion) for n in ("a0", "a1", "b0")), results
 
+
+
+async def test_a_slot_is_kept_for_a_recent_user_holding_none() -> None:
+    """Two slots: "b" asked a moment ago and holds none now, so "a", which
+    holds one, waits for its own to free rather than take the last; "b"
+    then gets it at once. Alone (no recent "b"), "a" uses both."""
+    pool = SlotPool(2, reserve=30.0)
+    pool.acquire_nowait("b")
+    pool.release("b")  # b is recent, holds none
+    pool.acquire_nowait("a")
+    with trio.testing.assert_checkpoints():  # a second one for "a" must wait
+        with trio.move_on_after(0.05):
+            await pool.acquire("a")
+    assert pool.held_by("a") == 1 and pool.free == 1
+    pool.acquire_nowait("b")  # b is served at once
+    assert pool.free == 0
+    pool.release("b")
+    pool.release("a")
+    alone = SlotPool(2, reserve=0.01)
+    alone.acquire_nowait("b")
+    alone.release("b")
+    await trio.sleep(0.02)  # b is no longer recent
+    alone.acquire_nowait("a")
+    alone.acquire_nowait("a")
+    assert alone.held_by("a") == 2

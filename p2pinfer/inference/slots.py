@@ -20,6 +20,14 @@ the next slot that frees. When the queue is full, a newcomer may take the
 place of the newest waiter of the share that holds and waits for the most
 (:meth:`SlotPool.make_room`), which then fails with :class:`Displaced`.
 
+**A slot kept for the others.** A share that already holds a slot does not
+take the last free one while another share that used the pool in the last
+``reserve`` seconds (30) holds none: with two slots and two users, each
+always finds one, even while the other's requests are stuck (a reader that
+stopped, until the stall timeout ends it). A user alone uses every slot; the
+price is one slot left idle for a while after another user's last request.
+Never more than ``capacity - 1`` slots are kept, and none with one slot.
+
 A slot freed while others wait is handed over directly, so a newcomer cannot
 jump the queue, and a waiter cancelled before it got a slot leaves no trace.
 """
@@ -32,7 +40,10 @@ from dataclasses import dataclass, field
 
 import trio
 
-__all__ = ["Displaced", "SlotPool", "SlotPoolStatistics"]
+__all__ = ["Displaced", "RESERVE", "SlotPool", "SlotPoolStatistics"]
+
+# Seconds a share that used the pool keeps a claim on a slot (see above).
+RESERVE = 30.0
 
 
 class Displaced(Exception):
@@ -68,12 +79,14 @@ class SlotPool:
         capacity: slots at first (>= 1).
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, *, reserve: float = RESERVE) -> None:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self._capacity = capacity
         self._in_use = 0
+        self.reserve = reserve
         self._held: Counter[str] = Counter()
+        self._seen: dict[str, float] = {}  # share -> when it last took or gave a slot
         self._waiters: list[_Waiter] = []  # in arrival order
         self._seq = itertools.count()
 
@@ -102,7 +115,7 @@ class SlotPool:
         Raises:
             trio.WouldBlock: no free slot (or others are first in line).
         """
-        if self._in_use >= self._capacity or self._waiters:
+        if self._in_use >= self._capacity or self._waiters or self._kept_from(share):
             raise trio.WouldBlock
         self._take(share)
 
@@ -122,6 +135,8 @@ class SlotPool:
             return
         waiter = _Waiter(share, next(self._seq))
         self._waiters.append(waiter)
+        # a slot kept from the others may be this share's to take now
+        self._dispatch()
         try:
             await waiter.event.wait()
         except BaseException:
@@ -138,6 +153,7 @@ class SlotPool:
         if self._in_use <= 0:
             raise RuntimeError("release() without a slot held")
         self._in_use -= 1
+        self._seen[share] = trio.current_time()
         left = self._held[share] - 1
         if left > 0:
             self._held[share] = left
@@ -175,11 +191,25 @@ class SlotPool:
     def _take(self, share: str) -> None:
         self._in_use += 1
         self._held[share] += 1
+        self._seen[share] = trio.current_time()
+
+    def _kept_from(self, share: str) -> bool:
+        """Whether the free slots are kept for other recent shares that hold
+        none (see the module docstring), so that ``share`` must wait."""
+        if self._capacity < 2 or self._held[share] == 0:
+            return False
+        now = trio.current_time()
+        for old in [s for s, t in self._seen.items() if now - t > self.reserve]:
+            del self._seen[old]  # forget shares gone quiet (bounded by recent users)
+        others = sum(1 for s in self._seen if s != share and self._held[s] == 0)
+        return self._capacity - self._in_use <= min(others, self._capacity - 1)
 
     def _dispatch(self) -> None:
         while self._in_use < self._capacity and self._waiters:
             held = self._held
             waiter = min(self._waiters, key=lambda w: (held[w.share], w.seq))
+            if self._kept_from(waiter.share):
+                break  # every waiter's share holds a slot: the rest are kept
             self._waiters.remove(waiter)
             self._take(waiter.share)
             waiter.outcome = "granted"
