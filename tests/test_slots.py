@@ -196,3 +196,13 @@ async def test_a_slot_is_kept_for_a_recent_user_holding_none() -> None:
     alone.acquire_nowait("a")
     alone.acquire_nowait("a")
     assert alone.held_by("a") == 2
+
+
+async def test_users_gone_quiet_are_forgotten() -> None:
+    pool = SlotPool(1, reserve=0.01)
+    for n in range(300):
+        pool.acquire_nowait(f"user-{n}")
+        pool.release(f"user-{n}")
+        if n == 150:
+            await trio.sleep(0.02)  # the first 151 go quiet
+    assert len(pool._seen) <= 256

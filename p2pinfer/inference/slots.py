@@ -44,6 +44,9 @@ __all__ = ["Displaced", "RESERVE", "SlotPool", "SlotPoolStatistics"]
 
 # Seconds a share that used the pool keeps a claim on a slot (see above).
 RESERVE = 30.0
+# Shares remembered before the quiet ones are forgotten on a take, so that
+# a pool one user at a time passes through does not grow without bound.
+SEEN_MAX = 256
 
 
 class Displaced(Exception):
@@ -192,15 +195,20 @@ class SlotPool:
         self._in_use += 1
         self._held[share] += 1
         self._seen[share] = trio.current_time()
+        if len(self._seen) > SEEN_MAX:
+            self._forget_quiet(trio.current_time())
+
+    def _forget_quiet(self, now: float) -> None:
+        """Forget shares that have not used the pool for ``reserve`` seconds."""
+        for old in [s for s, t in self._seen.items() if now - t > self.reserve]:
+            del self._seen[old]
 
     def _kept_from(self, share: str) -> bool:
         """Whether the free slots are kept for other recent shares that hold
         none (see the module docstring), so that ``share`` must wait."""
         if self._capacity < 2 or self._held[share] == 0:
             return False
-        now = trio.current_time()
-        for old in [s for s, t in self._seen.items() if now - t > self.reserve]:
-            del self._seen[old]  # forget shares gone quiet (bounded by recent users)
+        self._forget_quiet(trio.current_time())
         others = sum(1 for s in self._seen if s != share and self._held[s] == 0)
         return self._capacity - self._in_use <= min(others, self._capacity - 1)
 
