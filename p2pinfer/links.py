@@ -54,6 +54,7 @@ RETRY_MAX = 5.0
 JITTER = 0.25
 STABLE = 10.0
 ADDRESS_WATCH = 2.0
+YIELD = 2.0  # seconds the larger peer id of two member nodes waits before dialling
 # A member's stored addresses are rewritten when they change, else at most
 # this often (to keep "last seen" current without a write per connection).
 SEEN_REFRESH = 3600.0
@@ -192,14 +193,28 @@ class Links:
                 log.debug("link to %s: %s failed: %s", target.peer_id[-8:], addr, exc)
         return False
 
+    async def _yield_to(self, target: _Target, ever: bool) -> None:
+        """Between two member nodes that both keep a link to each other, the
+        one with the larger peer id waits ``YIELD`` seconds before dialling,
+        so that the other's dial usually comes first: two connections
+        opened at once make one side close one, failing the calls on it (a
+        quota ticket asked there goes to another coordinator). A node's
+        first dial of a bootstrap peer never waits: that peer does not know
+        it yet."""
+        if target.bootstrap and not ever:
+            return
+        if self.node.peer_id > target.peer_id:
+            await trio.sleep(random.uniform(YIELD, 1.5 * YIELD))
+        else:
+            await trio.sleep(random.uniform(0, 0.2))
+
     async def _keep(self, target: _Target) -> None:
         delay = RETRY_FIRST
         ever = False
         said = False  # one line per outage at INFO; each redial at DEBUG
         with target.scope:
-            if not target.bootstrap:  # members start one another: spread the dials
-                await trio.sleep(random.uniform(0, 0.5))
             while True:
+                await self._yield_to(target, ever)
                 if not await self._dial(target):
                     wait = delay * random.uniform(1 - JITTER, 1 + JITTER)
                     log.log(logging.INFO if target.bootstrap and not said else logging.DEBUG,
