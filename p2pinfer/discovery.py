@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import __version__ as VERSION
-from .errors import InvalidParams, P2PInferError
+from .errors import InvalidParams, P2PInferError, PeerUnavailable, StreamBroken
 from .identity import Identity, verify_peer
 from .wire import canonical_pack
 
@@ -446,7 +446,13 @@ class Discovery:
             return hit[1]
         try:
             with trio.fail_after(DESCRIPTOR_FETCH_TIMEOUT):
-                raw = await self.rpc.call(peer_id, "getDescriptor")
+                try:
+                    raw = await self.rpc.call(peer_id, "getDescriptor")
+                except (StreamBroken, PeerUnavailable):
+                    # the connection under the call was closed: a peer that
+                    # redialled (new address, restart) has its newer one kept
+                    # and the older closed, so the first call may land on it
+                    raw = await self.rpc.call(peer_id, "getDescriptor")
             desc = Descriptor.from_wire(raw)
         except (P2PInferError, trio.TooSlowError) as exc:
             log.debug("no descriptor from %s: %s", peer_id, exc)

@@ -362,7 +362,6 @@ class Node:
         return (self.ledger is not None
                 and self.ledger.store.membership.cutoff(peer_id) is not None)
 
-    _was_removed = removed_peer
 
     def _schedule_cut_off(self, peer_id: str) -> None:
         if self._nursery is not None:
@@ -393,7 +392,7 @@ class Node:
 
     # -- connections ----------------------------------------------------------------
     def _on_connected(self, peer_id: str) -> None:
-        if self._was_removed(peer_id):
+        if self.removed_peer(peer_id):
             self._schedule_cut_off(peer_id)
             return
         if self.ledger is not None and hasattr(self.ledger, "on_peer_connected"):
@@ -512,7 +511,7 @@ class Node:
                 node runs on its home (:mod:`p2pinfer.homelock`), or a
                 listen port is in use.
         """
-        if self._was_removed(self.peer_id):
+        if self.removed_peer(self.peer_id):
             raise ConfigError(
                 f"this node ({self.peer_id}) was removed from network {self.network_id} by "
                 "its owner: its peer id can never rejoin; ask the owner to admit a new node "
