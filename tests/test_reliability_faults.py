@@ -66,9 +66,14 @@ NETNS_SKIP = netns_unavailable_reason()
 
 
 def gateway_table(limit: int, **extra: Any) -> dict[str, Any]:
+    # The quota coordinator is waited for as long as by default (2 s): a
+    # shorter wait made a busy machine's 0.5 s stall a failover, and each
+    # failover lets the other gateway admit from its own counters (the
+    # overshoot quota.py documents), which the exact counts here forbid. A
+    # gateway that dies is failed over at once: its connection closes.
     return {"default_rate_limit": limit, "concurrent_per_key": 0,
             "concurrent_per_user": 0, "usage_flush_interval": 0.5,
-            "coordinator_timeout": 0.5, "cooldown": 3, **extra}
+            "cooldown": 3, **extra}
 
 
 @dataclass
@@ -185,9 +190,12 @@ async def hammer_to_limit(s: Swarm, counted_so_far: int,
     refused = [o for o in outcomes if isinstance(o.error, errors.RateLimited)]
     assert all(o.ok or isinstance(o.error, tolerated) for o in admitted), \
         [(o.kind, o.gateway[-6:], o.error and o.error.message) for o in admitted if not o.ok][:5]
+    # a coordinator change is the one way to overshoot: say if there was one
+    failovers = {g: (await health(s, gw))["quota"]["coordinator_failovers"]
+                 for g, gw in s.gateways.items() if s.cluster.nodes[g].alive}
     assert refused and all(o.error is not None and 0 < o.error.retry_after <= 3600
-                           for o in refused)
-    assert left - slack <= len(admitted) <= left, (len(admitted), left, slack)
+                           for o in refused), (len(admitted), left, failovers)
+    assert left - slack <= len(admitted) <= left, (len(admitted), left, slack, failovers)
     return outcomes
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import trio
 from cachetools import LRUCache
 
-from ..errors import CallError, InvalidParams, LimitError, NoWorkerAvailable
+from ..errors import CallError, InvalidParams, LimitError, NoWorkerAvailable, StreamBroken
 from ..rpc.server import Access, CallContext, rpc_method
 from .quota import Limits, QuotaBook, rendezvous_order
 
@@ -127,10 +127,17 @@ class QuotaService:
             if peer == self.node.peer_id:
                 ticket = self.book.acquire(user_id, key_id, limits, holder=self.node.peer_id)
                 return Lease(ticket.id, peer)
+            params = {"user_id": user_id, "key_id": key_id, "limits": limits.to_wire()}
             try:
                 with trio.fail_after(self.timeout):
-                    out = await self.node.rpc.call(peer, "quota.acquire", {
-                        "user_id": user_id, "key_id": key_id, "limits": limits.to_wire()})
+                    try:
+                        out = await self.node.rpc.call(peer, "quota.acquire", params)
+                    except StreamBroken:
+                        # The connection under the call closed: most often the
+                        # older of two, closed because the peer dialled again.
+                        # Asked once more, on the connection kept, before
+                        # another coordinator (whose counters lag) is asked.
+                        out = await self.node.rpc.call(peer, "quota.acquire", params)
                 return Lease(str(out["ticket"]), peer)
             except LimitError:
                 raise
