@@ -8,7 +8,7 @@ A node dials, and redials whenever the link is lost, two kinds of targets:
   role; operator keys come and go): each one it is connected to is asked for
   its signed descriptor, whose addresses go into the node's own store
   (``peer_addrs``, never replicated). At start the node dials the
-  ``[node] keep_links`` members seen most recently (0, off, by default) before
+  ``[node] keep_links`` members seen most recently (16 by default; 0 turns it off) before
   any peer answers, so no node is special: a restarted hub redials its
   workers as they redial it, and a worker whose bootstrap node moved still
   reaches the others.
@@ -198,10 +198,10 @@ class Links:
         one with the larger peer id waits ``YIELD`` seconds before dialling,
         so that the other's dial usually comes first: two connections
         opened at once make one side close one, failing the calls on it (a
-        quota ticket asked there goes to another coordinator). A bootstrap
-        peer is never waited for: it dials back only if it keeps member
-        links itself (``keep_links``, off by default), so waiting would only
-        delay the way back after it restarts."""
+        quota ticket asked there is asked again). A bootstrap peer is never
+        waited for: when it restarts every node that joined through it
+        redials at once, and it may keep no link back (``keep_links = 0``,
+        or more members than it keeps)."""
         if target.bootstrap:
             return
         if self.node.peer_id > target.peer_id:
