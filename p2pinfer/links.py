@@ -193,16 +193,16 @@ class Links:
                 log.debug("link to %s: %s failed: %s", target.peer_id[-8:], addr, exc)
         return False
 
-    async def _yield_to(self, target: _Target) -> None:
+    async def _yield_to(self, target: _Target, ever: bool) -> None:
         """Between two member nodes that both keep a link to each other, the
         one with the larger peer id waits ``YIELD`` seconds before dialling,
         so that the other's dial usually comes first: two connections
-        opened at once make one side close one, failing the calls on it (a
-        quota ticket asked there is asked again). A bootstrap peer is never
-        waited for: when it restarts every node that joined through it
-        redials at once, and it may keep no link back (``keep_links = 0``,
-        or more members than it keeps)."""
-        if target.bootstrap:
+        opened at once make one side close one, failing the calls on it (an
+        answer streaming over it is cut). This holds for a bootstrap peer
+        too once linked: a restarted hub dials back the workers it stored
+        while they dial it. A node's first dial of a bootstrap peer never
+        waits: that peer does not know it yet."""
+        if target.bootstrap and not ever:
             return
         if self.node.peer_id > target.peer_id:
             await trio.sleep(random.uniform(YIELD, 1.5 * YIELD))
@@ -215,7 +215,7 @@ class Links:
         said = False  # one line per outage at INFO; each redial at DEBUG
         with target.scope:
             while True:
-                await self._yield_to(target)
+                await self._yield_to(target, ever)
                 if not await self._dial(target):
                     wait = delay * random.uniform(1 - JITTER, 1 + JITTER)
                     log.log(logging.INFO if target.bootstrap and not said else logging.DEBUG,

@@ -143,8 +143,8 @@ class Node:
             stall_timeout=config.stall_timeout,
         )
         self.rpc = RpcClient(self.host, max_frame=config.max_frame)
-        # Called with a peer id when its connection closes (e.g. the gateway
-        # returns the quota tickets a vanished gateway held).
+        # Called with a peer id when its last connection closes (e.g. the
+        # gateway returns the quota tickets a vanished gateway held).
         self.disconnect_listeners: list[Any] = []
         # Node-wide metrics, kept by every node whatever its roles (see
         # p2pinfer.metrics): set up here, before the ledger and the roles.
@@ -456,13 +456,16 @@ class Node:
     def _on_disconnected(self, peer_id: str) -> None:
         self.discovery.forget(peer_id)
         self.rpc.drop(peer_id)
-        if peer_id not in self.connected_peers():  # its last connection
-            self.links.disconnected(peer_id)
-            if not self.is_member(peer_id):
-                self._forget_peer(peer_id)
-            cancelled = self.rpc_server.peer_gone(peer_id)
-            if cancelled:
-                log.info("%s left: cancelled its %d call(s) in flight", peer_id[-8:], cancelled)
+        if peer_id in self.connected_peers():
+            return  # one of two connections closed (a redial): the peer stays
+        self.links.disconnected(peer_id)
+        if not self.is_member(peer_id):
+            self._forget_peer(peer_id)
+        cancelled = self.rpc_server.peer_gone(peer_id)
+        if cancelled:
+            log.info("%s left: cancelled its %d call(s) in flight", peer_id[-8:], cancelled)
+        # e.g. the quota book returns the tickets the peer held: only once it
+        # is really gone, or the requests it still runs would go uncounted
         for listener in self.disconnect_listeners:
             try:
                 listener(peer_id)
