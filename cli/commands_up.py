@@ -153,6 +153,12 @@ class DemoUser:
         session = await call("loginUser", {"username": self.data["username"],
                                            "password": self.data["password"]})
         self.data["user_id"] = session["user"]["user_id"]
+        if session["user"].get("tier") != "premium":
+            # the default tier's 100 requests an hour throttle a local tool
+            # (an agent, an editor plugin) within minutes; the hub is the
+            # network's owner, so it may act as the operator
+            await call("setUserTier", {"as_operator": True, "user_id": self.data["user_id"],
+                                       "tier": "premium"})
         valid = False
         if self.data.get("api_key"):
             try:
@@ -248,7 +254,13 @@ def _banner(swarm: LocalSwarm, models: list[str], web_url: str | None, metrics_u
         rows.append(("dashboard", web_url + "/"))
     if metrics_url:
         rows.append(("metrics", metrics_url))
+    gateway = hub.roles.get("gateway")
+    per_hour = gateway.settings.premium_rate_limit if gateway is not None else None
     rows += [("demo user", f"{demo.data['username']} (password and API key in {demo.path})"),
+             ("its limit", f"premium tier, {per_hour} requests an hour ([gateway] "
+                           "premium_rate_limit; `p2pinfer users set-tier "
+                           f"{demo.data.get('user_id')} default --home {hub.config.home}` "
+                           "for the default tier)"),
              ("node data", str(swarm.base)), ("logs", str(log_path))]
     for label, value in rows:
         note(f"  {label:<10} {value}")

@@ -98,6 +98,20 @@ def test_up_then_prompt_from_another_process() -> None:
         assert data["model"] == "smollm2" and data["text"] == answer.stdout.rstrip("\n")
         assert data["usage"]["completion_tokens"] >= 3
 
+        # the demo user is on the premium tier (a local tool is not throttled
+        # within minutes), and the banner's command to change it works
+        limit = banner_value(up.stderr, "its limit")
+        assert limit.startswith("premium tier, 1000 requests an hour"), limit
+        quota = json.loads(subprocess.run([P2PINFER, "quota", "--json"], env=env,
+                                          capture_output=True, text=True, timeout=60,
+                                          check=True).stdout)
+        assert quota["tier"] == "premium" and quota["limits"]["requests"] == 1000, quota
+        command = limit.split("`")[1].split()
+        assert command[:3] == ["p2pinfer", "users", "set-tier"], limit
+        changed = subprocess.run([P2PINFER, *command[1:]], env=env, capture_output=True,
+                                 text=True, timeout=60)
+        assert changed.returncode == 0 and "tier default" in changed.stderr, changed.stderr
+
         # Ctrl-C while an answer streams: a clean exit 130, no traceback
         long = subprocess.Popen([P2PINFER, "prompt", "--max-tokens", "400",
                                  "Write a long story about a lighthouse keeper."],
