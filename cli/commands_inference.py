@@ -46,6 +46,23 @@ def _read_prompt(text: str | None) -> str:
     return text
 
 
+def _answer_format(choice: str | None, schema: Any) -> str | dict[str, Any] | None:
+    """``--format json`` or ``--schema FILE`` as the SDK's ``format``."""
+    if choice is not None and schema is not None:
+        raise click.UsageError("give --format or --schema, not both")
+    if schema is None:
+        return choice
+    import json
+
+    try:
+        value = json.loads(schema.read())
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--schema") from None
+    if not isinstance(value, dict):
+        raise click.BadParameter("a JSON schema is an object", param_hint="--schema")
+    return value
+
+
 def _summary(response: InferenceResponse) -> str:
     usage = response.usage
     parts = [response.model or "?"]
@@ -66,11 +83,16 @@ def _summary(response: InferenceResponse) -> str:
 @_generation_options
 @click.option("--json", "as_json", is_flag=True,
               help="Print the whole answer and its metadata as JSON when done.")
+@click.option("--format", "answer_format", type=click.Choice(["json"]),
+              help="Constrain the answer to a JSON object.")
+@click.option("--schema", type=click.File("r"), metavar="FILE",
+              help="Constrain the answer to this JSON schema ('-': stdin).")
 @click.option("-v", "--verbose", is_flag=True,
               help="Print the model, worker, token counts and latency on stderr.")
 @swarm_access()
 def prompt(text: str | None, model: str | None, system: str | None, max_tokens: int | None,
-           temperature: float | None, seed: int | None, as_json: bool, verbose: bool,
+           temperature: float | None, seed: int | None, as_json: bool,
+           answer_format: str | None, schema: Any, verbose: bool,
            access: SwarmAccess) -> None:
     """Ask the swarm one question; the answer is printed as it is generated.
 
@@ -82,15 +104,18 @@ def prompt(text: str | None, model: str | None, system: str | None, max_tokens: 
       p2pinfer prompt -m smollm2 --max-tokens 64 -t 0 "Name three colors."
       git diff | p2pinfer prompt -s "Review this patch." -
       p2pinfer prompt --json "Hello" | jq .usage
+      p2pinfer prompt --schema city.json "Describe Oslo." | jq .population
     """
     import trio
 
+    fmt = _answer_format(answer_format, schema)
     text = _read_prompt(text)
 
     async def body(client: Client) -> InferenceResponse:
         with spinner("Waiting for the first token…") as spin:
             async with client.stream(text, model=model, system=system, max_tokens=max_tokens,
-                                     temperature=temperature, seed=seed) as stream:
+                                     temperature=temperature, seed=seed,
+                                     format=fmt) as stream:
                 first = True
                 async for delta in stream:
                     if first:
@@ -255,11 +280,12 @@ def models(as_json: bool, access: SwarmAccess) -> None:
         return
     rows = [(m["name"], ", ".join(m.get("aliases") or []), m.get("backend"), m.get("workers"),
              m.get("free_slots"), m.get("queue_depth"), m.get("status"),
-             m.get("context_length"), "; ".join(m.get("runners") or []) or "-")
+             m.get("context_length"), ", ".join(m.get("capabilities") or ["chat"]),
+             "; ".join(m.get("runners") or []) or "-")
             for m in found]
     console().print(table(f"{len(found)} model(s)",
                           ["model", "aliases", "backend", "workers", "free slots", "queued",
-                           "status", "context", "runner"], rows,
+                           "status", "context", "can", "runner"], rows,
                           justify={k: "right" for k in ("workers", "free slots", "queued",
                                                         "context")}))
     if not found:

@@ -103,6 +103,8 @@ def explain(exc: e.P2PInferError) -> str:
     if isinstance(exc, e.UnknownModel) or (isinstance(exc, e.NoWorkerAvailable)
                                            and "model" in msg):
         return f"{msg} (list the models with `p2pinfer models`)"
+    if isinstance(exc, e.MissingCapability):
+        return f"{msg} (what each model can do: `p2pinfer models`, column 'can')"
     if isinstance(exc, e.PeerUnavailable):
         return f"cannot reach the swarm: {msg}"
     if isinstance(exc, e.InvalidParams) and exc.data.get("field"):
@@ -112,7 +114,8 @@ def explain(exc: e.P2PInferError) -> str:
 
 def exit_code_for(exc: e.P2PInferError) -> int:
     """The exit code of an error (see the module docstring)."""
-    if isinstance(exc, e.InvalidParams | e.ConfigError | e.ValidationError):
+    if isinstance(exc, e.InvalidParams | e.ConfigError | e.ValidationError
+                  | e.MissingCapability):
         return EXIT_USAGE
     if isinstance(exc, e.AccessError):
         return EXIT_AUTH

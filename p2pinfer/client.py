@@ -41,6 +41,7 @@ that HTTPS certificates are checked against; they always are).
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import ssl
@@ -108,11 +109,23 @@ class InferenceResponse:
                    latency_ms=t.get("latency_ms"), cached=bool(t.get("cached", False)),
                    details=dict(t))
 
+    def json(self) -> Any:
+        """The answer parsed as JSON (ask with ``format`` to be sure it is)."""
+        return json.loads(self.text)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able form (what ``p2pinfer prompt --json`` prints)."""
         return {"text": self.text, "model": self.model, "finish_reason": self.finish_reason,
                 "usage": dict(self.usage), "request_id": self.request_id,
                 "worker": self.worker, "latency_ms": self.latency_ms, "cached": self.cached}
+
+
+def _format(value: str | dict[str, Any] | None) -> Any:
+    """The SDK's ``format`` (``"json"`` or a bare JSON schema, as Ollama
+    takes it) in the prompt contract's form."""
+    if isinstance(value, dict):
+        return {"type": "json_schema", "schema": value}
+    return value
 
 
 def _request(prompt: str | None, messages: list[dict[str, str]] | None,
@@ -535,15 +548,20 @@ class Client:
         stop: str | list[str] | None = None,
         seed: int | None = None,
         system: str | None = None,
+        format: str | dict[str, Any] | None = None,
     ) -> InferenceResponse:
         """Ask for a whole answer (the ``inference`` call of the RPC API).
 
         The worker sends it as one frame once it is complete (``"stream":
         false``), so a worker that fails part way through is replaced by
-        another before anything reaches you."""
+        another before anything reaches you. ``format``: ``"json"`` (any
+        JSON object) or a JSON schema the answer must match (read it with
+        :meth:`InferenceResponse.json`); a model that cannot constrain its
+        answer raises :class:`~p2pinfer.errors.MissingCapability`."""
         request = _request(prompt, messages, {
             "model": model, "max_tokens": max_tokens, "temperature": temperature,
-            "top_p": top_p, "stop": stop, "seed": seed, "system": system, "stream": False})
+            "top_p": top_p, "stop": stop, "seed": seed, "system": system, "stream": False,
+            "format": _format(format)})
         async with InferenceStream(self, request) as stream:
             async for _ in stream:
                 pass
@@ -563,11 +581,14 @@ class Client:
         stop: str | list[str] | None = None,
         seed: int | None = None,
         system: str | None = None,
+        format: str | dict[str, Any] | None = None,
     ) -> InferenceStream:
-        """An answer as it is generated: ``async with client.stream(...) as s``."""
+        """An answer as it is generated: ``async with client.stream(...) as s``
+        (``format`` as for :meth:`inference`)."""
         request = _request(prompt, messages, {
             "model": model, "max_tokens": max_tokens, "temperature": temperature,
-            "top_p": top_p, "stop": stop, "seed": seed, "system": system})
+            "top_p": top_p, "stop": stop, "seed": seed, "system": system,
+            "format": _format(format)})
         return InferenceStream(self, request)
 
     async def _open_stream(self, request: dict[str, Any]) -> tuple[Any, Any]:

@@ -58,7 +58,9 @@ so callers match on types, never on message strings.
     │   ├── BackendTimeout             1704
     │   ├── MalformedBackendResponse   1705
     │   ├── NoWorkerAvailable          1706
-    │   └── StreamInterrupted          1707 (a worker died after the first token)
+    │   ├── StreamInterrupted          1707 (a worker died after the first token)
+    │   └── MissingCapability          1709 (the model cannot do what was asked:
+    │                                        data names the capability)
     └── LedgerError                    1800-1899
         ├── InvalidEvent               1801 (malformed body / fields)
         ├── BadSignature               1802
@@ -372,6 +374,14 @@ class ModelUnavailable(BackendUnavailable):
     worker, or this one after ``retry_after`` seconds, can answer."""
 
     code = 1708
+
+
+class MissingCapability(InferenceError):
+    """The model cannot serve this kind of request (JSON output, tools,
+    embeddings): ``data`` has ``capability`` and ``model``."""
+
+    code = 1709
+    http_status = 400
 
 
 # --- ledger -----------------------------------------------------------------

@@ -17,6 +17,8 @@ Accepted shape (a msgpack map; every field is checked and an error names it)::
       "seed": 42,                    # 0 .. 2**32-1
       "cache": true,                 # false skips the response cache
       "stream": true,                # false: the whole answer as one chunk
+      "format": "json",              # or {"type": "json_schema", "schema": {...},
+                                     #     "name": "x", "strict": true}: see OutputFormat
       "modelConfig": {...}           # the original API's form: model, max_tokens,
     }                                # temperature, top_p, stop, seed may go here instead
 
@@ -26,20 +28,41 @@ rejected, so a typo (``temprature``) is an error rather than a silent default.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from .errors import InvalidParams
+import jsonschema
+import jsonschema.exceptions
 
-__all__ = ["ROLES", "GenerationParams", "Message", "ParamLimits", "PromptRequest",
-           "parse_model_name", "parse_prompt_params"]
+from .errors import InvalidParams, MissingCapability
+
+__all__ = ["CAPABILITIES", "ROLES", "GenerationParams", "Message", "OutputFormat",
+           "ParamLimits", "PromptRequest", "missing_capability", "parse_model_name",
+           "parse_prompt_params"]
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 MAX_SEED = 2**32 - 1
+MAX_SCHEMA_BYTES = 16_384  # a JSON schema, as compact JSON
+SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 ROLES = ("system", "user", "assistant")
+
+# What a model may be able to do, as workers announce it per model
+# (``capabilities`` in their descriptors) and requests need it.
+CAPABILITIES = {
+    "chat": "chat completions",
+    "json": "JSON output (response_format json_object or json_schema; Ollama's format)",
+}
+
+
+def missing_capability(model: str, capability: str) -> MissingCapability:
+    """The error for a request ``model`` cannot serve, naming what it lacks."""
+    what = CAPABILITIES.get(capability, capability)
+    return MissingCapability(f"model {model!r} cannot do {what}",
+                             data={"capability": capability, "model": model})
 
 
 @dataclass(frozen=True)
@@ -54,6 +77,47 @@ class Message:
 
 
 @dataclass(frozen=True)
+class OutputFormat:
+    """The answer must be JSON: any JSON object (``schema`` None), or an
+    instance of ``schema`` (a JSON Schema, checked with :mod:`jsonschema`).
+
+    Backends that can constrain decoding do (llama.cpp turns the schema into
+    a grammar, so the answer always parses); the others pass it on to their
+    server. ``name`` and ``strict`` are OpenAI's and travel with it.
+
+    On the wire: ``"json"``, ``{"type": "json"}``, or ``{"type":
+    "json_schema", "schema": {...}, "name": "answer", "strict": true}``.
+    """
+
+    schema: dict[str, Any] | None = None
+    name: str = "answer"
+    strict: bool = False
+
+    def __hash__(self) -> int:  # the schema is a dict
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.schema is None:
+            return {"type": "json"}
+        return {"type": "json_schema", "schema": self.schema, "name": self.name,
+                "strict": self.strict}
+
+    def check(self, text: str) -> Any:
+        """The answer ``text`` parsed, or ValueError saying why it does not
+        conform (not JSON, not an object, or not an instance of the schema)."""
+        value = json.loads(text)
+        if self.schema is None:
+            if not isinstance(value, dict):
+                raise ValueError("the answer is JSON but not an object")
+            return value
+        try:
+            jsonschema.validate(value, self.schema)
+        except jsonschema.exceptions.ValidationError as exc:
+            raise ValueError(f"the answer does not match the schema: {exc.message}") from None
+        return value
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """Sampling parameters, already validated (see :func:`parse_prompt_params`)."""
 
@@ -62,6 +126,7 @@ class GenerationParams:
     top_p: float = 0.95
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    format: OutputFormat | None = None
 
     @property
     def deterministic(self) -> bool:
@@ -70,16 +135,20 @@ class GenerationParams:
         return self.temperature == 0 or self.seed is not None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "stop": list(self.stop),
             "seed": self.seed,
         }
+        if self.format is not None:
+            out["format"] = self.format.to_dict()
+        return out
 
 _MODEL_KEYS = {"model", "max_tokens", "maxTokens", "temperature", "top_p", "topP", "stop", "seed"}
-_TOP_KEYS = {"prompt", "messages", "system", "modelConfig", "cache", "stream"} | _MODEL_KEYS
+_TOP_KEYS = {"prompt", "messages", "system", "modelConfig", "cache", "stream",
+             "format"} | _MODEL_KEYS
 _CANONICAL = {"maxTokens": "max_tokens", "topP": "top_p"}
 
 
@@ -107,6 +176,11 @@ class PromptRequest:
     use_cache: bool = True
     stream: bool = True
     share: str = ""  # whose slots these are, for fair share (see inference.slots)
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """The capabilities beyond chat that serving this request takes."""
+        return frozenset({"json"}) if self.params.format is not None else frozenset()
 
 
 def _fail(field: str, problem: str) -> InvalidParams:
@@ -193,6 +267,43 @@ def _stop(value: Any, limits: ParamLimits) -> tuple[str, ...]:
             _raise(field, f"must be 1 to {limits.max_stop_chars} characters long")
         out.append(text)
     return tuple(out)
+
+
+def _format(value: Any) -> OutputFormat | None:
+    if value is None or value == "text" or value == {"type": "text"}:
+        return None
+    if value == "json" or value == {"type": "json"}:
+        return OutputFormat()
+    if not isinstance(value, dict):
+        _raise("format", f'must be "json" or a map with a type, got {_show(value)}')
+    kind = value.get("type")
+    if kind != "json_schema":
+        _raise("format.type", f"must be text, json or json_schema, got {_show(kind)}")
+    extra = set(value) - {"type", "schema", "name", "strict"}
+    if extra:
+        _raise(f"format.{sorted(map(str, extra))[0]}", "unknown key")
+    schema = value.get("schema")
+    if not isinstance(schema, dict):
+        _raise("format.schema", f"must be a JSON Schema (a map), got {_show(schema)}")
+    try:
+        size = len(json.dumps(schema, separators=(",", ":"), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        _raise("format.schema", f"must be plain JSON: {exc}")
+    if size > MAX_SCHEMA_BYTES:
+        _raise("format.schema", f"at most {MAX_SCHEMA_BYTES} bytes as JSON, got {size}")
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.exceptions.SchemaError as exc:
+        _raise("format.schema", f"is not a valid JSON Schema: {exc.message}")
+    except Exception as exc:  # e.g. an unresolvable $schema or $ref
+        _raise("format.schema", f"cannot be used: {type(exc).__name__}: {exc}")
+    name = value.get("name", "answer")
+    if not isinstance(name, str) or not SCHEMA_NAME.match(name):
+        _raise("format.name", "must be 1 to 64 letters, digits, _ or -")
+    strict = value.get("strict", False)
+    if not isinstance(strict, bool):
+        _raise("format.strict", f"must be true or false, got {_show(strict)}")
+    return OutputFormat(schema=schema, name=name, strict=strict)
 
 
 def _merge_model_config(params: dict[str, Any]) -> dict[str, Any]:
@@ -286,6 +397,7 @@ def parse_prompt_params(params: Any, limits: ParamLimits | None = None) -> Promp
             top_p=top_p,
             stop=_stop(fields.get("stop"), limits),
             seed=seed,
+            format=_format(params.get("format")),
         ),
         use_cache=use_cache,
         stream=stream,

@@ -56,8 +56,10 @@ done
 
 cpu_flags="$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m)"
 compiler="$(c++ --version | head -1)"
-key="$(printf '%s\n' "$SDIST_SHA256" "$flavour" "$gpu_args $extra_args" "$compiler" "$cpu_flags" \
-    | sha256sum | cut -c1-16)"
+# Bump when the patch below changes: it is part of what a build is.
+PATCHES="json-space-1"
+key="$(printf '%s\n' "$SDIST_SHA256" "$PATCHES" "$flavour" "$gpu_args $extra_args" "$compiler" \
+    "$cpu_flags" | sha256sum | cut -c1-16)"
 out="$cache/$key"
 
 if [ ! -x "$out/bin/llama-server" ] || [ ! -x "$out/bin/ggml-rpc-server" ]; then
@@ -79,6 +81,18 @@ if [ ! -x "$out/bin/llama-server" ] || [ ! -x "$out/bin/ggml-rpc-server" ]; then
     trap 'rm -rf "$work"' EXIT
     tar xzf "$cache/src/$SDIST" -C "$work" --strip-components=3 \
         "llama_cpp_python-$SDIST_VERSION/vendor/llama.cpp"
+    # One patch (json-space-1): the grammar llama-server builds from a JSON
+    # schema (response_format, tool calls) allows at most one space between
+    # two tokens of JSON, as llama.cpp's Python converter and
+    # llama-cpp-python do, instead of up to two newlines and 20 spaces or
+    # tabs at every such place: small models (SmolLM2) fill max_tokens with
+    # that whitespace and the JSON never closes.
+    rules="$work/common/json-schema-to-grammar.cpp"
+    grep -q '^const std::string SPACE_RULE = ' "$rules" || {
+        echo "$rules: SPACE_RULE not found; the json-space-1 patch needs updating" >&2
+        exit 1
+    }
+    sed -i 's|^const std::string SPACE_RULE = .*|const std::string SPACE_RULE = "\\" \\"?";|' "$rules"
     echo "==> building llama-server and ggml-rpc-server ($flavour; 10-15 minutes on 2 cores)"
     generator=()
     if command -v ninja >/dev/null; then generator=(-G Ninja); fi
@@ -96,8 +110,8 @@ if [ ! -x "$out/bin/llama-server" ] || [ ! -x "$out/bin/ggml-rpc-server" ]; then
         > "$work/build.log" 2>&1 || { tail -40 "$work/build.log" >&2; exit 1; }
     mkdir -p "$work/out/bin"
     cp "$work/build/bin/llama-server" "$work/build/bin/ggml-rpc-server" "$work/out/bin/"
-    printf '{"source": "%s", "llama_cpp_commit": "0c1e570", "flavour": "%s", "cmake_args": "%s", "built": "%s"}\n' \
-        "$SDIST" "$flavour" "$gpu_args $extra_args" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+    printf '{"source": "%s", "llama_cpp_commit": "0c1e570", "patches": "%s", "flavour": "%s", "cmake_args": "%s", "built": "%s"}\n' \
+        "$SDIST" "$PATCHES" "$flavour" "$gpu_args $extra_args" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
         > "$work/out/build-info.json"
     rm -rf "$out"
     mv "$work/out" "$out"

@@ -12,7 +12,7 @@ def test_every_package_is_listed_in_pyproject() -> None:
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(config["packages"])
     found = {"p2pinfer." + str(p.parent.relative_to(ROOT / "p2pinfer")).replace("/", ".")
-             for p in (ROOT / "p2pinfer").glob("*/__init__.py")}
+             for p in (ROOT / "p2pinfer").glob("**/__init__.py") if p.parent != ROOT / "p2pinfer"}
     found |= {"p2pinfer", "p2pinfer.daemon", "p2pinfer.cli"}
     assert found == listed
     assert config["package-dir"] == {"p2pinfer": "p2pinfer", "p2pinfer.daemon": "daemon",

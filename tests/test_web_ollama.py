@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import httpx
 import ollama
 import trio
 
@@ -41,6 +42,12 @@ async def test_the_ollama_package_lists_shows_and_streams(tmp_path: Path,
                 out["generate"] = list(client.generate(model="fake", prompt="Once upon",
                                                        stream=True, options={"seed": 1}))
                 out["load"] = client.generate(model="fake", prompt="")
+                key = {"Authorization": f"Bearer {alice.api_key}"}
+                out["bad"] = httpx.post(f"{swarm.url}/api/chat", headers=key, json={
+                    "model": "fake", "messages": [{"role": "user", "content": "x"}],
+                    "options": {"temperature": "hot"}})
+                out["pull"] = httpx.post(f"{swarm.url}/api/pull", headers=key,
+                                         json={"model": "llama3"})
                 for call in (lambda: client.chat(model="llama3", messages=[
                                  {"role": "user", "content": "x"}]),
                              lambda: no_key.list()):
@@ -69,6 +76,10 @@ async def test_the_ollama_package_lists_shows_and_streams(tmp_path: Path,
     generated = got["generate"]
     assert generated[-1].done and "".join(g.response for g in generated).strip()
     assert got["load"].done_reason == "load"
+    # Ollama's error shape and statuses: a bad request is 400, not 422
+    assert got["bad"].status_code == 400
+    assert got["bad"].json()["error"].startswith("temperature: must be a number")
+    assert got["pull"].status_code == 404 and isinstance(got["pull"].json()["error"], str)
     missing, no_key_error = got["errors"]
     assert missing.status_code == 404 and "not found" in missing.error
     assert no_key_error.status_code == 401
@@ -135,7 +146,7 @@ def test_ollama_request_translation() -> None:
                                     chat=False)
     assert params == {"model": "m", "prompt": "p", "system": "s"} and stream is False
     for body, field in (({"messages": []}, "model"),
-                        ({"model": "m", "messages": [], "format": "json"}, "format"),
+                        ({"model": "m", "messages": [], "format": 7}, "format"),
                         ({"model": "m", "messages": [{"role": "user", "content": "x",
                                                       "images": ["aGk="]}]},
                          "messages[0].images"),

@@ -10,6 +10,7 @@ runs in a worker thread while trio serves the node.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ async def test_the_openai_package_lists_chats_and_streams(tmp_path: Path,
             def session() -> dict[str, Any]:
                 out: dict[str, Any] = {}
                 out["models"] = [m.id for m in client.models.list()]
+                out["created"] = [m.created for m in client.models.list()]
                 out["model"] = client.models.retrieve("fake").id
                 chat = client.chat.completions.create(
                     model="fake", messages=[{"role": "system", "content": "Be brief."},
@@ -67,6 +69,8 @@ async def test_the_openai_package_lists_chats_and_streams(tmp_path: Path,
             got = await trio.to_thread.run_sync(session)
 
     assert got["models"] == ["fake"] and got["model"] == "fake"
+    # when its worker started serving it (a GGUF model: its file's time)
+    assert all(time.time() - 3600 < c <= time.time() for c in got["created"])
     chat = got["chat"]
     assert chat.object == "chat.completion" and chat.model == "fake"
     assert chat.choices[0].message.role == "assistant"
@@ -145,6 +149,14 @@ def test_openai_request_translation() -> None:
     assert params == {"model": "m", "max_tokens": 5, "stop": ["\n"], "seed": 3,
                       "messages": [{"role": "user", "content": "hi"}]}
     assert stream is True and usage is True
+    params, _, _ = chat_request({"messages": [{"role": "user", "content": "x"}],
+                                 "response_format": {"type": "json_schema", "json_schema": {
+                                     "name": "a", "strict": True, "schema": {"type": "object"}}}})
+    assert params["format"] == {"type": "json_schema", "schema": {"type": "object"},
+                                "name": "a", "strict": True}
+    params, _, _ = chat_request({"messages": [{"role": "user", "content": "x"}],
+                                 "response_format": {"type": "json_object"}})
+    assert params["format"] == "json"
     params, stream, usage = completion_request({"prompt": ["one"], "temperature": 0.5})
     assert params == {"prompt": "one", "temperature": 0.5} and not stream and not usage
     for body, field in (({"messages": []}, "messages"),
@@ -155,7 +167,10 @@ def test_openai_request_translation() -> None:
                          "presence_penalty"),
                         ({"messages": [{"role": "user", "content": "x"}], "wat": 1}, "wat"),
                         ({"messages": [{"role": "user", "content": "x"}],
-                          "response_format": {"type": "json_object"}}, "response_format")):
+                          "response_format": {"type": "xml"}}, "response_format.type"),
+                        ({"messages": [{"role": "user", "content": "x"}],
+                          "response_format": {"type": "json_schema"}},
+                         "response_format.json_schema")):
         with pytest.raises(InvalidParams) as ei:
             chat_request(body)
         assert ei.value.data["field"] == field

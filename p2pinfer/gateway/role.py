@@ -173,6 +173,8 @@ class GatewayRole:
         worker_params["model"] = model
         worker_params["share"] = share_of(principal.user_id)
         digest = prompt_hash(request)
+        if parsed.needs:  # refused before it counts against the user's quota
+            await self.router.capable(model, parsed.needs)
         quota_key = principal.api_key_id or f"session-{principal.user_id}"
         limits = self.settings.limits_for(principal.tier)
         metrics = self._metrics()
@@ -192,7 +194,8 @@ class GatewayRole:
         status = "cancelled"
         self.in_flight += 1
         try:
-            async with aclosing(self.router.stream(model, worker_params, route)) as stream:
+            async with aclosing(self.router.stream(model, worker_params, route,
+                                                   parsed.needs)) as stream:
                 async for chunk in stream:
                     chunks += 1
                     yield chunk
@@ -245,6 +248,9 @@ class GatewayRole:
             # the worker's own view, to tell network and gateway time from model time
             "worker_latency_ms": trailer.get("latency_ms"),
             "worker_queue_ms": trailer.get("queue_ms"),
+            # the model's first token on the worker, even when the answer
+            # travels whole ("stream": false) and the gateway sees one frame
+            "worker_ttft_ms": trailer.get("ttft_ms"),
         }
 
     def _record(self, principal: Any, model: str, digest: str, status: str, tokens: int,
@@ -353,7 +359,9 @@ class GatewayRole:
 
     @rpc_method("listModels", access=Access.PUBLIC)
     async def rpc_list_models(self, ctx: CallContext, params: Any) -> dict[str, Any]:
-        """Every model served by a member worker, with how many workers serve it."""
+        """Every model served by a member worker, with how many workers serve
+        it and what it can do (``capabilities``: ``chat``, ``json``; the
+        union over its workers: a request is routed to those that can)."""
         self.auth.authenticate(_auth_params(params), source=_source(ctx, params))
         return {"models": await self.swarm_models()}
 
@@ -368,8 +376,15 @@ class GatewayRole:
                     "name": name, "aliases": sorted(set(entry.get("aliases") or [])),
                     "backend": entry.get("backend"), "context_length": entry.get("context_length"),
                     "workers": 0, "free_slots": 0, "queue_depth": 0, "status": "error",
-                    "runners": []})
+                    "runners": [], "capabilities": [], "created": None})
                 item["workers"] += 1
+                created = entry.get("created")
+                if isinstance(created, int) and created > 0:  # the earliest worker's
+                    item["created"] = min(item["created"] or created, created)
+                caps = entry.get("capabilities")
+                caps = caps if isinstance(caps, list) else ["chat"]  # an older worker
+                item["capabilities"] = sorted({*item["capabilities"],
+                                               *(str(c)[:32] for c in caps[:16])})
                 runner = entry.get("runner")
                 if isinstance(runner, str) and runner not in item["runners"]:
                     item["runners"] = sorted([*item["runners"], runner[:120]])

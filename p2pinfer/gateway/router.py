@@ -41,6 +41,7 @@ from ..errors import (
     StreamInterrupted,
     UnknownModel,
 )
+from ..prompts import missing_capability
 
 __all__ = ["WorkerRouter", "RoutedStream", "WorkerStats"]
 
@@ -87,6 +88,18 @@ def _model_load(desc: Descriptor, model: str) -> float:
             free = float(entry.get("free_slots") or 0)
             return queue + busy - free
     return 0.0
+
+
+def _capabilities(desc: Descriptor, model: str) -> frozenset[str]:
+    """What the worker announces ``model`` can do (chat alone when a node
+    older than capabilities does not say)."""
+    for entry in desc.models():
+        if model in [entry.get("name"), *(entry.get("aliases") or [])]:
+            caps = entry.get("capabilities")
+            if isinstance(caps, list):
+                return frozenset(str(c) for c in caps)
+            return frozenset({"chat"})
+    return frozenset()
 
 
 def _merge_ready(chunk: Any, chunks: Any) -> list[Any]:
@@ -173,6 +186,21 @@ class WorkerRouter:
             return cached[1]
         return await self._refresh(model)
 
+    async def capable(self, model: str, needs: frozenset[str]) -> list[Descriptor]:
+        """The candidates for ``model`` whose model announces ``needs``.
+
+        Raises:
+            MissingCapability: workers serve ``model``, none of them can.
+        """
+        candidates = await self.candidates(model)
+        if not needs or not candidates:
+            return candidates
+        able = [d for d in candidates if needs <= _capabilities(d, model)]
+        if not able:
+            lacking = sorted(needs - _capabilities(candidates[0], model)) or sorted(needs)
+            raise missing_capability(model, lacking[0])
+        return able
+
     def workers(self) -> dict[str, list[str]]:
         """The gateway's current view: model -> worker peer ids."""
         return {m: [d.peer_id for d in c[1]] for m, c in self._candidates.items()}
@@ -206,16 +234,19 @@ class WorkerRouter:
 
     # -- streaming ---------------------------------------------------------------------
     async def stream(
-        self, model: str, params: dict[str, Any], route: RoutedStream
+        self, model: str, params: dict[str, Any], route: RoutedStream,
+        needs: frozenset[str] = frozenset(),
     ) -> AsyncGenerator[dict[str, Any], None]:
         """Yield the worker's chunks; fail over before the first one.
 
         ``route`` is filled in: the worker that answered, every attempt, and
-        the trailer (usage, finish reason) once the stream ends.
+        the trailer (usage, finish reason) once the stream ends. ``needs``:
+        capabilities the request takes (only workers whose model announces
+        them are tried; if no worker's does, MissingCapability).
         """
         tried: set[str] = set()
         last_error: P2PInferError | None = None
-        candidates = await self.candidates(model)
+        candidates = await self.capable(model, needs)
         while len(tried) < self.max_attempts:
             try:
                 worker = self.choose(model, candidates, tried)

@@ -20,6 +20,7 @@ backends that generate text themselves.
 from __future__ import annotations
 
 import enum
+import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
@@ -116,9 +117,16 @@ class Backend(ABC):
     model or open the HTTP client, then call ``task_status.started()``),
     :meth:`generate` and :meth:`list_models`. ``slots`` is how many
     generations may run at once; the engine never asks for more.
+
+    :attr:`capabilities` says which kinds of request it serves beyond plain
+    chat (``json``: an answer constrained to JSON or to a schema, see
+    :class:`~p2pinfer.prompts.OutputFormat`); a request needing one it lacks
+    is refused with :class:`~p2pinfer.errors.MissingCapability` before it
+    takes a slot, and gateways route it only to workers that have it.
     """
 
     kind: ClassVar[str] = "abstract"
+    capabilities: ClassVar[frozenset[str]] = frozenset({"chat"})
 
     def __init__(self, name: str, *, slots: int) -> None:
         if slots < 1:
@@ -128,6 +136,9 @@ class Backend(ABC):
         self.state = ModelState.LOADING
         self.error: str | None = None
         self.context_length: int | None = None
+        # when the model was made, as far as this node can tell (Unix time):
+        # a model file's modification time, else when this backend started
+        self.created: float = time.time()
         self._settled = trio.Event()
 
     def _set_state(self, state: ModelState, error: str | None = None) -> None:

@@ -48,7 +48,7 @@ from ..errors import (
     P2PInferError,
     UnknownModel,
 )
-from ..prompts import PromptRequest
+from ..prompts import PromptRequest, missing_capability
 from .backend import Backend, GenerationRequest, GenerationResult, ModelState, TextChunk
 from .cache import CachedAnswer, ResponseCache, cache_key
 from .metrics import UNKNOWN_MODEL, InferenceMetrics
@@ -142,6 +142,8 @@ class ServedModel:
             "name": self.name,
             "aliases": list(self.aliases),
             "backend": self.backend.kind,
+            "capabilities": sorted(self.backend.capabilities),
+            "created": int(self.backend.created),
             "status": self.backend.state.value,
             "context_length": self.backend.context_length,
             "slots": self.slots,
@@ -246,8 +248,8 @@ class InferenceEngine:
         then one :class:`Completion`.
 
         Raises:
-            UnknownModel, Overloaded, InvalidParams, or the backend's
-            InferenceError.
+            UnknownModel, MissingCapability, Overloaded, InvalidParams, or
+            the backend's InferenceError.
         """
         started = trio.current_time()
         try:
@@ -259,6 +261,10 @@ class InferenceEngine:
         if not self.running:
             raise BackendUnavailable("the inference engine is not running")
         params = request.params
+        for needed in request.needs:
+            if needed not in model.backend.capabilities:
+                self._count(model, "error")
+                raise missing_capability(model.name, needed)
         key = None
         if self.cache is not None and request.use_cache and params.deterministic:
             key = cache_key(model.name, request.messages, params)

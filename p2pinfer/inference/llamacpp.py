@@ -41,6 +41,7 @@ Supervision (:meth:`LlamaCppBackend.run`):
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import logging
@@ -215,6 +216,9 @@ class LlamaCppBackend(Backend):
     """A GGUF model served by a supervised llama-server (module docstring)."""
 
     kind = "llamacpp"
+    # JSON output: llama-server turns the schema into a grammar that
+    # constrains sampling, so the answer always parses
+    capabilities = frozenset({"chat", "json"})
 
     def __init__(self, name: str, options: LlamaCppOptions) -> None:
         super().__init__(name, slots=options.slots)
@@ -222,6 +226,8 @@ class LlamaCppBackend(Backend):
             raise ValueError(f"repack must be one of {REPACK_MODES}")
         self.options = options
         self.context_length = options.n_ctx
+        with contextlib.suppress(OSError):  # a missing file fails at start, clearly
+            self.created = options.path.stat().st_mtime
         self._session: _Session | None = None
         self._nursery: trio.Nursery | None = None
         self._repack, self._repack_reason = repack_decision(options.repack, cpu_features())
@@ -535,8 +541,17 @@ class LlamaCppBackend(Backend):
     def request_body(self, request: GenerationRequest) -> dict[str, Any]:
         """The JSON body of ``POST /v1/chat/completions`` for ``request``:
         an OpenAI one, and the runner keeps each slot's prompt in its KV
-        cache for the next request that shares a prefix."""
-        return {**chat_request_body(self.name, request), "cache_prompt": True}
+        cache for the next request that shares a prefix. JSON output is
+        OpenAI's ``response_format``: the runner turns the schema into a
+        grammar (with at most one space between tokens: see
+        scripts/build_llama_server.sh) and samples under it."""
+        body = {**chat_request_body(self.name, request), "cache_prompt": True}
+        fmt = request.params.format
+        if fmt is not None and fmt.schema is None:
+            # llama-server reads json_object as any JSON value; OpenAI's
+            # json_object is an object
+            body["response_format"] = {"type": "json_object", "schema": {"type": "object"}}
+        return body
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         session = await self._current()

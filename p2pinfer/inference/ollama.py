@@ -43,6 +43,7 @@ class OllamaBackend(HttpBackend):
     """A model on an Ollama server (or anything that speaks its API)."""
 
     kind = "ollama"
+    capabilities = frozenset({"chat", "json"})  # Ollama's format, passed on
 
     def __init__(
         self,
@@ -110,12 +111,15 @@ class OllamaBackend(HttpBackend):
             options["stop"] = list(params.stop)
         if params.seed is not None:
             options["seed"] = params.seed
-        return {
+        body: dict[str, Any] = {
             "model": self.remote_model,
             "messages": [m.to_dict() for m in request.messages],
             "stream": True,
             "options": options,
         }
+        if params.format is not None:
+            body["format"] = "json" if params.format.schema is None else params.format.schema
+        return body
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         what = f"chat on the {self.where}"

@@ -54,6 +54,11 @@ def chat_request_body(model: str, request: GenerationRequest) -> dict[str, Any]:
         body["stop"] = list(params.stop)
     if params.seed is not None:
         body["seed"] = params.seed
+    fmt = params.format
+    if fmt is not None:
+        body["response_format"] = {"type": "json_object"} if fmt.schema is None else {
+            "type": "json_schema",
+            "json_schema": {"name": fmt.name, "schema": fmt.schema, "strict": fmt.strict}}
     return body
 
 
@@ -67,6 +72,7 @@ class OpenAIBackend(HttpBackend):
     """A model on an OpenAI-compatible server."""
 
     kind = "openai"
+    capabilities = frozenset({"chat", "json"})  # response_format, passed on
 
     def __init__(
         self,

@@ -9,7 +9,8 @@ model no worker serves is 404, like a model Ollama has not pulled.
 
 - ``POST /api/chat``: ``model``, ``messages`` (``role``, ``content``),
   ``stream`` (default true), ``options`` (``num_predict``, ``temperature``,
-  ``top_p``, ``stop``, ``seed``; other options are ignored). NDJSON lines
+  ``top_p``, ``stop``, ``seed``; other options are ignored), ``format``
+  (``"json"`` or a JSON schema: the answer is constrained to it). NDJSON lines
   ``{"model", "created_at", "message": {"role": "assistant", "content"},
   "done": false}``, then ``"done": true`` with ``done_reason``,
   ``prompt_eval_count``, ``eval_count`` and durations in nanoseconds.
@@ -46,7 +47,11 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["OLLAMA_PATHS", "OllamaDialect", "ollama_request", "ollama_routes"]
 
 OLLAMA_PATHS = frozenset({"/api/chat", "/api/generate", "/api/tags", "/api/show", "/api/ps",
-                          "/api/version"})
+                          "/api/version",
+                          # Ollama's routes that p2pinfer does not serve: an
+                          # Ollama client is told so in Ollama's error shape
+                          "/api/pull", "/api/push", "/api/create", "/api/copy",
+                          "/api/delete", "/api/embed", "/api/embeddings"})
 CHAT_KEYS = ("model", "messages", "stream", "options", "format", "keep_alive", "tools",
              "think")
 GENERATE_KEYS = ("model", "prompt", "system", "stream", "options", "format", "keep_alive",
@@ -58,8 +63,16 @@ def _fail(field: str, problem: str) -> InvalidParams:
     return InvalidParams(f"{field}: {problem}", data={"field": field})
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat().replace("+00:00", "Z")
+def _now(at: float | None = None) -> str:
+    when = datetime.datetime.now(datetime.UTC) if at is None else \
+        datetime.datetime.fromtimestamp(at, datetime.UTC)
+    return when.isoformat().replace("+00:00", "Z")
+
+
+def _modified(model: dict[str, Any]) -> str:
+    """When the model was made, as its workers tell (see ``/v1/models``)."""
+    created = model.get("created")
+    return _now(float(created)) if isinstance(created, int) and created > 0 else _now()
 
 
 def tag_name(name: str) -> str:
@@ -88,8 +101,9 @@ def ollama_request(body: dict[str, Any], *, chat: bool) -> tuple[dict[str, Any],
     for key in body:
         if key not in allowed:
             raise _fail(str(key)[:64], "unknown field")
-    if body.get("format") not in (None, ""):
-        raise _fail("format", "structured output is not supported")
+    fmt = body.get("format")
+    if fmt not in (None, "") and fmt != "json" and not isinstance(fmt, dict):
+        raise _fail("format", 'must be "json" or a JSON schema')
     if body.get("tools"):
         raise _fail("tools", "tool calls are not supported")
     for key in ("raw", "suffix", "images", "template", "context"):
@@ -104,6 +118,10 @@ def ollama_request(body: dict[str, Any], *, chat: bool) -> tuple[dict[str, Any],
     if not isinstance(model, str) or not model:
         raise _fail("model", "required")
     params: dict[str, Any] = {"model": model, **_options(body.get("options"))}
+    if fmt == "json":
+        params["format"] = "json"
+    elif isinstance(fmt, dict):
+        params["format"] = {"type": "json_schema", "schema": fmt}
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list):
@@ -155,6 +173,17 @@ class OllamaDialect:
         usage: dict[str, Any] = raw if isinstance(raw, dict) else {}
         total = int(float(trailer.get("latency_ms") or 0) * NS)
         prompt_ns = int(float(trailer.get("ttft_ms") or 0) * NS)
+        eval_ns = max(0, total - prompt_ns)
+        worker_ttft = trailer.get("worker_ttft_ms")
+        worker_total = trailer.get("worker_latency_ms")
+        if isinstance(worker_ttft, int | float) and isinstance(worker_total, int | float):
+            # the model's own timings: a whole answer ("stream": false)
+            # reaches the gateway as one frame, so its first token time is
+            # the total and the generation would read as taking no time
+            queued = trailer.get("worker_queue_ms")
+            queued = float(queued) if isinstance(queued, int | float) else 0.0
+            prompt_ns = int(max(0.0, float(worker_ttft) - queued) * NS)
+            eval_ns = int(max(0.0, float(worker_total) - float(worker_ttft)) * NS)
         return {
             "model": self.model, "created_at": _now(), **self._piece(text), "done": True,
             "done_reason": "length" if trailer.get("finish_reason") == "length" else "stop",
@@ -162,7 +191,7 @@ class OllamaDialect:
             "prompt_eval_count": int(usage.get("prompt_tokens") or 0),
             "prompt_eval_duration": prompt_ns,
             "eval_count": int(usage.get("completion_tokens") or 0),
-            "eval_duration": max(0, total - prompt_ns),
+            "eval_duration": eval_ns,
         }
 
     def done(self, trailer: dict[str, Any]) -> bytes:
@@ -180,7 +209,7 @@ def _details(model: dict[str, Any]) -> dict[str, Any]:
 
 
 def _entry(model: dict[str, Any], name: str) -> dict[str, Any]:
-    return {"name": name, "model": name, "modified_at": _now(), "size": 0,
+    return {"name": name, "model": name, "modified_at": _modified(model), "size": 0,
             "digest": hashlib.sha256(name.encode()).hexdigest(), "details": _details(model)}
 
 
@@ -228,7 +257,7 @@ def ollama_routes(web: WebRole) -> list[Route]:
             info["p2pinfer.context_length"] = model["context_length"]
         return JSONResponse({"modelfile": "", "parameters": "", "template": "",
                              "details": _details(model), "model_info": info,
-                             "capabilities": ["completion"], "modified_at": _now()})
+                             "capabilities": ["completion"], "modified_at": _modified(model)})
 
     async def version(request: Request) -> Response:
         return JSONResponse({"version": __version__})

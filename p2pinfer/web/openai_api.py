@@ -14,10 +14,16 @@ works too). Errors are OpenAI-shaped: ``{"error": {"message", "type",
   with the same options. The prompt goes through the model's chat
   template as one user message.
 
+``response_format``: ``text``, ``json_object`` (any JSON object) or
+``json_schema`` (``{name, schema, strict}``): the model's answer is
+constrained to it (a grammar on llama.cpp, so it always parses; passed on
+to OpenAI-compatible and Ollama servers). A model that cannot is refused
+with 400, ``code: "missing_capability"``.
+
 Parameters that change nothing here (``user``, ``frequency_penalty`` and
-``presence_penalty`` at 0, ``logprobs: false``, ``response_format`` text,
-...) are accepted and ignored; tools, several choices, logprobs or other
-response formats are refused with 400 rather than silently ignored.
+``presence_penalty`` at 0, ``logprobs: false``, ...) are accepted and
+ignored; tools, several choices or logprobs are refused with 400 rather
+than silently ignored.
 """
 
 from __future__ import annotations
@@ -71,9 +77,7 @@ def _common(body: dict[str, Any], extra: tuple[str, ...]) -> tuple[dict[str, Any
             raise _fail(key, "not supported")
     if body.get("best_of") not in (None, 1):
         raise _fail("best_of", "only 1 is supported")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise _fail("response_format", 'only {"type": "text"} is supported')
+    fmt = _response_format(body.get("response_format"))
     n = body.get("n")
     if n is not None and (type(n) is not int or n != 1):
         raise _fail("n", "only 1 choice is supported")
@@ -88,6 +92,8 @@ def _common(body: dict[str, Any], extra: tuple[str, ...]) -> tuple[dict[str, Any
     for key in ("temperature", "top_p", "stop", "seed"):
         if body.get(key) is not None:
             params[key] = body[key]
+    if fmt is not None:
+        params["format"] = fmt
     stream = body.get("stream")
     if stream is None:
         stream = False
@@ -103,6 +109,33 @@ def _common(body: dict[str, Any], extra: tuple[str, ...]) -> tuple[dict[str, Any
         if not isinstance(include_usage, bool):
             raise _fail("stream_options.include_usage", "must be true or false")
     return params, stream, include_usage
+
+
+def _response_format(value: Any) -> Any:
+    """OpenAI's ``response_format`` as p2pinfer's ``format`` (None: text)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _fail("response_format", "must be an object with a type")
+    kind = value.get("type")
+    if kind == "text" and set(value) == {"type"}:
+        return None
+    if kind == "json_object" and set(value) == {"type"}:
+        return "json"
+    if kind != "json_schema":
+        raise _fail("response_format.type", "must be text, json_object or json_schema")
+    spec = value.get("json_schema")
+    if set(value) != {"type", "json_schema"} or not isinstance(spec, dict):
+        raise _fail("response_format.json_schema", "is required: {name, schema, strict}")
+    for key in spec:
+        if key not in ("name", "schema", "strict", "description"):
+            raise _fail(f"response_format.json_schema.{str(key)[:32]}", "not supported")
+    out: dict[str, Any] = {"type": "json_schema",
+                           "schema": spec.get("schema", {"type": "object"})}
+    for key in ("name", "strict"):
+        if spec.get(key) is not None:
+            out[key] = spec[key]
+    return out
 
 
 def _content(value: Any, field: str) -> str:
@@ -232,8 +265,12 @@ class CompletionDialect(_SseDialect):
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
 
-def _model_object(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "p2pinfer"}
+def _model_object(model: dict[str, Any]) -> dict[str, Any]:
+    # created: the model file's time on its worker (the earliest of its
+    # workers'), or when the worker first served it
+    created = model.get("created")
+    return {"id": str(model["name"]), "object": "model",
+            "created": created if isinstance(created, int) else 0, "owned_by": "p2pinfer"}
 
 
 def openai_routes(web: WebRole) -> list[Route]:
@@ -245,7 +282,7 @@ def openai_routes(web: WebRole) -> list[Route]:
     async def list_models(request: Request) -> Response:
         models = await up.catalog.models(credentials_from_headers(request.headers))
         return JSONResponse({"object": "list",
-                             "data": [_model_object(str(m["name"])) for m in models]})
+                             "data": [_model_object(m) for m in models]})
 
     async def get_model(request: Request) -> Response:
         wanted = request.path_params["model"]
@@ -254,7 +291,8 @@ def openai_routes(web: WebRole) -> list[Route]:
         if wanted not in names:
             raise UnknownModel(f"model {wanted[:128]!r} is not served in the swarm",
                                data={"model": wanted[:128]})
-        return JSONResponse(_model_object(wanted))
+        (model,) = [m for m in models if m.get("name") == names[wanted]]
+        return JSONResponse({**_model_object(model), "id": wanted})  # an alias is its own id
 
     async def complete(request: Request, *, chat: bool) -> Response:
         auth = credentials_from_headers(request.headers)

@@ -124,10 +124,13 @@ def openai_error(err: P2PInferError) -> JSONResponse:
 
 def ollama_error(err: P2PInferError) -> JSONResponse:
     """The Ollama form: ``{"error": "message"}``. A model no worker serves is
-    404 (what Ollama answers for a model it has not pulled)."""
+    404 (what Ollama answers for a model it has not pulled); a request it
+    cannot take is 400, as Ollama answers (p2pinfer's REST API says 422)."""
     status = http_status(err)
     if isinstance(err, PeerUnavailable) and status != 503:
         status = 503
+    if status == 422:
+        status = 400
     message = err.message
     if isinstance(err, UnknownModel) and isinstance(err.data.get("model"), str):
         message = f'model "{err.data["model"]}" not found'  # Ollama's own words
