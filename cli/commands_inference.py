@@ -87,12 +87,14 @@ def _summary(response: InferenceResponse) -> str:
               help="Constrain the answer to a JSON object.")
 @click.option("--schema", type=click.File("r"), metavar="FILE",
               help="Constrain the answer to this JSON schema ('-': stdin).")
+@click.option("--raw", is_flag=True,
+              help="Continue TEXT as it is, without the model's chat template.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Print the model, worker, token counts and latency on stderr.")
 @swarm_access()
 def prompt(text: str | None, model: str | None, system: str | None, max_tokens: int | None,
            temperature: float | None, seed: int | None, as_json: bool,
-           answer_format: str | None, schema: Any, verbose: bool,
+           answer_format: str | None, schema: Any, raw: bool, verbose: bool,
            access: SwarmAccess) -> None:
     """Ask the swarm one question; the answer is printed as it is generated.
 
@@ -105,6 +107,7 @@ def prompt(text: str | None, model: str | None, system: str | None, max_tokens: 
       git diff | p2pinfer prompt -s "Review this patch." -
       p2pinfer prompt --json "Hello" | jq .usage
       p2pinfer prompt --schema city.json "Describe Oslo." | jq .population
+      p2pinfer prompt --raw "The capital of France is"
     """
     import trio
 
@@ -115,7 +118,7 @@ def prompt(text: str | None, model: str | None, system: str | None, max_tokens: 
         with spinner("Waiting for the first token…") as spin:
             async with client.stream(text, model=model, system=system, max_tokens=max_tokens,
                                      temperature=temperature, seed=seed,
-                                     format=fmt) as stream:
+                                     format=fmt, raw=raw) as stream:
                 first = True
                 async for delta in stream:
                     if first:

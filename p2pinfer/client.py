@@ -549,6 +549,7 @@ class Client:
         seed: int | None = None,
         system: str | None = None,
         format: str | dict[str, Any] | None = None,
+        raw: bool = False,
     ) -> InferenceResponse:
         """Ask for a whole answer (the ``inference`` call of the RPC API).
 
@@ -557,11 +558,12 @@ class Client:
         another before anything reaches you. ``format``: ``"json"`` (any
         JSON object) or a JSON schema the answer must match (read it with
         :meth:`InferenceResponse.json`); a model that cannot constrain its
-        answer raises :class:`~p2pinfer.errors.MissingCapability`."""
+        answer raises :class:`~p2pinfer.errors.MissingCapability`. ``raw``:
+        continue ``prompt`` as it is, without the model's chat template."""
         request = _request(prompt, messages, {
             "model": model, "max_tokens": max_tokens, "temperature": temperature,
             "top_p": top_p, "stop": stop, "seed": seed, "system": system, "stream": False,
-            "format": _format(format)})
+            "format": _format(format), "raw": raw or None})
         async with InferenceStream(self, request) as stream:
             async for _ in stream:
                 pass
@@ -582,13 +584,14 @@ class Client:
         seed: int | None = None,
         system: str | None = None,
         format: str | dict[str, Any] | None = None,
+        raw: bool = False,
     ) -> InferenceStream:
         """An answer as it is generated: ``async with client.stream(...) as s``
-        (``format`` as for :meth:`inference`)."""
+        (``format`` and ``raw`` as for :meth:`inference`)."""
         request = _request(prompt, messages, {
             "model": model, "max_tokens": max_tokens, "temperature": temperature,
             "top_p": top_p, "stop": stop, "seed": seed, "system": system,
-            "format": _format(format)})
+            "format": _format(format), "raw": raw or None})
         return InferenceStream(self, request)
 
     async def _open_stream(self, request: dict[str, Any]) -> tuple[Any, Any]:

@@ -19,6 +19,8 @@ Accepted shape (a msgpack map; every field is checked and an error names it)::
       "stream": true,                # false: the whole answer as one chunk
       "format": "json",              # or {"type": "json_schema", "schema": {...},
                                      #     "name": "x", "strict": true}: see OutputFormat
+      "raw": false,                  # true: continue "prompt" as it is (no chat
+                                     #     template; not with system or messages)
       "modelConfig": {...}           # the original API's form: model, max_tokens,
     }                                # temperature, top_p, stop, seed may go here instead
 
@@ -55,6 +57,7 @@ ROLES = ("system", "user", "assistant")
 CAPABILITIES = {
     "chat": "chat completions",
     "json": "JSON output (response_format json_object or json_schema; Ollama's format)",
+    "complete": "raw completion (a prompt continued as it is, without the chat template)",
 }
 
 
@@ -127,6 +130,8 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     format: OutputFormat | None = None
+    # the one user message is the text to continue, without the chat template
+    raw: bool = False
 
     @property
     def deterministic(self) -> bool:
@@ -144,11 +149,13 @@ class GenerationParams:
         }
         if self.format is not None:
             out["format"] = self.format.to_dict()
+        if self.raw:
+            out["raw"] = True
         return out
 
 _MODEL_KEYS = {"model", "max_tokens", "maxTokens", "temperature", "top_p", "topP", "stop", "seed"}
 _TOP_KEYS = {"prompt", "messages", "system", "modelConfig", "cache", "stream",
-             "format"} | _MODEL_KEYS
+             "format", "raw"} | _MODEL_KEYS
 _CANONICAL = {"maxTokens": "max_tokens", "topP": "top_p"}
 
 
@@ -180,7 +187,12 @@ class PromptRequest:
     @property
     def needs(self) -> frozenset[str]:
         """The capabilities beyond chat that serving this request takes."""
-        return frozenset({"json"}) if self.params.format is not None else frozenset()
+        needs = set()
+        if self.params.format is not None:
+            needs.add("json")
+        if self.params.raw:
+            needs.add("complete")
+        return frozenset(needs)
 
 
 def _fail(field: str, problem: str) -> InvalidParams:
@@ -388,6 +400,15 @@ def parse_prompt_params(params: Any, limits: ParamLimits | None = None) -> Promp
     stream = params.get("stream", True)
     if not isinstance(stream, bool):
         _raise("stream", f"must be true or false, got {_show(stream)}")
+    raw = params.get("raw", False)
+    if not isinstance(raw, bool):
+        _raise("raw", f"must be true or false, got {_show(raw)}")
+    if raw and ("messages" in params or params.get("system") is not None):
+        _raise("raw", "only with prompt alone: a raw prompt is continued as it is, "
+                      "without system or chat messages")
+    fmt = _format(params.get("format"))
+    if raw and fmt is not None:
+        _raise("format", "not with raw: a raw completion has no output format")
     return PromptRequest(
         model=model,
         messages=messages,
@@ -397,7 +418,8 @@ def parse_prompt_params(params: Any, limits: ParamLimits | None = None) -> Promp
             top_p=top_p,
             stop=_stop(fields.get("stop"), limits),
             seed=seed,
-            format=_format(params.get("format")),
+            format=fmt,
+            raw=raw,
         ),
         use_cache=use_cache,
         stream=stream,

@@ -1,4 +1,5 @@
-"""Structured output: answers constrained to JSON or to a JSON schema.
+"""Structured output (answers constrained to JSON or to a JSON schema) and
+raw completions (a prompt continued without the chat template).
 
 What agent and RAG code sends first (LangChain's ``with_structured_output``,
 openai's ``.parse()``, ``ollama.chat(format=...)``), against one node that
@@ -25,7 +26,7 @@ import trio
 from p2pinfer import errors
 from p2pinfer.cli.errors import EXIT_USAGE
 from p2pinfer.cli.store import Credentials, CredentialStore
-from p2pinfer.client import SyncClient
+from p2pinfer.client import Client, SyncClient
 from p2pinfer.inference.synthetic import SyntheticBackend
 from p2pinfer.prompts import OutputFormat, parse_prompt_params
 
@@ -236,7 +237,7 @@ def test_the_sdk_and_the_cli_ask_for_json(swarm: BackgroundSwarm, tmp_path: Path
             client.inference("x", model=FAKE_NAME, format="json")
         assert info.value.data == {"capability": "json", "model": FAKE_NAME}
         listed = {m["name"]: m["capabilities"] for m in client.models()}
-        assert listed == {FAKE_NAME: ["chat"], "smollm2": ["chat", "json"]}
+        assert listed == {FAKE_NAME: ["chat", "complete"], "smollm2": ["chat", "complete", "json"]}
 
     CredentialStore().save(Credentials(bootstrap=[swarm.addr], username="sam",
                                        api_key=user["api_key"], api_key_id=user["key_id"]))
@@ -254,7 +255,10 @@ def test_the_sdk_and_the_cli_ask_for_json(swarm: BackgroundSwarm, tmp_path: Path
     out = invoke("prompt", "--schema", str(schema), "x", code=EXIT_USAGE)
     assert "a JSON schema is an object" in out.output
     out = invoke("models")
-    assert "chat, json" in out.stdout
+    assert "chat, complete, json" in out.stdout
+    data = json.loads(invoke("prompt", "-m", "smollm2", "--raw", "--max-tokens", "8", "-t", "0",
+                             "--json", "The capital of France is").stdout)
+    assert data["usage"]["prompt_tokens"] <= 8 and "Paris" in data["text"]
 
 
 def test_each_backend_asks_its_server_for_the_format() -> None:
@@ -283,3 +287,52 @@ def test_each_backend_asks_its_server_for_the_format() -> None:
     assert ollama_backend.request_body(ask(OutputFormat()))["format"] == "json"
     assert "response_format" not in llama.request_body(GenerationRequest((Message("user", "x"),)))
     assert {"json"} <= llama.capabilities and "json" not in FAKE_CAPS
+
+
+async def test_legacy_completions_continue_the_prompt_as_it_is(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    """``/v1/completions``, Ollama's ``raw`` and the SDK's ``raw`` send the
+    prompt to the model without its chat template: the model continues the
+    text (SmolLM2's template alone adds a 30-token system prompt)."""
+    text = "The capital of France is"
+    with trio.fail_after(180):
+        async with web_swarm(nursery, tmp_path, models=(SMOLLM2,)) as swarm:
+            alice = await swarm.account("alice")
+            client = openai_client(swarm.url, alice.api_key)
+            oll = ollama.Client(host=swarm.url, headers={"Authorization":
+                                                         f"Bearer {alice.api_key}"})
+
+            def session() -> dict[str, Any]:
+                return {
+                    "completion": client.completions.create(
+                        model="smollm2", prompt=text, max_tokens=8, temperature=0),
+                    "streamed": list(client.completions.create(
+                        model="smollm2", prompt=text, max_tokens=8, temperature=0,
+                        stream=True, stream_options={"include_usage": True})),
+                    "chat": client.chat.completions.create(
+                        model="smollm2", messages=[{"role": "user", "content": text}],
+                        max_tokens=8, temperature=0),
+                    "ollama": oll.generate(model="smollm2", prompt=text, raw=True,
+                                           options={"num_predict": 8, "temperature": 0}),
+                }
+
+            got = await trio.to_thread.run_sync(session)
+            with trio.fail_after(60):
+                async with Client(bootstrap=[swarm.node.addrs[0]],
+                                  api_key=alice.api_key) as sdk:
+                    answer = await sdk.inference(text, model="smollm2", max_tokens=8,
+                                                 temperature=0, raw=True)
+                    with pytest.raises(errors.InvalidParams, match="only with prompt alone"):
+                        await sdk.inference(text, system="Be brief.", raw=True)
+
+    completion = got["completion"]
+    continued = completion.choices[0].text
+    prompt_tokens = completion.usage.prompt_tokens
+    assert prompt_tokens <= 8 < got["chat"].usage.prompt_tokens - 20  # no template
+    assert "Paris" in continued, continued
+    streamed = "".join(c.choices[0].text for c in got["streamed"] if c.choices)
+    assert streamed == continued  # greedy: the same continuation either way
+    assert got["streamed"][-1].usage.prompt_tokens == prompt_tokens
+    assert got["ollama"].response == continued
+    assert got["ollama"].prompt_eval_count == prompt_tokens
+    assert answer.text == continued and answer.usage["prompt_tokens"] == prompt_tokens

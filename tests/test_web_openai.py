@@ -158,7 +158,7 @@ def test_openai_request_translation() -> None:
                                  "response_format": {"type": "json_object"}})
     assert params["format"] == "json"
     params, stream, usage = completion_request({"prompt": ["one"], "temperature": 0.5})
-    assert params == {"prompt": "one", "temperature": 0.5} and not stream and not usage
+    assert params == {"prompt": "one", "temperature": 0.5, "raw": True} and not stream and not usage
     for body, field in (({"messages": []}, "messages"),
                         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
                         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},

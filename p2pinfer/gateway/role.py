@@ -360,7 +360,7 @@ class GatewayRole:
     @rpc_method("listModels", access=Access.PUBLIC)
     async def rpc_list_models(self, ctx: CallContext, params: Any) -> dict[str, Any]:
         """Every model served by a member worker, with how many workers serve
-        it and what it can do (``capabilities``: ``chat``, ``json``; the
+        it and what it can do (``capabilities``: ``chat``, ``json``, ``complete``; the
         union over its workers: a request is routed to those that can)."""
         self.auth.authenticate(_auth_params(params), source=_source(ctx, params))
         return {"models": await self.swarm_models()}

@@ -75,7 +75,7 @@ from .backend import (
     StreamEvent,
     TextChunk,
 )
-from .openai import chat_request_body
+from .openai import chat_request_body, completion_request_body
 from .remote import error_for_status, translate_http_error
 from .runner import (
     RunnerFailed,
@@ -218,7 +218,7 @@ class LlamaCppBackend(Backend):
     kind = "llamacpp"
     # JSON output: llama-server turns the schema into a grammar that
     # constrains sampling, so the answer always parses
-    capabilities = frozenset({"chat", "json"})
+    capabilities = frozenset({"chat", "json", "complete"})
 
     def __init__(self, name: str, options: LlamaCppOptions) -> None:
         super().__init__(name, slots=options.slots)
@@ -545,6 +545,8 @@ class LlamaCppBackend(Backend):
         OpenAI's ``response_format``: the runner turns the schema into a
         grammar (with at most one space between tokens: see
         scripts/build_llama_server.sh) and samples under it."""
+        if request.params.raw:  # continued as it is: /v1/completions
+            return {**completion_request_body(self.name, request), "cache_prompt": True}
         body = {**chat_request_body(self.name, request), "cache_prompt": True}
         fmt = request.params.format
         if fmt is not None and fmt.schema is None:
@@ -637,7 +639,8 @@ class LlamaCppBackend(Backend):
     async def _stream(self, session: _Session, request: GenerationRequest
                       ) -> AsyncGenerator[StreamEvent, None]:
         assert session.client is not None
-        url = f"{session.process.url}/v1/chat/completions"
+        raw = request.params.raw
+        url = f"{session.process.url}/v1/{'completions' if raw else 'chat/completions'}"
         what = f"model {self.name}"
         try:
             sent = session.client.build_request("POST", url, json=self.request_body(request))
@@ -653,7 +656,7 @@ class LlamaCppBackend(Backend):
                 if response.status_code >= 400:
                     payload = await response.aread()
                     raise self._error_for(response, payload[:8192])
-                async for event in self._events(response, what):
+                async for event in self._events(response, what, completion=raw):
                     yield event
             finally:
                 with trio.CancelScope(shield=True):
@@ -663,7 +666,7 @@ class LlamaCppBackend(Backend):
             # runner exited between choosing it and sending.
             raise await self._lost(session, exc, what) from exc
 
-    async def _events(self, response: httpx.Response, what: str
+    async def _events(self, response: httpx.Response, what: str, *, completion: bool = False
                       ) -> AsyncGenerator[StreamEvent, None]:
         """The runner's server-sent events as our events. This runs once per
         token, so it parses the raw bytes itself: llama-server writes each
@@ -701,12 +704,15 @@ class LlamaCppBackend(Backend):
                     choices = obj.get("choices")
                     if choices:
                         choice = choices[0]
-                        delta = choice.get("delta")
-                        content = delta.get("content") if delta else None
+                        if completion:  # /v1/completions: the text itself
+                            content = choice.get("text")
+                        else:
+                            delta = choice.get("delta")
+                            content = delta.get("content") if delta else None
                         if content:
                             if not isinstance(content, str):
                                 raise MalformedBackendResponse(
-                                    f"{what}: delta.content is not text")
+                                    f"{what}: the answer is not text")
                             yield TextChunk(content)
                         reason = choice.get("finish_reason")
                         if reason and isinstance(reason, str):

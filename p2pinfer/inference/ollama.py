@@ -43,7 +43,8 @@ class OllamaBackend(HttpBackend):
     """A model on an Ollama server (or anything that speaks its API)."""
 
     kind = "ollama"
-    capabilities = frozenset({"chat", "json"})  # Ollama's format, passed on
+    # Ollama's format, and /api/generate with raw: passed on
+    capabilities = frozenset({"chat", "json", "complete"})
 
     def __init__(
         self,
@@ -100,7 +101,8 @@ class OllamaBackend(HttpBackend):
                         break
 
     def request_body(self, request: GenerationRequest) -> dict[str, Any]:
-        """The JSON body of ``POST /api/chat`` for ``request``."""
+        """The JSON body of ``POST /api/chat`` for ``request`` (of ``POST
+        /api/generate`` with ``raw`` for a raw one)."""
         params = request.params
         options: dict[str, Any] = {
             "num_predict": params.max_tokens,
@@ -111,6 +113,9 @@ class OllamaBackend(HttpBackend):
             options["stop"] = list(params.stop)
         if params.seed is not None:
             options["seed"] = params.seed
+        if params.raw:
+            return {"model": self.remote_model, "prompt": request.messages[-1].content,
+                    "raw": True, "stream": True, "options": options}
         body: dict[str, Any] = {
             "model": self.remote_model,
             "messages": [m.to_dict() for m in request.messages],
@@ -122,10 +127,12 @@ class OllamaBackend(HttpBackend):
         return body
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
-        what = f"chat on the {self.where}"
+        raw = request.params.raw
+        what = f"{'generate' if raw else 'chat'} on the {self.where}"
         deltas = 0
         final: dict[str, Any] | None = None
-        async with self.open_stream("/api/chat", self.request_body(request)) as lines:
+        path = "/api/generate" if raw else "/api/chat"
+        async with self.open_stream(path, self.request_body(request)) as lines:
             async for line in lines:
                 if not line.strip():
                     continue
@@ -133,6 +140,8 @@ class OllamaBackend(HttpBackend):
                 if "error" in obj:
                     raise BackendError(f"{what}: {str(obj['error'])[:300]}")
                 message = obj.get("message")
+                if raw and "response" in obj:  # /api/generate's lines
+                    message = {"content": obj["response"]}
                 if message is not None:
                     if not isinstance(message, dict):
                         raise MalformedBackendResponse(f"{what}: 'message' is not an object")

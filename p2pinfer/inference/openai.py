@@ -32,7 +32,7 @@ from .backend import (
 )
 from .remote import HttpBackend, SSEDecoder, parse_json_line
 
-__all__ = ["DEFAULT_OPENAI_URL", "OpenAIBackend", "chat_request_body"]
+__all__ = ["DEFAULT_OPENAI_URL", "OpenAIBackend", "chat_request_body", "completion_request_body"]
 
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
 
@@ -62,6 +62,26 @@ def chat_request_body(model: str, request: GenerationRequest) -> dict[str, Any]:
     return body
 
 
+def completion_request_body(model: str, request: GenerationRequest) -> dict[str, Any]:
+    """A streamed legacy ``/completions`` request for a raw ``request``: its
+    one message's text is continued as it is, without the chat template."""
+    params = request.params
+    body: dict[str, Any] = {
+        "model": model,
+        "prompt": request.messages[-1].content,
+        "max_tokens": params.max_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if params.stop:
+        body["stop"] = list(params.stop)
+    if params.seed is not None:
+        body["seed"] = params.seed
+    return body
+
+
 def _int(value: Any, what: str) -> int:
     if type(value) is not int or value < 0:
         raise MalformedBackendResponse(f"{what}: expected a token count, got {value!r}")
@@ -72,7 +92,8 @@ class OpenAIBackend(HttpBackend):
     """A model on an OpenAI-compatible server."""
 
     kind = "openai"
-    capabilities = frozenset({"chat", "json"})  # response_format, passed on
+    # response_format and legacy /completions, passed on
+    capabilities = frozenset({"chat", "json", "complete"})
 
     def __init__(
         self,
@@ -116,17 +137,22 @@ class OpenAIBackend(HttpBackend):
         return out
 
     def request_body(self, request: GenerationRequest) -> dict[str, Any]:
-        """The JSON body of ``POST /chat/completions`` for ``request``."""
+        """The JSON body of ``POST /chat/completions`` for ``request`` (of
+        ``POST /completions`` for a raw one)."""
+        if request.params.raw:
+            return completion_request_body(self.remote_model, request)
         return chat_request_body(self.remote_model, request)
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
-        what = f"chat completion on the {self.where}"
+        raw = request.params.raw
+        what = f"{'completion' if raw else 'chat completion'} on the {self.where}"
         decoder = SSEDecoder()
         deltas = 0
         finish: str | None = None
         usage: dict[str, Any] | None = None
         done = False
-        async with self.open_stream("/chat/completions", self.request_body(request)) as lines:
+        path = "/completions" if raw else "/chat/completions"
+        async with self.open_stream(path, self.request_body(request)) as lines:
             async for line in lines:
                 for data in decoder.feed_line(line):
                     if data.strip() == "[DONE]":
@@ -145,10 +171,13 @@ class OpenAIBackend(HttpBackend):
                     for choice in choices[:1]:
                         if not isinstance(choice, dict):
                             raise MalformedBackendResponse(f"{what}: a choice is not an object")
-                        delta = choice.get("delta") or {}
-                        content = delta.get("content") if isinstance(delta, dict) else None
+                        if raw:
+                            content = choice.get("text")
+                        else:
+                            delta = choice.get("delta") or {}
+                            content = delta.get("content") if isinstance(delta, dict) else None
                         if content is not None and not isinstance(content, str):
-                            raise MalformedBackendResponse(f"{what}: delta.content is not text")
+                            raise MalformedBackendResponse(f"{what}: the answer is not text")
                         if content:
                             deltas += 1
                             yield TextChunk(content)

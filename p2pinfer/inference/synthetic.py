@@ -44,8 +44,10 @@ _WORDS = (
 
 
 def synthetic_prompt_tokens(request: GenerationRequest) -> int:
-    """The prompt token count the synthetic backend reports for ``request``."""
-    return sum(len(m.content.split()) + TOKENS_PER_MESSAGE for m in request.messages)
+    """The prompt token count the synthetic backend reports for ``request``
+    (a raw prompt has no template tokens)."""
+    template = 0 if request.params.raw else TOKENS_PER_MESSAGE
+    return sum(len(m.content.split()) + template for m in request.messages)
 
 
 class SyntheticBackend(Backend):
@@ -61,6 +63,9 @@ class SyntheticBackend(Backend):
     """
 
     kind = "synthetic"
+    # a raw prompt is answered like any other (there is no template to skip);
+    # it cannot constrain its words to JSON
+    capabilities = frozenset({"chat", "complete"})
 
     def __init__(
         self,

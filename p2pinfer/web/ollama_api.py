@@ -14,7 +14,8 @@ model no worker serves is 404, like a model Ollama has not pulled.
   ``{"model", "created_at", "message": {"role": "assistant", "content"},
   "done": false}``, then ``"done": true`` with ``done_reason``,
   ``prompt_eval_count``, ``eval_count`` and durations in nanoseconds.
-- ``POST /api/generate``: ``prompt`` (+ ``system``), the same options;
+- ``POST /api/generate``: ``prompt`` (+ ``system``), the same options,
+  ``raw`` (the prompt continued without the chat template);
   ``"response"`` instead of ``"message"``. An empty prompt answers at once
   with ``done_reason: "load"``, as Ollama does.
 - ``GET /api/tags``, ``POST /api/show``, ``GET /api/ps``: the swarm's
@@ -106,9 +107,14 @@ def ollama_request(body: dict[str, Any], *, chat: bool) -> tuple[dict[str, Any],
         raise _fail("format", 'must be "json" or a JSON schema')
     if body.get("tools"):
         raise _fail("tools", "tool calls are not supported")
-    for key in ("raw", "suffix", "images", "template", "context"):
+    for key in ("suffix", "images", "template", "context"):
         if body.get(key):
             raise _fail(key, "not supported")
+    raw = body.get("raw", False)
+    if raw is None:
+        raw = False
+    if not isinstance(raw, bool):
+        raise _fail("raw", "must be true or false")
     stream = body.get("stream", True)
     if stream is None:
         stream = True
@@ -144,6 +150,8 @@ def ollama_request(body: dict[str, Any], *, chat: bool) -> tuple[dict[str, Any],
         params["prompt"] = prompt
         if body.get("system") is not None:
             params["system"] = body["system"]
+        if raw:  # the prompt is continued as it is, without the template
+            params["raw"] = True
     return params, stream
 
 

@@ -11,8 +11,8 @@ works too). Errors are OpenAI-shaped: ``{"error": {"message", "type",
   ``stream`` with ``stream_options.include_usage`` (a last chunk with
   ``choices: []`` and ``usage``), then ``data: [DONE]``.
 - ``POST /v1/completions``: ``prompt`` (a string, or a list of one)
-  with the same options. The prompt goes through the model's chat
-  template as one user message.
+  with the same options. The prompt is continued as it is, without the
+  model's chat template ("The capital of France is" gets " Paris...").
 
 ``response_format``: ``text``, ``json_object`` (any JSON object) or
 ``json_schema`` (``{name, schema, strict}``): the model's answer is
@@ -183,6 +183,7 @@ def completion_request(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool
     if not isinstance(prompt, str):
         raise _fail("prompt", "must be a string (or a list of one string)")
     params["prompt"] = prompt
+    params["raw"] = True  # continued as it is, as OpenAI's completions do
     return params, stream, include_usage
 
 
