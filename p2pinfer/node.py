@@ -408,38 +408,53 @@ class Node:
         A peer that dials again while we still hold a connection to it has
         given up on that one (its address changed, or it restarted faster
         than TCP noticed): calls would keep going down the dead one until
-        the dead-link timeout: the newest connection stays. Of connections
-        both sides opened at once (within ``SIMULTANEOUS_DIAL`` seconds),
-        both keep the one dialled by the smaller peer id. The RPC channel on
-        a closed one is dropped with it."""
+        the dead-link timeout, so connections older than the newest by
+        ``SIMULTANEOUS_DIAL`` seconds or more are closed, by both sides. A
+        client's (or an operator key's) newest connection is the one it
+        uses: the others are closed at once.
+
+        Two member nodes that dialled each other at about the same time
+        (a restarted hub redials its workers as they redial it) hold two
+        live connections, and an answer may already be streaming on the
+        first. The side with the smaller peer id decides alone (so the two
+        never close different ones): it keeps the connection carrying the
+        most streams, the older on a tie; the other side closes neither and
+        follows. The RPC channel is reopened on the one kept."""
         swarm = self.host.get_network()
         conns = [c for pid, cs in getattr(swarm, "connections", {}).items()
                  if pid.to_base58() == peer_id for c in cs]
         if len(conns) < 2:
             return
 
-        def dialled_by_us(conn: Any) -> bool:
-            return bool(getattr(conn.muxed_conn, "is_initiator", False))
-
         def born(conn: Any) -> float:
             return float(getattr(conn, "_created_at", 0.0) or 0.0)
 
+        def streams(conn: Any) -> int:
+            try:
+                return len(conn.get_streams())
+            except Exception:  # a connection closing under us
+                return 0
+
         newest = max(born(c) for c in conns)
         recent = [c for c in conns if newest - born(c) < SIMULTANEOUS_DIAL]
-        # only two nodes both dial: a client's (or an operator key's) own
-        # connection is the one it uses, whatever our peer ids
-        preferred = [c for c in recent if dialled_by_us(c) == (self.peer_id < peer_id)] \
-            if self.is_node(peer_id) else []
-        keep = max(preferred or recent, key=born)
-        self.rpc.drop(peer_id)  # its next call opens a stream on the one kept
-        for conn in conns:
-            if conn is not keep:
-                log.debug("closing a second connection to %s", peer_id)
-                with trio.move_on_after(2):
-                    try:
-                        await conn.close()
-                    except Exception:
-                        log.debug("closing a duplicate connection failed", exc_info=True)
+        if not self.is_node(peer_id):
+            keep = max(recent, key=born)
+        elif len(recent) == 1:
+            keep = recent[0]
+        elif self.peer_id < peer_id:
+            keep = max(recent, key=lambda c: (streams(c), -born(c)))
+        else:  # the peer decides between the recent ones; stale ones go anyway
+            keep = None
+        closing = [c for c in conns if c is not keep and (keep is not None or c not in recent)]
+        for conn in closing:
+            log.debug("closing a second connection to %s", peer_id)
+            with trio.move_on_after(2):
+                try:
+                    await conn.close()
+                except Exception:
+                    log.debug("closing a duplicate connection failed", exc_info=True)
+        if closing:
+            self.rpc.drop(peer_id)  # its next call opens a stream on the one kept
 
     async def _learn_addrs(self, peer_id: str) -> None:
         """Remember where a member that just connected announces itself."""
