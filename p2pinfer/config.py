@@ -99,12 +99,15 @@ class Section:
     def _path(self, key: str) -> str:
         return f"{self.name}.{key}" if self.name else key
 
-    def reject_unknown(self, known: set[str] | frozenset[str]) -> None:
+    def reject_unknown(self, known: set[str] | frozenset[str], what: str | None = None) -> None:
         """Raise ConfigError naming the first key not in ``known`` (so a
-        typo is an error rather than a silently ignored setting)."""
+        typo is an error rather than a silently ignored setting); ``what``
+        says whose keys these are when the table name alone does not
+        (``backend ollama``). Every table is checked this way."""
         unknown = sorted(str(k) for k in set(self.data) - set(known))
         if unknown:
-            raise ConfigError(f"{self._path(unknown[0])}: unknown key "
+            whose = f" for {what}" if what else ""
+            raise ConfigError(f"{self._path(unknown[0])}: unknown key{whose} "
                               f"(known: {', '.join(sorted(known))})")
 
     def raw(self, key: str, default: Any = None) -> Any:

@@ -121,3 +121,31 @@ def test_unknown_node_keys_are_refused_like_in_every_table(tmp_path: Path) -> No
     # the original deployment's per-service ports are accepted (and unused)
     NodeConfig.from_mapping({"node": {"home": str(tmp_path)}},
                             env={"AUTH_SERVICE_PORT": "8001", "GATEWAY_SERVICE_PORT": "8002"})
+
+
+@pytest.mark.parametrize("table,key", [("auth", "token_tll"), ("ledger", "sync_intervall"),
+                                       ("inference", "slotz"), ("gateway", "rate"),
+                                       ("web", "prot"), ("metrics", "intervall"),
+                                       ("scaling", "cpu_hgh")])
+def test_every_table_refuses_an_unknown_key_the_same_way(tmp_path: Path, table: str,
+                                                         key: str) -> None:
+    """One rule: ``<table>.<key>: unknown key (known: ...)``, whichever role
+    reads the table (a typo is never a silently ignored setting)."""
+    from p2pinfer.credentials.settings import AuthSettings
+    from p2pinfer.gateway.settings import GatewaySettings
+    from p2pinfer.inference.settings import InferenceSettings
+    from p2pinfer.ledger.ledger import LedgerSettings
+    from p2pinfer.metrics.settings import MetricsSettings
+    from p2pinfer.scaling.settings import ScalingSettings
+    from p2pinfer.web.settings import WebSettings
+
+    readers = {"auth": AuthSettings.from_config, "gateway": GatewaySettings.from_config,
+               "inference": InferenceSettings.from_config,
+               "ledger": lambda c: LedgerSettings.from_section(c.section("ledger")),
+               "metrics": MetricsSettings.from_config, "scaling": ScalingSettings.from_config,
+               "web": WebSettings.from_config}
+    config = NodeConfig.from_mapping({"node": {"home": str(tmp_path)}, table: {key: 1}},
+                                     env={})
+    with pytest.raises(ConfigError) as ei:
+        readers[table](config)
+    assert ei.value.message.startswith(f"{table}.{key}: unknown key (known: "), ei.value.message

@@ -94,6 +94,7 @@ class AuthSettings:
             "max_keys_per_user": s.get_int("max_keys_per_user", d.max_keys_per_user, minimum=1,
                                            maximum=10_000),
         }
+        s.reject_unknown(set(values))  # a typo is an error, as in every table
         return cls(**values)
 
     @classmethod

@@ -90,13 +90,6 @@ def _where(section: Section, key: str) -> str:
     return f"{section.name}.{key}" if section.name else key
 
 
-def _check_keys(section: Section, allowed: set[str], what: str) -> None:
-    for key in section.data:
-        if key not in allowed:
-            raise ConfigError(f"{_where(section, str(key))}: unknown key for {what} "
-                              f"(known: {', '.join(sorted(allowed))})")
-
-
 def _check_url(section: Section, key: str, value: str) -> str:
     try:
         url = httpx.URL(value)
@@ -139,7 +132,7 @@ class InferenceSettings:
 
     @classmethod
     def from_section(cls, s: Section) -> InferenceSettings:
-        _check_keys(s, _INFERENCE_KEYS, "[inference]")
+        s.reject_unknown(_INFERENCE_KEYS)
         default_model = s.get_optional_str("default_model")
         if default_model is not None:
             _name(s, "default_model", default_model)
@@ -201,7 +194,7 @@ def _build_one(m: Section, settings: InferenceSettings,
         raise ConfigError(f"{_where(m, 'name')}: is required")
     name = _name(m, "name", m.raw("name"))
     kind = m.get_str("backend", "llamacpp", choices=BACKENDS)
-    _check_keys(m, _COMMON_KEYS | _BACKEND_KEYS[kind], f"backend {kind}")
+    m.reject_unknown(_COMMON_KEYS | _BACKEND_KEYS[kind], f"backend {kind}")
     aliases = tuple(_name(m, f"aliases[{i}]", a) for i, a in
                     enumerate(m.get_str_list("aliases")))
     max_queue = m.get_int("max_queue", settings.max_queue, minimum=0, maximum=1_000_000)

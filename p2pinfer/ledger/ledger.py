@@ -14,7 +14,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -103,6 +103,8 @@ class LedgerSettings:
 
     @classmethod
     def from_section(cls, section: Section) -> LedgerSettings:
+        """Read and check the ``[ledger]`` table (an unknown key is an error)."""
+        section.reject_unknown({f.name for f in fields(cls)})
         return cls(
             sync_interval=section.get_float("sync_interval", 5.0, minimum=0.05, maximum=3600),
             sync_fanout=section.get_int("sync_fanout", 3, minimum=1, maximum=64),

@@ -68,10 +68,7 @@ class MetricsSettings:
             ConfigError: a bad value, naming ``metrics.<key>``.
         """
         s = config.section("metrics")
-        known = set(cls.__dataclass_fields__)
-        for key in s.data:
-            if key not in known:
-                raise ConfigError(f"metrics.{key}: unknown key")
+        s.reject_unknown(set(cls.__dataclass_fields__))
         alert_for = s.get_float("alert_for", -1.0, minimum=-1.0, maximum=86400.0)
         webhook = s.get_optional_str("webhook_url")
         if webhook is not None and not webhook.startswith(("http://", "https://")):

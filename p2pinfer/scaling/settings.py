@@ -115,7 +115,7 @@ class ScalingSettings:
         """
         env = os.environ if env is None else env
         s = config.section("scaling")
-        _reject_unknown(s, _KEYS)
+        s.reject_unknown(_KEYS)
         min_slots = s.get_int("min_slots", 1, minimum=1, maximum=4096)
         max_slots = s.get_int("max_slots", 8, minimum=1, maximum=4096)
         if max_slots < min_slots:
@@ -148,13 +148,6 @@ class ScalingSettings:
         )
 
 
-def _reject_unknown(section: Section, known: frozenset[str]) -> None:
-    unknown = sorted(str(k) for k in set(section.data) - known)
-    if unknown:
-        raise ConfigError(f"{section.name}.{unknown[0]}: unknown key "
-                          f"(known: {', '.join(sorted(known))})")
-
-
 def _command(s: Section, env: Mapping[str, str]) -> tuple[str, ...]:
     raw: object = env.get(ENV_HOOK_COMMAND) or s.raw("hook_command", [])
     if isinstance(raw, str):
@@ -176,7 +169,7 @@ def _model_bounds(table: Section, min_slots: int, max_slots: int) -> dict[str, S
     out: dict[str, SlotBounds] = {}
     for name in table.data:
         sub = table.get_table(str(name))
-        _reject_unknown(sub, _MODEL_KEYS)
+        sub.reject_unknown(_MODEL_KEYS)
         lo = sub.get_int("min_slots", min_slots, minimum=1, maximum=4096)
         hi = sub.get_int("max_slots", max(max_slots, lo), minimum=1, maximum=4096)
         if hi < lo:
