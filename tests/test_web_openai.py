@@ -45,6 +45,9 @@ async def test_the_openai_package_lists_chats_and_streams(tmp_path: Path,
                                             {"role": "user", "content": "Say hello"}],
                     max_tokens=4, temperature=0)
                 out["chat"] = chat
+                out["three"] = client.chat.completions.create(
+                    model="fake", messages=[{"role": "user", "content": "Say hello"}],
+                    max_tokens=4, n=3, seed=1)
                 chunks = list(client.chat.completions.create(
                     model="fake", messages=[{"role": "user", "content": "Say hello"}],
                     max_tokens=4, temperature=0, stream=True,
@@ -59,7 +62,7 @@ async def test_the_openai_package_lists_chats_and_streams(tmp_path: Path,
                              lambda: openai_client(swarm.url, "p2p_bad").models.list(),
                              lambda: client.chat.completions.create(
                                  model="fake", messages=[{"role": "user", "content": "x"}],
-                                 n=3)):
+                                 n=9)):
                     try:
                         call()
                     except openai.APIStatusError as exc:
@@ -101,6 +104,15 @@ async def test_the_openai_package_lists_chats_and_streams(tmp_path: Path,
     assert isinstance(bad_key, openai.AuthenticationError)
     assert bad_key.body["type"] == "authentication_error"
     assert isinstance(several, openai.BadRequestError) and several.body["param"] == "n"
+    assert "from 1 to 8" in several.body["message"]
+    # n choices: n requests, run at once; usage is their sum
+    three = got["three"]
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert all(len(c.message.content.split()) == 4 for c in three.choices)
+    # seeds 1, 2, 3: reproducible, not identical
+    assert len({c.message.content for c in three.choices}) > 1
+    assert three.usage.completion_tokens == 12
+    assert three.usage.prompt_tokens == 3 * (2 + 3)  # "Say hello" + the template, thrice
 
 
 async def test_openai_dialect_over_http(tmp_path: Path, nursery: trio.Nursery) -> None:

@@ -34,7 +34,6 @@ from typing import Any
 import trio
 
 from ..errors import P2PInferError
-from ..grants import ROLES
 from . import catalogue as cat
 from .alerts import Alert, AlertRule
 from .samples import Family, NodeSample, Sample, SwarmSnapshot, decode_families, encode_families
@@ -45,7 +44,6 @@ __all__ = ["ClusterCollector", "swarm_families"]
 log = logging.getLogger(__name__)
 
 DISCOVERED_ROLES = ("auth", "gateway", "inference", "metrics", "web")
-NODE_ROLES = frozenset(ROLES)  # a member with one of these grants is a node
 CALL_TIMEOUT = 30.0
 
 
@@ -97,7 +95,7 @@ class ClusterCollector:
         self.known[peer_id] = _Peer(first_seen=trio.current_time())
 
     def _is_node(self, peer_id: str) -> bool:
-        return bool(self.node.grants_of(peer_id) & NODE_ROLES)
+        return bool(self.node.is_node(peer_id))
 
     async def discover(self) -> None:
         """Find member nodes of every role through the DHT."""

@@ -7,7 +7,9 @@ works too). Errors are OpenAI-shaped: ``{"error": {"message", "type",
 - ``GET /v1/models``, ``GET /v1/models/{model}``: the swarm's models.
 - ``POST /v1/chat/completions``: ``messages`` (text content, or text
   parts), ``model``, ``max_tokens`` / ``max_completion_tokens``,
-  ``temperature``, ``top_p``, ``stop``, ``seed``, ``n`` (1 only),
+  ``temperature``, ``top_p``, ``stop``, ``seed``, ``n`` (up to 8 choices,
+  without ``stream``: each is a request of its own, run at once and counted
+  against the limits; with a seed, choice i uses seed + i; usage is the sum),
   ``stream`` with ``stream_options.include_usage`` (a last chunk with
   ``choices: []`` and ``usage``), then ``data: [DONE]``.
 - ``POST /v1/completions``: ``prompt`` (a string, or a list of one)
@@ -22,8 +24,8 @@ with 400, ``code: "missing_capability"``.
 
 Parameters that change nothing here (``user``, ``frequency_penalty`` and
 ``presence_penalty`` at 0, ``logprobs: false``, ...) are accepted and
-ignored; tools, several choices or logprobs are refused with 400 rather
-than silently ignored.
+ignored; tools, ``n`` over 8 (or over 1 with ``stream``) or logprobs are
+refused with 400 rather than silently ignored.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
+import trio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..errors import InvalidParams, P2PInferError, UnknownModel
+from ..prompts import MAX_SEED
 from .api import prepare_inference
 from .credentials import credentials_from_headers
 from .inputs import read_json
@@ -49,6 +53,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["ChatDialect", "CompletionDialect", "chat_request", "completion_request",
            "openai_routes"]
 
+# Choices per request (n): each is a request of its own through the gateway,
+# run at once, and counts against the user's limits as one.
+MAX_CHOICES = 8
 SAMPLING = ("model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
             "seed", "n", "stream", "stream_options")
 # Accepted and ignored when they ask for nothing we would do differently.
@@ -79,8 +86,10 @@ def _common(body: dict[str, Any], extra: tuple[str, ...]) -> tuple[dict[str, Any
         raise _fail("best_of", "only 1 is supported")
     fmt = _response_format(body.get("response_format"))
     n = body.get("n")
-    if n is not None and (type(n) is not int or n != 1):
-        raise _fail("n", "only 1 choice is supported")
+    if n is not None and (type(n) is not int or not 1 <= n <= MAX_CHOICES):
+        raise _fail("n", f"must be an integer from 1 to {MAX_CHOICES}")
+    if n is not None and n > 1 and body.get("stream"):
+        raise _fail("n", "several choices are answered whole: with stream, n must be 1")
     params: dict[str, Any] = {}
     if body.get("model") is not None:
         params["model"] = body["model"]
@@ -302,25 +311,53 @@ def openai_routes(web: WebRole) -> list[Route]:
         params = await prepare_inference(web, params, auth)
         ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         requested = str(params.get("model") or body.get("model") or "default")
-        call = await up.inference(params, auth, stream=stream)
         dialect = (ChatDialect if chat else CompletionDialect)(ident, requested, include_usage)
         if stream:
+            call = await up.inference(params, auth, stream=stream)
             return StreamResponse(call, dialect)
+        answers: list[tuple[str, dict[str, Any]]] = [("", {})] * int(body.get("n") or 1)
+
+        async def answer(index: int) -> None:
+            asked = params
+            if index and isinstance(params.get("seed"), int):
+                # a seed makes the choices reproducible, not identical
+                asked = {**params, "seed": (params["seed"] + index) % (MAX_SEED + 1)}
+            call = await up.inference(asked, auth, stream=False)
+            try:
+                answers[index] = (await call.collect(), call.trailer)
+            finally:
+                await call.aclose()
+
         try:
-            text = await call.collect()
-        finally:
-            await call.aclose()
-        trailer = call.trailer
-        finish = _finish(trailer.get("finish_reason"))
-        choice: dict[str, Any] = (
-            {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-             "logprobs": None, "finish_reason": finish} if chat else
-            {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+            async with trio.open_nursery() as nursery:  # n choices: n requests at once
+                for index in range(len(answers)):
+                    nursery.start_soon(answer, index)
+        except BaseExceptionGroup as group:  # the first choice's error is the answer
+            failed = group.subgroup(lambda e: isinstance(e, P2PInferError))
+            if failed is None:
+                raise
+            while isinstance(failed, BaseExceptionGroup):
+                failed = failed.exceptions[0]
+            raise failed from None
+        choices: list[dict[str, Any]] = []
+        for index, (text, trailer) in enumerate(answers):
+            finish = _finish(trailer.get("finish_reason"))
+            choices.append(
+                {"index": index, "message": {"role": "assistant", "content": text,
+                                             "refusal": None},
+                 "logprobs": None, "finish_reason": finish} if chat else
+                {"index": index, "text": text, "logprobs": None, "finish_reason": finish})
+        first = answers[0][1]
+        usage = _usage(first)
+        for _, trailer in answers[1:]:  # every choice's tokens: each ran on its own
+            more = _usage(trailer)
+            usage = {k: usage[k] + more[k] for k in usage}
         return JSONResponse({
             "id": ident, "object": "chat.completion" if chat else "text_completion",
-            "created": dialect.created, "model": str(trailer.get("model") or requested),
-            "choices": [choice], "usage": _usage(trailer), "system_fingerprint": None,
-        }, headers={"X-Request-Id": str(trailer.get("request_id") or "")})
+            "created": dialect.created, "model": str(first.get("model") or requested),
+            "choices": choices, "usage": usage, "system_fingerprint": None,
+        }, headers={"X-Request-Id": ",".join(str(t.get("request_id") or "")
+                                             for _, t in answers)})
 
     async def chat_completions(request: Request) -> Response:
         return await complete(request, chat=True)
