@@ -22,7 +22,11 @@ RPC methods (public ones authenticate the caller from ``auth`` in params):
 
 ``request`` takes the inference role's prompt parameters (``prompt`` or
 ``messages``, ``model``, ``max_tokens``, ``temperature``, ``top_p``,
-``stop``, ``seed``, ``stream``; see :mod:`p2pinfer.prompts`).
+``stop``, ``seed``, ``stream``, ``format``, ``raw``; see
+:mod:`p2pinfer.prompts`). A request needing a capability (``format``:
+``json``; ``raw``: ``complete``) goes only to workers whose model has it;
+if none has, MissingCapability (``data.capability``) before the quota
+counts it.
 With ``"stream": false`` (what ``Client.inference`` and the non-streaming
 HTTP routes send) the worker sends the whole answer as one chunk once it is
 complete: two frames per hop instead of one per token, and since the

@@ -6,8 +6,10 @@ other nodes, call a worker; users go through a gateway):
 ``processPrompt`` (server stream)
     params: see :mod:`p2pinfer.prompts` (``prompt`` or
     ``messages``, ``model``, ``max_tokens``, ``temperature``, ``top_p``,
-    ``stop``, ``seed``, ``cache``, ``stream``; or the same inside
-    ``modelConfig``). Chunks: ``{"delta": "<text>"}`` in generation order,
+    ``stop``, ``seed``, ``cache``, ``stream``, ``format``, ``raw``; or the
+    sampling ones inside ``modelConfig``); a model without the capability a
+    request needs refuses it with MissingCapability. Chunks:
+    ``{"delta": "<text>"}`` in generation order,
     usually one token each (tokens that wait while the stream is busy are
     merged, and so are a local model's tokens less than 50 ms apart, times
     the answers its runner is generating at once, at most 250 ms; a
