@@ -79,27 +79,32 @@ class RoutedStream:
     first_token_at: float | None = None
 
 
-def _model_load(desc: Descriptor, model: str) -> float:
+def _model_entry(desc: Descriptor, model: str) -> dict[str, Any] | None:
+    """The worker's descriptor entry for ``model`` (by name or alias)."""
     for entry in desc.models():
-        names = [entry.get("name"), *(entry.get("aliases") or [])]
-        if model in names:
-            queue = float(entry.get("queue_depth") or 0)
-            busy = float(entry.get("in_flight") or 0)
-            free = float(entry.get("free_slots") or 0)
-            return queue + busy - free
-    return 0.0
+        if model in [entry.get("name"), *(entry.get("aliases") or [])]:
+            return entry
+    return None
+
+
+def _model_load(desc: Descriptor, model: str) -> float:
+    entry = _model_entry(desc, model)
+    if entry is None:
+        return 0.0
+    queue = float(entry.get("queue_depth") or 0)
+    busy = float(entry.get("in_flight") or 0)
+    free = float(entry.get("free_slots") or 0)
+    return queue + busy - free
 
 
 def _capabilities(desc: Descriptor, model: str) -> frozenset[str]:
     """What the worker announces ``model`` can do (chat alone when a node
     older than capabilities does not say)."""
-    for entry in desc.models():
-        if model in [entry.get("name"), *(entry.get("aliases") or [])]:
-            caps = entry.get("capabilities")
-            if isinstance(caps, list):
-                return frozenset(str(c) for c in caps)
-            return frozenset({"chat"})
-    return frozenset()
+    entry = _model_entry(desc, model)
+    if entry is None:
+        return frozenset()
+    caps = entry.get("capabilities")
+    return frozenset(str(c) for c in caps) if isinstance(caps, list) else frozenset({"chat"})
 
 
 def _merge_ready(chunk: Any, chunks: Any) -> list[Any]:
