@@ -246,7 +246,7 @@ class NodeConfig:
     max_inbound_per_ip: int = 64
     dead_link_timeout: float = 15.0
     stall_timeout: float = 3.0
-    keep_links: int = 0
+    keep_links: int = 16
     log_format: str = "text"
     network: str = "default"
     tree: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
@@ -340,7 +340,7 @@ class NodeConfig:
             dead_link_timeout=node.get_float("dead_link_timeout", 15.0, minimum=3.0,
                                              maximum=3600.0),
             stall_timeout=node.get_float("stall_timeout", 3.0, minimum=0.1, maximum=3600.0),
-            keep_links=node.get_int("keep_links", 0, minimum=0, maximum=1024),
+            keep_links=node.get_int("keep_links", 16, minimum=0, maximum=1024),
             log_format=log_format,
             network=node.get_str("network", "default"),
             tree=tree,

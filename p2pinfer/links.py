@@ -8,7 +8,7 @@ A node dials, and redials whenever the link is lost, two kinds of targets:
   role; operator keys come and go): each one it is connected to is asked for
   its signed descriptor, whose addresses go into the node's own store
   (``peer_addrs``, never replicated). At start the node dials the
-  ``[node] keep_links`` members seen most recently (0, off, by default: set it on a hub) before
+  ``[node] keep_links`` members seen most recently (16 by default) before
   any peer answers, so no node is special: a restarted hub redials its
   workers as they redial it, and a worker whose bootstrap node moved still
   reaches the others.

@@ -36,6 +36,7 @@ from .identity import Identity
 from .links import Links
 from .metrics.node_metrics import NodeMetrics
 from .rpc import RPC_PROTOCOL, Access, CallContext, RpcClient, RpcServer, make_host, rpc_method
+from .rpc.connections import ConnectionKeeper, steer_streams
 from .rpc.host import guard_handler, parse_multiaddr
 
 __all__ = ["Node", "Role", "ROLE_CLASSES"]
@@ -50,10 +51,6 @@ ROLE_CLASSES: dict[str, str] = {
     "metrics": "p2pinfer.metrics.role:MetricsRole",
     "web": "p2pinfer.web.role:WebRole",
 }
-
-# Connections to one peer opened this close together were dialled by both
-# sides at once (rather than one replacing the other).
-SIMULTANEOUS_DIAL = 1.0
 
 NODE_ROLES = frozenset(ROLES)
 
@@ -143,6 +140,9 @@ class Node:
             stall_timeout=config.stall_timeout,
         )
         self.rpc = RpcClient(self.host, max_frame=config.max_frame)
+        steer_streams(self.host)
+        self.connections = ConnectionKeeper(self.host, self.peer_id, is_node=self.is_node,
+                                            moved=self.rpc.retire)
         # Called with a peer id when its last connection closes (e.g. the
         # gateway returns the quota tickets a vanished gateway held).
         self.disconnect_listeners: list[Any] = []
@@ -400,61 +400,7 @@ class Node:
         if self._nursery is not None and self.is_node(peer_id):
             self._nursery.start_soon(self._learn_addrs, peer_id)
         if self._nursery is not None:
-            self._nursery.start_soon(self._one_connection, peer_id)
-
-    async def _one_connection(self, peer_id: str) -> None:
-        """Keep one connection per peer, the same one on both sides.
-
-        A peer that dials again while we still hold a connection to it has
-        given up on that one (its address changed, or it restarted faster
-        than TCP noticed): calls would keep going down the dead one until
-        the dead-link timeout, so connections older than the newest by
-        ``SIMULTANEOUS_DIAL`` seconds or more are closed, by both sides. A
-        client's (or an operator key's) newest connection is the one it
-        uses: the others are closed at once.
-
-        Two member nodes that dialled each other at about the same time
-        (a restarted hub redials its workers as they redial it) hold two
-        live connections, and an answer may already be streaming on the
-        first. The side with the smaller peer id decides alone (so the two
-        never close different ones): it keeps the connection carrying the
-        most streams, the older on a tie; the other side closes neither and
-        follows. The RPC channel is reopened on the one kept."""
-        swarm = self.host.get_network()
-        conns = [c for pid, cs in getattr(swarm, "connections", {}).items()
-                 if pid.to_base58() == peer_id for c in cs]
-        if len(conns) < 2:
-            return
-
-        def born(conn: Any) -> float:
-            return float(getattr(conn, "_created_at", 0.0) or 0.0)
-
-        def streams(conn: Any) -> int:
-            try:
-                return len(conn.get_streams())
-            except Exception:  # a connection closing under us
-                return 0
-
-        newest = max(born(c) for c in conns)
-        recent = [c for c in conns if newest - born(c) < SIMULTANEOUS_DIAL]
-        if not self.is_node(peer_id):
-            keep = max(recent, key=born)
-        elif len(recent) == 1:
-            keep = recent[0]
-        elif self.peer_id < peer_id:
-            keep = max(recent, key=lambda c: (streams(c), -born(c)))
-        else:  # the peer decides between the recent ones; stale ones go anyway
-            keep = None
-        closing = [c for c in conns if c is not keep and (keep is not None or c not in recent)]
-        for conn in closing:
-            log.debug("closing a second connection to %s", peer_id)
-            with trio.move_on_after(2):
-                try:
-                    await conn.close()
-                except Exception:
-                    log.debug("closing a duplicate connection failed", exc_info=True)
-        if closing:
-            self.rpc.drop(peer_id)  # its next call opens a stream on the one kept
+            self._nursery.start_soon(self.connections.settle, peer_id, self._nursery)
 
     async def _learn_addrs(self, peer_id: str) -> None:
         """Remember where a member that just connected announces itself."""

@@ -238,11 +238,7 @@ async def test_the_hub_readdressed_redials_the_workers_it_remembers(tmp_path: Pa
     """The hub's address changes under it, so the workers' bootstrap address
     points nowhere: the hub dials them itself, at the addresses it stored
     when they connected, and routes to both again within 30 s."""
-    # keep_links is off by default (see #18: with it on, a member's late
-    # redial can close a connection answers stream on); the hub sets it, as
-    # docs/deployment.md says
-    tables = {"gateway": OPEN, "models": [synthetic(tokens=4)],
-              "hub": {"node": {"keep_links": 16}}}
+    tables = {"gateway": OPEN, "models": [synthetic(tokens=4)]}
     with trio.fail_after(180):
         async with cluster(tmp_path, HUB_LAYOUT, tables) as (c, peer):
             (hub,) = await connect_all(peer, [c.addr_of("hub")])

@@ -9,6 +9,8 @@
   per peer and offers unary :meth:`~RpcClient.call` and server-streaming
   :meth:`~RpcClient.stream`.
 - ``channel.py``: the framed, batched duplex pipe both sides share.
+- ``connections.py``: which of a peer's connections both sides keep, and
+  how a redundant one is retired without cutting the answers on it.
 
 The frame format itself is sans-IO and lives in :mod:`p2pinfer.wire`.
 """

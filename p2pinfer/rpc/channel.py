@@ -54,6 +54,7 @@ class FramedChannel:
         self.bytes_out = 0
         self.bytes_in = 0
         self._errors = libp2p_errors()
+        self._half_close = False
 
     def send_nowait(self, msg: wire.Message) -> None:
         """Queue one message. Raises FrameTooLarge for a message the peer
@@ -95,6 +96,8 @@ class FramedChannel:
                     data = b"".join(parts) if len(parts) > 1 else first
                 await self.stream.write(data)
                 self.bytes_out += len(data)
+            if self._half_close and hasattr(self.stream, "close_write"):
+                await self.stream.close_write()
         except self._errors as exc:
             raise StreamBroken(f"write failed: {type(exc).__name__}: {exc}") from exc
         finally:
@@ -127,6 +130,12 @@ class FramedChannel:
     def close_writer(self) -> None:
         self.closed = True
         self._out_send.close()
+
+    def finish(self) -> None:
+        """Send what is queued, then half-close the stream: the peer sees
+        the end of our frames and can still answer."""
+        self._half_close = True
+        self.close_writer()
 
     async def aclose(self, *, reset: bool = False) -> None:
         self.close_writer()

@@ -162,6 +162,7 @@ class _PeerChannel:
         self.pending: dict[int, _Unary | _Streaming] = {}
         self._next_id = 1
         self.closed = False
+        self.retiring = False
 
     def new_id(self) -> int:
         call_id = self._next_id
@@ -225,9 +226,22 @@ class _PeerChannel:
         self.channel.send_nowait(wire.Request(call_id, method, params, timeout, meta))
 
     def cancel(self, call_id: int) -> None:
-        self.pending.pop(call_id, None)
         if not self.closed:
             self.channel.send_nowait(wire.Cancel(call_id))
+        self.done(call_id)
+
+    def done(self, call_id: int) -> None:
+        """Forget a finished call; a retiring channel closes after its last."""
+        self.pending.pop(call_id, None)
+        if self.retiring and not self.pending:
+            self.channel.finish()
+
+    def retire(self) -> None:
+        """Take no new call; close once the calls in flight have finished
+        (unlike closing at once, their credit and cancels still go out)."""
+        self.retiring = True
+        if not self.pending:
+            self.channel.finish()
 
 
 class RpcStream:
@@ -274,7 +288,7 @@ class RpcStream:
         if not self._finished:
             self._channel.cancel(self._call_id)
         else:
-            self._channel.pending.pop(self._call_id, None)
+            self._channel.done(self._call_id)
 
     def __aiter__(self) -> RpcStream:
         return self
@@ -315,7 +329,7 @@ class RpcStream:
                 self._consumed = 0
             return value
         self._finished = True
-        self._channel.pending.pop(self._call_id, None)
+        self._channel.done(self._call_id)
         if kind == "end":
             self.trailer = value
             raise StopAsyncIteration
@@ -436,6 +450,14 @@ class RpcClient:
         if channel is not None:
             channel.channel.close_writer()
 
+    def retire(self, peer_id: str) -> None:
+        """Open the next call to ``peer_id`` on a new stream (on the
+        connection the host now prefers) while the calls in flight finish
+        on the old one."""
+        channel = self._channels.pop(peer_id, None)
+        if channel is not None:
+            channel.retire()
+
     @staticmethod
     def _call_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
         out = dict(meta) if meta else {}
@@ -467,7 +489,7 @@ class RpcClient:
                 channel.cancel(call_id)
             raise
         finally:
-            channel.pending.pop(call_id, None)
+            channel.done(call_id)
         if pending.error is not None:
             raise pending.error
         return pending.result
