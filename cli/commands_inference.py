@@ -63,6 +63,33 @@ def _answer_format(choice: str | None, schema: Any) -> str | dict[str, Any] | No
     return value
 
 
+def _read_tools(files: tuple[Any, ...]) -> list[dict[str, Any]] | None:
+    """``--tool FILE`` (repeatable): each file one function definition (or a
+    list of them), in p2pinfer's or OpenAI's shape."""
+    if not files:
+        return None
+    import json
+
+    tools: list[dict[str, Any]] = []
+    for f in files:
+        try:
+            value = json.loads(f.read())
+        except ValueError as exc:
+            raise click.BadParameter(f"{f.name}: not JSON: {exc}", param_hint="--tool") from None
+        items = value if isinstance(value, list) else [value]
+        if not all(isinstance(t, dict) for t in items):
+            raise click.BadParameter(f"{f.name}: a tool is an object with a name",
+                                     param_hint="--tool")
+        tools.extend(items)
+    return tools
+
+
+def _print_calls(response: InferenceResponse) -> None:
+    """The tool calls an answer made, one line each: name and arguments."""
+    for call in response.tool_calls:
+        write(f"{call.name}({call.arguments})\n")
+
+
 def _summary(response: InferenceResponse) -> str:
     usage = response.usage
     parts = [response.model or "?"]
@@ -89,13 +116,18 @@ def _summary(response: InferenceResponse) -> str:
               help="Constrain the answer to this JSON schema ('-': stdin).")
 @click.option("--raw", is_flag=True,
               help="Continue TEXT as it is, without the model's chat template.")
+@click.option("--tool", "tool_files", type=click.File("r"), multiple=True, metavar="FILE",
+              help="A function the model may call (JSON: name, description, parameters); "
+                   "repeatable. Calls are printed as name(arguments).")
+@click.option("--tool-choice", metavar="CHOICE",
+              help="auto (default), none, required, or the name of the tool to call.")
 @click.option("-v", "--verbose", is_flag=True,
               help="Print the model, worker, token counts and latency on stderr.")
 @swarm_access()
 def prompt(text: str | None, model: str | None, system: str | None, max_tokens: int | None,
            temperature: float | None, seed: int | None, as_json: bool,
-           answer_format: str | None, schema: Any, raw: bool, verbose: bool,
-           access: SwarmAccess) -> None:
+           answer_format: str | None, schema: Any, raw: bool, tool_files: tuple[Any, ...],
+           tool_choice: str | None, verbose: bool, access: SwarmAccess) -> None:
     """Ask the swarm one question; the answer is printed as it is generated.
 
     TEXT '-' (or no TEXT with piped input) reads the prompt from stdin.
@@ -108,17 +140,22 @@ def prompt(text: str | None, model: str | None, system: str | None, max_tokens: 
       p2pinfer prompt --json "Hello" | jq .usage
       p2pinfer prompt --schema city.json "Describe Oslo." | jq .population
       p2pinfer prompt --raw "The capital of France is"
+      p2pinfer prompt --tool weather.json "Is it raining in Oslo?"
     """
     import trio
 
     fmt = _answer_format(answer_format, schema)
+    tools = _read_tools(tool_files)
+    if tool_choice is not None and tools is None:
+        raise click.UsageError("--tool-choice needs --tool")
     text = _read_prompt(text)
 
     async def body(client: Client) -> InferenceResponse:
         with spinner("Waiting for the first token…") as spin:
             async with client.stream(text, model=model, system=system, max_tokens=max_tokens,
                                      temperature=temperature, seed=seed,
-                                     format=fmt, raw=raw) as stream:
+                                     format=fmt, raw=raw, tools=tools,
+                                     tool_choice=tool_choice) as stream:
                 first = True
                 async for delta in stream:
                     if first:
@@ -134,8 +171,9 @@ def prompt(text: str | None, model: str | None, system: str | None, max_tokens: 
     if as_json:
         print_json(response.to_dict())
         return
-    if not response.text.endswith("\n"):
+    if not response.text.endswith("\n") and (response.text or not response.tool_calls):
         write("\n")
+    _print_calls(response)
     if verbose:
         note(f"[dim]{_summary(response)}[/]")
 

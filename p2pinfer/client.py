@@ -65,6 +65,7 @@ from .errors import (
     UntrustedPeer,
 )
 from .identity import Identity
+from .prompts import ToolCall, parse_tool_calls
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
@@ -94,6 +95,8 @@ class InferenceResponse:
     worker: str | None = None
     latency_ms: float | None = None
     cached: bool = False
+    #: the tools the model called (``finish_reason`` is then ``"tool_calls"``)
+    tool_calls: list[ToolCall] = field(default_factory=list)
     #: everything the gateway reported (ttft_ms, worker_latency_ms, ...)
     details: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -103,11 +106,21 @@ class InferenceResponse:
         t = trailer or {}
         raw_usage = t.get("usage")
         usage = raw_usage if isinstance(raw_usage, dict) else {}
+        calls = list(parse_tool_calls(t["tool_calls"])) if t.get("tool_calls") else []
         return cls(text=text, model=t.get("model"), finish_reason=t.get("finish_reason"),
                    usage={k: int(v) for k, v in usage.items() if isinstance(v, int)},
                    request_id=t.get("request_id"), worker=t.get("worker"),
                    latency_ms=t.get("latency_ms"), cached=bool(t.get("cached", False)),
-                   details=dict(t))
+                   tool_calls=calls, details=dict(t))
+
+    def message(self) -> dict[str, Any]:
+        """The answer as the assistant message to put in the history (with
+        its tool calls); answer each call with ``{"role": "tool",
+        "tool_call_id": call.id, "content": ...}``."""
+        out: dict[str, Any] = {"role": "assistant", "content": self.text}
+        if self.tool_calls:
+            out["tool_calls"] = [c.to_dict() for c in self.tool_calls]
+        return out
 
     def json(self) -> Any:
         """The answer parsed as JSON (ask with ``format`` to be sure it is)."""
@@ -115,9 +128,13 @@ class InferenceResponse:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able form (what ``p2pinfer prompt --json`` prints)."""
-        return {"text": self.text, "model": self.model, "finish_reason": self.finish_reason,
-                "usage": dict(self.usage), "request_id": self.request_id,
-                "worker": self.worker, "latency_ms": self.latency_ms, "cached": self.cached}
+        out: dict[str, Any] = {
+            "text": self.text, "model": self.model, "finish_reason": self.finish_reason,
+            "usage": dict(self.usage), "request_id": self.request_id,
+            "worker": self.worker, "latency_ms": self.latency_ms, "cached": self.cached}
+        if self.tool_calls:
+            out["tool_calls"] = [c.to_dict() for c in self.tool_calls]
+        return out
 
 
 def _format(value: str | dict[str, Any] | None) -> Any:
@@ -128,7 +145,23 @@ def _format(value: str | dict[str, Any] | None) -> Any:
     return value
 
 
-def _request(prompt: str | None, messages: list[dict[str, str]] | None,
+def _tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """The SDK's ``tools``: p2pinfer's {name, description, parameters}, or
+    OpenAI's {type: function, function: {...}} as most code has them."""
+    if tools is None:
+        return None
+    return [t["function"] if isinstance(t, dict) and t.get("type") == "function"
+            and isinstance(t.get("function"), dict) else t for t in tools]
+
+
+def _tool_choice(choice: str | None) -> Any:
+    """``"auto"``, ``"none"``, ``"required"`` or the name of a tool."""
+    if choice is None or choice in ("auto", "none", "required"):
+        return choice
+    return {"name": choice}
+
+
+def _request(prompt: str | None, messages: list[dict[str, Any]] | None,
              options: dict[str, Any]) -> dict[str, Any]:
     if (prompt is None) == (messages is None):
         raise InvalidParams("give either prompt or messages", data={"field": "prompt"})
@@ -540,7 +573,7 @@ class Client:
         self,
         prompt: str | None = None,
         *,
-        messages: list[dict[str, str]] | None = None,
+        messages: list[dict[str, Any]] | None = None,
         model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
@@ -550,6 +583,9 @@ class Client:
         system: str | None = None,
         format: str | dict[str, Any] | None = None,
         raw: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> InferenceResponse:
         """Ask for a whole answer (the ``inference`` call of the RPC API).
 
@@ -559,11 +595,20 @@ class Client:
         JSON object) or a JSON schema the answer must match (read it with
         :meth:`InferenceResponse.json`); a model that cannot constrain its
         answer raises :class:`~p2pinfer.errors.MissingCapability`. ``raw``:
-        continue ``prompt`` as it is, without the model's chat template."""
+        continue ``prompt`` as it is, without the model's chat template.
+
+        ``tools``: functions the model may call ({name, description,
+        parameters} or OpenAI's {type: function, function: {...}});
+        ``tool_choice``: ``"auto"``, ``"none"``, ``"required"`` or a tool's
+        name. The calls come back in :attr:`InferenceResponse.tool_calls`;
+        :meth:`InferenceResponse.message` is the history entry to send back
+        with the results."""
         request = _request(prompt, messages, {
             "model": model, "max_tokens": max_tokens, "temperature": temperature,
             "top_p": top_p, "stop": stop, "seed": seed, "system": system, "stream": False,
-            "format": _format(format), "raw": raw or None})
+            "format": _format(format), "raw": raw or None, "tools": _tools(tools),
+            "tool_choice": _tool_choice(tool_choice),
+            "parallel_tool_calls": parallel_tool_calls})
         async with InferenceStream(self, request) as stream:
             async for _ in stream:
                 pass
@@ -575,7 +620,7 @@ class Client:
         self,
         prompt: str | None = None,
         *,
-        messages: list[dict[str, str]] | None = None,
+        messages: list[dict[str, Any]] | None = None,
         model: str | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
@@ -585,13 +630,19 @@ class Client:
         system: str | None = None,
         format: str | dict[str, Any] | None = None,
         raw: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | None = None,
+        parallel_tool_calls: bool | None = None,
     ) -> InferenceStream:
         """An answer as it is generated: ``async with client.stream(...) as s``
-        (``format`` and ``raw`` as for :meth:`inference`)."""
+        (``format``, ``raw`` and tools as for :meth:`inference`; tool calls
+        are in ``s.response`` once the stream is done)."""
         request = _request(prompt, messages, {
             "model": model, "max_tokens": max_tokens, "temperature": temperature,
             "top_p": top_p, "stop": stop, "seed": seed, "system": system,
-            "format": _format(format), "raw": raw or None})
+            "format": _format(format), "raw": raw or None, "tools": _tools(tools),
+            "tool_choice": _tool_choice(tool_choice),
+            "parallel_tool_calls": parallel_tool_calls})
         return InferenceStream(self, request)
 
     async def _open_stream(self, request: dict[str, Any]) -> tuple[Any, Any]:

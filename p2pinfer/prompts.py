@@ -8,7 +8,10 @@ Accepted shape (a msgpack map; every field is checked and an error names it)::
     {
       "prompt": "text",              # or "messages", not both
       "system": "text",              # optional, only with "prompt"
-      "messages": [{"role": "system"|"user"|"assistant", "content": "text"}, ...],
+      "messages": [{"role": "system"|"user"|"assistant"|"tool", "content": "text"}, ...],
+                                     # an assistant message may carry "tool_calls":
+                                     #     [{"id", "name", "arguments": "<JSON text>"}];
+                                     # a tool message answers one: "tool_call_id"
       "model": "smollm2",            # optional: the node's default model
       "max_tokens": 256,             # 1 .. [inference] max_tokens_limit   (alias maxTokens)
       "temperature": 0.7,            # 0 .. 2
@@ -21,6 +24,10 @@ Accepted shape (a msgpack map; every field is checked and an error names it)::
                                      #     "name": "x", "strict": true}: see OutputFormat
       "raw": false,                  # true: continue "prompt" as it is (no chat
                                      #     template; not with system or messages)
+      "tools": [{"name": "get_weather", "description": "...",
+                 "parameters": {...}}],   # functions the model may call (at most 32)
+      "tool_choice": "auto",         # "none", "required" or {"name": "get_weather"}
+      "parallel_tool_calls": true,   # false: at most one call per answer
       "modelConfig": {...}           # the original API's form: model, max_tokens,
     }                                # temperature, top_p, stop, seed may go here instead
 
@@ -42,15 +49,21 @@ import jsonschema.exceptions
 from .errors import InvalidParams, MissingCapability
 
 __all__ = ["CAPABILITIES", "ROLES", "GenerationParams", "Message", "OutputFormat",
-           "ParamLimits", "PromptRequest", "missing_capability", "parse_model_name",
-           "parse_prompt_params"]
+           "ParamLimits", "PromptRequest", "Tool", "ToolCall", "missing_capability",
+           "parse_model_name", "parse_prompt_params", "parse_tool_calls"]
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 MAX_SEED = 2**32 - 1
 MAX_SCHEMA_BYTES = 16_384  # a JSON schema, as compact JSON
 SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+MAX_TOOLS = 32
+MAX_TOOL_CALLS = 16  # calls in one assistant message
+MAX_DESCRIPTION = 1024
+TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+TOOL_CALL_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+TOOL_CHOICES = ("auto", "none", "required")
 
 # What a model may be able to do, as workers announce it per model
 # (``capabilities`` in their descriptors) and requests need it.
@@ -58,6 +71,7 @@ CAPABILITIES = {
     "chat": "chat completions",
     "json": "JSON output (response_format json_object or json_schema; Ollama's format)",
     "complete": "raw completion (a prompt continued as it is, without the chat template)",
+    "tools": "tool calls (tools and tool_choice)",
 }
 
 
@@ -69,14 +83,80 @@ def missing_capability(model: str, capability: str) -> MissingCapability:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call of one of the request's tools, as the model made it.
+    ``arguments`` is JSON text (an object), as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"id": self.id, "name": self.name, "arguments": self.arguments}
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+
+    def parsed_arguments(self) -> Any:
+        """The arguments as a value ({} when they are not JSON)."""
+        try:
+            return json.loads(self.arguments)
+        except ValueError:
+            return {}
+
+
+@dataclass(frozen=True)
+class Tool:
+    """A function the model may call; ``parameters`` is a JSON Schema."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] | None = None
+
+    def __hash__(self) -> int:  # the schema is a dict
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name}
+        if self.description:
+            out["description"] = self.description
+        if self.parameters is not None:
+            out["parameters"] = self.parameters
+        return out
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"type": "function", "function": self.to_dict()}
+
+
+@dataclass(frozen=True)
 class Message:
-    """One chat message. ``role`` is ``system``, ``user`` or ``assistant``."""
+    """One chat message. ``role`` is ``system``, ``user``, ``assistant`` or
+    ``tool``; an assistant message may carry the ``tool_calls`` it made, and
+    a tool message answers the call ``tool_call_id``."""
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
-    def to_dict(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    def to_dict(self) -> dict[str, Any]:
+        """The message in OpenAI's chat shape (what backends are sent)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.to_openai() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+    def to_wire(self) -> dict[str, Any]:
+        """The message as ``processPrompt`` takes it."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.to_dict() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 @dataclass(frozen=True)
@@ -132,6 +212,20 @@ class GenerationParams:
     format: OutputFormat | None = None
     # the one user message is the text to continue, without the chat template
     raw: bool = False
+    tools: tuple[Tool, ...] = ()
+    # "auto", "none", "required", or the name of the one tool to call
+    tool_choice: str = "auto"
+    parallel_tool_calls: bool = True
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the model may answer with tool calls."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def forced_tool(self) -> str | None:
+        """The one tool the model must call, if the request names one."""
+        return None if self.tool_choice in TOOL_CHOICES else self.tool_choice
 
     @property
     def deterministic(self) -> bool:
@@ -151,11 +245,16 @@ class GenerationParams:
             out["format"] = self.format.to_dict()
         if self.raw:
             out["raw"] = True
+        if self.tools:
+            out["tools"] = [t.to_dict() for t in self.tools]
+            out["tool_choice"] = (self.tool_choice if self.forced_tool is None
+                                  else {"name": self.tool_choice})
+            out["parallel_tool_calls"] = self.parallel_tool_calls
         return out
 
 _MODEL_KEYS = {"model", "max_tokens", "maxTokens", "temperature", "top_p", "topP", "stop", "seed"}
 _TOP_KEYS = {"prompt", "messages", "system", "modelConfig", "cache", "stream",
-             "format", "raw"} | _MODEL_KEYS
+             "format", "raw", "tools", "tool_choice", "parallel_tool_calls"} | _MODEL_KEYS
 _CANONICAL = {"maxTokens": "max_tokens", "topP": "top_p"}
 
 
@@ -192,6 +291,8 @@ class PromptRequest:
             needs.add("json")
         if self.params.raw:
             needs.add("complete")
+        if self.params.calls_tools:
+            needs.add("tools")
         return frozenset(needs)
 
 
@@ -251,16 +352,121 @@ def _messages(value: Any, limits: ParamLimits) -> tuple[Message, ...]:
         field = f"messages[{i}]"
         if not isinstance(item, dict):
             _raise(field, f"must be a map with role and content, got {_show(item)}")
-        extra = set(item) - {"role", "content"}
+        extra = set(item) - {"role", "content", "tool_calls", "tool_call_id"}
         if extra:
             _raise(f"{field}.{sorted(map(str, extra))[0]}", "unknown key")
         role = item.get("role")
         if role not in ROLES:
             _raise(f"{field}.role", f"must be one of {', '.join(ROLES)}, got {_show(role)}")
-        if "content" not in item:
+        calls: tuple[ToolCall, ...] = ()
+        if item.get("tool_calls") is not None:
+            if role != "assistant":
+                _raise(f"{field}.tool_calls", "only in an assistant message")
+            calls = parse_tool_calls(item["tool_calls"], f"{field}.tool_calls")
+        call_id = item.get("tool_call_id")
+        if role == "tool":
+            if not isinstance(call_id, str) or not TOOL_CALL_ID.match(call_id):
+                _raise(f"{field}.tool_call_id", "a tool message names the call it answers "
+                       "(1 to 64 letters, digits or _.:-)")
+        elif call_id is not None:
+            _raise(f"{field}.tool_call_id", "only in a tool message")
+        if "content" not in item and not calls:
             _raise(f"{field}.content", "is required")
-        out.append(Message(str(role), _text(item["content"], f"{field}.content")))
+        content = item.get("content")
+        text = "" if content is None and calls else _text(content, f"{field}.content")
+        out.append(Message(str(role), text, calls, call_id))
     return tuple(out)
+
+
+def parse_tool_calls(value: Any, field: str = "tool_calls") -> tuple[ToolCall, ...]:
+    """Tool calls as a message or an answer carries them, checked
+    (InvalidParams naming the first bad field)."""
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_TOOL_CALLS:
+        _raise(field, f"must be a list of 1 to {MAX_TOOL_CALLS} calls, got {_show(value)}")
+    out = []
+    for i, call in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(call, dict):
+            _raise(where, f"must be a map with id, name and arguments, got {_show(call)}")
+        extra = set(call) - {"id", "name", "arguments"}
+        if extra:
+            _raise(f"{where}.{sorted(map(str, extra))[0]}", "unknown key")
+        call_id, name, arguments = call.get("id"), call.get("name"), call.get("arguments", "{}")
+        if not isinstance(call_id, str) or not TOOL_CALL_ID.match(call_id):
+            _raise(f"{where}.id", "must be 1 to 64 letters, digits or _.:-")
+        if not isinstance(name, str) or not TOOL_NAME.match(name):
+            _raise(f"{where}.name", "must be 1 to 64 letters, digits, _ or -")
+        if not isinstance(arguments, str):
+            _raise(f"{where}.arguments", "must be JSON text (a string)")
+        out.append(ToolCall(call_id, name, arguments))
+    return tuple(out)
+
+
+def _schema(value: Any, field: str) -> dict[str, Any]:
+    """A JSON Schema (a map), checked and bounded."""
+    if not isinstance(value, dict):
+        _raise(field, f"must be a JSON Schema (a map), got {_show(value)}")
+    try:
+        size = len(json.dumps(value, separators=(",", ":"), allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        _raise(field, f"must be plain JSON: {exc}")
+    if size > MAX_SCHEMA_BYTES:
+        _raise(field, f"at most {MAX_SCHEMA_BYTES} bytes as JSON, got {size}")
+    try:
+        jsonschema.validators.validator_for(value).check_schema(value)
+    except jsonschema.exceptions.SchemaError as exc:
+        _raise(field, f"is not a valid JSON Schema: {exc.message}")
+    except Exception as exc:  # e.g. an unresolvable $schema or $ref
+        _raise(field, f"cannot be used: {type(exc).__name__}: {exc}")
+    return value
+
+
+def _tools(value: Any) -> tuple[Tool, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > MAX_TOOLS:
+        _raise("tools", f"must be a list of at most {MAX_TOOLS} functions, got {_show(value)}")
+    out: list[Tool] = []
+    for i, item in enumerate(value):
+        field = f"tools[{i}]"
+        if not isinstance(item, dict):
+            _raise(field, f"must be a map with a name, got {_show(item)}")
+        extra = set(item) - {"name", "description", "parameters"}
+        if extra:
+            _raise(f"{field}.{sorted(map(str, extra))[0]}", "unknown key")
+        name = item.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.match(name):
+            _raise(f"{field}.name", "must be 1 to 64 letters, digits, _ or -")
+        if any(t.name == name for t in out):
+            _raise(f"{field}.name", f"{name!r} is given twice")
+        description = item.get("description", "")
+        if not isinstance(description, str) or len(description) > MAX_DESCRIPTION:
+            _raise(f"{field}.description", f"must be text of at most {MAX_DESCRIPTION} "
+                   "characters")
+        parameters = item.get("parameters")
+        if parameters is not None:
+            parameters = _schema(parameters, f"{field}.parameters")
+        out.append(Tool(name, description, parameters))
+    return tuple(out)
+
+
+def _tool_choice(value: Any, tools: tuple[Tool, ...]) -> str:
+    if value is None:
+        return "auto"
+    if isinstance(value, dict):
+        extra = set(value) - {"name"}
+        if extra:
+            _raise(f"tool_choice.{sorted(map(str, extra))[0]}", "unknown key")
+        name = value.get("name")
+        if not any(t.name == name for t in tools):
+            _raise("tool_choice.name", f"must name one of the tools, got {_show(name)}")
+        return str(name)
+    if value not in TOOL_CHOICES:
+        _raise("tool_choice", 'must be "auto", "none", "required" or {"name": ...}, '
+               f"got {_show(value)}")
+    if value == "required" and not tools:
+        _raise("tool_choice", "required needs tools")
+    return str(value)
 
 
 def _stop(value: Any, limits: ParamLimits) -> tuple[str, ...]:
@@ -294,21 +500,7 @@ def _format(value: Any) -> OutputFormat | None:
     extra = set(value) - {"type", "schema", "name", "strict"}
     if extra:
         _raise(f"format.{sorted(map(str, extra))[0]}", "unknown key")
-    schema = value.get("schema")
-    if not isinstance(schema, dict):
-        _raise("format.schema", f"must be a JSON Schema (a map), got {_show(schema)}")
-    try:
-        size = len(json.dumps(schema, separators=(",", ":"), allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        _raise("format.schema", f"must be plain JSON: {exc}")
-    if size > MAX_SCHEMA_BYTES:
-        _raise("format.schema", f"at most {MAX_SCHEMA_BYTES} bytes as JSON, got {size}")
-    try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.exceptions.SchemaError as exc:
-        _raise("format.schema", f"is not a valid JSON Schema: {exc.message}")
-    except Exception as exc:  # e.g. an unresolvable $schema or $ref
-        _raise("format.schema", f"cannot be used: {type(exc).__name__}: {exc}")
+    schema = _schema(value.get("schema"), "format.schema")
     name = value.get("name", "answer")
     if not isinstance(name, str) or not SCHEMA_NAME.match(name):
         _raise("format.name", "must be 1 to 64 letters, digits, _ or -")
@@ -368,7 +560,8 @@ def parse_prompt_params(params: Any, limits: ParamLimits | None = None) -> Promp
         messages = (*head, Message("user", prompt))
     else:
         _raise("prompt", "a prompt or messages are required")
-    chars = sum(len(m.content) for m in messages)
+    chars = sum(len(m.content) + sum(len(c.arguments) for c in m.tool_calls)
+                for m in messages)
     if chars == 0:
         _raise("prompt" if "prompt" in params else "messages", "is empty")
     if chars > limits.max_prompt_chars:
@@ -409,6 +602,15 @@ def parse_prompt_params(params: Any, limits: ParamLimits | None = None) -> Promp
     fmt = _format(params.get("format"))
     if raw and fmt is not None:
         _raise("format", "not with raw: a raw completion has no output format")
+    tools = _tools(params.get("tools"))
+    choice = _tool_choice(params.get("tool_choice"), tools)
+    parallel = params.get("parallel_tool_calls", True)
+    if not isinstance(parallel, bool):
+        _raise("parallel_tool_calls", f"must be true or false, got {_show(parallel)}")
+    if tools and raw:
+        _raise("tools", "not with raw: a raw completion calls no tools")
+    if tools and choice != "none" and fmt is not None:
+        _raise("tools", "not with format: give tools or an output format, not both")
     return PromptRequest(
         model=model,
         messages=messages,
@@ -420,6 +622,9 @@ def parse_prompt_params(params: Any, limits: ParamLimits | None = None) -> Promp
             seed=seed,
             format=fmt,
             raw=raw,
+            tools=tools,
+            tool_choice=choice,
+            parallel_tool_calls=parallel,
         ),
         use_cache=use_cache,
         stream=stream,

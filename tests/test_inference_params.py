@@ -25,7 +25,7 @@ def test_exports() -> None:
         name for name in dir(inference) if not name.startswith("_")
         and name not in {"annotations", "backend", "cache", "engine", "llamacpp", "metrics",
                          "ollama", "openai", "params", "remote", "role", "runner", "settings",
-                         "slots", "synthetic"}
+                         "slots", "synthetic", "toolcalls"}
     )
 
 

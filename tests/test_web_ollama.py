@@ -151,7 +151,9 @@ def test_ollama_request_translation() -> None:
                                                       "images": ["aGk="]}]},
                          "messages[0].images"),
                         ({"model": "m", "messages": [], "tools": [{"type": "function"}]},
-                         "tools")):
+                         "tools[0]"),
+                        ({"model": "m", "messages": [{"role": "assistant", "tool_calls": [
+                            {"name": "f"}]}]}, "messages[0].tool_calls[0]")):
         try:
             ollama_request(body, chat=True)
         except InvalidParams as exc:

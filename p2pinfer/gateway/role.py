@@ -22,9 +22,10 @@ RPC methods (public ones authenticate the caller from ``auth`` in params):
 
 ``request`` takes the inference role's prompt parameters (``prompt`` or
 ``messages``, ``model``, ``max_tokens``, ``temperature``, ``top_p``,
-``stop``, ``seed``, ``stream``, ``format``, ``raw``; see
-:mod:`p2pinfer.prompts`). A request needing a capability (``format``:
-``json``; ``raw``: ``complete``) goes only to workers whose model has it;
+``stop``, ``seed``, ``stream``, ``format``, ``raw``, ``tools``,
+``tool_choice``, ``parallel_tool_calls``; see :mod:`p2pinfer.prompts`). A
+request needing a capability (``format``: ``json``; ``raw``: ``complete``;
+``tools``: ``tools``) goes only to workers whose model has it;
 if none has, MissingCapability (``data.capability``) before the quota
 counts it.
 With ``"stream": false`` (what ``Client.inference`` and the non-streaming
@@ -54,12 +55,13 @@ from ..errors import (
     DeadlineExceeded,
     InvalidParams,
     LimitError,
+    MalformedBackendResponse,
     P2PInferError,
     PermissionDenied,
 )
 from ..grants import RELAYS
 from ..health import PROBLEM_KINDS
-from ..prompts import ParamLimits, parse_prompt_params
+from ..prompts import ParamLimits, parse_prompt_params, parse_tool_calls
 from ..rpc.server import Access, CallContext, rpc_method
 from .coordinator import QuotaService
 from .router import RoutedStream, WorkerRouter
@@ -75,6 +77,18 @@ log = logging.getLogger(__name__)
 # Shape checks at the gateway are generous: the worker applies its own limits.
 GATEWAY_LIMITS = ParamLimits(max_tokens=1_000_000, max_messages=1024,
                              max_prompt_chars=1_000_000)
+
+
+def _tool_calls(trailer: dict[str, Any], worker: str | None) -> dict[str, Any]:
+    """The calls a worker's answer made, checked before they go to a client."""
+    if "tool_calls" not in trailer:
+        return {}
+    try:
+        calls = parse_tool_calls(trailer["tool_calls"])
+    except InvalidParams as exc:
+        raise MalformedBackendResponse(
+            f"worker {(worker or '-')[-8:]} sent bad tool calls: {exc.message}") from None
+    return {"tool_calls": [c.to_dict() for c in calls]}
 
 
 def share_of(user_id: str) -> str:
@@ -255,6 +269,7 @@ class GatewayRole:
             # the model's first token on the worker, even when the answer
             # travels whole ("stream": false) and the gateway sees one frame
             "worker_ttft_ms": trailer.get("ttft_ms"),
+            **_tool_calls(trailer, route.worker),
         }
 
     def _record(self, principal: Any, model: str, digest: str, status: str, tokens: int,

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 import trio
 
-from ..prompts import GenerationParams, Message
+from ..prompts import GenerationParams, Message, ToolCall
 
 __all__ = [
     "Backend",
@@ -41,6 +41,7 @@ __all__ = [
     "StopMatcher",
     "StreamEvent",
     "TextChunk",
+    "ToolCall",
     "estimate_tokens",
 ]
 
@@ -73,6 +74,8 @@ class GenerationResult:
     completion_tokens: int
     finish_reason: str
     usage_exact: bool = True
+    # the calls the model made (finish_reason "tool_calls"), whole
+    tool_calls: tuple[ToolCall, ...] = ()
 
     @property
     def total_tokens(self) -> int:
@@ -192,7 +195,8 @@ class Backend(ABC):
 def estimate_tokens(messages: tuple[Message, ...]) -> int:
     """A rough prompt size for backends that report none: ~4 chars a token
     plus a few template tokens per message."""
-    return sum(4 + (len(m.content) + 3) // 4 for m in messages)
+    return sum(4 + (len(m.content) + sum(len(c.arguments) for c in m.tool_calls) + 3) // 4
+               for m in messages)
 
 
 class StopMatcher:

@@ -43,7 +43,7 @@ def cache_key(model: str, messages: tuple[Message, ...], params: GenerationParam
     canonical = json.dumps(
         {
             "model": model,
-            "messages": [[m.role, m.content] for m in messages],
+            "messages": [m.to_wire() for m in messages],
             "params": params.to_dict(),
         },
         sort_keys=True,

@@ -49,7 +49,14 @@ from ..errors import (
     UnknownModel,
 )
 from ..prompts import PromptRequest, missing_capability
-from .backend import Backend, GenerationRequest, GenerationResult, ModelState, TextChunk
+from .backend import (
+    Backend,
+    GenerationRequest,
+    GenerationResult,
+    ModelState,
+    TextChunk,
+    ToolCall,
+)
 from .cache import CachedAnswer, ResponseCache, cache_key
 from .metrics import UNKNOWN_MODEL, InferenceMetrics
 from .slots import Displaced, SlotPool
@@ -75,6 +82,7 @@ class Completion:
     ttft: float | None
     latency: float
     queued: float
+    tool_calls: tuple[ToolCall, ...] = ()
 
     @property
     def total_tokens(self) -> int:
@@ -266,7 +274,8 @@ class InferenceEngine:
                 self._count(model, "error")
                 raise missing_capability(model.name, needed)
         key = None
-        if self.cache is not None and request.use_cache and params.deterministic:
+        if self.cache is not None and request.use_cache and params.deterministic \
+                and not params.calls_tools:
             key = cache_key(model.name, request.messages, params)
             answer = self.cache.get(key)
             if answer is not None:
@@ -341,6 +350,7 @@ class InferenceEngine:
             ttft=None if first is None else first - started,
             latency=ended - started,
             queued=acquired - started,
+            tool_calls=result.tool_calls,
         )
 
     @staticmethod

@@ -50,7 +50,7 @@ import os
 import signal
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +85,7 @@ from .runner import (
     find_llama_server,
     repack_decision,
 )
+from .toolcalls import answer_schema, generic_messages, parse_answer
 
 __all__ = [
     "EMBEDDED_GGUF",
@@ -218,7 +219,7 @@ class LlamaCppBackend(Backend):
     kind = "llamacpp"
     # JSON output: llama-server turns the schema into a grammar that
     # constrains sampling, so the answer always parses
-    capabilities = frozenset({"chat", "json", "complete"})
+    capabilities = frozenset({"chat", "json", "complete", "tools"})
 
     def __init__(self, name: str, options: LlamaCppOptions) -> None:
         super().__init__(name, slots=options.slots)
@@ -548,14 +549,43 @@ class LlamaCppBackend(Backend):
         if request.params.raw:  # continued as it is: /v1/completions
             return {**completion_request_body(self.name, request), "cache_prompt": True}
         body = {**chat_request_body(self.name, request), "cache_prompt": True}
-        fmt = request.params.format
+        params = request.params
+        fmt = params.format
         if fmt is not None and fmt.schema is None:
             # llama-server reads json_object as any JSON value; OpenAI's
             # json_object is an object
             body["response_format"] = {"type": "json_object", "schema": {"type": "object"}}
+        if params.tools or any(m.tool_calls or m.role == "tool" for m in request.messages):
+            # tools in the generic form any template takes (see toolcalls)
+            for key in ("tools", "tool_choice", "parallel_tool_calls"):
+                body.pop(key, None)
+            body["messages"] = generic_messages(request.messages, params)
+            if params.calls_tools:
+                body["response_format"] = {"type": "json_object",
+                                           "schema": answer_schema(params)}
         return body
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
+        if not request.params.calls_tools:
+            async with aclosing(self._generate(request)) as events:
+                async for event in events:
+                    yield event
+            return
+        # the generic form is JSON: read the whole answer, then say what it is
+        parts: list[str] = []
+        async with aclosing(self._generate(request)) as events:
+            async for event in events:
+                if isinstance(event, TextChunk):
+                    parts.append(event.text)
+                    continue
+                text, calls = parse_answer("".join(parts))
+                if text:
+                    yield TextChunk(text)
+                yield replace(event, tool_calls=calls,
+                              finish_reason="tool_calls" if calls else event.finish_reason)
+
+    async def _generate(self, request: GenerationRequest
+                        ) -> AsyncGenerator[StreamEvent, None]:
         session = await self._current()
         nursery = self._nursery
         if nursery is None:

@@ -22,6 +22,7 @@ from ..errors import BackendError, MalformedBackendResponse, P2PInferError
 from .backend import (
     GenerationRequest,
     GenerationResult,
+    Message,
     ModelInfo,
     ModelState,
     StreamEvent,
@@ -29,10 +30,20 @@ from .backend import (
     estimate_tokens,
 )
 from .remote import HttpBackend, parse_json_line
+from .toolcalls import ToolCallDeltas
 
 __all__ = ["DEFAULT_OLLAMA_URL", "OllamaBackend"]
 
 DEFAULT_OLLAMA_URL = "http://127.0.0.1:11434"
+
+
+def _ollama_message(message: Message) -> dict[str, Any]:
+    """A message in Ollama's chat shape: a call's arguments are an object."""
+    out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = [{"function": {"name": c.name, "arguments": c.parsed_arguments()}}
+                             for c in message.tool_calls]
+    return out
 
 
 def _count(value: Any) -> int | None:
@@ -44,7 +55,7 @@ class OllamaBackend(HttpBackend):
 
     kind = "ollama"
     # Ollama's format, and /api/generate with raw: passed on
-    capabilities = frozenset({"chat", "json", "complete"})
+    capabilities = frozenset({"chat", "json", "complete", "tools"})
 
     def __init__(
         self,
@@ -118,12 +129,16 @@ class OllamaBackend(HttpBackend):
                     "raw": True, "stream": True, "options": options}
         body: dict[str, Any] = {
             "model": self.remote_model,
-            "messages": [m.to_dict() for m in request.messages],
+            "messages": [_ollama_message(m) for m in request.messages],
             "stream": True,
             "options": options,
         }
         if params.format is not None:
             body["format"] = "json" if params.format.schema is None else params.format.schema
+        if params.calls_tools:
+            # Ollama has no tool_choice: a named tool is the only one offered
+            body["tools"] = [t.to_openai() for t in params.tools
+                             if params.forced_tool in (None, t.name)]
         return body
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
@@ -131,6 +146,7 @@ class OllamaBackend(HttpBackend):
         what = f"{'generate' if raw else 'chat'} on the {self.where}"
         deltas = 0
         final: dict[str, Any] | None = None
+        calls = ToolCallDeltas()
         path = "/api/generate" if raw else "/api/chat"
         async with self.open_stream(path, self.request_body(request)) as lines:
             async for line in lines:
@@ -151,6 +167,8 @@ class OllamaBackend(HttpBackend):
                     if content:
                         deltas += 1
                         yield TextChunk(content)
+                    if message.get("tool_calls"):
+                        calls.feed(message["tool_calls"])
                 done = obj.get("done")
                 if done is True:
                     final = obj
@@ -160,13 +178,15 @@ class OllamaBackend(HttpBackend):
         if final is None:
             raise MalformedBackendResponse(f"{what}: the stream ended before done=true")
         reason = final.get("done_reason")
-        finish = "length" if reason == "length" else "stop"
+        made = calls.calls()
+        finish = "tool_calls" if made else "length" if reason == "length" else "stop"
         prompt, completion = _count(final.get("prompt_eval_count")), _count(
             final.get("eval_count"))
         if completion is None:
             yield GenerationResult(
                 prompt if prompt is not None else estimate_tokens(request.messages),
-                deltas, finish, usage_exact=False)
+                deltas + len(made), finish, usage_exact=False, tool_calls=made)
             return
         # Ollama omits prompt_eval_count when the whole prompt came from its cache.
-        yield GenerationResult(prompt or 0, completion, finish, usage_exact=prompt is not None)
+        yield GenerationResult(prompt or 0, completion, finish, usage_exact=prompt is not None,
+                               tool_calls=made)

@@ -31,6 +31,7 @@ from .backend import (
     estimate_tokens,
 )
 from .remote import HttpBackend, SSEDecoder, parse_json_line
+from .toolcalls import ToolCallDeltas
 
 __all__ = ["DEFAULT_OPENAI_URL", "OpenAIBackend", "chat_request_body", "completion_request_body"]
 
@@ -59,6 +60,12 @@ def chat_request_body(model: str, request: GenerationRequest) -> dict[str, Any]:
         body["response_format"] = {"type": "json_object"} if fmt.schema is None else {
             "type": "json_schema",
             "json_schema": {"name": fmt.name, "schema": fmt.schema, "strict": fmt.strict}}
+    if params.tools:
+        body["tools"] = [t.to_openai() for t in params.tools]
+        body["tool_choice"] = params.tool_choice if params.forced_tool is None else {
+            "type": "function", "function": {"name": params.forced_tool}}
+        if not params.parallel_tool_calls:
+            body["parallel_tool_calls"] = False
     return body
 
 
@@ -92,8 +99,8 @@ class OpenAIBackend(HttpBackend):
     """A model on an OpenAI-compatible server."""
 
     kind = "openai"
-    # response_format and legacy /completions, passed on
-    capabilities = frozenset({"chat", "json", "complete"})
+    # response_format, legacy /completions and tools, passed on
+    capabilities = frozenset({"chat", "json", "complete", "tools"})
 
     def __init__(
         self,
@@ -151,6 +158,7 @@ class OpenAIBackend(HttpBackend):
         finish: str | None = None
         usage: dict[str, Any] | None = None
         done = False
+        calls = ToolCallDeltas()
         path = "/completions" if raw else "/chat/completions"
         async with self.open_stream(path, self.request_body(request)) as lines:
             async for line in lines:
@@ -176,6 +184,8 @@ class OpenAIBackend(HttpBackend):
                         else:
                             delta = choice.get("delta") or {}
                             content = delta.get("content") if isinstance(delta, dict) else None
+                            if isinstance(delta, dict) and delta.get("tool_calls"):
+                                calls.feed(delta["tool_calls"])
                         if content is not None and not isinstance(content, str):
                             raise MalformedBackendResponse(f"{what}: the answer is not text")
                         if content:
@@ -191,10 +201,13 @@ class OpenAIBackend(HttpBackend):
                 done = data.strip() == "[DONE]"
         if not done:
             raise MalformedBackendResponse(f"{what}: the stream ended before [DONE]")
+        made = calls.calls()
+        if made:
+            finish = "tool_calls"
         if usage is not None and "completion_tokens" in usage:
             prompt = _int(usage.get("prompt_tokens", 0), f"{what}: usage.prompt_tokens")
             completion = _int(usage["completion_tokens"], f"{what}: usage.completion_tokens")
-            yield GenerationResult(prompt, completion, finish or "stop")
+            yield GenerationResult(prompt, completion, finish or "stop", tool_calls=made)
         else:
-            yield GenerationResult(estimate_tokens(request.messages), deltas, finish or "stop",
-                                   usage_exact=False)
+            yield GenerationResult(estimate_tokens(request.messages), deltas + len(made),
+                                   finish or "stop", usage_exact=False, tool_calls=made)

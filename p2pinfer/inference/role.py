@@ -6,7 +6,8 @@ other nodes, call a worker; users go through a gateway):
 ``processPrompt`` (server stream)
     params: see :mod:`p2pinfer.prompts` (``prompt`` or
     ``messages``, ``model``, ``max_tokens``, ``temperature``, ``top_p``,
-    ``stop``, ``seed``, ``cache``, ``stream``, ``format``, ``raw``; or the
+    ``stop``, ``seed``, ``cache``, ``stream``, ``format``, ``raw``, ``tools``,
+    ``tool_choice``, ``parallel_tool_calls``; or the
     sampling ones inside ``modelConfig``); a model without the capability a
     request needs refuses it with MissingCapability. Chunks:
     ``{"delta": "<text>"}`` in generation order,
@@ -24,8 +25,14 @@ other nodes, call a worker; users go through a gateway):
          "ttft_ms": 190.2, "latency_ms": 410.7, "queue_ms": 0.1}
 
     ``finish_reason`` is ``stop`` (end of answer or a stop sequence),
-    ``length`` (``max_tokens`` or the context) or ``cancelled`` (the node is
-    shutting down). Errors: InvalidParams, UnknownModel, Overloaded
+    ``length`` (``max_tokens`` or the context), ``tool_calls`` (the model
+    called tools: the trailer then has ``"tool_calls": [{"id", "name",
+    "arguments"}]``, the arguments JSON text; calls never come as chunks) or
+    ``cancelled`` (the node is shutting down). On llama.cpp a tool request
+    is asked in a generic JSON form under a grammar, so every call names one
+    of the tools and its arguments match its ``parameters`` schema, whatever
+    the model's chat template (see ``p2pinfer/inference/toolcalls.py``).
+    Errors: InvalidParams, UnknownModel, Overloaded
     (``data.retry_after``), BackendUnavailable, ModelUnavailable
     (``data.retry_after``: the model's runner is restarting), BackendError,
     BackendTimeout, MalformedBackendResponse.
@@ -95,8 +102,10 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def trailer_for(done: Completion) -> dict[str, Any]:
-    """The END-frame trailer of ``processPrompt`` for a finished answer."""
-    return {
+    """The END-frame trailer of ``processPrompt`` for a finished answer
+    (with ``tool_calls`` when the model called tools: they travel whole, at
+    the end, never as text chunks)."""
+    trailer: dict[str, Any] = {
         "model": done.model,
         "backend": done.backend,
         "finish_reason": done.finish_reason,
@@ -111,6 +120,9 @@ def trailer_for(done: Completion) -> dict[str, Any]:
         "latency_ms": _ms(done.latency),
         "queue_ms": _ms(done.queued),
     }
+    if done.tool_calls:
+        trailer["tool_calls"] = [c.to_dict() for c in done.tool_calls]
+    return trailer
 
 
 class InferenceRole:

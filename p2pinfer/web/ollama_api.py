@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,7 @@ from ..errors import InvalidParams, P2PInferError, UnknownModel
 from .api import prepare_inference
 from .credentials import credentials_from_headers
 from .inputs import read_json
+from .openai_api import openai_tools
 from .responses import dumps
 from .upstream import model_names
 
@@ -106,7 +108,7 @@ def ollama_request(body: dict[str, Any], *, chat: bool) -> tuple[dict[str, Any],
     if fmt not in (None, "") and fmt != "json" and not isinstance(fmt, dict):
         raise _fail("format", 'must be "json" or a JSON schema')
     if body.get("tools"):
-        raise _fail("tools", "tool calls are not supported")
+        params_tools = openai_tools(body["tools"])
     for key in ("suffix", "images", "template", "context"):
         if body.get(key):
             raise _fail(key, "not supported")
@@ -124,6 +126,8 @@ def ollama_request(body: dict[str, Any], *, chat: bool) -> tuple[dict[str, Any],
     if not isinstance(model, str) or not model:
         raise _fail("model", "required")
     params: dict[str, Any] = {"model": model, **_options(body.get("options"))}
+    if body.get("tools"):
+        params["tools"] = params_tools
     if fmt == "json":
         params["format"] = "json"
     elif isinstance(fmt, dict):
@@ -137,11 +141,18 @@ def ollama_request(body: dict[str, Any], *, chat: bool) -> tuple[dict[str, Any],
             if not isinstance(m, dict):
                 raise _fail(f"messages[{i}]", "must be an object")
             for key in m:
-                if key not in ("role", "content", "images", "thinking", "tool_calls"):
+                if key not in ("role", "content", "images", "thinking", "tool_calls",
+                               "tool_name", "tool_call_id"):
                     raise _fail(f"messages[{i}].{str(key)[:32]}", "unknown field")
-                if key in ("images", "tool_calls") and m[key]:
+                if key == "images" and m[key]:
                     raise _fail(f"messages[{i}].{key}", "not supported")
-            out.append({"role": m.get("role"), "content": m.get("content", "")})
+            message: dict[str, Any] = {"role": m.get("role"), "content": m.get("content", "")}
+            if m.get("tool_calls"):
+                message["tool_calls"] = _calls_in(m["tool_calls"], f"messages[{i}].tool_calls")
+            if m.get("role") == "tool":
+                # Ollama names the tool, not the call: either will do as a reference
+                message["tool_call_id"] = m.get("tool_call_id") or m.get("tool_name") or "tool"
+            out.append(message)
         params["messages"] = out
     else:
         prompt = body.get("prompt", "")
@@ -153,6 +164,36 @@ def ollama_request(body: dict[str, Any], *, chat: bool) -> tuple[dict[str, Any],
         if raw:  # the prompt is continued as it is, without the template
             params["raw"] = True
     return params, stream
+
+
+def _calls_in(value: Any, field: str) -> list[dict[str, Any]]:
+    """An assistant message's Ollama ``tool_calls`` ({function: {name,
+    arguments: {...}}}) as p2pinfer's {id, name, arguments (JSON text)}."""
+    if not isinstance(value, list):
+        raise _fail(field, "must be a list")
+    out = []
+    for i, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict):
+            raise _fail(f"{field}[{i}]", "must be {function: {name, arguments}}")
+        arguments = function.get("arguments", {})
+        out.append({"id": call.get("id") or f"call_{i}", "name": function.get("name"),
+                    "arguments": arguments if isinstance(arguments, str)
+                    else json.dumps(arguments, ensure_ascii=False)})
+    return out
+
+
+def _calls_out(trailer: dict[str, Any]) -> list[dict[str, Any]]:
+    """The calls an answer made, in Ollama's shape (arguments as an object)."""
+    out = []
+    for call in trailer.get("tool_calls") or []:
+        try:
+            arguments = json.loads(call["arguments"])
+        except ValueError:
+            arguments = {}
+        out.append({"id": call["id"], "function": {"name": call["name"],
+                                                   "arguments": arguments}})
+    return out
 
 
 class OllamaDialect:
@@ -176,7 +217,8 @@ class OllamaDialect:
         return dumps({"model": self.model, "created_at": _now(), **self._piece(text),
                       "done": False}) + b"\n"
 
-    def final(self, trailer: dict[str, Any], text: str = "") -> dict[str, Any]:
+    def final(self, trailer: dict[str, Any], text: str = "", *,
+              calls: bool = True) -> dict[str, Any]:
         raw = trailer.get("usage")
         usage: dict[str, Any] = raw if isinstance(raw, dict) else {}
         total = int(float(trailer.get("latency_ms") or 0) * NS)
@@ -192,8 +234,11 @@ class OllamaDialect:
             queued = float(queued) if isinstance(queued, int | float) else 0.0
             prompt_ns = int(max(0.0, float(worker_ttft) - queued) * NS)
             eval_ns = int(max(0.0, float(worker_total) - float(worker_ttft)) * NS)
+        piece = self._piece(text)
+        if calls and self.chat and _calls_out(trailer):
+            piece["message"]["tool_calls"] = _calls_out(trailer)
         return {
-            "model": self.model, "created_at": _now(), **self._piece(text), "done": True,
+            "model": self.model, "created_at": _now(), **piece, "done": True,
             "done_reason": "length" if trailer.get("finish_reason") == "length" else "stop",
             "total_duration": total, "load_duration": 0,
             "prompt_eval_count": int(usage.get("prompt_tokens") or 0),
@@ -203,7 +248,13 @@ class OllamaDialect:
         }
 
     def done(self, trailer: dict[str, Any]) -> bytes:
-        return dumps(self.final(trailer)) + b"\n"
+        out = b""
+        if self.chat and _calls_out(trailer):  # as Ollama streams them: before the end
+            piece = self._piece("")
+            piece["message"]["tool_calls"] = _calls_out(trailer)
+            out = dumps({"model": self.model, "created_at": _now(), **piece,
+                         "done": False}) + b"\n"
+        return out + dumps(self.final(trailer, calls=False)) + b"\n"
 
     def error(self, err: P2PInferError) -> bytes:
         return dumps({"error": err.message}) + b"\n"
@@ -214,6 +265,12 @@ def _details(model: dict[str, Any]) -> dict[str, Any]:
     return {"parent_model": "", "format": "gguf" if backend == "llamacpp" else backend,
             "family": backend, "families": [backend], "parameter_size": "",
             "quantization_level": ""}
+
+
+def _capabilities(model: dict[str, Any]) -> list[str]:
+    """What ``/api/show`` says a model can do, in Ollama's words."""
+    can = model.get("capabilities") or []
+    return ["completion"] + (["tools"] if "tools" in can else [])
 
 
 def _entry(model: dict[str, Any], name: str) -> dict[str, Any]:
@@ -265,7 +322,8 @@ def ollama_routes(web: WebRole) -> list[Route]:
             info["p2pinfer.context_length"] = model["context_length"]
         return JSONResponse({"modelfile": "", "parameters": "", "template": "",
                              "details": _details(model), "model_info": info,
-                             "capabilities": ["completion"], "modified_at": _modified(model)})
+                             "capabilities": _capabilities(model),
+                             "modified_at": _modified(model)})
 
     async def version(request: Request) -> Response:
         return JSONResponse({"version": __version__})

@@ -59,11 +59,12 @@ MAX_CHOICES = 8
 SAMPLING = ("model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
             "seed", "n", "stream", "stream_options")
 # Accepted and ignored when they ask for nothing we would do differently.
-IGNORED = ("user", "store", "metadata", "service_tier", "parallel_tool_calls",
-           "reasoning_effort", "modalities", "prediction", "tool_choice", "logit_bias")
+IGNORED = ("user", "store", "metadata", "service_tier",
+           "reasoning_effort", "modalities", "prediction", "logit_bias")
 ZERO_OK = ("frequency_penalty", "presence_penalty")
-FALSY_OK = ("logprobs", "top_logprobs", "tools", "functions", "echo", "suffix")
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+FALSY_OK = ("logprobs", "top_logprobs", "functions", "echo", "suffix")
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
+         "tool": "tool"}
 
 
 def _fail(field: str, problem: str) -> InvalidParams:
@@ -161,9 +162,54 @@ def _content(value: Any, field: str) -> str:
     raise _fail(field, "must be a string or a list of text parts")
 
 
+def openai_tools(value: Any) -> list[dict[str, Any]]:
+    """OpenAI's ``tools`` ({type: function, function: {...}}) as p2pinfer's."""
+    if not isinstance(value, list):
+        raise _fail("tools", "must be a list of {type: function, function: {...}}")
+    out = []
+    for i, tool in enumerate(value):
+        if not isinstance(tool, dict) or tool.get("type") != "function" or \
+                not isinstance(tool.get("function"), dict) or set(tool) - {"type", "function"}:
+            raise _fail(f"tools[{i}]", "only {type: function, function: {...}} is supported")
+        spec = tool["function"]
+        for key in spec:
+            if key not in ("name", "description", "parameters", "strict"):
+                raise _fail(f"tools[{i}].function.{str(key)[:32]}", "not supported")
+        # strict: the arguments always match the schema here anyway
+        out.append({k: spec[k] for k in ("name", "description", "parameters") if k in spec})
+    return out
+
+
+def _tool_choice(value: Any) -> Any:
+    if isinstance(value, dict):
+        function = value.get("function")
+        if value.get("type") != "function" or not isinstance(function, dict) or \
+                set(function) != {"name"}:
+            raise _fail("tool_choice", 'must be "auto", "none", "required" or '
+                        '{type: function, function: {name}}')
+        return {"name": function["name"]}
+    return value
+
+
+def _tool_calls(value: Any, field: str) -> list[dict[str, Any]]:
+    """An assistant message's ``tool_calls`` as p2pinfer's {id, name, arguments}."""
+    if not isinstance(value, list):
+        raise _fail(field, "must be a list")
+    out = []
+    for i, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or call.get("type", "function") != "function":
+            raise _fail(f"{field}[{i}]", "must be {id, type: function, function: "
+                        "{name, arguments}}")
+        out.append({"id": call.get("id"), "name": function.get("name"),
+                    "arguments": function.get("arguments", "{}")})
+    return out
+
+
 def chat_request(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
     """A chat completion body → (p2pinfer request, stream, include_usage)."""
-    params, stream, include_usage = _common(body, ("messages", "response_format"))
+    params, stream, include_usage = _common(
+        body, ("messages", "response_format", "tools", "tool_choice", "parallel_tool_calls"))
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _fail("messages", "must be a non-empty list")
@@ -173,13 +219,26 @@ def chat_request(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
             raise _fail(f"messages[{i}]", "must be an object")
         role = m.get("role")
         if role not in ROLES:
-            raise _fail(f"messages[{i}].role", "must be system, developer, user or assistant")
+            raise _fail(f"messages[{i}].role",
+                        "must be system, developer, user, assistant or tool")
         for key in m:
-            if key not in ("role", "content", "name", "refusal"):
+            if key not in ("role", "content", "name", "refusal", "tool_calls",
+                           "tool_call_id"):
                 raise _fail(f"messages[{i}].{str(key)[:32]}", "not supported")
-        out.append({"role": ROLES[role], "content": _content(m.get("content"),
-                                                             f"messages[{i}].content")})
+        message: dict[str, Any] = {"role": ROLES[role]}
+        if m.get("tool_calls"):
+            message["tool_calls"] = _tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
+        if m.get("content") is not None or "tool_calls" not in message:
+            message["content"] = _content(m.get("content"), f"messages[{i}].content")
+        if "tool_call_id" in m:
+            message["tool_call_id"] = m["tool_call_id"]
+        out.append(message)
     params["messages"] = out
+    if body.get("tools"):
+        params["tools"] = openai_tools(body["tools"])
+    for key in ("tool_choice", "parallel_tool_calls"):
+        if body.get(key) is not None and body.get("tools"):
+            params[key] = _tool_choice(body[key]) if key == "tool_choice" else body[key]
     return params, stream, include_usage
 
 
@@ -197,7 +256,17 @@ def completion_request(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool
 
 
 def _finish(reason: Any) -> str:
-    return "length" if reason == "length" else "stop"
+    return reason if reason in ("length", "tool_calls") else "stop"
+
+
+def openai_tool_calls(trailer: dict[str, Any], *, indexed: bool = False
+                      ) -> list[dict[str, Any]]:
+    """The calls an answer made, in OpenAI's shape (with ``index`` for a
+    streamed delta)."""
+    calls = trailer.get("tool_calls") or []
+    return [{**({"index": i} if indexed else {}), "id": c["id"], "type": "function",
+             "function": {"name": c["name"], "arguments": c["arguments"]}}
+            for i, c in enumerate(calls)]
 
 
 def _usage(trailer: dict[str, Any]) -> dict[str, int]:
@@ -243,10 +312,14 @@ class _SseDialect:
     def done(self, trailer: dict[str, Any]) -> bytes:
         if trailer.get("model"):
             self.model = str(trailer["model"])
-        out = self.chunk([self.choice("", _finish(trailer.get("finish_reason")))])
+        out = self.calls(trailer)
+        out += self.chunk([self.choice("", _finish(trailer.get("finish_reason")))])
         if self.include_usage:
             out += self.chunk([], usage=_usage(trailer))
         return out + b"data: [DONE]\n\n"
+
+    def calls(self, trailer: dict[str, Any]) -> bytes:
+        return b""
 
     def error(self, err: P2PInferError) -> bytes:
         return _sse(openai_error_body(err))
@@ -264,6 +337,14 @@ class ChatDialect(_SseDialect):
     def start(self) -> bytes:
         return self.chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
                             "logprobs": None, "finish_reason": None}])
+
+    def calls(self, trailer: dict[str, Any]) -> bytes:
+        """The calls, each whole in one delta (clients join deltas by index)."""
+        calls = openai_tool_calls(trailer, indexed=True)
+        if not calls:
+            return b""
+        return self.chunk([{"index": 0, "delta": {"tool_calls": calls}, "logprobs": None,
+                            "finish_reason": None}])
 
 
 class CompletionDialect(_SseDialect):
@@ -342,9 +423,13 @@ def openai_routes(web: WebRole) -> list[Route]:
         choices: list[dict[str, Any]] = []
         for index, (text, trailer) in enumerate(answers):
             finish = _finish(trailer.get("finish_reason"))
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            calls = openai_tool_calls(trailer)
+            if calls:
+                message["tool_calls"] = calls
+                message["content"] = text or None
             choices.append(
-                {"index": index, "message": {"role": "assistant", "content": text,
-                                             "refusal": None},
+                {"index": index, "message": message,
                  "logprobs": None, "finish_reason": finish} if chat else
                 {"index": index, "text": text, "logprobs": None, "finish_reason": finish})
         first = answers[0][1]
