@@ -416,9 +416,13 @@ class Node:
 
     def _on_disconnected(self, peer_id: str) -> None:
         self.discovery.forget(peer_id)
-        self.rpc.drop(peer_id)
         if peer_id in self.connected_peers():
-            return  # one of two connections closed (a redial): the peer stays
+            # one of two connections closed (a redial, or a duplicate retired):
+            # the peer stays. Our RPC stream to it, if it was on that
+            # connection, broke with it and reopens on the next call; if it
+            # is on the other one, answers may be streaming on it: keep it.
+            return
+        self.rpc.drop(peer_id)
         self.links.disconnected(peer_id)
         if not self.is_member(peer_id):
             self._forget_peer(peer_id)

@@ -36,6 +36,7 @@ import contextvars
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -72,10 +73,10 @@ def steer_streams(host: Any) -> None:
     original = swarm._select_connection
 
     def select(connections: list[Any], peer_id: Any) -> Any:
-        pin = _pinned.get()
-        if pin is not None:
-            if any(c is pin for c in connections):
-                return pin
+        probe = _pinned.get()
+        if probe is not None and probe.active:  # (tasks spawned meanwhile see it inactive)
+            if any(c is probe.conn for c in connections):
+                return probe.conn
             raise ConnectionError("the connection to probe is gone")
         usable = [c for c in connections if not getattr(c, _RETIRED, False)]
         return original(usable or connections, peer_id)
@@ -83,12 +84,22 @@ def steer_streams(host: Any) -> None:
     swarm._select_connection = select
 
 
+@dataclass(eq=False)
+class _Probe:
+    conn: Any
+    active: bool = True
+
+
 @contextmanager
 def _pin(conn: Any) -> Iterator[None]:
-    token = _pinned.set(conn)
+    """Open this task's next stream on ``conn``: only while the probe runs,
+    even in tasks py-libp2p spawns meanwhile (they inherit the context)."""
+    probe = _Probe(conn)
+    token = _pinned.set(probe)
     try:
         yield
     finally:
+        probe.active = False
         _pinned.reset(token)
 
 
@@ -177,8 +188,9 @@ class ConnectionKeeper:
         if getattr(retire, _RETIRED, False) or retire.is_closed:
             return
         setattr(retire, _RETIRED, True)
-        log.debug("two live connections to %s: retiring the one %s dialled", peer_id,
-                  "we" if retire is mine else "it")
+        log.info("two live connections to %s: keeping the one %s dialled, retiring the "
+                 "other once its %d RPC stream(s) end", peer_id,
+                 "we" if keep is mine else "it", rpc_streams(retire))
         self.moved(peer_id)
         nursery.start_soon(self._drain, peer_id, keep, retire)
 
