@@ -334,4 +334,41 @@ def models(as_json: bool, access: SwarmAccess) -> None:
              "`p2pinfer daemon --roles inference --bootstrap ...`.")
 
 
-COMMANDS = [prompt, chat, models]
+@click.command(context_settings=CONTEXT)
+@click.argument("texts", nargs=-1)
+@click.option("-m", "--model", help="An embedding model (default: the gateway's, all-minilm).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print {model, usage, embeddings} as JSON instead of one line per text.")
+@swarm_access()
+def embed(texts: tuple[str, ...], model: str | None, as_json: bool,
+          access: SwarmAccess) -> None:
+    """Embed texts: one vector per TEXT (or per line of stdin with '-').
+
+    Each vector is printed as a JSON list on its own line, in order; the
+    vectors are unit length, so their dot product is the cosine similarity.
+
+    \b
+    Examples:
+      p2pinfer embed "The cat sat on the mat." "A kitten rests on a rug."
+      cat sentences.txt | p2pinfer embed - > vectors.jsonl
+      p2pinfer embed --json "hello" | jq '.embeddings[0] | length'
+    """
+    import json
+
+    import trio
+
+    items = list(texts)
+    if items == ["-"] or (not items and not sys.stdin.isatty()):
+        items = [line for line in sys.stdin.read().splitlines() if line.strip()]
+    if not items:
+        raise click.UsageError("give texts to embed, or '-' to read them from stdin")
+    result = trio.run(with_client, access, "any", lambda c: c.embed(items, model=model))
+    if as_json:
+        print_json({"model": result.model, "usage": result.usage,
+                    "embeddings": result.vectors})
+        return
+    for vector in result.vectors:
+        write(json.dumps(vector) + "\n")
+
+
+COMMANDS = [prompt, chat, models, embed]

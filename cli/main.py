@@ -5,7 +5,7 @@ network stack inside their command bodies, so ``p2pinfer --help`` answers
 at once. Commands are grouped by concept, one module each:
 
 - ``commands_account.py``: register, login, logout, whoami, keys;
-- ``commands_inference.py``: prompt, chat, models;
+- ``commands_inference.py``: prompt, chat, models, embed;
 - ``commands_status.py``: usage, quota, peers, health;
 - ``commands_operator.py``: metrics, audit, users (as a network member);
 - ``commands_network.py``: network init|info|admit|join|remove|members;

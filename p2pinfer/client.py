@@ -72,7 +72,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .discovery import Descriptor
 
-__all__ = ["Client", "InferenceResponse", "InferenceStream", "SyncClient", "SyncStream"]
+__all__ = ["Client", "EmbeddingResponse", "InferenceResponse", "InferenceStream", "SyncClient",
+           "SyncStream"]
 
 # Seconds a list of gateways (or other nodes) found through the bootstrap
 # nodes is reused before asking again.
@@ -135,6 +136,17 @@ class InferenceResponse:
         if self.tool_calls:
             out["tool_calls"] = [c.to_dict() for c in self.tool_calls]
         return out
+
+
+@dataclass
+class EmbeddingResponse:
+    """Embeddings of :meth:`Client.embed`: one vector per input text, in order."""
+
+    vectors: list[list[float]]
+    model: str | None = None
+    usage: dict[str, int] = field(default_factory=dict)
+    request_id: str | None = None
+    worker: str | None = None
 
 
 def _format(value: str | dict[str, Any] | None) -> Any:
@@ -668,6 +680,33 @@ class Client:
         raise last
 
     # -- gateway views ----------------------------------------------------------------------------
+    async def embed(self, input: str | list[str], *, model: str | None = None
+                    ) -> EmbeddingResponse:
+        """Vectors for ``input`` (a text or up to 256), from an embedding
+        model (``model``; default: the gateway's ``default_embedding_model``,
+        ``all-minilm`` with its 384 dimensions). The vectors are unit
+        length: their dot product is the texts' cosine similarity.
+
+        Raises:
+            MissingCapability: ``model`` does not embed (a chat model).
+        """
+        self._need_open()
+        request: dict[str, Any] = {"input": input}
+        if model is not None:
+            request["model"] = model
+        if self._http is not None:
+            data = await self._http_json("POST", "/v1/embeddings", body=request,
+                                         headers=self._http_headers())
+            return EmbeddingResponse(
+                vectors=[item["embedding"] for item in data["data"]], model=data.get("model"),
+                usage=dict(data.get("usage") or {}),
+                request_id=data.get("request_id"))
+        data = await self._call_role("gateway", "processEmbeddingRequest",
+                                     {"request": request, "auth": self.auth})
+        return EmbeddingResponse(vectors=list(data["embeddings"]), model=data.get("model"),
+                                 usage=dict(data.get("usage") or {}),
+                                 request_id=data.get("request_id"), worker=data.get("worker"))
+
     async def models(self) -> list[dict[str, Any]]:
         """Models served in the swarm: ``{name, aliases, backend, workers,
         free_slots, queue_depth, status, context_length}`` each."""

@@ -48,9 +48,11 @@ import jsonschema.exceptions
 
 from .errors import InvalidParams, MissingCapability
 
-__all__ = ["CAPABILITIES", "ROLES", "GenerationParams", "Message", "OutputFormat",
+__all__ = ["CAPABILITIES", "ROLES", "EmbedRequest", "GenerationParams", "Message",
+           "OutputFormat",
            "ParamLimits", "PromptRequest", "Tool", "ToolCall", "missing_capability",
-           "parse_model_name", "parse_prompt_params", "parse_tool_calls"]
+           "parse_embed_params", "parse_model_name", "parse_prompt_params",
+           "parse_tool_calls"]
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 MAX_SEED = 2**32 - 1
@@ -72,7 +74,10 @@ CAPABILITIES = {
     "json": "JSON output (response_format json_object or json_schema; Ollama's format)",
     "complete": "raw completion (a prompt continued as it is, without the chat template)",
     "tools": "tool calls (tools and tool_choice)",
+    "embed": "embeddings (a vector for each input text)",
 }
+MAX_EMBED_INPUTS = 256
+MAX_EMBED_CHARS = 32_000  # one text; a model reads at most its max_length tokens of it
 
 
 def missing_capability(model: str, capability: str) -> MissingCapability:
@@ -285,15 +290,53 @@ class PromptRequest:
 
     @property
     def needs(self) -> frozenset[str]:
-        """The capabilities beyond chat that serving this request takes."""
-        needs = set()
+        """The capabilities serving this request takes: ``chat`` (or
+        ``complete`` for a raw one), and ``json`` or ``tools`` if asked."""
+        needs = {"complete" if self.params.raw else "chat"}
         if self.params.format is not None:
             needs.add("json")
-        if self.params.raw:
-            needs.add("complete")
         if self.params.calls_tools:
             needs.add("tools")
         return frozenset(needs)
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """A validated embedding request: ``texts`` in order, ``model`` None
+    for the node's default embedding model."""
+
+    model: str | None
+    texts: tuple[str, ...]
+    share: str = ""
+
+
+def parse_embed_params(params: Any) -> EmbedRequest:
+    """Check ``embed`` params: ``{"input": "text" | ["text", ...], "model"?}``.
+
+    Raises:
+        InvalidParams: naming the first bad field.
+    """
+    if not isinstance(params, dict):
+        _raise("params", f"must be a map with input, got {_show(params)}")
+    for key in params:
+        if key not in ("input", "model"):
+            _raise(str(key)[:64], "unknown key")
+    value = params.get("input")
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_EMBED_INPUTS:
+        _raise("input", f"must be a text or a list of 1 to {MAX_EMBED_INPUTS} texts, "
+                        f"got {_show(value)}")
+    texts = []
+    for i, item in enumerate(items):
+        field = "input" if isinstance(value, str) else f"input[{i}]"
+        text = _text(item, field)
+        if not text:
+            _raise(field, "is empty")
+        if len(text) > MAX_EMBED_CHARS:
+            _raise(field, f"at most {MAX_EMBED_CHARS} characters, got {len(text)}")
+        texts.append(text)
+    model = params.get("model")
+    return EmbedRequest(None if model is None else parse_model_name(model), tuple(texts))
 
 
 def _fail(field: str, problem: str) -> InvalidParams:

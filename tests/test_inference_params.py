@@ -25,7 +25,7 @@ def test_exports() -> None:
         name for name in dir(inference) if not name.startswith("_")
         and name not in {"annotations", "backend", "cache", "engine", "llamacpp", "metrics",
                          "ollama", "openai", "params", "remote", "role", "runner", "settings",
-                         "slots", "synthetic", "toolcalls"}
+                         "slots", "synthetic", "toolcalls", "embedding"}
     )
 
 
@@ -202,7 +202,8 @@ def test_default_models_is_the_embedded_smollm2() -> None:
     settings = InferenceSettings.from_config(cfg)
     entries = build_models(cfg.tree, settings)
     assert [(e.backend.name, e.backend.kind, e.aliases, e.default) for e in entries] == [
-        ("smollm2", "llamacpp", ("smollm2-135m", "default"), True)]
+        ("smollm2", "llamacpp", ("smollm2-135m", "default"), True),
+        ("all-minilm", "onnx", ("all-minilm-l6-v2",), False)]
     assert not build_models(cfg.tree, InferenceSettings(embedded=False))
 
 

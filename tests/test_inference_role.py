@@ -145,7 +145,8 @@ async def test_a_whole_answer_is_one_chunk_sent_when_complete() -> None:
 
 async def test_catalog_status_descriptor_and_topics() -> None:
     role = make_role()
-    assert role.topics() == ["model/smollm2", "model/smollm2-135m", "model/default"]
+    assert role.topics() == ["model/smollm2", "model/smollm2-135m", "model/default",
+                             "model/all-minilm", "model/all-minilm-l6-v2"]
     async with serve(role) as (client, peer):
         with trio.fail_after(60):
             await wait_for(lambda: role.node.invalidated == 1)  # descriptor refreshed on load
@@ -161,7 +162,9 @@ async def test_catalog_status_descriptor_and_topics() -> None:
                 await client.call(peer, "listAvailableModels", {"all": True})
     assert "smollm2" in ei.value.message  # says what the node does serve
     assert catalog["default_model"] == "smollm2"
-    (model,) = catalog["models"]
+    model, embedding = catalog["models"]
+    assert (embedding["name"], embedding["backend"], embedding["default"]) == (
+        "all-minilm", "onnx", False)
     assert model["name"] == "smollm2" and model["backend"] == "llamacpp"
     assert model["aliases"] == ["smollm2-135m", "default"] and model["default"] is True
     assert model["context_length"] == 2048 and model["status"] == "loaded"
@@ -172,7 +175,8 @@ async def test_catalog_status_descriptor_and_topics() -> None:
     assert status["error"] is None
     described = role.describe()
     msgpack.packb(described)  # fits in a signed descriptor
-    assert described["free_slots"] == 2 and described["queue_depth"] == 0
+    # both models' slots: SmolLM2's two and the embedding model's two
+    assert described["free_slots"] == 4 and described["queue_depth"] == 0
     assert described["models"][0]["name"] == "smollm2"
     assert set(described["models"][0]) >= {"status", "slots", "free_slots", "in_flight",
                                             "queue_depth", "tok_s", "ttft_ms"}

@@ -150,7 +150,7 @@ def test_the_fallback_is_one_setting_or_variable_away(tmp_path: Path) -> None:
                                      env={"P2PINFER_REPACK": "off"})
     settings = InferenceSettings.from_config(config)
     assert settings.repack == "off"
-    (entry,) = build_models(config.tree, settings)
+    entry = build_models(config.tree, settings)[0]  # SmolLM2 (then the embedding model)
     assert entry.backend.runtime()["repack"] is False
     with pytest.raises(ConfigError, match="inference.repack: must be one of auto, on, off"):
         InferenceSettings.from_config(NodeConfig.from_mapping(

@@ -405,8 +405,8 @@ def test_sync_client_open_errors_reach_the_caller() -> None:
 def test_public_names() -> None:
     assert {"Client", "SyncClient"} <= set(p2pinfer.__all__)
     assert p2pinfer.Client is Client and p2pinfer.SyncClient is SyncClient
-    assert sorted(client_module.__all__) == ["Client", "InferenceResponse", "InferenceStream",
-                                             "SyncClient", "SyncStream"]
+    assert sorted(client_module.__all__) == ["Client", "EmbeddingResponse", "InferenceResponse",
+                                             "InferenceStream", "SyncClient", "SyncStream"]
     response = client_module.InferenceResponse.from_trailer("hi", {
         "model": "m", "usage": {"total_tokens": 3, "bogus": "x"}, "cached": True})
     assert json.loads(json.dumps(response.to_dict()))["usage"] == {"total_tokens": 3}

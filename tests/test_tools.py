@@ -87,7 +87,7 @@ def test_the_tools_contract() -> None:
         "tools": [WEATHER, ADD], "tool_choice": {"name": "add"},
         "parallel_tool_calls": False})
     params = req.params
-    assert req.needs == {"tools"} and params.forced_tool == "add"
+    assert req.needs == {"chat", "tools"} and params.forced_tool == "add"
     assert not params.parallel_tool_calls and params.calls_tools
     assert req.messages[1].tool_calls[0].parsed_arguments() == {"city": "Oslo"}
     assert req.messages[2].to_dict() == {"role": "tool", "content": "sunny, 21 C",
@@ -95,7 +95,7 @@ def test_the_tools_contract() -> None:
     # the cache key and the wire form keep what decides the answer
     assert params.to_dict()["tool_choice"] == {"name": "add"}
     assert parse_prompt_params({"prompt": "x", "tools": [ADD], "tool_choice": "none"}
-                               ).needs == frozenset()
+                               ).needs == {"chat"}
     for params_in, field, message in (
         ({"tools": {"name": "x"}}, "tools", "list of at most 32"),
         ({"tools": [{"name": "a b"}]}, "tools[0].name", "1 to 64"),

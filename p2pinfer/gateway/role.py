@@ -14,6 +14,10 @@ RPC methods (public ones authenticate the caller from ``auth`` in params):
     processInferenceRequest {request, auth}   stream of {"delta": text};
                                               trailer: model, finish_reason, usage,
                                               worker, request_id, latency_ms, ttft_ms
+    processEmbeddingRequest {request, auth}   {model, embeddings: [[float]], usage,
+                                              worker, request_id, latency_ms};
+                                              request: {input: text | [text], model?}
+                                              (model: [gateway] default_embedding_model)
     getServiceHealth        {}                the gateway's view: workers, models,
                                               ledger, quota
     getUserQuota            {auth, userId?}   usage and limits (admins may name a user)
@@ -61,7 +65,7 @@ from ..errors import (
 )
 from ..grants import RELAYS
 from ..health import PROBLEM_KINDS
-from ..prompts import ParamLimits, parse_prompt_params, parse_tool_calls
+from ..prompts import ParamLimits, parse_embed_params, parse_prompt_params, parse_tool_calls
 from ..rpc.server import Access, CallContext, rpc_method
 from .coordinator import QuotaService
 from .router import RoutedStream, WorkerRouter
@@ -191,20 +195,9 @@ class GatewayRole:
         worker_params["model"] = model
         worker_params["share"] = share_of(principal.user_id)
         digest = prompt_hash(request)
-        if parsed.needs:  # refused before it counts against the user's quota
-            await self.router.capable(model, parsed.needs)
-        quota_key = principal.api_key_id or f"session-{principal.user_id}"
-        limits = self.settings.limits_for(principal.tier)
-        metrics = self._metrics()
-        if metrics is not None:
-            metrics.touch_user(principal.user_id)
-        try:
-            lease = await self.quota.acquire(principal.user_id, quota_key, limits)
-        except LimitError:
-            if metrics is not None:
-                metrics.rate_limit_violation(principal.user_id, principal.api_key_id)
-            self._record(principal, model, digest, "rate_limited", 0, started, counted=False)
-            raise
+        # refused before it counts against the user's quota
+        await self.router.capable(model, parsed.needs)
+        lease = await self._admit(principal, model, digest, started)
         route = RoutedStream(model=model)
         chunks = 0
         # Until the stream ends we assume the caller went away (GeneratorExit
@@ -230,22 +223,96 @@ class GatewayRole:
             self.served += 1
             if status == "cancelled" and trio.current_time() >= ctx.deadline:
                 status = "timeout"
-            usage = (route.trailer or {}).get("usage")
-            if status == "success" and isinstance(usage, dict):
-                tokens = int(usage.get("total_tokens") or 0)
-            else:
-                tokens = chunks  # the worker's count never arrived: one token per chunk
-            with trio.CancelScope(shield=True):
-                await self.quota.release(lease, tokens)
-            served_model = str((route.trailer or {}).get("model") or model)
-            log.info("request %s: %s via worker %s, %d tokens, %.0f ms", status, served_model,
-                     (route.worker or "-")[-8:], tokens,
-                     (trio.current_time() - started) * 1000)
-            self._record(principal, served_model, digest, status, tokens, started, counted=True)
+            # the worker's count, else (it never arrived) one token per chunk
+            await self._settle(principal, lease, route, model, digest, status, started,
+                               fallback_tokens=chunks)
+
+    async def _admit(self, principal: Any, model: str, digest: str, started: float) -> Any:
+        """A quota ticket for one request of ``principal`` (LimitError if over)."""
+        quota_key = principal.api_key_id or f"session-{principal.user_id}"
+        limits = self.settings.limits_for(principal.tier)
+        metrics = self._metrics()
+        if metrics is not None:
+            metrics.touch_user(principal.user_id)
+        try:
+            return await self.quota.acquire(principal.user_id, quota_key, limits)
+        except LimitError:
             if metrics is not None:
-                metrics.observe_request(service="gateway", model=served_model,
-                                        seconds=trio.current_time() - started, tokens=tokens,
-                                        user_id=principal.user_id)
+                metrics.rate_limit_violation(principal.user_id, principal.api_key_id)
+            self._record(principal, model, digest, "rate_limited", 0, started, counted=False)
+            raise
+
+    async def _settle(self, principal: Any, lease: Any, route: RoutedStream, model: str,
+                      digest: str, status: str, started: float, *,
+                      fallback_tokens: int) -> None:
+        """Return the ticket with the tokens used; log, record and count the request."""
+        usage = (route.trailer or {}).get("usage")
+        if status == "success" and isinstance(usage, dict):
+            tokens = int(usage.get("total_tokens") or 0)
+        else:
+            tokens = fallback_tokens
+        with trio.CancelScope(shield=True):
+            await self.quota.release(lease, tokens)
+        served_model = str((route.trailer or {}).get("model") or model)
+        log.info("request %s: %s via worker %s, %d tokens, %.0f ms", status, served_model,
+                 (route.worker or "-")[-8:], tokens, (trio.current_time() - started) * 1000)
+        self._record(principal, served_model, digest, status, tokens, started, counted=True)
+        metrics = self._metrics()
+        if metrics is not None:
+            metrics.observe_request(service="gateway", model=served_model,
+                                    seconds=trio.current_time() - started, tokens=tokens,
+                                    user_id=principal.user_id)
+
+    @rpc_method("processEmbeddingRequest", access=Access.PUBLIC)
+    async def rpc_process_embedding_request(self, ctx: CallContext, params: Any
+                                            ) -> dict[str, Any]:
+        """Authenticate, admit and route one embedding request (a request
+        against the quota like an answer; its tokens are the input's)."""
+        started = trio.current_time()
+        ctx.shorten_deadline(self.settings.request_timeout)
+        auth = _auth_params(params)
+        request = params.get("request")
+        if not isinstance(request, dict):
+            raise InvalidParams("request: must be a map with input (and model)",
+                                data={"field": "request"})
+        principal = self.auth.authenticate(auth, source=_source(ctx, params))
+        parsed = parse_embed_params(request)
+        model = parsed.model or self.settings.default_embedding_model
+        needs = frozenset({"embed"})
+        await self.router.capable(model, needs)  # before it counts against the quota
+        digest = prompt_hash(request)
+        lease = await self._admit(principal, model, digest, started)
+        route = RoutedStream(model=model)
+        worker_params = {"input": list(parsed.texts), "model": model,
+                         "share": share_of(principal.user_id)}
+        vectors: Any = None
+        status = "cancelled"
+        self.in_flight += 1
+        try:
+            async with aclosing(self.router.stream(model, worker_params, route, needs,
+                                                   method="embed")) as stream:
+                async for chunk in stream:
+                    vectors = chunk.get("embeddings") if isinstance(chunk, dict) else None
+            if not (isinstance(vectors, list) and len(vectors) == len(parsed.texts)
+                    and all(isinstance(v, list) and v for v in vectors)):
+                raise MalformedBackendResponse(
+                    f"worker {(route.worker or '-')[-8:]} sent no vector for each input")
+            status = "success"
+        except P2PInferError as exc:
+            status = "timeout" if isinstance(exc, DeadlineExceeded | BackendTimeout) else "error"
+            raise
+        except Exception:
+            status = "error"
+            raise
+        finally:
+            self.in_flight -= 1
+            self.served += 1
+            await self._settle(principal, lease, route, model, digest, status, started,
+                               fallback_tokens=0)
+        trailer = self._trailer(route, model, ctx, started)
+        return {"model": trailer["model"], "embeddings": vectors, "usage": trailer["usage"],
+                "worker": route.worker, "request_id": ctx.request_id,
+                "latency_ms": trailer["latency_ms"]}
 
     @staticmethod
     def _trailer(route: RoutedStream, model: str, ctx: CallContext,

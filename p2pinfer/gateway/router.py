@@ -202,7 +202,8 @@ class WorkerRouter:
             return candidates
         able = [d for d in candidates if needs <= _capabilities(d, model)]
         if not able:
-            lacking = sorted(needs - _capabilities(candidates[0], model)) or sorted(needs)
+            lacking = sorted(needs - _capabilities(candidates[0], model),
+                             key=lambda n: (n != "chat", n)) or sorted(needs)
             raise missing_capability(model, lacking[0])
         return able
 
@@ -240,9 +241,10 @@ class WorkerRouter:
     # -- streaming ---------------------------------------------------------------------
     async def stream(
         self, model: str, params: dict[str, Any], route: RoutedStream,
-        needs: frozenset[str] = frozenset(),
+        needs: frozenset[str] = frozenset(), *, method: str = "processPrompt",
     ) -> AsyncGenerator[dict[str, Any], None]:
-        """Yield the worker's chunks; fail over before the first one.
+        """Yield the worker's chunks of ``method`` (``processPrompt`` or
+        ``embed``); fail over before the first one.
 
         ``route`` is filled in: the worker that answered, every attempt, and
         the trailer (usage, finish reason) once the stream ends. ``needs``:
@@ -265,7 +267,7 @@ class WorkerRouter:
             streamed = False
             stats.in_flight += 1
             try:
-                async with self.node.rpc.stream(worker.peer_id, "processPrompt", params) as chunks:
+                async with self.node.rpc.stream(worker.peer_id, method, params) as chunks:
                     async for chunk in chunks:
                         if not streamed:
                             streamed = True

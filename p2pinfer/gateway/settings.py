@@ -9,6 +9,7 @@
     concurrent_per_key = 8         # requests in flight per API key; 0 = unlimited
     concurrent_per_user = 16       # requests in flight per user, all keys; 0 = unlimited
     default_model = "default"      # for requests that name no model
+    default_embedding_model = "all-minilm"   # for embedding requests that name none
     request_timeout = 300          # seconds from arrival to the last token
     max_attempts = 3               # workers tried before the first token
     cooldown = 10                  # seconds a failing worker is skipped
@@ -32,6 +33,7 @@ __all__ = ["GatewaySettings"]
 _KEYS = {
     "default_rate_limit", "premium_rate_limit", "key_rate_limit", "default_token_limit",
     "premium_token_limit", "concurrent_per_key", "concurrent_per_user", "default_model",
+    "default_embedding_model",
     "request_timeout", "max_attempts", "cooldown", "candidate_ttl", "usage_flush_interval",
     "coordinator_timeout",
 }
@@ -47,6 +49,7 @@ class GatewaySettings:
     concurrent_per_key: int | None = 8
     concurrent_per_user: int | None = 16
     default_model: str = "default"
+    default_embedding_model: str = "all-minilm"
     request_timeout: float = 300.0
     max_attempts: int = 3
     cooldown: float = 10.0
@@ -74,6 +77,7 @@ class GatewaySettings:
             concurrent_per_key=zero_is_none("concurrent_per_key", 8),
             concurrent_per_user=zero_is_none("concurrent_per_user", 16),
             default_model=sec.get_str("default_model", "default"),
+            default_embedding_model=sec.get_str("default_embedding_model", "all-minilm"),
             request_timeout=sec.get_float("request_timeout", 300.0, minimum=1, maximum=86400),
             max_attempts=sec.get_int("max_attempts", 3, minimum=1, maximum=20),
             cooldown=sec.get_float("cooldown", 10.0, minimum=0, maximum=3600),

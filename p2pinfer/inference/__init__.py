@@ -21,6 +21,8 @@
 - ``p2pinfer.prompts`` (below the roles): messages, sampling parameters and
   the validation of ``processPrompt`` parameters, shared with the gateway and
   web roles.
+- ``embedding.py``: embedding models on onnxruntime (the embedded
+  all-MiniLM-L6-v2).
 - ``toolcalls.py``: tool calls for any model (a generic JSON form under a
   grammar, on llama.cpp) and the streamed tool-call pieces HTTP backends read.
 - ``cache.py``: the response cache for deterministic requests.

@@ -28,10 +28,11 @@ from typing import Any, ClassVar
 
 import trio
 
-from ..prompts import GenerationParams, Message, ToolCall
+from ..prompts import GenerationParams, Message, ToolCall, missing_capability
 
 __all__ = [
     "Backend",
+    "Embeddings",
     "GenerationParams",
     "GenerationRequest",
     "GenerationResult",
@@ -83,6 +84,14 @@ class GenerationResult:
 
 
 StreamEvent = TextChunk | GenerationResult
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """One vector per input text, in order, and the tokens they took."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int
 
 
 class ModelState(enum.Enum):
@@ -163,6 +172,10 @@ class Backend(ABC):
     @abstractmethod
     def generate(self, request: GenerationRequest) -> AsyncGenerator[StreamEvent, None]:
         """Stream :class:`TextChunk` events, then one :class:`GenerationResult`."""
+
+    async def embed(self, texts: list[str]) -> Embeddings:
+        """A vector for each text (backends with the ``embed`` capability)."""
+        raise missing_capability(self.name, "embed")
 
     @abstractmethod
     async def list_models(self) -> list[ModelInfo]:

@@ -48,7 +48,7 @@ from ..errors import (
     P2PInferError,
     UnknownModel,
 )
-from ..prompts import PromptRequest, missing_capability
+from ..prompts import EmbedRequest, PromptRequest, missing_capability
 from .backend import (
     Backend,
     GenerationRequest,
@@ -87,6 +87,18 @@ class Completion:
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    """What :meth:`InferenceEngine.embed` returns. Durations in seconds."""
+
+    model: str
+    backend: str
+    vectors: list[list[float]]
+    prompt_tokens: int
+    latency: float
+    queued: float
 
 
 class Ewma:
@@ -269,7 +281,7 @@ class InferenceEngine:
         if not self.running:
             raise BackendUnavailable("the inference engine is not running")
         params = request.params
-        for needed in request.needs:
+        for needed in sorted(request.needs, key=lambda n: n != "chat"):  # "chat" named first
             if needed not in model.backend.capabilities:
                 self._count(model, "error")
                 raise missing_capability(model.name, needed)
@@ -286,25 +298,7 @@ class InferenceEngine:
             self._count_cache(model, hit=False)
 
         share = request.share
-        if model.free_slots == 0 and model.waiting >= model.max_queue \
-                and not model.pool.make_room(share):
-            self._count(model, "overloaded")
-            raise self._overloaded(model)
-        try:
-            model.pool.acquire_nowait(share)
-        except trio.WouldBlock:
-            model.waiting += 1  # only requests that really wait count as queued
-            try:
-                await model.pool.acquire(share)
-            except Displaced:
-                self._count(model, "overloaded")
-                raise self._overloaded(model, displaced=True) from None
-            except BaseException:
-                self._count(model, "cancelled")
-                raise
-            finally:
-                model.waiting -= 1
-
+        await self._acquire(model, share)
         acquired = trio.current_time()
         outcome = "error"
         chunks: list[str] = []
@@ -352,6 +346,70 @@ class InferenceEngine:
             queued=acquired - started,
             tool_calls=result.tool_calls,
         )
+
+    async def _acquire(self, model: ServedModel, share: str) -> None:
+        """A slot of ``model`` for ``share``, waiting in its queue if need be."""
+        if model.free_slots == 0 and model.waiting >= model.max_queue \
+                and not model.pool.make_room(share):
+            self._count(model, "overloaded")
+            raise self._overloaded(model)
+        try:
+            model.pool.acquire_nowait(share)
+        except trio.WouldBlock:
+            model.waiting += 1  # only requests that really wait count as queued
+            try:
+                await model.pool.acquire(share)
+            except Displaced:
+                self._count(model, "overloaded")
+                raise self._overloaded(model, displaced=True) from None
+            except BaseException:
+                self._count(model, "cancelled")
+                raise
+            finally:
+                model.waiting -= 1
+
+    async def embed(self, request: EmbedRequest) -> EmbeddingResult:
+        """Vectors for ``request``'s texts from its model (it must have the
+        ``embed`` capability), sharing the model's slots fairly like answers.
+
+        Raises:
+            UnknownModel, MissingCapability, Overloaded, InvalidParams, or
+            the backend's InferenceError.
+        """
+        started = trio.current_time()
+        if request.model is None:  # the first model that embeds, else the default's error
+            model = next((m for m in self.models.values()
+                          if "embed" in m.backend.capabilities), self.resolve(None))
+        else:
+            model = self.resolve(request.model)
+        if not self.running:
+            raise BackendUnavailable("the inference engine is not running")
+        if "embed" not in model.backend.capabilities:
+            self._count(model, "error")
+            raise missing_capability(model.name, "embed")
+        await self._acquire(model, request.share)
+        acquired = trio.current_time()
+        outcome = "error"
+        try:
+            result = await model.backend.embed(list(request.texts))
+            outcome = "success"
+        except BaseException as exc:
+            outcome = "error" if isinstance(exc, Exception) else "cancelled"
+            raise
+        finally:
+            model.pool.release(request.share)
+            self._count(model, outcome)
+        ended = trio.current_time()
+        model.prompt_tokens += result.prompt_tokens
+        model.latency.update(ended - started)
+        model.completed += 1
+        model.latency_total += ended - started
+        if self.metrics is not None:
+            self.metrics.prompt_tokens.labels(model.name).inc(result.prompt_tokens)
+            self.metrics.duration.labels(model.name).observe(ended - started)
+        return EmbeddingResult(model=model.name, backend=model.backend.kind,
+                               vectors=result.vectors, prompt_tokens=result.prompt_tokens,
+                               latency=ended - started, queued=acquired - started)
 
     @staticmethod
     def _overloaded(model: ServedModel, *, displaced: bool = False) -> Overloaded:

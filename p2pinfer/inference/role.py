@@ -37,6 +37,15 @@ other nodes, call a worker; users go through a gateway):
     (``data.retry_after``: the model's runner is restarting), BackendError,
     BackendTimeout, MalformedBackendResponse.
 
+``embed`` (server stream, one chunk)
+    params: ``{"input": "text" | ["text", ...], "model"?, "share"?}`` (at most
+    256 texts); the model needs the capability ``embed`` (the embedded
+    ``all-minilm``, 384 dimensions). Chunk: ``{"embeddings": [[float, ...],
+    ...]}``, one unit vector per text, in order. Trailer: ``{"model",
+    "backend", "usage": {"prompt_tokens", "total_tokens"}, "latency_ms",
+    "queue_ms"}``. A stream, so that a gateway routes and fails it over as
+    it does answers.
+
 ``listAvailableModels``
     ``{"models": [{"name", "aliases", "backend", "context_length", "status",
     "default", "details"}], "default_model": "smollm2"}``
@@ -82,7 +91,7 @@ import trio
 
 from ..errors import InvalidParams
 from ..grants import OBSERVERS
-from ..prompts import parse_model_name, parse_prompt_params
+from ..prompts import parse_embed_params, parse_model_name, parse_prompt_params
 from ..rpc.server import Access, CallContext, rpc_method
 from .cache import ResponseCache
 from .engine import Completion, InferenceEngine
@@ -210,6 +219,29 @@ class InferenceRole:
                     yield {"delta": event.text}
         if whole:  # a whole answer: one frame, and nothing sent before it is complete
             yield {"delta": "".join(whole)}
+
+    @rpc_method("embed", access=Access.MEMBER, grants=("gateway",))
+    async def rpc_embed(self, ctx: CallContext, params: Any
+                        ) -> AsyncGenerator[dict[str, Any], None]:
+        """Embed texts (one chunk); the trailer carries usage and timing."""
+        share = ctx.peer_id
+        if isinstance(params, dict) and "share" in params:
+            params = dict(params)
+            share = params.pop("share")
+            if not isinstance(share, str) or not 0 < len(share) <= 64:
+                raise InvalidParams("share: must be a string of 1 to 64 characters",
+                                    data={"field": "share"})
+        request = replace(parse_embed_params(params), share=share)
+        result = await self.engine.embed(request)
+        ctx.trailer = {
+            "model": result.model, "backend": result.backend,
+            "usage": {"prompt_tokens": result.prompt_tokens,
+                      "total_tokens": result.prompt_tokens},
+            "latency_ms": _ms(result.latency), "queue_ms": _ms(result.queued),
+        }
+        log.info("embedded %d texts with %s for %s: %d tokens, %.0f ms", len(request.texts),
+                 result.model, ctx.peer_id[-8:], result.prompt_tokens, result.latency * 1000)
+        yield {"embeddings": result.vectors}
 
     @rpc_method("listAvailableModels", access=Access.MEMBER, grants=tuple(OBSERVERS))
     async def rpc_list_available_models(self, ctx: CallContext, params: Any) -> dict[str, Any]:

@@ -6,7 +6,8 @@ Every value is checked when the role is built; a bad one raises
 
     [inference]
     default_model = "smollm2"     # answers requests that name no model (default: the first)
-    embedded = true               # with no [[models]]: serve the embedded SmolLM2
+    embedded = true               # with no [[models]]: serve the embedded SmolLM2 and
+                                  # the all-minilm embedding model
     slots = 2                     # parallel sequences per local model (default min(cpus, 4))
     n_threads = 2                 # CPU threads of each llama.cpp runner (default: the CPUs, max 8)
     n_ctx = 2048                  # context of each slot, in tokens
@@ -31,7 +32,7 @@ Every value is checked when the role is built; a bad one raises
 
     [[models]]
     name = "smollm2"              # required; letters, digits, ._:/@+-
-    backend = "llamacpp"          # llamacpp (default) | openai | ollama | synthetic
+    backend = "llamacpp"          # llamacpp (default) | openai | ollama | onnx | synthetic
     aliases = ["default"]
     slots = 2
     max_queue = 32
@@ -40,11 +41,14 @@ Every value is checked when the role is built; a bad one raises
     #           n_threads_batch, repack, gpu_layers (layers offloaded to a GPU)
     # openai:   url, api_key, remote_model, timeout, connect_timeout, context_length
     # ollama:   url, remote_model, timeout, connect_timeout
+    # onnx (embeddings only): path (model.onnx; default the embedded all-MiniLM-L6-v2),
+    #           tokenizer (its tokenizer.json), max_length (tokens read, 256), n_threads
     # synthetic (load tests only): tokens, token_delay, first_token_delay, context_length
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -57,6 +61,12 @@ from ..config import NodeConfig, Section
 from ..errors import ConfigError
 from ..prompts import MODEL_NAME, ParamLimits
 from .backend import Backend
+from .embedding import (
+    EMBEDDING_NAME,
+    OnnxEmbeddingBackend,
+    OnnxOptions,
+    embedded_embedding_paths,
+)
 from .llamacpp import REPACK_MODES, LlamaCppBackend, LlamaCppOptions, embedded_model_path
 from .ollama import DEFAULT_OLLAMA_URL, OllamaBackend
 from .openai import DEFAULT_OPENAI_URL, OpenAIBackend
@@ -65,9 +75,12 @@ from .synthetic import SyntheticBackend
 
 __all__ = ["EMBEDDED_ALIASES", "EMBEDDED_NAME", "InferenceSettings", "ModelEntry", "build_models"]
 
+log = logging.getLogger(__name__)
+
 EMBEDDED_NAME = "smollm2"
 EMBEDDED_ALIASES = ("smollm2-135m", "default")
-BACKENDS = ("llamacpp", "openai", "ollama", "synthetic")
+EMBEDDING_ALIASES = ("all-minilm-l6-v2",)
+BACKENDS = ("llamacpp", "openai", "ollama", "onnx", "synthetic")
 
 _INFERENCE_KEYS = {
     "default_model", "embedded", "slots", "n_threads", "n_ctx", "max_queue", "cache",
@@ -81,6 +94,7 @@ _BACKEND_KEYS = {
     "llamacpp": {"path", "n_ctx", "n_threads", "n_threads_batch", "repack", "gpu_layers"},
     "openai": {"url", "api_key", "remote_model", "timeout", "connect_timeout", "context_length"},
     "ollama": {"url", "remote_model", "timeout", "connect_timeout"},
+    "onnx": {"path", "tokenizer", "max_length", "n_threads"},
     "synthetic": {"tokens", "token_delay", "first_token_delay", "context_length"},
 }
 
@@ -247,6 +261,24 @@ def _build_one(m: Section, settings: InferenceSettings,
             backend = OllamaBackend(
                 name, base_url=_check_url(m, "url", url) if url else settings.ollama_url,
                 **common)
+    elif kind == "onnx":
+        paths = {}
+        for key in ("path", "tokenizer"):
+            raw = m.get_optional_str(key)
+            if raw is not None:
+                paths[key] = Path(raw).expanduser()
+                if not paths[key].is_file():
+                    raise ConfigError(f"{_where(m, key)}: no such file: {raw!r}")
+        if len(paths) == 1:
+            raise ConfigError(f"{_where(m, 'tokenizer')}: give both path and tokenizer "
+                              "(or neither, for the embedded all-MiniLM-L6-v2)")
+        model_path, tokenizer = ((paths["path"], paths["tokenizer"]) if paths
+                                 else embedded_embedding_paths())
+        backend = OnnxEmbeddingBackend(name, OnnxOptions(
+            path=model_path, tokenizer=tokenizer,
+            slots=m.get_int("slots", 2, minimum=1, maximum=256),
+            max_length=m.get_int("max_length", 256, minimum=8, maximum=8192),
+            n_threads=m.get_int("n_threads", 1, minimum=1, maximum=256)))
     else:
         backend = SyntheticBackend(
             name,
@@ -266,7 +298,8 @@ def build_models(
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> list[ModelEntry]:
     """The models a node serves: every ``[[models]]`` table, or the embedded
-    SmolLM2 (``smollm2``, aliases ``smollm2-135m`` and ``default``) when
+    SmolLM2 (``smollm2``, aliases ``smollm2-135m`` and ``default``) and the
+    embedding model ``all-minilm`` (when its packages are installed) when
     there is none and ``[inference] embedded`` is on.
 
     Args:
@@ -284,6 +317,14 @@ def build_models(
             n_threads=settings.n_threads, repack=settings.repack,
             llama_server=settings.llama_server, timeout=settings.timeout))
         entries.append(ModelEntry(backend, EMBEDDED_ALIASES, settings.max_queue, True))
+        try:
+            model_path, tokenizer = embedded_embedding_paths()
+        except ConfigError as exc:  # a pip-installed SDK without the data packages
+            log.info("no embedding model: %s", exc)
+        else:
+            entries.append(ModelEntry(
+                OnnxEmbeddingBackend(EMBEDDING_NAME, OnnxOptions(model_path, tokenizer)),
+                EMBEDDING_ALIASES, settings.max_queue, False))
     seen: set[str] = set()
     for table in tables:
         entry = _build_one(table, settings, transport)

@@ -14,9 +14,10 @@ Files:
 - ``api.py``: the REST API (``/api/auth/*``, ``/api/inference``,
   ``/api/models``, ``/api/usage``, ``/api/quota``, ``/api/health``);
 - ``openai_api.py``: ``/v1/models``, ``/v1/chat/completions``,
-  ``/v1/completions``;
+  ``/v1/completions``, ``/v1/embeddings``;
 - ``ollama_api.py``: ``/api/chat``, ``/api/generate``, ``/api/tags``,
-  ``/api/show``, ``/api/ps``, ``/api/version``;
+  ``/api/show``, ``/api/ps``, ``/api/version``, ``/api/embed``,
+  ``/api/embeddings``;
 - ``privacy.py``: data export and account erasure (REST and the account page);
 - ``streaming.py``: one streaming response for the three dialects (NDJSON,
   SSE), cancelling the request when the client goes away;

@@ -50,11 +50,12 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["OLLAMA_PATHS", "OllamaDialect", "ollama_request", "ollama_routes"]
 
 OLLAMA_PATHS = frozenset({"/api/chat", "/api/generate", "/api/tags", "/api/show", "/api/ps",
-                          "/api/version",
+                          "/api/version", "/api/embed", "/api/embeddings",
                           # Ollama's routes that p2pinfer does not serve: an
                           # Ollama client is told so in Ollama's error shape
                           "/api/pull", "/api/push", "/api/create", "/api/copy",
-                          "/api/delete", "/api/embed", "/api/embeddings"})
+                          "/api/delete"})
+EMBED_KEYS = ("model", "input", "truncate", "options", "keep_alive", "dimensions")
 CHAT_KEYS = ("model", "messages", "stream", "options", "format", "keep_alive", "tools",
              "think")
 GENERATE_KEYS = ("model", "prompt", "system", "stream", "options", "format", "keep_alive",
@@ -269,8 +270,10 @@ def _details(model: dict[str, Any]) -> dict[str, Any]:
 
 def _capabilities(model: dict[str, Any]) -> list[str]:
     """What ``/api/show`` says a model can do, in Ollama's words."""
-    can = model.get("capabilities") or []
-    return ["completion"] + (["tools"] if "tools" in can else [])
+    can = model.get("capabilities") or ["chat"]
+    return ((["completion"] if "chat" in can or "complete" in can else [])
+            + (["tools"] if "tools" in can else [])
+            + (["embedding"] if "embed" in can else []))
 
 
 def _entry(model: dict[str, Any], name: str) -> dict[str, Any]:
@@ -352,6 +355,34 @@ def ollama_routes(web: WebRole) -> list[Route]:
     async def chat(request: Request) -> Response:
         return await generate(request, chat=True)
 
+    async def embed(request: Request) -> Response:
+        """``/api/embed``: ``input`` a text or a list; ``embeddings`` back."""
+        body = await read_json(request)
+        for key in body:
+            if key not in EMBED_KEYS:
+                raise _fail(str(key)[:64], "unknown field")
+        if body.get("truncate") is False:
+            raise _fail("truncate", "texts longer than the model reads are always truncated")
+        if body.get("dimensions") is not None:
+            raise _fail("dimensions", "not supported: the model's vectors have a fixed size")
+        started = time.monotonic()
+        result = await up.embed({"input": body.get("input"), "model": body.get("model")},
+                                credentials_from_headers(request.headers))
+        return JSONResponse({
+            "model": body.get("model"), "embeddings": result["embeddings"],
+            "total_duration": int((time.monotonic() - started) * 1e9), "load_duration": 0,
+            "prompt_eval_count": int(result["usage"].get("prompt_tokens") or 0)})
+
+    async def embeddings(request: Request) -> Response:
+        """``/api/embeddings`` (Ollama's older route): one ``prompt``."""
+        body = await read_json(request)
+        for key in body:
+            if key not in ("model", "prompt", "options", "keep_alive"):
+                raise _fail(str(key)[:64], "unknown field")
+        result = await up.embed({"input": body.get("prompt"), "model": body.get("model")},
+                                credentials_from_headers(request.headers))
+        return JSONResponse({"embedding": result["embeddings"][0]})
+
     async def complete(request: Request) -> Response:
         return await generate(request, chat=False)
 
@@ -362,4 +393,6 @@ def ollama_routes(web: WebRole) -> list[Route]:
         Route("/api/show", show, methods=["POST"]),
         Route("/api/ps", running, methods=["GET"]),
         Route("/api/version", version, methods=["GET"]),
+        Route("/api/embed", embed, methods=["POST"]),
+        Route("/api/embeddings", embeddings, methods=["POST"]),
     ]

@@ -356,6 +356,37 @@ class CompletionDialect(_SseDialect):
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
 
+def embedding_request(body: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """An embeddings body → (p2pinfer request, encoding_format)."""
+    for key in body:
+        if key not in ("input", "model", "encoding_format", "dimensions", "user"):
+            raise _fail(str(key)[:64], "unrecognized request argument")
+    value = body.get("input")
+    items = value if isinstance(value, list) else [value]
+    if any(isinstance(item, list) or isinstance(item, int) for item in items):
+        raise _fail("input", "token arrays are not supported: send text")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise _fail("encoding_format", "must be float or base64")
+    if body.get("dimensions") is not None:
+        raise _fail("dimensions", "not supported: the model's vectors have a fixed size")
+    request: dict[str, Any] = {"input": value}
+    if body.get("model") is not None:
+        request["model"] = body["model"]
+    return request, encoding
+
+
+def _vector(values: list[float], encoding: str) -> Any:
+    """One embedding as OpenAI sends it: floats, or base64 of little-endian
+    float32 (what the openai package asks for by default)."""
+    if encoding == "float":
+        return values
+    import base64
+    import struct
+
+    return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii")
+
+
 def _model_object(model: dict[str, Any]) -> dict[str, Any]:
     # created: the model file's time on its worker (the earliest of its
     # workers'), or when the worker first served it
@@ -447,6 +478,19 @@ def openai_routes(web: WebRole) -> list[Route]:
     async def chat_completions(request: Request) -> Response:
         return await complete(request, chat=True)
 
+    async def embeddings(request: Request) -> Response:
+        auth = credentials_from_headers(request.headers)
+        params, encoding = embedding_request(await read_json(request))
+        result = await up.embed(params, auth)
+        return JSONResponse({
+            "object": "list",
+            "data": [{"object": "embedding", "index": i, "embedding": _vector(v, encoding)}
+                     for i, v in enumerate(result["embeddings"])],
+            "model": result["model"],
+            "usage": {"prompt_tokens": int(result["usage"].get("prompt_tokens") or 0),
+                      "total_tokens": int(result["usage"].get("total_tokens") or 0)},
+        }, headers={"X-Request-Id": str(result.get("request_id") or "")})
+
     async def completions(request: Request) -> Response:
         return await complete(request, chat=False)
 
@@ -455,4 +499,5 @@ def openai_routes(web: WebRole) -> list[Route]:
         Route("/v1/models/{model:path}", get_model, methods=["GET"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/embeddings", embeddings, methods=["POST"]),
     ]

@@ -351,8 +351,9 @@ class Pages:
             except P2PInferError as err:
                 context["error"] = _friendly(err)
                 status = http_status(err)
-        try:
-            models = await self.web.upstream.catalog.models(session.auth)
+        try:  # the models that chat (not an embedding model)
+            models = [m for m in await self.web.upstream.catalog.models(session.auth)
+                      if "chat" in (m.get("capabilities") or ["chat"])]
         except P2PInferError:
             models = []
         return self.render(request, "playground.html",

@@ -27,6 +27,7 @@ import trio
 from ..errors import (
     DeadlineExceeded,
     InvalidApiKey,
+    MalformedFrame,
     NoWorkerAvailable,
     P2PInferError,
     PeerUnavailable,
@@ -218,11 +219,13 @@ class Upstream:
                                   data={"role": role, "retry_after": 2.0})
         return peers
 
-    async def call(self, role: str, method: str, params: Any = None) -> Any:
+    async def call(self, role: str, method: str, params: Any = None, *,
+                   long: bool = False) -> Any:
         """Call ``method`` on a node with ``role`` (failing over on
         unreachable nodes only: any other error is the answer). A call to an
         auth node made for an HTTP client names that client (``source``), so
-        the auth node throttles the client, not this web node."""
+        the auth node throttles the client, not this web node. ``long``: the
+        call may take as long as an inference request."""
         source = current_source.get()
         if role == "auth" and source and isinstance(params, dict) and "source" not in params:
             params = {**params, "source": source}
@@ -233,7 +236,7 @@ class Upstream:
             peer = candidates.pop(0)
             tried.append(peer)
             try:
-                with trio.fail_after(self.call_timeout):
+                with trio.fail_after(self.request_timeout if long else self.call_timeout):
                     return await self.node.rpc.call(peer, method, params)
             except trio.TooSlowError:
                 raise DeadlineExceeded(f"{method}: no answer from the {role} node in time",
@@ -244,6 +247,24 @@ class Upstream:
                     candidates = [p for p in await self.peers(role) if p not in tried]
         assert last is not None
         raise last
+
+    async def embed(self, request: dict[str, Any], auth: dict[str, str]) -> dict[str, Any]:
+        """``processEmbeddingRequest`` on a gateway, for the HTTP client
+        (named as the source, so the gateway throttles it, not us); the
+        model's alias resolved first (UnknownModel if the swarm lacks it)."""
+        model = request.get("model")
+        if isinstance(model, str):
+            resolved = await self.catalog.resolve(model, auth)
+            if resolved is not None:
+                request = {**request, "model": resolved}
+        params: dict[str, Any] = {"request": request, "auth": auth}
+        source = current_source.get()
+        if source is not None:
+            params["source"] = source
+        result = await self.call("gateway", "processEmbeddingRequest", params, long=True)
+        if not isinstance(result, dict):
+            raise MalformedFrame("the gateway's embeddings are not a map")
+        return result
 
     async def inference(self, request: dict[str, Any], auth: dict[str, str], *,
                         stream: bool = True) -> InferenceCall:
