@@ -14,7 +14,8 @@ Files:
 - ``api.py``: the REST API (``/api/auth/*``, ``/api/inference``,
   ``/api/models``, ``/api/usage``, ``/api/quota``, ``/api/health``);
 - ``openai_api.py``: ``/v1/models``, ``/v1/chat/completions``,
-  ``/v1/completions``, ``/v1/embeddings``;
+  ``/v1/completions``, ``/v1/embeddings``, ``/v1/responses`` (the latter
+  translated by ``openai_responses.py``);
 - ``ollama_api.py``: ``/api/chat``, ``/api/generate``, ``/api/tags``,
   ``/api/show``, ``/api/ps``, ``/api/version``, ``/api/embed``,
   ``/api/embeddings``;

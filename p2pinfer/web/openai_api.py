@@ -478,6 +478,24 @@ def openai_routes(web: WebRole) -> list[Route]:
     async def chat_completions(request: Request) -> Response:
         return await complete(request, chat=True)
 
+    async def responses(request: Request) -> Response:
+        from .openai_responses import ResponsesDialect, responses_request, whole_response
+
+        auth = credentials_from_headers(request.headers)
+        body = await read_json(request)
+        params, stream = responses_request(body)
+        params = await prepare_inference(web, params, auth)
+        model = str(params.get("model") or body.get("model") or "default")
+        call = await up.inference(params, auth, stream=stream)
+        if stream:
+            return StreamResponse(call, ResponsesDialect(body, model))
+        try:
+            text = await call.collect()
+        finally:
+            await call.aclose()
+        return JSONResponse(whole_response(body, model, text, call.trailer),
+                            headers={"X-Request-Id": str(call.trailer.get("request_id") or "")})
+
     async def embeddings(request: Request) -> Response:
         auth = credentials_from_headers(request.headers)
         params, encoding = embedding_request(await read_json(request))
@@ -500,4 +518,5 @@ def openai_routes(web: WebRole) -> list[Route]:
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/embeddings", embeddings, methods=["POST"]),
+        Route("/v1/responses", responses, methods=["POST"]),
     ]
