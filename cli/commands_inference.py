@@ -121,13 +121,17 @@ def _summary(response: InferenceResponse) -> str:
                    "repeatable. Calls are printed as name(arguments).")
 @click.option("--tool-choice", metavar="CHOICE",
               help="auto (default), none, required, or the name of the tool to call.")
+@click.option("--logprobs", "top_logprobs", type=click.IntRange(0, 20), metavar="N",
+              help="With --json: each token's log probability and its N most likely "
+                   "alternatives (0-20).")
 @click.option("-v", "--verbose", is_flag=True,
               help="Print the model, worker, token counts and latency on stderr.")
 @swarm_access()
 def prompt(text: str | None, model: str | None, system: str | None, max_tokens: int | None,
            temperature: float | None, seed: int | None, as_json: bool,
            answer_format: str | None, schema: Any, raw: bool, tool_files: tuple[Any, ...],
-           tool_choice: str | None, verbose: bool, access: SwarmAccess) -> None:
+           tool_choice: str | None, top_logprobs: int | None, verbose: bool,
+           access: SwarmAccess) -> None:
     """Ask the swarm one question; the answer is printed as it is generated.
 
     TEXT '-' (or no TEXT with piped input) reads the prompt from stdin.
@@ -148,6 +152,8 @@ def prompt(text: str | None, model: str | None, system: str | None, max_tokens: 
     tools = _read_tools(tool_files)
     if tool_choice is not None and tools is None:
         raise click.UsageError("--tool-choice needs --tool")
+    if top_logprobs is not None and not as_json:
+        raise click.UsageError("--logprobs needs --json (they are printed with the answer)")
     text = _read_prompt(text)
 
     async def body(client: Client) -> InferenceResponse:
@@ -155,7 +161,9 @@ def prompt(text: str | None, model: str | None, system: str | None, max_tokens: 
             async with client.stream(text, model=model, system=system, max_tokens=max_tokens,
                                      temperature=temperature, seed=seed,
                                      format=fmt, raw=raw, tools=tools,
-                                     tool_choice=tool_choice) as stream:
+                                     tool_choice=tool_choice,
+                                     logprobs=top_logprobs is not None,
+                                     top_logprobs=top_logprobs or None) as stream:
                 first = True
                 async for delta in stream:
                     if first:

@@ -88,6 +88,7 @@ class HttpStream:
         self._resp = resp
         self._lines: AsyncIterator[str] = resp.aiter_lines()
         self.trailer: dict[str, Any] | None = None
+        self.logprobs: list[dict[str, Any]] = []
 
     @classmethod
     async def open(cls, http: httpx.AsyncClient, request: dict[str, Any],
@@ -121,6 +122,8 @@ class HttpStream:
             if event.get("done"):
                 self.trailer = event
                 return None
+            if isinstance(event.get("logprobs"), list):
+                self.logprobs.extend(event["logprobs"])
             return str(event.get("delta", ""))
         raise MalformedBackendResponse("the stream ended before its final line")
 
@@ -128,7 +131,8 @@ class HttpStream:
         """The whole answer, once :meth:`next_event` returned None."""
         from .client import InferenceResponse
 
-        return InferenceResponse.from_trailer("".join(parts), self.trailer)
+        return InferenceResponse.from_trailer("".join(parts), self.trailer,
+                                              logprobs=self.logprobs)
 
     async def aclose(self) -> None:
         """Close the HTTP response (cancels the request if it is still running)."""

@@ -98,12 +98,16 @@ class InferenceResponse:
     cached: bool = False
     #: the tools the model called (``finish_reason`` is then ``"tool_calls"``)
     tool_calls: list[ToolCall] = field(default_factory=list)
+    #: with ``logprobs=True``: each token's ``{token, logprob, bytes, top_logprobs}``
+    logprobs: list[dict[str, Any]] | None = None
     #: everything the gateway reported (ttft_ms, worker_latency_ms, ...)
     details: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_trailer(cls, text: str, trailer: dict[str, Any] | None) -> InferenceResponse:
-        """Build from the text and a gateway's trailer (RPC) or final line (HTTP)."""
+    def from_trailer(cls, text: str, trailer: dict[str, Any] | None, *,
+                     logprobs: list[dict[str, Any]] | None = None) -> InferenceResponse:
+        """Build from the text and a gateway's trailer (RPC) or final line
+        (HTTP), and the token log probabilities that came with the text."""
         t = trailer or {}
         raw_usage = t.get("usage")
         usage = raw_usage if isinstance(raw_usage, dict) else {}
@@ -112,7 +116,7 @@ class InferenceResponse:
                    usage={k: int(v) for k, v in usage.items() if isinstance(v, int)},
                    request_id=t.get("request_id"), worker=t.get("worker"),
                    latency_ms=t.get("latency_ms"), cached=bool(t.get("cached", False)),
-                   tool_calls=calls, details=dict(t))
+                   tool_calls=calls, logprobs=logprobs or None, details=dict(t))
 
     def message(self) -> dict[str, Any]:
         """The answer as the assistant message to put in the history (with
@@ -135,6 +139,8 @@ class InferenceResponse:
             "worker": self.worker, "latency_ms": self.latency_ms, "cached": self.cached}
         if self.tool_calls:
             out["tool_calls"] = [c.to_dict() for c in self.tool_calls]
+        if self.logprobs is not None:
+            out["logprobs"] = self.logprobs
         return out
 
 
@@ -218,6 +224,7 @@ class InferenceStream:
         self._rpc_stream: Any = None
         self._http: Any = None
         self._parts: list[str] = []
+        self._logprobs: list[dict[str, Any]] = []
         self.response: InferenceResponse | None = None
 
     async def __aenter__(self) -> InferenceStream:
@@ -239,8 +246,10 @@ class InferenceStream:
                 chunk = await self._rpc_stream.__anext__()
             except StopAsyncIteration:
                 self.response = InferenceResponse.from_trailer(
-                    "".join(self._parts), self._rpc_stream.trailer)
+                    "".join(self._parts), self._rpc_stream.trailer, logprobs=self._logprobs)
                 raise
+            if isinstance(chunk, dict) and isinstance(chunk.get("logprobs"), list):
+                self._logprobs.extend(chunk["logprobs"])
             text = str(chunk.get("delta", "")) if isinstance(chunk, dict) else str(chunk)
             self._parts.append(text)
             return text
@@ -598,6 +607,8 @@ class Client:
         tools: list[dict[str, Any]] | None = None,
         tool_choice: str | None = None,
         parallel_tool_calls: bool | None = None,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
     ) -> InferenceResponse:
         """Ask for a whole answer (the ``inference`` call of the RPC API).
 
@@ -614,13 +625,16 @@ class Client:
         ``tool_choice``: ``"auto"``, ``"none"``, ``"required"`` or a tool's
         name. The calls come back in :attr:`InferenceResponse.tool_calls`;
         :meth:`InferenceResponse.message` is the history entry to send back
-        with the results."""
+        with the results. ``logprobs``: each token's log probability (and
+        ``top_logprobs`` alternatives, up to 20) in
+        :attr:`InferenceResponse.logprobs`."""
         request = _request(prompt, messages, {
             "model": model, "max_tokens": max_tokens, "temperature": temperature,
             "top_p": top_p, "stop": stop, "seed": seed, "system": system, "stream": False,
             "format": _format(format), "raw": raw or None, "tools": _tools(tools),
             "tool_choice": _tool_choice(tool_choice),
-            "parallel_tool_calls": parallel_tool_calls})
+            "parallel_tool_calls": parallel_tool_calls, "logprobs": logprobs or None,
+            "top_logprobs": top_logprobs})
         async with InferenceStream(self, request) as stream:
             async for _ in stream:
                 pass
@@ -645,6 +659,8 @@ class Client:
         tools: list[dict[str, Any]] | None = None,
         tool_choice: str | None = None,
         parallel_tool_calls: bool | None = None,
+        logprobs: bool = False,
+        top_logprobs: int | None = None,
     ) -> InferenceStream:
         """An answer as it is generated: ``async with client.stream(...) as s``
         (``format``, ``raw`` and tools as for :meth:`inference`; tool calls
@@ -654,7 +670,8 @@ class Client:
             "top_p": top_p, "stop": stop, "seed": seed, "system": system,
             "format": _format(format), "raw": raw or None, "tools": _tools(tools),
             "tool_choice": _tool_choice(tool_choice),
-            "parallel_tool_calls": parallel_tool_calls})
+            "parallel_tool_calls": parallel_tool_calls, "logprobs": logprobs or None,
+            "top_logprobs": top_logprobs})
         return InferenceStream(self, request)
 
     async def _open_stream(self, request: dict[str, Any]) -> tuple[Any, Any]:

@@ -28,6 +28,8 @@ Accepted shape (a msgpack map; every field is checked and an error names it)::
                  "parameters": {...}}],   # functions the model may call (at most 32)
       "tool_choice": "auto",         # "none", "required" or {"name": "get_weather"}
       "parallel_tool_calls": true,   # false: at most one call per answer
+      "logprobs": false,             # true: each chunk carries its tokens' log probabilities
+      "top_logprobs": 0,             # 0..20 most likely alternatives per token (with logprobs)
       "modelConfig": {...}           # the original API's form: model, max_tokens,
     }                                # temperature, top_p, stop, seed may go here instead
 
@@ -52,7 +54,7 @@ __all__ = ["CAPABILITIES", "ROLES", "EmbedRequest", "GenerationParams", "Message
            "OutputFormat",
            "ParamLimits", "PromptRequest", "Tool", "ToolCall", "missing_capability",
            "parse_embed_params", "parse_model_name", "parse_prompt_params",
-           "parse_tool_calls"]
+           "parse_tool_calls", "token_logprobs"]
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 MAX_SEED = 2**32 - 1
@@ -75,7 +77,9 @@ CAPABILITIES = {
     "complete": "raw completion (a prompt continued as it is, without the chat template)",
     "tools": "tool calls (tools and tool_choice)",
     "embed": "embeddings (a vector for each input text)",
+    "logprobs": "token log probabilities (logprobs)",
 }
+MAX_TOP_LOGPROBS = 20
 MAX_EMBED_INPUTS = 256
 MAX_EMBED_CHARS = 32_000  # one text; a model reads at most its max_length tokens of it
 
@@ -221,6 +225,9 @@ class GenerationParams:
     # "auto", "none", "required", or the name of the one tool to call
     tool_choice: str = "auto"
     parallel_tool_calls: bool = True
+    # each generated token's log probability, and its top_logprobs alternatives
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     @property
     def calls_tools(self) -> bool:
@@ -250,6 +257,9 @@ class GenerationParams:
             out["format"] = self.format.to_dict()
         if self.raw:
             out["raw"] = True
+        if self.logprobs:
+            out["logprobs"] = True
+            out["top_logprobs"] = self.top_logprobs
         if self.tools:
             out["tools"] = [t.to_dict() for t in self.tools]
             out["tool_choice"] = (self.tool_choice if self.forced_tool is None
@@ -259,7 +269,8 @@ class GenerationParams:
 
 _MODEL_KEYS = {"model", "max_tokens", "maxTokens", "temperature", "top_p", "topP", "stop", "seed"}
 _TOP_KEYS = {"prompt", "messages", "system", "modelConfig", "cache", "stream",
-             "format", "raw", "tools", "tool_choice", "parallel_tool_calls"} | _MODEL_KEYS
+             "format", "raw", "tools", "tool_choice", "parallel_tool_calls", "logprobs",
+             "top_logprobs"} | _MODEL_KEYS
 _CANONICAL = {"maxTokens": "max_tokens", "topP": "top_p"}
 
 
@@ -297,6 +308,8 @@ class PromptRequest:
             needs.add("json")
         if self.params.calls_tools:
             needs.add("tools")
+        if self.params.logprobs:
+            needs.add("logprobs")
         return frozenset(needs)
 
 
@@ -337,6 +350,30 @@ def parse_embed_params(params: Any) -> EmbedRequest:
         texts.append(text)
     model = params.get("model")
     return EmbedRequest(None if model is None else parse_model_name(model), tuple(texts))
+
+
+def token_logprobs(value: Any, top: bool = True) -> list[dict[str, Any]]:
+    """Token log probabilities as a backend reported them (OpenAI's shape),
+    kept to ``{token, logprob, bytes, top_logprobs}`` with checked types;
+    entries that are not such are dropped."""
+    out: list[dict[str, Any]] = []
+    if not isinstance(value, list):
+        return out
+    for item in value:
+        if not isinstance(item, dict) or not isinstance(item.get("token"), str):
+            continue
+        logprob = item.get("logprob")
+        if isinstance(logprob, bool) or not isinstance(logprob, int | float):
+            continue
+        raw = item.get("bytes")
+        entry: dict[str, Any] = {
+            "token": item["token"], "logprob": float(logprob),
+            "bytes": [b for b in raw if type(b) is int and 0 <= b < 256]
+            if isinstance(raw, list) else None}
+        if top:
+            entry["top_logprobs"] = token_logprobs(item.get("top_logprobs"), top=False)
+        out.append(entry)
+    return out
 
 
 def _fail(field: str, problem: str) -> InvalidParams:
@@ -654,6 +691,20 @@ def parse_prompt_params(params: Any, limits: ParamLimits | None = None) -> Promp
         _raise("tools", "not with raw: a raw completion calls no tools")
     if tools and choice != "none" and fmt is not None:
         _raise("tools", "not with format: give tools or an output format, not both")
+    logprobs = params.get("logprobs", False)
+    if logprobs is None:
+        logprobs = False
+    if not isinstance(logprobs, bool):
+        _raise("logprobs", f"must be true or false, got {_show(logprobs)}")
+    top = 0
+    if params.get("top_logprobs") is not None:
+        top = _integer(params["top_logprobs"], "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        if top and not logprobs:
+            _raise("top_logprobs", "needs logprobs: true")
+    if logprobs and raw:
+        _raise("logprobs", "not with raw (ask through chat messages)")
+    if logprobs and tools and choice != "none":
+        _raise("logprobs", "not with tools: a tool call's tokens are not the answer's")
     return PromptRequest(
         model=model,
         messages=messages,
@@ -668,6 +719,8 @@ def parse_prompt_params(params: Any, limits: ParamLimits | None = None) -> Promp
             tools=tools,
             tool_choice=choice,
             parallel_tool_calls=parallel,
+            logprobs=logprobs,
+            top_logprobs=top,
         ),
         use_cache=use_cache,
         stream=stream,

@@ -238,7 +238,7 @@ def test_the_sdk_and_the_cli_ask_for_json(swarm: BackgroundSwarm, tmp_path: Path
         assert info.value.data == {"capability": "json", "model": FAKE_NAME}
         listed = {m["name"]: m["capabilities"] for m in client.models()}
         assert listed == {FAKE_NAME: ["chat", "complete"],
-                          "smollm2": ["chat", "complete", "json", "tools"]}
+                          "smollm2": ["chat", "complete", "json", "logprobs", "tools"]}
 
     CredentialStore().save(Credentials(bootstrap=[swarm.addr], username="sam",
                                        api_key=user["api_key"], api_key_id=user["key_id"]))

@@ -48,6 +48,10 @@ async def test_the_openai_package_lists_chats_and_streams(tmp_path: Path,
                 out["three"] = client.chat.completions.create(
                     model="fake", messages=[{"role": "user", "content": "Say hello"}],
                     max_tokens=4, n=3, seed=1)
+                out["three_streamed"] = list(client.chat.completions.create(
+                    model="fake", messages=[{"role": "user", "content": "Say hello"}],
+                    max_tokens=4, n=3, seed=1, stream=True,
+                    stream_options={"include_usage": True}))
                 chunks = list(client.chat.completions.create(
                     model="fake", messages=[{"role": "user", "content": "Say hello"}],
                     max_tokens=4, temperature=0, stream=True,
@@ -113,6 +117,18 @@ async def test_the_openai_package_lists_chats_and_streams(tmp_path: Path,
     assert len({c.message.content for c in three.choices}) > 1
     assert three.usage.completion_tokens == 12
     assert three.usage.prompt_tokens == 3 * (2 + 3)  # "Say hello" + the template, thrice
+    # streamed: the three choices interleaved, each chunk naming its index;
+    # the same seeds, so the same answers as whole
+    streamed: dict[int, str] = {0: "", 1: "", 2: ""}
+    finished: dict[int, str] = {}
+    for chunk in got["three_streamed"]:
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert [streamed[i] for i in range(3)] == [c.message.content for c in three.choices]
+    assert finished == {0: "length", 1: "length", 2: "length"}
+    assert got["three_streamed"][-1].usage.completion_tokens == 12
 
 
 async def test_openai_dialect_over_http(tmp_path: Path, nursery: trio.Nursery) -> None:

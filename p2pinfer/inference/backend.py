@@ -56,9 +56,12 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class TextChunk:
-    """A piece of the answer, in order. Usually one token's text."""
+    """A piece of the answer, in order. Usually one token's text; with
+    ``logprobs`` asked, the log probabilities of the tokens it holds
+    (``{token, logprob, bytes, top_logprobs}`` each, OpenAI's shape)."""
 
     text: str
+    logprobs: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)

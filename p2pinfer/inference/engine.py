@@ -287,7 +287,7 @@ class InferenceEngine:
                 raise missing_capability(model.name, needed)
         key = None
         if self.cache is not None and request.use_cache and params.deterministic \
-                and not params.calls_tools:
+                and not params.calls_tools and not params.logprobs:
             key = cache_key(model.name, request.messages, params)
             answer = self.cache.get(key)
             if answer is not None:

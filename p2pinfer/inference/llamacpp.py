@@ -75,7 +75,7 @@ from .backend import (
     StreamEvent,
     TextChunk,
 )
-from .openai import chat_request_body, completion_request_body
+from .openai import chat_request_body, choice_logprobs, completion_request_body
 from .remote import error_for_status, translate_http_error
 from .runner import (
     RunnerFailed,
@@ -219,7 +219,7 @@ class LlamaCppBackend(Backend):
     kind = "llamacpp"
     # JSON output: llama-server turns the schema into a grammar that
     # constrains sampling, so the answer always parses
-    capabilities = frozenset({"chat", "json", "complete", "tools"})
+    capabilities = frozenset({"chat", "json", "complete", "tools", "logprobs"})
 
     def __init__(self, name: str, options: LlamaCppOptions) -> None:
         super().__init__(name, slots=options.slots)
@@ -555,6 +555,10 @@ class LlamaCppBackend(Backend):
             # llama-server reads json_object as any JSON value; OpenAI's
             # json_object is an object
             body["response_format"] = {"type": "json_object", "schema": {"type": "object"}}
+        if params.logprobs:
+            # llama-server reports no log probability at all without an
+            # alternative to rank it among (the extra ones are dropped)
+            body["top_logprobs"] = max(1, params.top_logprobs)
         if params.tools or any(m.tool_calls or m.role == "tool" for m in request.messages):
             # tools in the generic form any template takes (see toolcalls)
             for key in ("tools", "tool_choice", "parallel_tool_calls"):
@@ -618,7 +622,7 @@ class LlamaCppBackend(Backend):
                     raise item
                 pending: StreamEvent | P2PInferError | None = None
                 if isinstance(item, TextChunk):
-                    text = item.text
+                    text, scores = item.text, item.logprobs
                     while True:
                         try:
                             nxt = recv.receive_nowait()
@@ -628,7 +632,8 @@ class LlamaCppBackend(Backend):
                             pending = nxt
                             break
                         text += nxt.text
-                    item = TextChunk(text) if text is not item.text else item
+                        scores += nxt.logprobs
+                    item = TextChunk(text, scores) if text is not item.text else item
                     last_chunk = trio.current_time()
                     yield item
                     if pending is None:
@@ -686,7 +691,8 @@ class LlamaCppBackend(Backend):
                 if response.status_code >= 400:
                     payload = await response.aread()
                     raise self._error_for(response, payload[:8192])
-                async for event in self._events(response, what, completion=raw):
+                top = request.params.top_logprobs if request.params.logprobs else None
+                async for event in self._events(response, what, completion=raw, top=top):
                     yield event
             finally:
                 with trio.CancelScope(shield=True):
@@ -696,12 +702,13 @@ class LlamaCppBackend(Backend):
             # runner exited between choosing it and sending.
             raise await self._lost(session, exc, what) from exc
 
-    async def _events(self, response: httpx.Response, what: str, *, completion: bool = False
-                      ) -> AsyncGenerator[StreamEvent, None]:
-        """The runner's server-sent events as our events. This runs once per
-        token, so it parses the raw bytes itself: llama-server writes each
-        event as ``data: <json>`` and a blank line (``\n\n``), unencoded
-        (the request asks for ``identity``)."""
+    async def _events(self, response: httpx.Response, what: str, *, completion: bool = False,
+                      top: int | None = None) -> AsyncGenerator[StreamEvent, None]:
+        """The runner's server-sent events as our events (with each token's
+        log probabilities and ``top`` alternatives if ``top`` is not None).
+        This runs once per token, so it parses the raw bytes itself:
+        llama-server writes each event as ``data: <json>`` and a blank line
+        (``\n\n``), unencoded (the request asks for ``identity``)."""
         finish: str | None = None
         usage: dict[str, Any] | None = None
         buf = b""
@@ -743,7 +750,8 @@ class LlamaCppBackend(Backend):
                             if not isinstance(content, str):
                                 raise MalformedBackendResponse(
                                     f"{what}: the answer is not text")
-                            yield TextChunk(content)
+                            yield TextChunk(content, choice_logprobs(choice, top)
+                                            if top is not None else ())
                         reason = choice.get("finish_reason")
                         if reason and isinstance(reason, str):
                             finish = reason[:32]

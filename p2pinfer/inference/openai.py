@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from ..errors import BackendError, MalformedBackendResponse
+from ..prompts import token_logprobs
 from .backend import (
     GenerationRequest,
     GenerationResult,
@@ -33,7 +34,8 @@ from .backend import (
 from .remote import HttpBackend, SSEDecoder, parse_json_line
 from .toolcalls import ToolCallDeltas
 
-__all__ = ["DEFAULT_OPENAI_URL", "OpenAIBackend", "chat_request_body", "completion_request_body"]
+__all__ = ["DEFAULT_OPENAI_URL", "OpenAIBackend", "chat_request_body", "choice_logprobs",
+           "completion_request_body"]
 
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
 
@@ -60,6 +62,9 @@ def chat_request_body(model: str, request: GenerationRequest) -> dict[str, Any]:
         body["response_format"] = {"type": "json_object"} if fmt.schema is None else {
             "type": "json_schema",
             "json_schema": {"name": fmt.name, "schema": fmt.schema, "strict": fmt.strict}}
+    if params.logprobs:
+        body["logprobs"] = True
+        body["top_logprobs"] = params.top_logprobs
     if params.tools:
         body["tools"] = [t.to_openai() for t in params.tools]
         body["tool_choice"] = params.tool_choice if params.forced_tool is None else {
@@ -89,6 +94,19 @@ def completion_request_body(model: str, request: GenerationRequest) -> dict[str,
     return body
 
 
+def choice_logprobs(choice: dict[str, Any], top: int) -> tuple[dict[str, Any], ...]:
+    """The token log probabilities of a streamed choice (``logprobs.content``),
+    with at most ``top`` alternatives each (llama-server sends 20 when asked
+    for none)."""
+    raw = choice.get("logprobs")
+    if not isinstance(raw, dict) or not raw.get("content"):
+        return ()
+    entries = token_logprobs(raw["content"])
+    for entry in entries:
+        entry["top_logprobs"] = entry["top_logprobs"][:top]
+    return tuple(entries)
+
+
 def _int(value: Any, what: str) -> int:
     if type(value) is not int or value < 0:
         raise MalformedBackendResponse(f"{what}: expected a token count, got {value!r}")
@@ -99,8 +117,8 @@ class OpenAIBackend(HttpBackend):
     """A model on an OpenAI-compatible server."""
 
     kind = "openai"
-    # response_format, legacy /completions and tools, passed on
-    capabilities = frozenset({"chat", "json", "complete", "tools"})
+    # response_format, legacy /completions, tools and logprobs, passed on
+    capabilities = frozenset({"chat", "json", "complete", "tools", "logprobs"})
 
     def __init__(
         self,
@@ -188,9 +206,11 @@ class OpenAIBackend(HttpBackend):
                                 calls.feed(delta["tool_calls"])
                         if content is not None and not isinstance(content, str):
                             raise MalformedBackendResponse(f"{what}: the answer is not text")
-                        if content:
+                        scores = (choice_logprobs(choice, request.params.top_logprobs)
+                                  if request.params.logprobs else ())
+                        if content or scores:
                             deltas += 1
-                            yield TextChunk(content)
+                            yield TextChunk(content or "", scores)
                         reason = choice.get("finish_reason")
                         if isinstance(reason, str) and reason:
                             finish = reason[:32]

@@ -10,7 +10,9 @@ other nodes, call a worker; users go through a gateway):
     ``tool_choice``, ``parallel_tool_calls``; or the
     sampling ones inside ``modelConfig``); a model without the capability a
     request needs refuses it with MissingCapability. Chunks:
-    ``{"delta": "<text>"}`` in generation order,
+    ``{"delta": "<text>"}`` in generation order (with ``logprobs`` asked,
+    ``{"delta", "logprobs": [{"token", "logprob", "bytes", "top_logprobs"}]}``,
+    the log probabilities of the chunk's tokens),
     usually one token each (tokens that wait while the stream is busy are
     merged, and so are a local model's tokens less than 50 ms apart, times
     the answers its runner is generating at once, at most 250 ms; a
@@ -189,7 +191,7 @@ class InferenceRole:
 
     @rpc_method("processPrompt", access=Access.MEMBER, grants=("gateway",))
     async def rpc_process_prompt(self, ctx: CallContext, params: Any
-                                 ) -> AsyncGenerator[dict[str, str], None]:
+                                 ) -> AsyncGenerator[dict[str, Any], None]:
         """Stream an answer to a prompt; the trailer carries usage and timing.
 
         Besides the prompt parameters, a gateway names the request's
@@ -205,6 +207,7 @@ class InferenceRole:
                                     data={"field": "share"})
         request = replace(parse_prompt_params(params, self.settings.limits), share=share)
         whole: list[str] | None = None if request.stream else []
+        scores: list[dict[str, Any]] = []
         async with aclosing(self.engine.generate(request)) as events:
             async for event in events:
                 if isinstance(event, Completion):
@@ -215,10 +218,13 @@ class InferenceRole:
                              event.latency * 1000, " (cached)" if event.cached else "")
                 elif whole is not None:
                     whole.append(event.text)
+                    scores.extend(event.logprobs)
+                elif event.logprobs:
+                    yield {"delta": event.text, "logprobs": list(event.logprobs)}
                 else:
                     yield {"delta": event.text}
-        if whole:  # a whole answer: one frame, and nothing sent before it is complete
-            yield {"delta": "".join(whole)}
+        if whole or scores:  # a whole answer: one frame, nothing sent before it is complete
+            yield {"delta": "".join(whole or ()), **({"logprobs": scores} if scores else {})}
 
     @rpc_method("embed", access=Access.MEMBER, grants=("gateway",))
     async def rpc_embed(self, ctx: CallContext, params: Any

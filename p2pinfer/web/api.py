@@ -53,7 +53,9 @@ __all__ = ["NdjsonDialect", "api_routes", "prepare_inference"]
 # Shape checks only: the worker applies its own limits.
 WEB_LIMITS = ParamLimits(max_tokens=1_000_000, max_messages=1024, max_prompt_chars=1_000_000)
 PROMPT_KEYS = ("prompt", "messages", "system", "model", "max_tokens", "maxTokens",
-               "temperature", "top_p", "topP", "stop", "seed", "cache", "modelConfig")
+               "temperature", "top_p", "topP", "stop", "seed", "cache", "modelConfig",
+               "format", "raw", "tools", "tool_choice", "parallel_tool_calls", "logprobs",
+               "top_logprobs")
 NO_STORE = {"Cache-Control": "no-store"}
 
 
@@ -65,8 +67,8 @@ class NdjsonDialect:
     def start(self) -> bytes:
         return b""
 
-    def delta(self, text: str) -> bytes:
-        return dumps({"delta": text}) + b"\n"
+    def delta(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> bytes:
+        return dumps({"delta": text, **({"logprobs": logprobs} if logprobs else {})}) + b"\n"
 
     def done(self, trailer: dict[str, Any]) -> bytes:
         return dumps({"done": True, **trailer}) + b"\n"
@@ -186,7 +188,8 @@ def api_routes(web: WebRole) -> list[Route]:
             text = await call.collect()
         finally:
             await call.aclose()
-        return JSONResponse({"text": text, **call.trailer}, headers=NO_STORE)
+        scores = {"logprobs": call.logprobs} if body.get("logprobs") else {}
+        return JSONResponse({"text": text, **call.trailer, **scores}, headers=NO_STORE)
 
     async def models(request: Request) -> Response:
         return JSONResponse({"models": await up.catalog.models(creds(request))})

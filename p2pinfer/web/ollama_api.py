@@ -214,7 +214,7 @@ class OllamaDialect:
     def start(self) -> bytes:
         return b""
 
-    def delta(self, text: str) -> bytes:
+    def delta(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> bytes:
         return dumps({"model": self.model, "created_at": _now(), **self._piece(text),
                       "done": False}) + b"\n"
 

@@ -81,7 +81,7 @@ def _common(body: dict[str, Any], extra: tuple[str, ...]) -> tuple[dict[str, Any
         if body.get(key) not in (None, 0, 0.0):
             raise _fail(key, "only 0 is supported")
     for key in FALSY_OK:
-        if body.get(key) not in (None, False, [], ""):
+        if key not in extra and body.get(key) not in (None, False, [], ""):
             raise _fail(key, "not supported")
     if body.get("best_of") not in (None, 1):
         raise _fail("best_of", "only 1 is supported")
@@ -89,8 +89,6 @@ def _common(body: dict[str, Any], extra: tuple[str, ...]) -> tuple[dict[str, Any
     n = body.get("n")
     if n is not None and (type(n) is not int or not 1 <= n <= MAX_CHOICES):
         raise _fail("n", f"must be an integer from 1 to {MAX_CHOICES}")
-    if n is not None and n > 1 and body.get("stream"):
-        raise _fail("n", "several choices are answered whole: with stream, n must be 1")
     params: dict[str, Any] = {}
     if body.get("model") is not None:
         params["model"] = body["model"]
@@ -209,7 +207,8 @@ def _tool_calls(value: Any, field: str) -> list[dict[str, Any]]:
 def chat_request(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
     """A chat completion body → (p2pinfer request, stream, include_usage)."""
     params, stream, include_usage = _common(
-        body, ("messages", "response_format", "tools", "tool_choice", "parallel_tool_calls"))
+        body, ("messages", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+               "logprobs", "top_logprobs"))
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _fail("messages", "must be a non-empty list")
@@ -239,6 +238,9 @@ def chat_request(body: dict[str, Any]) -> tuple[dict[str, Any], bool, bool]:
     for key in ("tool_choice", "parallel_tool_calls"):
         if body.get(key) is not None and body.get("tools"):
             params[key] = _tool_choice(body[key]) if key == "tool_choice" else body[key]
+    for key in ("logprobs", "top_logprobs"):
+        if body.get(key) not in (None, False):  # logprobs: false asks for nothing
+            params[key] = body[key]
     return params, stream, include_usage
 
 
@@ -300,14 +302,15 @@ class _SseDialect:
             obj["usage"] = None
         return _sse(obj)
 
-    def choice(self, text: str, finish: str | None) -> dict[str, Any]:
+    def choice(self, text: str, finish: str | None,
+               logprobs: list[dict[str, Any]] | None = None, index: int = 0) -> dict[str, Any]:
         raise NotImplementedError
 
-    def start(self) -> bytes:
+    def start(self, index: int = 0) -> bytes:
         return b""
 
-    def delta(self, text: str) -> bytes:
-        return self.chunk([self.choice(text, None)])
+    def delta(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> bytes:
+        return self.chunk([self.choice(text, None, logprobs)])
 
     def done(self, trailer: dict[str, Any]) -> bytes:
         if trailer.get("model"):
@@ -318,8 +321,29 @@ class _SseDialect:
             out += self.chunk([], usage=_usage(trailer))
         return out + b"data: [DONE]\n\n"
 
-    def calls(self, trailer: dict[str, Any]) -> bytes:
+    def calls(self, trailer: dict[str, Any], index: int = 0) -> bytes:
         return b""
+
+    # several choices streamed at once (n > 1), each chunk naming its index
+    def start_many(self, n: int) -> bytes:
+        return b"".join(self.start(i) for i in range(n))
+
+    def delta_at(self, index: int, text: str,
+                 logprobs: list[dict[str, Any]] | None = None) -> bytes:
+        return self.chunk([self.choice(text, None, logprobs, index)])
+
+    def done_many(self, trailers: list[dict[str, Any]]) -> bytes:
+        if trailers and trailers[0].get("model"):
+            self.model = str(trailers[0]["model"])
+        out = b""
+        for index, trailer in enumerate(trailers):
+            out += self.calls(trailer, index)
+            out += self.chunk([self.choice("", _finish(trailer.get("finish_reason")),
+                                           None, index)])
+        if self.include_usage:  # every choice's tokens: each ran on its own
+            usage = [_usage(t) for t in trailers]
+            out += self.chunk([], usage={k: sum(u[k] for u in usage) for k in usage[0]})
+        return out + b"data: [DONE]\n\n"
 
     def error(self, err: P2PInferError) -> bytes:
         return _sse(openai_error_body(err))
@@ -330,20 +354,22 @@ class ChatDialect(_SseDialect):
 
     object_name = "chat.completion.chunk"
 
-    def choice(self, text: str, finish: str | None) -> dict[str, Any]:
+    def choice(self, text: str, finish: str | None,
+               logprobs: list[dict[str, Any]] | None = None, index: int = 0) -> dict[str, Any]:
         delta = {"content": text} if finish is None else {}
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        scores = {"content": logprobs, "refusal": None} if logprobs else None
+        return {"index": index, "delta": delta, "logprobs": scores, "finish_reason": finish}
 
-    def start(self) -> bytes:
-        return self.chunk([{"index": 0, "delta": {"role": "assistant", "content": ""},
+    def start(self, index: int = 0) -> bytes:
+        return self.chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                             "logprobs": None, "finish_reason": None}])
 
-    def calls(self, trailer: dict[str, Any]) -> bytes:
+    def calls(self, trailer: dict[str, Any], index: int = 0) -> bytes:
         """The calls, each whole in one delta (clients join deltas by index)."""
         calls = openai_tool_calls(trailer, indexed=True)
         if not calls:
             return b""
-        return self.chunk([{"index": 0, "delta": {"tool_calls": calls}, "logprobs": None,
+        return self.chunk([{"index": index, "delta": {"tool_calls": calls}, "logprobs": None,
                             "finish_reason": None}])
 
 
@@ -352,8 +378,9 @@ class CompletionDialect(_SseDialect):
 
     object_name = "text_completion"
 
-    def choice(self, text: str, finish: str | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+    def choice(self, text: str, finish: str | None,
+               logprobs: list[dict[str, Any]] | None = None, index: int = 0) -> dict[str, Any]:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
 
 
 def embedding_request(body: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -387,6 +414,14 @@ def _vector(values: list[float], encoding: str) -> Any:
     return base64.b64encode(struct.pack(f"<{len(values)}f", *values)).decode("ascii")
 
 
+def _choice_params(params: dict[str, Any], index: int) -> dict[str, Any]:
+    """Choice ``index`` of n: with a seed, seed + index, so that the choices
+    are reproducible, not identical."""
+    if index and isinstance(params.get("seed"), int):
+        return {**params, "seed": (params["seed"] + index) % (MAX_SEED + 1)}
+    return params
+
+
 def _model_object(model: dict[str, Any]) -> dict[str, Any]:
     # created: the model file's time on its worker (the earliest of its
     # workers'), or when the worker first served it
@@ -397,7 +432,7 @@ def _model_object(model: dict[str, Any]) -> dict[str, Any]:
 
 def openai_routes(web: WebRole) -> list[Route]:
     """The ``/v1`` routes of ``web``."""
-    from .streaming import StreamResponse
+    from .streaming import MultiStreamResponse, StreamResponse
 
     up = web.upstream
 
@@ -424,19 +459,28 @@ def openai_routes(web: WebRole) -> list[Route]:
         ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         requested = str(params.get("model") or body.get("model") or "default")
         dialect = (ChatDialect if chat else CompletionDialect)(ident, requested, include_usage)
-        if stream:
+        choices_n = int(body.get("n") or 1)
+        if stream and choices_n == 1:
             call = await up.inference(params, auth, stream=stream)
             return StreamResponse(call, dialect)
-        answers: list[tuple[str, dict[str, Any]]] = [("", {})] * int(body.get("n") or 1)
+        if stream:  # n choices streamed at once, each chunk naming its index
+            calls: list[Any] = []
+            try:
+                for index in range(choices_n):
+                    calls.append(await up.inference(_choice_params(params, index), auth))
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    for opened in calls:
+                        await opened.aclose()
+                raise
+            return MultiStreamResponse(calls, dialect)
+        answers: list[tuple[str, dict[str, Any], list[dict[str, Any]]]] = \
+            [("", {}, [])] * int(body.get("n") or 1)
 
         async def answer(index: int) -> None:
-            asked = params
-            if index and isinstance(params.get("seed"), int):
-                # a seed makes the choices reproducible, not identical
-                asked = {**params, "seed": (params["seed"] + index) % (MAX_SEED + 1)}
-            call = await up.inference(asked, auth, stream=False)
+            call = await up.inference(_choice_params(params, index), auth, stream=False)
             try:
-                answers[index] = (await call.collect(), call.trailer)
+                answers[index] = (await call.collect(), call.trailer, call.logprobs)
             finally:
                 await call.aclose()
 
@@ -452,7 +496,7 @@ def openai_routes(web: WebRole) -> list[Route]:
                 failed = failed.exceptions[0]
             raise failed from None
         choices: list[dict[str, Any]] = []
-        for index, (text, trailer) in enumerate(answers):
+        for index, (text, trailer, scores) in enumerate(answers):
             finish = _finish(trailer.get("finish_reason"))
             message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
             calls = openai_tool_calls(trailer)
@@ -461,11 +505,12 @@ def openai_routes(web: WebRole) -> list[Route]:
                 message["content"] = text or None
             choices.append(
                 {"index": index, "message": message,
-                 "logprobs": None, "finish_reason": finish} if chat else
+                 "logprobs": {"content": scores, "refusal": None} if params.get("logprobs")
+                 else None, "finish_reason": finish} if chat else
                 {"index": index, "text": text, "logprobs": None, "finish_reason": finish})
         first = answers[0][1]
         usage = _usage(first)
-        for _, trailer in answers[1:]:  # every choice's tokens: each ran on its own
+        for _, trailer, _ in answers[1:]:  # every choice's tokens: each ran on its own
             more = _usage(trailer)
             usage = {k: usage[k] + more[k] for k in usage}
         return JSONResponse({
@@ -473,7 +518,7 @@ def openai_routes(web: WebRole) -> list[Route]:
             "created": dialect.created, "model": str(first.get("model") or requested),
             "choices": choices, "usage": usage, "system_fingerprint": None,
         }, headers={"X-Request-Id": ",".join(str(t.get("request_id") or "")
-                                             for _, t in answers)})
+                                             for _, t, _ in answers)})
 
     async def chat_completions(request: Request) -> Response:
         return await complete(request, chat=True)

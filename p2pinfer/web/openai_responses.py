@@ -268,7 +268,7 @@ class ResponsesDialect:
         return (self._event("response.created", response=self._response("in_progress"))
                 + self._event("response.in_progress", response=self._response("in_progress")))
 
-    def delta(self, text: str) -> bytes:
+    def delta(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> bytes:
         out = b""
         if not self.text:  # the message item opens with its first text
             out += self._event("response.output_item.added", output_index=0,

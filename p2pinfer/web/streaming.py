@@ -24,7 +24,7 @@ from ..errors import P2PInferError
 from .responses import as_error
 from .upstream import InferenceCall
 
-__all__ = ["Dialect", "StreamResponse"]
+__all__ = ["Dialect", "MultiDialect", "MultiStreamResponse", "StreamResponse"]
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +36,20 @@ class Dialect(Protocol):
 
     def start(self) -> bytes: ...
 
-    def delta(self, text: str) -> bytes: ...
+    def delta(self, text: str, logprobs: list[dict[str, Any]] | None = None) -> bytes: ...
 
     def done(self, trailer: dict[str, Any]) -> bytes: ...
 
     def error(self, err: P2PInferError) -> bytes: ...
+
+
+async def _watch_disconnect(receive: Any, scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` when the HTTP client goes away."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
 
 
 class StreamResponse(Response):
@@ -62,7 +71,7 @@ class StreamResponse(Response):
             await send({"type": "http.response.start", "status": self.status_code,
                         "headers": self.raw_headers})
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope)
+                nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope)
                 await self._write(send)
                 nursery.cancel_scope.cancel()
         except Exception as exc:
@@ -72,12 +81,6 @@ class StreamResponse(Response):
         finally:
             await self.call.aclose()
 
-    async def _watch_disconnect(self, receive: Any, scope: trio.CancelScope) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                scope.cancel()
-                return
 
     async def _write(self, send: Any) -> None:
         async def body(data: bytes, more: bool = True) -> None:
@@ -88,8 +91,8 @@ class StreamResponse(Response):
             if opening:
                 await body(opening)
             async for text in self.call:
-                if text:
-                    await body(self.dialect.delta(text))
+                if text or self.call.chunk_logprobs:
+                    await body(self.dialect.delta(text, self.call.chunk_logprobs))
         except (trio.Cancelled, OSError):
             raise
         except Exception as exc:
@@ -100,3 +103,83 @@ class StreamResponse(Response):
             return
         self.outcome = "success"
         await body(self.dialect.done(self.call.trailer), more=False)
+
+
+class MultiDialect(Protocol):
+    """How a dialect writes several answers streamed as one (OpenAI's ``n``)."""
+
+    media_type: str
+
+    def start_many(self, n: int) -> bytes: ...
+
+    def delta_at(self, index: int, text: str,
+                 logprobs: list[dict[str, Any]] | None = None) -> bytes: ...
+
+    def done_many(self, trailers: list[dict[str, Any]]) -> bytes: ...
+
+    def error(self, err: P2PInferError) -> bytes: ...
+
+
+class MultiStreamResponse(Response):
+    """Streams several calls at once through ``dialect``, their pieces in the
+    order they arrive, each marked with its call's index; ends once all
+    have. A call that fails ends the whole stream with its error (and the
+    others are cancelled); a client that goes away cancels them all."""
+
+    def __init__(self, calls: list[InferenceCall], dialect: MultiDialect) -> None:
+        super().__init__(content=None, status_code=200, media_type=dialect.media_type,
+                         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
+        self.calls = calls
+        self.dialect = dialect
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def body(data: bytes, more: bool = True) -> None:
+            await send({"type": "http.response.body", "body": data, "more_body": more})
+
+        try:
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope)
+                await self._write(body)
+                nursery.cancel_scope.cancel()
+        except Exception as exc:
+            log.debug("streaming to the client stopped: %r", exc)
+        finally:
+            with trio.CancelScope(shield=True):
+                for call in self.calls:
+                    await call.aclose()
+
+    async def _write(self, body: Any) -> None:
+        send, recv = trio.open_memory_channel[tuple[int, str, Any]](len(self.calls) * 4)
+
+        async def read(index: int, call: InferenceCall) -> None:
+            async for text in call:
+                if text or call.chunk_logprobs:
+                    await send.send((index, text, call.chunk_logprobs))
+
+        failed: list[Exception] = []
+
+        async def read_all() -> None:
+            try:
+                async with trio.open_nursery() as readers:
+                    for index, call in enumerate(self.calls):
+                        readers.start_soon(read, index, call)
+            except Exception as exc:  # the first call's error ends them all
+                failed.append(exc)
+            finally:
+                send.close()
+
+        await body(self.dialect.start_many(len(self.calls)))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_all)
+            async for index, text, scores in recv:
+                await body(self.dialect.delta_at(index, text, scores))
+        if failed:
+            err: BaseException = failed[0]
+            while isinstance(err, BaseExceptionGroup):
+                err = err.exceptions[0]
+            await body(self.dialect.error(as_error(err)), more=False)
+            return
+        await body(self.dialect.done_many([call.trailer for call in self.calls]), more=False)

@@ -63,6 +63,10 @@ class InferenceCall:
         self.gateway = gateway
         self.trailer: dict[str, Any] = dict(stream.trailer or {}) if first is _END else {}
         self.started = trio.current_time()
+        #: the log probabilities of the last chunk's tokens (None: not asked),
+        #: and of every token so far
+        self.chunk_logprobs: list[dict[str, Any]] | None = None
+        self.logprobs: list[dict[str, Any]] = []
 
     def __aiter__(self) -> InferenceCall:
         return self
@@ -72,12 +76,19 @@ class InferenceCall:
             first, self._first = self._first, None
             if first is _END:
                 raise StopAsyncIteration
-            return _delta(first)
+            return self._take(first)
         try:
             chunk = await self._stream.__anext__()
         except StopAsyncIteration:
             self.trailer = dict(self._stream.trailer or {})
             raise
+        return self._take(chunk)
+
+    def _take(self, chunk: Any) -> str:
+        scores = chunk.get("logprobs") if isinstance(chunk, dict) else None
+        self.chunk_logprobs = scores if isinstance(scores, list) and scores else None
+        if self.chunk_logprobs:
+            self.logprobs.extend(self.chunk_logprobs)
         return _delta(chunk)
 
     async def collect(self) -> str:
