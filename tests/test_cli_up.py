@@ -97,6 +97,11 @@ def test_up_then_prompt_from_another_process() -> None:
             check=True).stdout)
         assert data["model"] == "smollm2" and data["text"] == answer.stdout.rstrip("\n")
         assert data["usage"]["completion_tokens"] >= 3
+        # and the embedding model beside it, for RAG clients
+        assert "serving all-minilm, smollm2" in up.stderr
+        vectors = subprocess.run([P2PINFER, "embed", "a cat", "a kitten"], env=env,
+                                 capture_output=True, text=True, timeout=60, check=True)
+        assert [len(json.loads(line)) for line in vectors.stdout.splitlines()] == [384, 384]
 
         # the demo user is on the premium tier (a local tool is not throttled
         # within minutes), and the banner's command to change it works

@@ -35,6 +35,12 @@ from .test_web_support import web_swarm
 
 CAT, KITTEN, MARKET = ("The cat sits on the mat.", "A kitten is resting on a rug.",
                        "Stock markets fell sharply today.")
+# a fixed set of paraphrase pairs: each sentence's nearest other sentence
+# must be its paraphrase
+PAIRS = [("How do I reset my password?", "I forgot my password and need a new one."),
+         ("The train to Paris leaves at noon.", "At 12 o'clock the Paris train departs."),
+         ("This soup is far too salty.", "There is way too much salt in the soup."),
+         ("The server crashed during the night.", "Overnight, the machine went down.")]
 MINILM = {"name": "all-minilm", "backend": "onnx"}
 
 
@@ -96,6 +102,10 @@ async def test_openai_and_ollama_clients_embed(tmp_path: Path, nursery: trio.Nur
                                                         encoding_format="float")
                 out["embed"] = oll.embed(model="all-minilm", input=[MARKET, CAT])
                 out["embeddings"] = oll.embeddings(model="all-minilm:latest", prompt=KITTEN)
+                try:  # a chat model, in Ollama's error shape
+                    oll.embed(model="smollm2", input="x")
+                except ollama.ResponseError as exc:
+                    out["ollama_refused"] = exc
                 for call in (
                     lambda: client.embeddings.create(model="smollm2", input="x"),
                     lambda: client.embeddings.create(model="all-minilm", input=[[1, 2]]),
@@ -140,6 +150,8 @@ async def test_openai_and_ollama_clients_embed(tmp_path: Path, nursery: trio.Nur
     assert got["embed"].prompt_eval_count > 0
     assert dot(list(got["embeddings"].embedding), kitten) > 0.9999
 
+    refused = got["ollama_refused"]
+    assert refused.status_code == 400 and "cannot do embeddings" in refused.error
     chat_model, tokens, dims, unknown, not_chat = got["errors"]
     assert chat_model.status_code == 400 and chat_model.body["code"] == "missing_capability"
     assert "embeddings" in chat_model.body["message"]
@@ -171,6 +183,12 @@ def test_the_sdk_and_the_cli_embed(swarm: BackgroundSwarm) -> None:
         check_vectors(result.vectors, 2)
         assert result.model == "all-minilm" and result.usage["prompt_tokens"] > 0
         assert result.worker
+        texts = [t for pair in PAIRS for t in pair]
+        ranked = client.embed(texts).vectors
+        for i, v in enumerate(ranked):
+            nearest = max((j for j in range(len(texts)) if j != i),
+                          key=lambda j: dot(v, ranked[j]))
+            assert nearest == i ^ 1, (texts[i], texts[nearest])  # its own pair
         with pytest.raises(errors.MissingCapability) as info:
             client.embed("x", model="fake")
         assert info.value.data == {"capability": "embed", "model": "fake"}

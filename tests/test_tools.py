@@ -289,6 +289,10 @@ async def test_openai_and_ollama_clients_call_tools_on_the_embedded_model(
                                                    tools=tools)
                 except openai.APIStatusError as exc:
                     out["refused"] = exc
+                try:  # the same refusal in Ollama's shape
+                    oll.chat(model="fake", messages=ask_weather, tools=[as_openai(WEATHER)])
+                except ollama.ResponseError as exc:
+                    out["ollama_refused"] = exc
                 return out
 
             got = await trio.to_thread.run_sync(session)
@@ -328,6 +332,8 @@ async def test_openai_and_ollama_clients_call_tools_on_the_embedded_model(
     refused = got["refused"]
     assert refused.status_code == 400 and refused.body["code"] == "missing_capability"
     assert "tool calls" in refused.body["message"]
+    ollama_refused = got["ollama_refused"]
+    assert ollama_refused.status_code == 400 and "tool calls" in ollama_refused.error
 
 
 def test_the_sdk_and_the_cli_call_tools(swarm: BackgroundSwarm,  # noqa: F811
