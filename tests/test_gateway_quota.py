@@ -1,6 +1,9 @@
-"""The quota coordinator's bookkeeping (sans-IO, no sockets)."""
+"""The quota coordinator's bookkeeping (sans-IO, no sockets), and its client side
+against a stand-in coordinator."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -179,3 +182,59 @@ async def test_the_coordinator_list_follows_membership_changes() -> None:
     quota._gateways = (stamp, 0.0, found)  # GATEWAYS_TTL has passed
     assert quota.gateways() == ["g-a", "g-b"]
     assert coordinator.GATEWAYS_TTL <= 5
+
+
+def test_a_named_ticket_is_counted_once_and_can_be_returned_before_it_is_granted() -> None:
+    """A gateway names its tickets: asking again with the same name (its
+    connection broke under the first ask) gets the same ticket, counted
+    once; a name it returned before the grant arrived (it gave up waiting)
+    is never granted; only the holder can return a ticket."""
+    book = QuotaBook()
+    limits = Limits(requests_per_window=100, concurrent_per_key=4)
+    first = book.acquire("u", "k", limits, holder="gw-a", now=T0, ticket_id="gw-a/1")
+    again = book.acquire("u", "k", limits, holder="gw-a", now=T0, ticket_id="gw-a/1")
+    assert again is first and book.held() == 1 and book.usage("u", now=T0)["requests"] == 1
+    assert not book.release("gw-a/1", holder="gw-b")  # not gw-b's
+    assert book.release("gw-a/1", holder="gw-a") and book.held() == 0
+    assert not book.release("gw-a/2", now=T0)  # given up on before it was granted
+    with pytest.raises(errors.InvalidParams):
+        book.acquire("u", "k", limits, holder="gw-a", now=T0 + 1, ticket_id="gw-a/2")
+    assert book.held() == 0 and book.usage("u", now=T0)["requests"] == 1
+    book.expire(T0 + 901)  # the name is forgotten with the tickets of its time
+    assert not book.released_early
+
+
+async def test_a_gateway_returns_the_ticket_it_gave_up_waiting_for(
+        nursery: Any) -> None:
+    """A coordinator too slow to answer may still grant the ticket: the
+    gateway fails over and returns that ticket by name at once, instead of
+    leaving a concurrency slot taken until the ticket expires (15 min)."""
+    from types import SimpleNamespace
+
+    import trio
+
+    from p2pinfer.gateway.coordinator import QuotaService
+
+    calls: list[tuple[str, str, Any]] = []
+
+    async def call(peer: str, method: str, params: Any) -> Any:
+        calls.append((peer, method, params))
+        if method == "quota.acquire":
+            await trio.sleep(10)  # granted, but the answer comes too late
+        return {"released": True}
+
+    members = [SimpleNamespace(peer_id="g-b", roles=frozenset({"gateway"}),
+                               active=lambda now: True)]
+    ledger = SimpleNamespace(store=SimpleNamespace(credentials_version=1),
+                             members=lambda: members)
+    node = SimpleNamespace(peer_id="g-a", ledger=ledger, rpc=SimpleNamespace(call=call))
+    quota = QuotaService(node, timeout=0.2)
+    await nursery.start(quota.run)
+    user = next(u for u in (f"user-{i}" for i in range(100))
+                if quota.order(u)[0] == "g-b")  # one that g-b coordinates
+    lease = await quota.acquire(user, "k", Limits(requests_per_window=10))
+    assert lease.coordinator == "g-a" and quota.failovers == 1  # failed over
+    await trio.sleep(0.1)
+    (asked,) = [p for _, m, p in calls if m == "quota.acquire"]
+    (returned,) = [(peer, p) for peer, m, p in calls if m == "quota.release"]
+    assert returned == ("g-b", {"ticket": f"g-a/{asked['ticket']}", "tokens": 0})

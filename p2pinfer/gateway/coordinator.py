@@ -4,8 +4,15 @@ overshoot bound).
 
 RPC methods (member-only, served by every gateway):
 
-    quota.acquire {user_id, key_id, limits}  -> {ticket, coordinator, usage}
+    quota.acquire {user_id, key_id, limits, ticket?}  -> {ticket, coordinator}
     quota.release {ticket, tokens}           -> {released: bool}
+
+The calling gateway names each ticket (``ticket``, 24 hex digits; the
+coordinator prefixes the caller's peer id, so no gateway can name another's).
+An acquire asked again after its connection broke gets the same ticket,
+counted once; one the gateway gave up waiting for (a slow coordinator) is
+released by name at once instead of holding a concurrency slot until it
+expires, and if the release overtakes the acquire, the acquire is refused.
     quota.usage   {user_id}                  -> {requests, tokens, window_start, reset}
 """
 
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +37,7 @@ __all__ = ["Lease", "QuotaService"]
 log = logging.getLogger(__name__)
 
 _ID = re.compile(r"^[A-Za-z0-9:_.-]{1,64}$")
+_NAME = re.compile(r"^[0-9a-f]{24}$")
 COORDINATOR_COOLDOWN = 5.0
 GATEWAYS_TTL = 1.0
 
@@ -39,6 +48,11 @@ class Lease:
 
     ticket: str
     coordinator: str
+
+
+def _ticket_key(holder: str, name: str) -> str:
+    """A ticket's id in the book: no gateway can name another's."""
+    return f"{holder}/{name}"
 
 
 def _id(params: dict[str, Any], key: str, *, optional: bool = False) -> str | None:
@@ -59,6 +73,7 @@ class QuotaService:
         self.book = QuotaBook(seed=self._seed)
         self._down: dict[str, float] = {}
         self.failovers = 0
+        self._nursery: trio.Nursery | None = None
         # (ledger stamp, good until, gateways); user id -> rendezvous order
         self._gateways: tuple[tuple[Any, int], float, list[str]] | None = None
         self._ranked: LRUCache[str, list[str]] = LRUCache(10_000)
@@ -127,7 +142,9 @@ class QuotaService:
             if peer == self.node.peer_id:
                 ticket = self.book.acquire(user_id, key_id, limits, holder=self.node.peer_id)
                 return Lease(ticket.id, peer)
-            params = {"user_id": user_id, "key_id": key_id, "limits": limits.to_wire()}
+            name = secrets.token_hex(12)
+            params = {"user_id": user_id, "key_id": key_id, "limits": limits.to_wire(),
+                      "ticket": name}
             try:
                 with trio.fail_after(self.timeout):
                     try:
@@ -146,8 +163,14 @@ class QuotaService:
                 self._down[peer] = trio.current_time() + COORDINATOR_COOLDOWN
                 self.failovers += 1
                 last = exc
+                # it may have granted the ticket all the same: return it
+                self._release_later(Lease(_ticket_key(self.node.peer_id, name), peer))
         raise NoWorkerAvailable("no quota coordinator reachable",
                                 data={"retry_after": 2.0}) from last
+
+    def _release_later(self, lease: Lease) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(self.release, lease, 0)
 
     async def release(self, lease: Lease, tokens: int) -> None:
         """Return a ticket (never raises: an unreturned ticket expires)."""
@@ -183,7 +206,12 @@ class QuotaService:
         key_id = _id(params, "key_id")
         assert user_id is not None and key_id is not None
         limits = Limits.from_wire(params.get("limits"))
-        ticket = self.book.acquire(user_id, key_id, limits, holder=ctx.peer_id)
+        name = params.get("ticket")
+        if name is not None and (not isinstance(name, str) or not _NAME.match(name)):
+            raise InvalidParams("ticket: must be 24 hex digits", data={"field": "ticket"})
+        ticket = self.book.acquire(user_id, key_id, limits, holder=ctx.peer_id,
+                                   ticket_id=None if name is None
+                                   else _ticket_key(ctx.peer_id, name))
         return {"ticket": ticket.id, "coordinator": self.node.peer_id}
 
     @rpc_method("quota.release", access=Access.MEMBER, grants=("gateway",))
@@ -192,12 +220,12 @@ class QuotaService:
             raise InvalidParams("params: must be a map")
         ticket = params.get("ticket")
         tokens = params.get("tokens", 0)
-        if not isinstance(ticket, str) or len(ticket) > 64:
+        if not isinstance(ticket, str) or len(ticket) > 128:
             raise InvalidParams("ticket: must be a ticket id", data={"field": "ticket"})
         if type(tokens) is not int or not 0 <= tokens <= 10**9:
             raise InvalidParams("tokens: must be a non-negative integer",
                                 data={"field": "tokens"})
-        return {"released": self.book.release(ticket, tokens)}
+        return {"released": self.book.release(ticket, tokens, holder=ctx.peer_id)}
 
     @rpc_method("quota.usage", access=Access.MEMBER, grants=("gateway",))
     async def rpc_usage(self, ctx: CallContext, params: Any) -> dict[str, Any]:
@@ -208,8 +236,10 @@ class QuotaService:
         return self.book.usage(user_id)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Expire abandoned tickets."""
-        task_status.started()
-        while True:
-            await trio.sleep(5)
-            self.book.expire(time.time())
+        """Expire abandoned tickets; return the ones given up on."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                await trio.sleep(5)
+                self.book.expire(time.time())

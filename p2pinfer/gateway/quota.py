@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 
 WINDOW_SECONDS = 3600
 DEFAULT_TICKET_TTL = 900.0
+# unknown ticket ids remembered at most (see QuotaBook.release)
+MAX_RELEASED_EARLY = 65_536
 MAX_TRACKED_WINDOWS = 2
 
 
@@ -145,6 +147,9 @@ class QuotaBook:
     in_flight: dict[str, int] = field(default_factory=dict)
     user_in_flight: dict[str, int] = field(default_factory=dict)
     tickets: dict[str, Ticket] = field(default_factory=dict)
+    # ids released before they were granted (a caller that gave up on its
+    # acquire): until then, an acquire with such an id is not granted
+    released_early: dict[str, float] = field(default_factory=dict)
     granted: int = 0
     denied: int = 0
 
@@ -177,15 +182,30 @@ class QuotaBook:
         holder: str,
         now: float | None = None,
         ttl: float = DEFAULT_TICKET_TTL,
+        ticket_id: str | None = None,
     ) -> Ticket:
         """Admit one request or raise the limit error that applies.
 
+        ``ticket_id``: the id the caller chose, so that it can return a
+        ticket it gave up waiting for. Asking again with the same id (a
+        call repeated after its connection broke) returns the same ticket,
+        counted once.
+
         Raises:
+            InvalidParams: ``ticket_id`` was released already (its caller
+                gave up on this acquire and is not listening).
             RateLimited: requests per window for the user or the key.
             QuotaExceeded: tokens per window for the user.
             ConcurrencyLimited: requests in flight for the key or the user.
         """
         now = time.time() if now is None else now
+        if ticket_id is not None:
+            held = self.tickets.get(ticket_id)
+            if held is not None:
+                return held
+            if ticket_id in self.released_early:
+                raise InvalidParams("ticket: released before it was granted",
+                                    data={"field": "ticket"})
         window = self.window_of(now)
         reset = self.reset_at(window)
         retry = max(1.0, math.ceil(reset - now))
@@ -235,18 +255,28 @@ class QuotaBook:
         self.keys[(key_id, window)] = key_count + 1
         self.in_flight[key_id] = active + 1
         self.user_in_flight[user_id] = user_active + 1
-        ticket = Ticket(secrets.token_hex(12), user_id, key_id, window, holder, now + ttl)
+        ticket = Ticket(ticket_id or secrets.token_hex(12), user_id, key_id, window, holder,
+                        now + ttl)
         self.tickets[ticket.id] = ticket
         self.granted += 1
         self._forget_old_windows(window)
         return ticket
 
-    def release(self, ticket_id: str, tokens: int = 0) -> bool:
+    def release(self, ticket_id: str, tokens: int = 0, *, holder: str | None = None,
+                now: float | None = None) -> bool:
         """Return a ticket; ``tokens`` are added to the user's window. False
-        if the ticket was unknown (already released or expired)."""
-        ticket = self.tickets.pop(ticket_id, None)
+        if the ticket was unknown (already released or expired: an unknown
+        id is remembered for :data:`DEFAULT_TICKET_TTL`, so that its acquire,
+        if it arrives later, is not granted) or not ``holder``'s."""
+        ticket = self.tickets.get(ticket_id)
         if ticket is None:
+            if len(self.released_early) < MAX_RELEASED_EARLY:
+                now = time.time() if now is None else now
+                self.released_early[ticket_id] = now + DEFAULT_TICKET_TTL
             return False
+        if holder is not None and ticket.holder != holder:
+            return False
+        del self.tickets[ticket_id]
         self._free_slot(self.in_flight, ticket.key_id)
         self._free_slot(self.user_in_flight, ticket.user_id)
         if tokens > 0:
@@ -268,6 +298,8 @@ class QuotaBook:
         stale = [t.id for t in self.tickets.values() if t.expires <= now]
         for ticket_id in stale:
             self.release(ticket_id)
+        for ticket_id in [i for i, until in self.released_early.items() if until <= now]:
+            del self.released_early[ticket_id]
         return len(stale)
 
     @staticmethod
