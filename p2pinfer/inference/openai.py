@@ -24,6 +24,7 @@ import httpx
 from ..errors import BackendError, MalformedBackendResponse
 from ..prompts import token_logprobs
 from .backend import (
+    GenerationParams,
     GenerationRequest,
     GenerationResult,
     ModelInfo,
@@ -40,13 +41,12 @@ __all__ = ["DEFAULT_OPENAI_URL", "OpenAIBackend", "chat_request_body", "choice_l
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
 
 
-def chat_request_body(model: str, request: GenerationRequest) -> dict[str, Any]:
-    """A streamed ``/chat/completions`` request for ``request``, asking for
-    token counts in the stream (``stream_options.include_usage``)."""
-    params = request.params
+def _sampled(model: str, params: GenerationParams, **content: Any) -> dict[str, Any]:
+    """A streamed request body with ``content`` (messages or a prompt) and
+    the sampling parameters, asking for token counts in the stream."""
     body: dict[str, Any] = {
         "model": model,
-        "messages": [m.to_dict() for m in request.messages],
+        **content,
         "max_tokens": params.max_tokens,
         "temperature": params.temperature,
         "top_p": params.top_p,
@@ -57,6 +57,14 @@ def chat_request_body(model: str, request: GenerationRequest) -> dict[str, Any]:
         body["stop"] = list(params.stop)
     if params.seed is not None:
         body["seed"] = params.seed
+    return body
+
+
+def chat_request_body(model: str, request: GenerationRequest) -> dict[str, Any]:
+    """A streamed ``/chat/completions`` request for ``request``, asking for
+    token counts in the stream (``stream_options.include_usage``)."""
+    params = request.params
+    body = _sampled(model, params, messages=[m.to_dict() for m in request.messages])
     fmt = params.format
     if fmt is not None:
         body["response_format"] = {"type": "json_object"} if fmt.schema is None else {
@@ -77,21 +85,7 @@ def chat_request_body(model: str, request: GenerationRequest) -> dict[str, Any]:
 def completion_request_body(model: str, request: GenerationRequest) -> dict[str, Any]:
     """A streamed legacy ``/completions`` request for a raw ``request``: its
     one message's text is continued as it is, without the chat template."""
-    params = request.params
-    body: dict[str, Any] = {
-        "model": model,
-        "prompt": request.messages[-1].content,
-        "max_tokens": params.max_tokens,
-        "temperature": params.temperature,
-        "top_p": params.top_p,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    if params.stop:
-        body["stop"] = list(params.stop)
-    if params.seed is not None:
-        body["seed"] = params.seed
-    return body
+    return _sampled(model, request.params, prompt=request.messages[-1].content)
 
 
 def choice_logprobs(choice: dict[str, Any], top: int) -> tuple[dict[str, Any], ...]:

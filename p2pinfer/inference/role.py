@@ -112,6 +112,18 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 3)
 
 
+def _share(ctx: CallContext, params: Any) -> tuple[Any, str]:
+    """The params without ``share``, and the share (the caller's by default)."""
+    if not (isinstance(params, dict) and "share" in params):
+        return params, ctx.peer_id
+    params = dict(params)
+    share = params.pop("share")
+    if not isinstance(share, str) or not 0 < len(share) <= 64:
+        raise InvalidParams("share: must be a string of 1 to 64 characters",
+                            data={"field": "share"})
+    return params, share
+
+
 def trailer_for(done: Completion) -> dict[str, Any]:
     """The END-frame trailer of ``processPrompt`` for a finished answer
     (with ``tool_calls`` when the model called tools: they travel whole, at
@@ -198,13 +210,7 @@ class InferenceRole:
         ``share`` (an opaque token per user, at most 64 characters): slots
         are shared fairly between shares. Without it, the calling gateway's
         requests are one share."""
-        share = ctx.peer_id
-        if isinstance(params, dict) and "share" in params:
-            params = dict(params)
-            share = params.pop("share")
-            if not isinstance(share, str) or not 0 < len(share) <= 64:
-                raise InvalidParams("share: must be a string of 1 to 64 characters",
-                                    data={"field": "share"})
+        params, share = _share(ctx, params)
         request = replace(parse_prompt_params(params, self.settings.limits), share=share)
         whole: list[str] | None = None if request.stream else []
         scores: list[dict[str, Any]] = []
@@ -230,13 +236,7 @@ class InferenceRole:
     async def rpc_embed(self, ctx: CallContext, params: Any
                         ) -> AsyncGenerator[dict[str, Any], None]:
         """Embed texts (one chunk); the trailer carries usage and timing."""
-        share = ctx.peer_id
-        if isinstance(params, dict) and "share" in params:
-            params = dict(params)
-            share = params.pop("share")
-            if not isinstance(share, str) or not 0 < len(share) <= 64:
-                raise InvalidParams("share: must be a string of 1 to 64 characters",
-                                    data={"field": "share"})
+        params, share = _share(ctx, params)
         request = replace(parse_embed_params(params), share=share)
         result = await self.engine.embed(request)
         ctx.trailer = {
