@@ -54,7 +54,6 @@ import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -92,16 +91,16 @@ def prompt_for(i: int) -> str:
 async def worker(tables: dict[str, Any]) -> AsyncIterator[tuple[Any, Any, str]]:
     """The inference role on one host; an RPC client on another."""
     import multiaddr
-    from prometheus_client import CollectorRegistry
 
     from p2pinfer.config import NodeConfig
     from p2pinfer.identity import Identity
     from p2pinfer.inference import InferenceRole
     from p2pinfer.rpc import RPC_PROTOCOL, RpcClient, RpcServer, make_host
     from p2pinfer.rpc.host import guard_handler
+    from p2pinfer.testing import FakeContext
 
     config = NodeConfig.from_mapping({"node": {"home": "/tmp/bench-unused"}, **tables}, env={})
-    role = InferenceRole(SimpleNamespace(config=config, registry=CollectorRegistry()))
+    role = InferenceRole(FakeContext(config))
     server = RpcServer(is_member=lambda peer: True)
     server.register(role)
     loopback = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]

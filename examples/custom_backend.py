@@ -26,7 +26,7 @@ import sys
 import tempfile
 from collections.abc import AsyncGenerator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -40,6 +40,10 @@ from p2pinfer.inference import (
     ModelState,
     TextChunk,
 )
+
+if TYPE_CHECKING:
+    from p2pinfer.context import RoleContext
+    from p2pinfer.inference.role import InferenceRole
 
 _OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
         ast.Div: operator.truediv, ast.Pow: operator.pow, ast.USub: operator.neg,
@@ -111,8 +115,9 @@ class CalculatorBackend(Backend):
         yield GenerationResult(prompt_tokens, len(words), finish)
 
 
-def inference_with_calculator(node: Any) -> Any:
-    """The role factory: the usual inference role, plus our backend."""
+def inference_with_calculator(node: RoleContext) -> InferenceRole:
+    """The role factory: the usual inference role, plus our backend. It gets
+    the node as a RoleContext, the one thing a role may use of its node."""
     from p2pinfer.inference.role import InferenceRole
 
     role = InferenceRole(node)

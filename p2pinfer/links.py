@@ -43,6 +43,7 @@ import trio
 from .errors import P2PInferError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .ledger.store import Store
     from .node import Node
 
 __all__ = ["Links", "RETRY_FIRST", "RETRY_MAX", "JITTER", "STABLE", "ADDRESS_WATCH"]
@@ -89,9 +90,8 @@ class Links:
         self._own: list[str] = []
 
     # -- what to stay linked to ---------------------------------------------------
-    def _store(self) -> Any:
-        ledger = self.node.ledger
-        return ledger.store if ledger is not None else None
+    def _store(self) -> Store:
+        return self.node.ledger.store
 
     async def run(self, bootstrap: Sequence[str], *,
                   task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -104,15 +104,13 @@ class Links:
                     self._start(_Target(peer_id, [addr], bootstrap=True))
                 elif addr not in target.addrs:
                     target.addrs.append(addr)
-            store = self._store()
-            if store is not None:
-                for peer_id, addrs, seen in store.known_addrs():
-                    self._stored[peer_id] = (tuple(addrs), seen)
-                    if peer_id in self.targets:
-                        self.targets[peer_id].addrs.extend(
-                            a for a in addrs if a not in self.targets[peer_id].addrs)
-                    elif self._wanted(peer_id) and self._room():
-                        self._start(_Target(peer_id, list(addrs), bootstrap=False))
+            for peer_id, addrs, seen in self._store().known_addrs():
+                self._stored[peer_id] = (tuple(addrs), seen)
+                if peer_id in self.targets:
+                    self.targets[peer_id].addrs.extend(
+                        a for a in addrs if a not in self.targets[peer_id].addrs)
+                elif self._wanted(peer_id) and self._room():
+                    self._start(_Target(peer_id, list(addrs), bootstrap=False))
             self._own = list(self.node.addrs)
             nursery.start_soon(self._watch_addresses)
             task_status.started()
@@ -138,12 +136,10 @@ class Links:
         now = self.clock()
         stored = self._stored.get(peer_id)
         if stored is None or stored[0] != tuple(addrs) or now - stored[1] > SEEN_REFRESH:
-            store = self._store()
-            if store is not None:
-                try:
-                    store.remember_addrs(peer_id, list(addrs), now)
-                except P2PInferError:
-                    log.warning("could not store the addresses of %s", peer_id, exc_info=True)
+            try:
+                self._store().remember_addrs(peer_id, list(addrs), now)
+            except P2PInferError:
+                log.warning("could not store the addresses of %s", peer_id, exc_info=True)
             self._stored[peer_id] = (tuple(addrs), now)
         target = self.targets.get(peer_id)
         if target is not None:
@@ -158,12 +154,10 @@ class Links:
         if target is not None:
             target.scope.cancel()
         self._stored.pop(peer_id, None)
-        store = self._store()
-        if store is not None:
-            try:
-                store.forget_addrs(peer_id)
-            except P2PInferError:
-                log.warning("could not forget the addresses of %s", peer_id, exc_info=True)
+        try:
+            self._store().forget_addrs(peer_id)
+        except P2PInferError:
+            log.warning("could not forget the addresses of %s", peer_id, exc_info=True)
 
     def disconnected(self, peer_id: str) -> None:
         """The last connection to ``peer_id`` closed."""
@@ -179,6 +173,12 @@ class Links:
         """Bootstrap peers this node is not linked to now (redialling them)."""
         return [p for p, t in self.targets.items() if t.bootstrap and not t.linked
                 and p not in self.node.connected_peers()]
+
+    def problems(self) -> list[dict[str, str]]:
+        """What the node's health reports about its links: each bootstrap
+        peer it is not linked to (``{"kind": "unlinked", "text"}``)."""
+        return [{"kind": "unlinked", "text": f"not linked to its bootstrap peer {peer_id}"}
+                for peer_id in self.unlinked_bootstrap()]
 
     # -- one target ----------------------------------------------------------------
     async def _dial(self, target: _Target) -> bool:

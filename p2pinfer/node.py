@@ -20,7 +20,8 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry
@@ -28,11 +29,13 @@ from prometheus_client import CollectorRegistry
 from . import __version__
 from .addresses import check_ports_free
 from .config import NodeConfig
+from .context import Role, RoleContext
 from .discovery import Descriptor, Discovery
 from .errors import ConfigError, InvalidParams, P2PInferError
 from .grants import ALL_GRANTS, ROLES
 from .homelock import HomeLock
 from .identity import Identity
+from .ledger import Ledger
 from .links import Links
 from .metrics.node_metrics import NodeMetrics
 from .rpc import RPC_PROTOCOL, Access, CallContext, RpcClient, RpcServer, make_host, rpc_method
@@ -56,24 +59,15 @@ NODE_ROLES = frozenset(ROLES)
 
 # What a non-member peer may look up through ``findPeers``: the entry points.
 PUBLIC_ROLES = ("gateway", "web")
-class Role(Protocol):
-    name: str
-
-    async def run(self, *, task_status: Any = ...) -> None: ...
-
-    def describe(self) -> dict[str, Any]: ...
-
-    def topics(self) -> list[str]: ...
-
-
-def load_role_class(name: str) -> type[Any]:
+def load_role_class(name: str) -> Callable[[RoleContext], Role]:
     try:
         target = ROLE_CLASSES[name]
     except KeyError:
         raise ConfigError(f"node.roles: unknown role {name!r}") from None
     module_name, _, attr = target.partition(":")
     module = importlib.import_module(module_name)
-    return getattr(module, attr)  # type: ignore[no-any-return]
+    factory: Callable[[RoleContext], Role] = getattr(module, attr)
+    return factory
 
 
 class _Notifee:
@@ -109,8 +103,9 @@ class Node:
         identity: the node key (default: ``<home>/node.key``, created on first use).
         registry: the Prometheus registry the node's metrics go to (default: a
             new one per node, never the global registry).
-        role_factories: optional overrides ``{role name: callable(node) -> role}``,
-            for embedding a custom role implementation.
+        role_factories: optional overrides ``{role name: callable(context) -> role}``,
+            for embedding a custom role implementation; the callable gets the
+            node as a :class:`~p2pinfer.context.RoleContext`.
     """
 
     def __init__(
@@ -119,7 +114,7 @@ class Node:
         *,
         identity: Identity | None = None,
         registry: CollectorRegistry | None = None,
-        role_factories: dict[str, Any] | None = None,
+        role_factories: dict[str, Callable[[RoleContext], Role]] | None = None,
     ) -> None:
         self.config = config
         self.identity = identity or Identity.load_or_create(config.home)
@@ -145,12 +140,12 @@ class Node:
                                             moved=self.rpc.retire)
         # Called with a peer id when its last connection closes (e.g. the
         # gateway returns the quota tickets a vanished gateway held).
-        self.disconnect_listeners: list[Any] = []
+        self.disconnect_listeners: list[Callable[[str], None]] = []
         # Node-wide metrics, kept by every node whatever its roles (see
         # p2pinfer.metrics): set up here, before the ledger and the roles.
-        self.metrics = NodeMetrics(self)
-        self.ledger: Any = None
-        self._init_ledger()
+        self.metrics: NodeMetrics = NodeMetrics(self, self.rpc_server)
+        # The ledger owns the store and membership (see p2pinfer.ledger).
+        self.ledger: Ledger = Ledger.for_node(self)
         self.discovery = Discovery(
             self.host,
             self.rpc,
@@ -159,11 +154,11 @@ class Node:
             dht_server=config.dht_server,
             announce_interval=config.announce_interval,
             descriptor_ttl=config.descriptor_ttl,
-            authority=self.grants_of if self.ledger is not None else None,
+            authority=self.grants_of,
             on_refused=lambda reason: self.metrics.refused("discovery", reason),
         )
         factories = role_factories or {}
-        self.roles: dict[str, Any] = {}
+        self.roles: dict[str, Role] = {}
         for name in config.roles:
             factory = factories.get(name) or load_role_class(name)
             self.roles[name] = factory(self)
@@ -171,7 +166,9 @@ class Node:
         # inference engine and/or the metrics role's collection rounds.
         from .scaling import Scaling
 
-        self.scaling: Any = Scaling.for_node(self)
+        self.scaling: Scaling | None = Scaling.for_node(self)
+        if self.scaling is not None:
+            self.metrics.scaling_status = self.scaling.status
         self.rpc_server.register(self)
         self.rpc.serve_locally(self.peer_id, self.rpc_server)
         for role in self.roles.values():
@@ -181,37 +178,42 @@ class Node:
         self._cancel_scope: trio.CancelScope | None = None
         # bootstrap peers and known members, dialled and redialled for ever
         self.links = Links(self, keep=config.keep_links, clock=time.time)
+        self.metrics.problem_sources.append(self.links.problems)
         self._nursery: trio.Nursery | None = None
         #: set when this node learns the network owner removed it
         self.removed = False
-        if self.ledger is not None:
-            self.ledger.store.membership_listeners.append(self._on_membership)
-            if self.ledger.gossip is not None:
-                self.ledger.gossip.on_refused = (
-                    lambda: self.metrics.refused("pubsub", "not_member"))
+        self.ledger.store.membership_listeners.append(self._on_membership)
+        if self.ledger.gossip is not None:
+            self.ledger.gossip.on_refused = (
+                lambda: self.metrics.refused("pubsub", "not_member"))
+
+    # -- what roles may use (p2pinfer.context.RoleContext) --------------------------
+    @property
+    def role_names(self) -> frozenset[str]:
+        """The roles this node runs."""
+        return frozenset(self.roles)
+
+    def local_role(self, name: str) -> Role | None:
+        """The role ``name`` of this node, or None."""
+        return self.roles.get(name)
+
+    def serve(self, handler: object) -> None:
+        """Serve the ``@rpc_method`` methods of ``handler`` on this node."""
+        self.rpc_server.register(handler)
+
+    def on_disconnect(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(peer_id)`` once a peer's last connection closes."""
+        self.disconnect_listeners.append(listener)
 
     # -- membership --------------------------------------------------------------
-    def _init_ledger(self) -> None:
-        """The ledger owns the store and membership (see p2pinfer.ledger)."""
-        try:
-            from .ledger import Ledger
-        except ImportError:  # ledger package not present in this build
-            self.ledger = None
-            return
-        self.ledger = Ledger.for_node(self)
-
     @property
     def network_id(self) -> str:
-        if self.ledger is not None:
-            return str(self.ledger.network_id)
-        return self.config.network
+        return str(self.ledger.network_id)
 
     def is_member(self, peer_id: str) -> bool:
         """Whether ``peer_id`` is an admitted member of this node's network."""
         if peer_id == self.peer_id:
             return True
-        if self.ledger is None:
-            return False
         return bool(self.ledger.is_member(peer_id))
 
     def is_node(self, peer_id: str) -> bool:
@@ -225,8 +227,6 @@ class Node:
         this node itself, none for a non-member or a removed node)."""
         if peer_id == self.peer_id:
             return ALL_GRANTS
-        if self.ledger is None:
-            return frozenset()
         return frozenset(self.ledger.grants_of(peer_id))
 
     # -- addresses and descriptor -----------------------------------------------
@@ -244,9 +244,7 @@ class Node:
     def topics(self) -> list[str]:
         topics = [f"role/{name}" for name in self.roles]
         for role in self.roles.values():
-            extra = getattr(role, "topics", None)
-            if extra is not None:
-                topics.extend(t for t in extra() if t not in topics)
+            topics.extend(t for t in role.topics() if t not in topics)
         return topics
 
     def descriptor(self) -> Descriptor:
@@ -256,18 +254,15 @@ class Node:
             return self._descriptor[1]
         info: dict[str, Any] = {}
         for name, role in self.roles.items():
-            describe = getattr(role, "describe", None)
-            if describe is not None:
-                try:
-                    info[name] = describe()
-                except Exception:
-                    log.exception("role %s failed to describe itself", name)
-        if self.ledger is not None:
-            # what lets a client check us without a membership view
-            from .ledger.membership import encode_cert
+            try:
+                info[name] = role.describe()
+            except Exception:
+                log.exception("role %s failed to describe itself", name)
+        # what lets a client check us without a membership view
+        from .ledger.membership import encode_cert
 
-            info["member"] = {"owner": self.ledger.network.owner_public_key.hex(),
-                              "cert": encode_cert(self.ledger.own_cert)}
+        info["member"] = {"owner": self.ledger.network.owner_public_key.hex(),
+                          "cert": encode_cert(self.ledger.own_cert)}
         desc = Descriptor.create(
             self.identity,
             addrs=self.addrs,
@@ -342,7 +337,7 @@ class Node:
                           "a new node key)", self.peer_id, self.network_id)
                 self.stop()
             return
-        gossip = self.ledger.gossip if self.ledger is not None else None
+        gossip = self.ledger.gossip
         if removed:
             if gossip is not None:
                 gossip.expel(peer_id)
@@ -359,8 +354,7 @@ class Node:
 
     def removed_peer(self, peer_id: str) -> bool:
         """Whether the owner removed ``peer_id`` from the network."""
-        return (self.ledger is not None
-                and self.ledger.store.membership.cutoff(peer_id) is not None)
+        return self.ledger.store.membership.cutoff(peer_id) is not None
 
 
     def _schedule_cut_off(self, peer_id: str) -> None:
@@ -395,8 +389,7 @@ class Node:
         if self.removed_peer(peer_id):
             self._schedule_cut_off(peer_id)
             return
-        if self.ledger is not None and hasattr(self.ledger, "on_peer_connected"):
-            self.ledger.on_peer_connected(peer_id)
+        self.ledger.on_peer_connected(peer_id)
         if self._nursery is not None and self.is_node(peer_id):
             self._nursery.start_soon(self._learn_addrs, peer_id)
         if self._nursery is not None:
@@ -466,8 +459,8 @@ class Node:
         """Where to join: the configured bootstrap peers, else the ones the
         network's join token named (``network.json``); never this node."""
         addrs = list(self.config.bootstrap)
-        if not addrs and self.ledger is not None:
-            addrs = list(getattr(self.ledger.network, "bootstrap", ()) or ())
+        if not addrs:
+            addrs = list(self.ledger.network.bootstrap)
         return [a for a in addrs if not a.endswith("/p2p/" + self.peer_id)]
 
     # -- lifecycle ------------------------------------------------------------------
@@ -516,8 +509,7 @@ class Node:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             await nursery.start(self.rpc.run)
-            if self.ledger is not None:
-                await nursery.start(self.ledger.run)
+            await nursery.start(self.ledger.run)
             await nursery.start(self.discovery.run)
             await nursery.start(self.links.run, self.bootstrap_addrs())
             for name, role in self.roles.items():

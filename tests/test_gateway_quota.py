@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from p2pinfer import errors
 from p2pinfer.gateway.quota import WINDOW_SECONDS, Limits, QuotaBook, rendezvous_order
+from p2pinfer.testing import FakeContext
 
 T0 = 1_800_000_000.0  # a fixed moment, 20 min into an hour
 T0 = T0 - T0 % WINDOW_SECONDS + 1200
@@ -164,23 +165,24 @@ async def test_the_coordinator_list_follows_membership_changes() -> None:
         return list(members)
 
     store = SimpleNamespace(credentials_version=1)
-    node = SimpleNamespace(peer_id="g-a", ledger=SimpleNamespace(store=store, members=listed))
+    node = FakeContext(ledger=SimpleNamespace(store=store, members=listed))
     quota = QuotaService(node)
-    assert quota.gateways() == ["g-a", "g-b"]
+    me = node.peer_id
+    assert me < "g-b" and quota.gateways() == [me, "g-b"]
     first = quota.order("user-1")
-    assert sorted(first) == ["g-a", "g-b"] and quota.order("user-1") == first
+    assert sorted(first) == [me, "g-b"] and quota.order("user-1") == first
     assert lookups == 1  # remembered
     members.append(member("g-d", {"gateway"}))
-    assert quota.gateways() == ["g-a", "g-b"]  # nothing applied yet
+    assert quota.gateways() == [me, "g-b"]  # nothing applied yet
     store.credentials_version += 1  # the ledger applied the admission
-    assert quota.gateways() == ["g-a", "g-b", "g-d"]
-    assert quota.order("user-1") == rendezvous_order("user-1", ["g-a", "g-b", "g-d"])
+    assert quota.gateways() == [me, "g-b", "g-d"]
+    assert quota.order("user-1") == rendezvous_order("user-1", [me, "g-b", "g-d"])
     members.pop()  # e.g. its certificate expired: no event, only time
     assert "g-d" in quota.gateways()
     assert quota._gateways is not None
     stamp, _, found = quota._gateways
     quota._gateways = (stamp, 0.0, found)  # GATEWAYS_TTL has passed
-    assert quota.gateways() == ["g-a", "g-b"]
+    assert quota.gateways() == [me, "g-b"]
     assert coordinator.GATEWAYS_TTL <= 5
 
 
@@ -227,14 +229,14 @@ async def test_a_gateway_returns_the_ticket_it_gave_up_waiting_for(
                                active=lambda now: True)]
     ledger = SimpleNamespace(store=SimpleNamespace(credentials_version=1),
                              members=lambda: members)
-    node = SimpleNamespace(peer_id="g-a", ledger=ledger, rpc=SimpleNamespace(call=call))
+    node = FakeContext(ledger=ledger, rpc=SimpleNamespace(call=call))
     quota = QuotaService(node, timeout=0.2)
     await nursery.start(quota.run)
     user = next(u for u in (f"user-{i}" for i in range(100))
                 if quota.order(u)[0] == "g-b")  # one that g-b coordinates
     lease = await quota.acquire(user, "k", Limits(requests_per_window=10))
-    assert lease.coordinator == "g-a" and quota.failovers == 1  # failed over
+    assert lease.coordinator == node.peer_id and quota.failovers == 1  # failed over
     await trio.sleep(0.1)
     (asked,) = [p for _, m, p in calls if m == "quota.acquire"]
     (returned,) = [(peer, p) for peer, m, p in calls if m == "quota.release"]
-    assert returned == ("g-b", {"ticket": f"g-a/{asked['ticket']}", "tokens": 0})
+    assert returned == ("g-b", {"ticket": f"{node.peer_id}/{asked['ticket']}", "tokens": 0})

@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -18,7 +17,6 @@ import msgpack
 import multiaddr
 import pytest
 import trio
-from prometheus_client import CollectorRegistry
 
 from p2pinfer import errors
 from p2pinfer.config import NodeConfig
@@ -26,6 +24,7 @@ from p2pinfer.identity import Identity
 from p2pinfer.inference import InferenceRole
 from p2pinfer.rpc import RPC_PROTOCOL, RpcClient, RpcServer, make_host
 from p2pinfer.rpc.host import guard_handler
+from p2pinfer.testing import FakeContext
 
 from .helpers import node_config, run_nodes, wait_for
 
@@ -34,16 +33,10 @@ STORY = "Write a short story about a robot."
 
 
 def make_role(tables: dict[str, Any] | None = None, **kwargs: Any) -> InferenceRole:
-    """The role on a minimal stand-in for a Node: config and registry."""
+    """The role on a node-less RoleContext (config, registry, invalidations)."""
     config = NodeConfig.from_mapping({"node": {"home": "/tmp/unused"}, **(tables or {})},
                                      env={})
-    node = SimpleNamespace(config=config, registry=CollectorRegistry(), invalidated=0)
-
-    def invalidate_descriptor() -> None:
-        node.invalidated += 1
-
-    node.invalidate_descriptor = invalidate_descriptor
-    return InferenceRole(node, **kwargs)
+    return InferenceRole(FakeContext(config), **kwargs)
 
 
 @asynccontextmanager

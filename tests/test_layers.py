@@ -3,6 +3,8 @@
 - a role package (auth, gateway, inference, metrics, web) never imports
   another role package: what several roles share lives below them
   (``p2pinfer.prompts``, ``p2pinfer.health``, ``p2pinfer.grants``, ...);
+- a role never imports the node: it is built with the node's
+  ``p2pinfer.context.RoleContext`` and uses only that;
 - the ledger never imports the node, at run time or for type checking;
 - nothing below the roles imports a role package (the node loads the roles
   it runs by name, see ``node.ROLE_CLASSES``).
@@ -62,6 +64,8 @@ def crossings() -> dict[tuple[str, str], str]:
             key = (rel.as_posix(), module)
             if layer in ROLES and top in ROLES and top != layer:
                 found[key] = "a role imports another role"
+            elif layer in ROLES and top == "node":
+                found[key] = "a role imports the node (roles take a RoleContext)"
             elif layer == "ledger" and top == "node":
                 found[key] = "the ledger imports the node"
             elif layer not in ROLES and layer not in ABOVE and top in ROLES:
@@ -86,3 +90,51 @@ def test_the_checker_sees_a_crossing(tmp_path: Path) -> None:
     assert "prompts" in imports_of(role) and "credentials" in imports_of(role)
     ledger = imports_of(ROOT / "ledger" / "ledger.py")
     assert "node" not in ledger, "the ledger imports the node"
+
+
+def _members(protocol: type) -> set[str]:
+    """The names a Protocol declares (properties, methods, attributes)."""
+    names = {n for n in vars(protocol) if not n.startswith("_")}
+    return names | set(getattr(protocol, "__annotations__", {}))
+
+
+def test_the_node_and_the_fake_implement_the_role_context() -> None:
+    """Every member of RoleContext exists on Node and on the test fake
+    (mypy checks the types; this catches a member added to one side only),
+    and the fake's metrics implement the Metrics Protocol."""
+    from p2pinfer.context import Metrics, RoleContext
+    from p2pinfer.metrics import NodeMetrics
+    from p2pinfer.node import Node
+    from p2pinfer.testing import FakeContext, RecordedMetrics
+
+    wanted = _members(RoleContext)
+    assert {"ledger", "rpc", "discovery", "metrics", "local_role", "serve"} <= wanted
+    for cls in (Node, FakeContext):
+        missing = {n for n in wanted if not hasattr(cls, n)
+                   and n not in cls.__init__.__code__.co_names}
+        assert missing == set(), f"{cls.__name__} lacks {sorted(missing)}"
+    for cls in (NodeMetrics, RecordedMetrics):
+        missing = {n for n in _members(Metrics) if not hasattr(cls, n)}
+        assert missing == set(), f"{cls.__name__} lacks {sorted(missing)}"
+
+
+def test_a_role_reaching_past_its_fake_context_is_told_what_is_missing() -> None:
+    import pytest
+
+    from p2pinfer.testing import FakeContext
+
+    context = FakeContext()
+    with pytest.raises(LookupError, match="no ledger"):
+        _ = context.ledger
+    assert context.is_member(context.peer_id) and not context.is_member("someone")
+
+
+def test_one_table_of_roles() -> None:
+    """The node roles are listed once (p2pinfer.grants.ROLES): the config
+    accepts exactly those, and the node can load a class for each."""
+    from p2pinfer import config, grants, node
+
+    assert config.ROLES is grants.ROLES
+    assert tuple(node.ROLE_CLASSES) == grants.ROLES
+    for name in grants.ROLES:
+        assert ROOT.joinpath(name, "role.py").exists()

@@ -77,7 +77,7 @@ class Privacy:
         svc._write(svc._audit(EXPORT, "success", actor=actor.name, target=f"user:{user_id}",
                               source=source))
         return {"version": EXPORT_VERSION, "exported_at": time.time(),
-                "exported_by": svc.node.peer_id, "network": self.ledger.network_id,
+                "exported_by": svc.peer_id, "network": self.ledger.network_id,
                 **record}
 
     async def check_password(self, user_id: str, password: Any, *, source: str) -> None:

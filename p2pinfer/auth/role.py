@@ -103,7 +103,7 @@ from __future__ import annotations
 import datetime
 import logging
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -114,6 +114,9 @@ from ..grants import OPERATOR, RELAYS
 from ..rpc.server import Access, CallContext, rpc_method
 from .privacy import Privacy
 from .service import Actor, AuthService, key_view, user_view
+
+if TYPE_CHECKING:
+    from ..context import RoleContext
 
 __all__ = ["AuthRole"]
 
@@ -238,7 +241,7 @@ class AuthRole:
 
     name = "auth"
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: RoleContext) -> None:
         self.node = node
         self.settings = AuthSettings.from_config(node.config)
         self.service = AuthService(node, self.settings)

@@ -60,7 +60,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -94,6 +94,9 @@ from .passwords import (
     normalise_password,
     normalise_username,
 )
+
+if TYPE_CHECKING:
+    from ..context import RoleContext
 
 __all__ = ["Actor", "AuthService", "user_view", "key_view"]
 
@@ -158,18 +161,18 @@ class AuthService:
     docstring).
 
     Args:
-        node: the node; ``node.ledger`` and ``node.identity`` are used.
+        node: the node (its ledger, identity and config).
         settings: ``[auth]`` settings (default: from ``node.config``).
         clock: wall-clock seconds (stored times and throttle windows).
     """
 
-    def __init__(self, node: Any, settings: AuthSettings | None = None, *,
+    def __init__(self, node: RoleContext, settings: AuthSettings | None = None, *,
                  clock: Callable[[], float] = time.time) -> None:
-        self.node = node
         self.settings = s = settings or AuthSettings.from_config(node.config)
         self.clock = clock
         self.authenticator = Authenticator(node, settings=s)
         self.ledger = self.authenticator.ledger
+        self.peer_id = node.peer_id
         self.issuer = TokenIssuer(node.identity, self.ledger.network_id)
         self.hasher = PasswordHasher(s.argon2_time_cost, s.argon2_memory_kib,
                                      s.argon2_parallelism)

@@ -73,7 +73,6 @@ from cachetools import LRUCache
 
 from ..errors import (
     AuthenticationRequired,
-    ConfigError,
     InactiveUser,
     InvalidApiKey,
     InvalidParams,
@@ -89,6 +88,7 @@ from .throttle import SlidingWindow
 from .tokens import ACCESS, Claims, TokenVerifier
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..context import RoleContext
     from ..ledger import Ledger
     from ..ledger.queries import User
 
@@ -152,17 +152,11 @@ class Authenticator:
     safe to call on the trio thread.
 
     Args:
-        node: the node; ``node.ledger`` must exist.
+        node: the node (its ledger and config).
         settings: the ``[auth]`` settings (default: read from ``node.config``).
-
-    Raises:
-        ConfigError: the node has no ledger.
     """
 
-    def __init__(self, node: Any, *, settings: AuthSettings | None = None) -> None:
-        if getattr(node, "ledger", None) is None:
-            raise ConfigError("authentication needs the node's ledger")
-        self.node = node
+    def __init__(self, node: RoleContext, *, settings: AuthSettings | None = None) -> None:
         self.ledger: Ledger = node.ledger
         self.settings = settings or AuthSettings.from_config(node.config)
         self.tokens = TokenVerifier(self.ledger.network_id, leeway=self.settings.clock_skew)

@@ -23,7 +23,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from cachetools import LRUCache
@@ -31,6 +31,9 @@ from cachetools import LRUCache
 from ..errors import CallError, InvalidParams, LimitError, NoWorkerAvailable, StreamBroken
 from ..rpc.server import Access, CallContext, rpc_method
 from .quota import Limits, QuotaBook, rendezvous_order
+
+if TYPE_CHECKING:
+    from ..context import RoleContext
 
 __all__ = ["Lease", "QuotaService"]
 
@@ -67,7 +70,7 @@ def _id(params: dict[str, Any], key: str, *, optional: bool = False) -> str | No
 class QuotaService:
     """The quota book of this gateway plus the client side of other books."""
 
-    def __init__(self, node: Any, *, timeout: float = 2.0) -> None:
+    def __init__(self, node: RoleContext, *, timeout: float = 2.0) -> None:
         self.node = node
         self.timeout = timeout
         self.book = QuotaBook(seed=self._seed)
@@ -80,10 +83,7 @@ class QuotaService:
 
     # -- who coordinates whom ------------------------------------------------------
     def _seed(self, user_id: str, window: int) -> tuple[int, int]:
-        ledger = self.node.ledger
-        if ledger is None:
-            return (0, 0)
-        requests, tokens = ledger.usage_in_hour(window * 3600, user_id=user_id)
+        requests, tokens = self.node.ledger.usage_in_hour(window * 3600, user_id=user_id)
         return (int(requests), int(tokens))
 
     def gateways(self) -> list[str]:
@@ -92,8 +92,6 @@ class QuotaService:
         Worked out again when the ledger applies a membership change, and at
         least every :data:`GATEWAYS_TTL` seconds (certificates expire)."""
         ledger = self.node.ledger
-        if ledger is None:
-            return [self.node.peer_id]
         stamp = (ledger.store, ledger.store.credentials_version)
         now = time.monotonic()
         if self._gateways is not None and self._gateways[0] == stamp \

@@ -48,11 +48,12 @@ import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .. import __version__
+from ..credentials import Authenticator
 from ..errors import (
     AuthenticationRequired,
     BackendTimeout,
@@ -71,6 +72,9 @@ from .coordinator import QuotaService
 from .router import RoutedStream, WorkerRouter
 from .settings import GatewaySettings
 from .usage import UsageRecorder, prompt_hash
+
+if TYPE_CHECKING:
+    from ..context import RoleContext
 
 __all__ = ["GatewayRole"]
 
@@ -134,22 +138,18 @@ class GatewayRole:
 
     name = "gateway"
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: RoleContext) -> None:
         self.node = node
         self.settings = GatewaySettings.from_config(node.config)
         self.router = WorkerRouter(node, candidate_ttl=self.settings.candidate_ttl,
                                    cooldown=self.settings.cooldown,
                                    max_attempts=self.settings.max_attempts)
         self.quota = QuotaService(node, timeout=self.settings.coordinator_timeout)
-        self.usage: UsageRecorder | None = None
-        if node.ledger is not None:
-            journal = Path(f"{node.config.database_path}-usage")
-            self.usage = UsageRecorder(node.ledger, journal=journal,
-                                       flush_interval=self.settings.usage_flush_interval)
-        node.rpc_server.register(self.quota)
-        node.disconnect_listeners.append(self.quota.on_peer_disconnected)
-        from ..credentials import Authenticator
-
+        self.usage = UsageRecorder(node.ledger,
+                                   journal=Path(f"{node.config.database_path}-usage"),
+                                   flush_interval=self.settings.usage_flush_interval)
+        node.serve(self.quota)
+        node.on_disconnect(self.quota.on_peer_disconnected)
         self.auth = Authenticator(node)
         self.in_flight = 0
         self.served = 0
@@ -158,8 +158,7 @@ class GatewayRole:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.router.run)
             await nursery.start(self.quota.run)
-            if self.usage is not None:
-                await nursery.start(self.usage.run)
+            await nursery.start(self.usage.run)
             task_status.started()
 
     def describe(self) -> dict[str, Any]:
@@ -167,9 +166,6 @@ class GatewayRole:
 
     def topics(self) -> list[str]:
         return []
-
-    def _metrics(self) -> Any:
-        return getattr(self.node, "metrics", None)
 
     # -- the inference flow ---------------------------------------------------------
     @rpc_method("processInferenceRequest", access=Access.PUBLIC)
@@ -231,14 +227,11 @@ class GatewayRole:
         """A quota ticket for one request of ``principal`` (LimitError if over)."""
         quota_key = principal.api_key_id or f"session-{principal.user_id}"
         limits = self.settings.limits_for(principal.tier)
-        metrics = self._metrics()
-        if metrics is not None:
-            metrics.touch_user(principal.user_id)
+        self.node.metrics.touch_user(principal.user_id)
         try:
             return await self.quota.acquire(principal.user_id, quota_key, limits)
         except LimitError:
-            if metrics is not None:
-                metrics.rate_limit_violation(principal.user_id, principal.api_key_id)
+            self.node.metrics.rate_limit_violation(principal.user_id, principal.api_key_id)
             self._record(principal, model, digest, "rate_limited", 0, started, counted=False)
             raise
 
@@ -257,11 +250,9 @@ class GatewayRole:
         log.info("request %s: %s via worker %s, %d tokens, %.0f ms", status, served_model,
                  (route.worker or "-")[-8:], tokens, (trio.current_time() - started) * 1000)
         self._record(principal, served_model, digest, status, tokens, started, counted=True)
-        metrics = self._metrics()
-        if metrics is not None:
-            metrics.observe_request(service="gateway", model=served_model,
-                                    seconds=trio.current_time() - started, tokens=tokens,
-                                    user_id=principal.user_id)
+        self.node.metrics.observe_request(service="gateway", model=served_model,
+                                          seconds=trio.current_time() - started,
+                                          tokens=tokens, user_id=principal.user_id)
 
     @rpc_method("processEmbeddingRequest", access=Access.PUBLIC)
     async def rpc_process_embedding_request(self, ctx: CallContext, params: Any
@@ -341,8 +332,6 @@ class GatewayRole:
 
     def _record(self, principal: Any, model: str, digest: str, status: str, tokens: int,
                 started: float, *, counted: bool) -> None:
-        if self.usage is None:
-            return
         self.usage.record(
             user_id=principal.user_id,
             api_key_id=principal.api_key_id,
@@ -369,12 +358,12 @@ class GatewayRole:
                 name = str(entry.get("name"))
                 if entry.get("status") in (None, "loaded", "loading"):
                     models.setdefault(name, []).append(desc.peer_id)
-        metrics = self._metrics()
-        ledger = metrics.ledger_health() if metrics is not None else None
+        metrics = self.node.metrics
+        ledger = metrics.ledger_health()
         reasons = [] if models else ["no worker serves any model"]
-        if metrics is not None:  # what this node itself lacks (kinds only: PUBLIC)
-            reasons += [PROBLEM_KINDS.get(str(p.get("kind")), str(p.get("kind")))
-                        for p in metrics.health().get("problems", [])]
+        # what this node itself lacks (kinds only: PUBLIC)
+        reasons += [PROBLEM_KINDS.get(str(p.get("kind")), str(p.get("kind")))
+                    for p in metrics.health().get("problems", [])]
         return {
             "status": "degraded" if reasons else "ok",
             "reasons": reasons,
@@ -389,9 +378,9 @@ class GatewayRole:
             "quota": {"tickets_held": self.quota.book.held(),
                       "granted": self.quota.book.granted, "denied": self.quota.book.denied,
                       "coordinator_failovers": self.quota.failovers},
-            "usage_pending": self.usage.pending() if self.usage is not None else 0,
+            "usage_pending": self.usage.pending(),
             # failed ledger writes of usage (a full disk): retried, nothing dropped
-            "usage_flush_failures": self.usage.flush_failures if self.usage is not None else 0,
+            "usage_flush_failures": self.usage.flush_failures,
             "cooling_down": [p for p, s in self.router.stats.items()
                              if s.cooled_until > trio.current_time()],
         }
@@ -406,7 +395,7 @@ class GatewayRole:
         if wanted is not None and wanted != user_id:
             if not principal.is_admin:
                 raise PermissionDenied("only admins may read another user's quota")
-            user = self.node.ledger.user(wanted) if self.node.ledger is not None else None
+            user = self.node.ledger.user(wanted)
             if user is None:
                 from ..errors import NotFound
 
@@ -437,8 +426,7 @@ class GatewayRole:
             if value is not None and (not isinstance(value, str)
                                       or not _DATE.match(value)):
                 raise InvalidParams(f"{name}: must be a date YYYY-MM-DD", data={"field": name})
-        rows = [] if self.node.ledger is None else self.node.ledger.usage(
-            user_id=principal.user_id, since=since, until=until)
+        rows = self.node.ledger.usage(user_id=principal.user_id, since=since, until=until)
         return {"user_id": principal.user_id,
                 "usage": [{"date": r.date, "api_key_id": r.api_key_id,
                            "requests": r.request_count, "tokens": r.tokens_used} for r in rows]}

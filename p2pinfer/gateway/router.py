@@ -25,7 +25,7 @@ import logging
 import random
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -42,6 +42,9 @@ from ..errors import (
     UnknownModel,
 )
 from ..prompts import missing_capability
+
+if TYPE_CHECKING:
+    from ..context import RoleContext
 
 __all__ = ["WorkerRouter", "RoutedStream", "WorkerStats"]
 
@@ -136,7 +139,7 @@ class WorkerRouter:
 
     def __init__(
         self,
-        node: Any,
+        node: RoleContext,
         *,
         candidate_ttl: float = 2.0,
         cooldown: float = 10.0,

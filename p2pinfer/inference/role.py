@@ -101,7 +101,7 @@ from .metrics import InferenceMetrics
 from .settings import InferenceSettings, build_models
 
 if TYPE_CHECKING:  # pragma: no cover
-    from prometheus_client import CollectorRegistry
+    from ..context import RoleContext
 
 __all__ = ["InferenceRole"]
 
@@ -152,8 +152,8 @@ class InferenceRole:
     """Serves the node's models over RPC (see the module docstring).
 
     Args:
-        node: anything with ``config`` (a :class:`~p2pinfer.config.NodeConfig`)
-            and, optionally, ``registry`` (a prometheus ``CollectorRegistry``).
+        node: the node (its config and registry); outside a node,
+            :class:`p2pinfer.testing.FakeContext`.
         http_transport: an httpx transport for every HTTP backend (tests).
 
     Raises:
@@ -162,12 +162,11 @@ class InferenceRole:
 
     name = "inference"
 
-    def __init__(self, node: Any, *, http_transport: httpx.AsyncBaseTransport | None = None
-                 ) -> None:
+    def __init__(self, node: RoleContext, *,
+                 http_transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.node = node
         self.settings = InferenceSettings.from_config(node.config)
-        registry: CollectorRegistry | None = getattr(node, "registry", None)
-        self.metrics = InferenceMetrics(registry) if registry is not None else None
+        self.metrics = InferenceMetrics(node.registry)
         cache = (ResponseCache(self.settings.cache_size, self.settings.cache_ttl)
                  if self.settings.cache else None)
         self.engine = InferenceEngine(cache=cache, metrics=self.metrics)
@@ -189,9 +188,7 @@ class InferenceRole:
         """Re-sign the node's descriptor once every model has loaded (or failed)."""
         states = await self.engine.wait_settled()
         log.info("models settled: %s", ", ".join(f"{k}={v}" for k, v in states.items()))
-        invalidate = getattr(self.node, "invalidate_descriptor", None)
-        if invalidate is not None:
-            invalidate()
+        self.node.invalidate_descriptor()
 
     def describe(self) -> dict[str, Any]:
         """Models and load figures for the node's signed descriptor."""

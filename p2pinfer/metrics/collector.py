@@ -29,7 +29,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -38,6 +38,10 @@ from . import catalogue as cat
 from .alerts import Alert, AlertRule
 from .samples import Family, NodeSample, Sample, SwarmSnapshot, decode_families, encode_families
 from .settings import MetricsSettings
+
+if TYPE_CHECKING:
+    from ..context import RoleContext
+    from .node_metrics import NodeMetrics
 
 __all__ = ["ClusterCollector", "swarm_families"]
 
@@ -67,12 +71,15 @@ class ClusterCollector:
     """Collects the swarm's metrics for a node with the metrics role.
 
     Args:
-        node: the running :class:`~p2pinfer.node.Node`.
+        node: the node.
+        node_metrics: the node's own metrics (its sample, without RPC).
         settings: ``[metrics]`` settings (timeouts, intervals).
     """
 
-    def __init__(self, node: Any, settings: MetricsSettings) -> None:
+    def __init__(self, node: RoleContext, node_metrics: NodeMetrics,
+                 settings: MetricsSettings) -> None:
         self.node = node
+        self.node_metrics = node_metrics
         self.settings = settings
         self.known: dict[str, _Peer] = {}
         self.last: SwarmSnapshot | None = None
@@ -162,10 +169,9 @@ class ClusterCollector:
     def local_sample(self) -> NodeSample:
         """This node's own metrics, without RPC."""
         started = trio.current_time()
-        metrics = self.node.metrics
         return NodeSample(self.node.peer_id, True,
                           families=decode_families(encode_families(self.node.registry)),
-                          health=metrics.health(), seconds=trio.current_time() - started)
+                          health=self.node_metrics.health(), seconds=trio.current_time() - started)
 
     async def _ask(self, peer_id: str, out: dict[str, NodeSample]) -> None:
         started = trio.current_time()

@@ -46,7 +46,7 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil  # type: ignore[import-untyped]
 import trio
@@ -56,9 +56,12 @@ from prometheus_client.metrics_core import Metric
 
 from .. import __version__
 from ..grants import OPERATOR
-from ..rpc.server import Access, CallContext, rpc_method
+from ..rpc.server import Access, CallContext, RpcServer, rpc_method
 from . import catalogue as cat
 from .samples import encode_families
+
+if TYPE_CHECKING:
+    from ..context import RoleContext
 
 __all__ = ["NodeMetrics", "ActiveUsers"]
 
@@ -157,7 +160,7 @@ class _NodeCollector:
                                 value=m.cpu.read())
         info = GaugeMetricFamily(cat.NODE_INFO, "Always 1: the node's version and roles",
                                  labels=["version", "roles"])
-        info.add_metric([__version__, ",".join(sorted(m.node.roles)) or "none"], 1)
+        info.add_metric([__version__, ",".join(sorted(m.node.role_names)) or "none"], 1)
         yield info
 
 
@@ -165,20 +168,26 @@ class NodeMetrics:
     """The node-wide metrics of one node (see the module docstring).
 
     Builds its collectors on ``node.registry``, observes every RPC the node
-    serves (``node.rpc_server.observers``) and registers ``getNodeMetrics``
-    on ``node.rpc_server``.
+    serves (``rpc_server.observers``) and serves ``getNodeMetrics`` on it.
 
     Args:
-        node: the :class:`~p2pinfer.node.Node` (roles and ledger may not exist
-            yet; they are looked up when used).
+        node: the node (its roles and ledger may not exist yet; they are
+            looked up when used).
+        rpc_server: the node's RPC server.
         clock: monotonic seconds for the active-user windows (default
             ``trio.current_time``).
     """
 
-    def __init__(self, node: Any, *, clock: Callable[[], float] | None = None) -> None:
+    def __init__(self, node: RoleContext, rpc_server: RpcServer, *,
+                 clock: Callable[[], float] | None = None) -> None:
         from .settings import MetricsSettings
 
         self.node = node
+        self.rpc_server = rpc_server
+        #: more of the node's health, filled in by the node: sources of
+        #: problems (``{"kind", "text"}``) and the scaling view
+        self.problem_sources: list[Callable[[], list[dict[str, str]]]] = []
+        self.scaling_status: Callable[[], dict[str, Any] | None] = lambda: None
         self.registry = node.registry
         self.settings = MetricsSettings.from_config(node.config)
         self._clock = clock or trio.current_time
@@ -220,9 +229,9 @@ class NodeMetrics:
             cat.RATE_LIMIT_VIOLATIONS: cat.BoundedLabels(s.max_violation_pairs, 2),
         }
         self._services: dict[str, str] = {}
-        node.rpc_server.observers.append(self.observe_rpc)
-        node.rpc_server.on_refused = lambda reason: self.refused("rpc", reason)
-        node.rpc_server.register(self)
+        rpc_server.observers.append(self.observe_rpc)
+        rpc_server.on_refused = lambda reason: self.refused("rpc", reason)
+        rpc_server.register(self)
 
     # -- what other roles call ---------------------------------------------------
     def count_request(self, service: str, method: str, status: str) -> None:
@@ -312,11 +321,8 @@ class NodeMetrics:
 
     def ledger_health(self) -> dict[str, Any] | None:
         """Events, held events, events behind and members of the node's ledger."""
-        ledger = self.node.ledger
-        if ledger is None:
-            return None
         try:
-            stats = ledger.statistics()
+            stats = self.node.ledger.statistics()
         except Exception:
             log.exception("ledger statistics unavailable")
             return None
@@ -333,11 +339,10 @@ class NodeMetrics:
         """This node's own health summary (what ``getSystemHealth`` aggregates)."""
         node = self.node
         models: list[dict[str, Any]] = []
-        inference = node.roles.get("inference") if hasattr(node, "roles") else None
-        describe = getattr(inference, "describe", None)
-        if describe is not None:
+        inference = node.local_role("inference")
+        if inference is not None:
             try:
-                info = describe()
+                info = inference.describe()
                 for m in info.get("models", []) if isinstance(info, dict) else []:
                     if isinstance(m, dict) and isinstance(m.get("name"), str):
                         models.append({"name": m["name"], "status": str(m.get("status", "?")),
@@ -354,18 +359,14 @@ class NodeMetrics:
             problems.append({"kind": "fenced", "text": (
                 "restored from a backup: it writes nothing until enough members have "
                 "told it the newest of its own events (restore fence)")})
-        links = getattr(node, "links", None)
-        if links is not None:
-            for peer_id in links.unlinked_bootstrap():
-                problems.append({"kind": "unlinked",
-                                 "text": f"not linked to its bootstrap peer {peer_id}"})
-        scaling = getattr(node, "scaling", None)
+        for source in self.problem_sources:
+            problems.extend(source())
         return {
-            "scaling": scaling.status() if scaling is not None else None,
+            "scaling": self.scaling_status(),
             "peer_id": node.peer_id,
             "status": "degraded" if problems else "ok",
             "problems": problems,
-            "roles": sorted(getattr(node, "roles", {})),
+            "roles": sorted(node.role_names),
             "version": __version__,
             "uptime": round(time.time() - node.started_at, 3),
             "connected_peers": len(node.connected_peers()),
@@ -386,7 +387,7 @@ class NodeMetrics:
     def observe_rpc(self, method: str, status: str, seconds: float) -> None:
         """``node.rpc_server.observers`` callback: one served call."""
         service = self._service_of(method)
-        if method not in self.node.rpc_server.methods:
+        if method not in self.rpc_server.methods:
             method = "_unknown"
         status = status if status in cat.STATUSES else "error"
         self.requests.labels(service, method, status).inc()
@@ -397,7 +398,7 @@ class NodeMetrics:
         service = self._services.get(method)
         if service is not None:
             return service
-        entry = self.node.rpc_server.methods.get(method)
+        entry = self.rpc_server.methods.get(method)
         if entry is None:
             return "_unknown"
         owner = getattr(entry.func, "__self__", None)

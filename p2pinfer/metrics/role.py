@@ -58,19 +58,18 @@ RPC methods:
     params: ``{"actor", "action", "since", "limit"}`` (all optional).
     Result: ``{"rows": [{"id", "time", "actor", "action", "target",
     "outcome", "source", "detail", "author"}]}``, newest first, from this
-    node's replica of the ledger (see :mod:`.audit`). Errors: InvalidParams;
-    StorageError if the node has no ledger.
+    node's replica of the ledger (see :mod:`.audit`). Errors: InvalidParams.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..errors import InvalidParams, StorageError
+from ..errors import InvalidParams
 from ..grants import OBSERVERS, OPERATOR
 from ..health import health_reasons
 from ..rpc.server import Access, CallContext, rpc_method
@@ -90,6 +89,9 @@ from .samples import SwarmSnapshot, render_swarm
 from .settings import MetricsSettings
 from .webhook import WebhookNotifier
 
+if TYPE_CHECKING:
+    from ..context import RoleContext
+
 __all__ = ["MetricsRole"]
 
 log = logging.getLogger(__name__)
@@ -101,8 +103,7 @@ class MetricsRole:
     """The metrics role (see the module docstring).
 
     Args:
-        node: the :class:`~p2pinfer.node.Node`; ``node.metrics`` must be its
-            :class:`NodeMetrics`.
+        node: the node; its ``metrics`` must be a :class:`NodeMetrics`.
         webhook_transport: an httpx transport for the webhook (tests).
 
     Raises:
@@ -111,13 +112,14 @@ class MetricsRole:
 
     name = "metrics"
 
-    def __init__(self, node: Any, *, webhook_transport: Any = None) -> None:
+    def __init__(self, node: RoleContext, *, webhook_transport: Any = None) -> None:
         self.node = node
         self.settings = MetricsSettings.from_config(node.config)
-        if not isinstance(getattr(node, "metrics", None), NodeMetrics):
-            node.metrics = NodeMetrics(node)
+        if not isinstance(node.metrics, NodeMetrics):
+            raise TypeError("the metrics role reads the node's NodeMetrics "
+                            f"(p2pinfer.metrics.NodeMetrics), not {type(node.metrics).__name__}")
         self.node_metrics: NodeMetrics = node.metrics
-        self.collector = ClusterCollector(node, self.settings)
+        self.collector = ClusterCollector(node, self.node_metrics, self.settings)
         self.rules = build_rules(self.settings)
         self.evaluator = AlertEvaluator(self.rules)
         self.history = CounterHistory(self.settings.window)
@@ -300,7 +302,4 @@ class MetricsRole:
     async def rpc_get_audit_log(self, ctx: CallContext, params: Any) -> dict[str, Any]:
         """Audit rows of sensitive operations across the swarm, newest first."""
         query = parse_audit_query(params)
-        ledger = self.node.ledger
-        if ledger is None:
-            raise StorageError("this node keeps no ledger")
-        return {"rows": [audit_row(r) for r in ledger.audit(**query)]}
+        return {"rows": [audit_row(r) for r in self.node.ledger.audit(**query)]}

@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil  # type: ignore[import-untyped]
 import trio
@@ -48,6 +48,10 @@ from .autoscale import decide
 from .hooks import HookRunner, hook_body
 from .settings import TRIGGERS, ScalingSettings
 from .triggers import Figures, FigureWindow, Sample, TriggerEvaluator, TriggerEvent, aggregate
+
+if TYPE_CHECKING:
+    from ..context import RoleContext
+    from ..node import Node
 
 __all__ = ["Scaling", "HostCpu"]
 
@@ -103,7 +107,7 @@ class Scaling:
     """Scaling triggers, hook and autoscaling of one node (see the module docstring).
 
     Args:
-        node: the node (``peer_id``, ``registry``, ``roles``, ``invalidate_descriptor``).
+        node: the node (``peer_id``, ``registry``, ``invalidate_descriptor``).
         settings: ``[scaling]``.
         engine: the inference engine to watch (None: not a worker).
         collector: the metrics role's cluster collector (None: no swarm scope).
@@ -111,7 +115,7 @@ class Scaling:
         transport: an httpx transport for the webhook (tests).
     """
 
-    def __init__(self, node: Any, settings: ScalingSettings, *, engine: Any = None,
+    def __init__(self, node: RoleContext, settings: ScalingSettings, *, engine: Any = None,
                  collector: Any = None, cpu: Callable[[], float | None] | None = None,
                  transport: Any = None) -> None:
         self.node = node
@@ -127,7 +131,7 @@ class Scaling:
         self.last_change_wall: dict[str, float] = {}
         self._resizing: set[str] = set()
         self.events: list[dict[str, Any]] = []  # the last few transitions, newest last
-        registry = getattr(node, "registry", None)
+        registry = node.registry
         self.event_count = Counter("ai_platform_scaling_events",
                                    "Scaling trigger transitions", ["scope", "trigger", "event"],
                                    registry=registry)
@@ -137,8 +141,7 @@ class Scaling:
         self.slot_changes = Counter("ai_platform_scaling_slot_changes",
                                     "Slot count changes made by autoscaling",
                                     ["model", "direction"], registry=registry)
-        if registry is not None:
-            registry.register(_Collector(self))
+        registry.register(_Collector(self))
         self.hooks = HookRunner(command=settings.hook_command, url=settings.hook_url,
                                 timeout=settings.hook_timeout, attempts=settings.hook_attempts,
                                 transport=transport,
@@ -148,14 +151,28 @@ class Scaling:
             collector.listeners.append(self.on_snapshot)
 
     @classmethod
-    def for_node(cls, node: Any) -> Scaling | None:
+    def for_node(cls, node: Node) -> Scaling | None:
         """The node's scaling monitor, or None when ``[scaling] enabled`` is
-        off or the node has neither the inference nor the metrics role."""
+        off or the node has neither the inference nor the metrics role.
+
+        Scaling sits above the roles: it watches the inference role's engine
+        and the metrics role's collection rounds, which are not part of
+        their public face (:class:`~p2pinfer.context.Role`)."""
         settings = ScalingSettings.from_config(node.config)
-        inference = node.roles.get("inference")
-        metrics = node.roles.get("metrics")
-        engine = getattr(inference, "engine", None)
-        collector = getattr(metrics, "collector", None) if settings.swarm else None
+        engine: Any = None
+        collector: Any = None
+        # imported only when the node runs the role (a gateway-only node
+        # never loads the inference package)
+        if "inference" in node.roles:
+            from ..inference.role import InferenceRole
+
+            inference = node.roles["inference"]
+            engine = inference.engine if isinstance(inference, InferenceRole) else None
+        if "metrics" in node.roles and settings.swarm:
+            from ..metrics.role import MetricsRole
+
+            metrics = node.roles["metrics"]
+            collector = metrics.collector if isinstance(metrics, MetricsRole) else None
         if not settings.enabled or (engine is None and collector is None):
             return None
         return cls(node, settings, engine=engine, collector=collector)
@@ -265,9 +282,7 @@ class Scaling:
                 self.slot_changes.labels(cat.clean_label(name), direction).inc()
                 log.info("autoscale: model %s %s from %d to %d slot(s)", name, direction,
                          before, after)
-                invalidate = getattr(self.node, "invalidate_descriptor", None)
-                if invalidate is not None:
-                    invalidate()
+                self.node.invalidate_descriptor()
         except Exception as exc:
             log.warning("autoscale: cannot resize model %s to %d slot(s): %s", name, slots,
                         exc)

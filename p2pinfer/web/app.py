@@ -31,6 +31,7 @@ from .responses import as_error, json_error, ollama_error, openai_error
 from .security import BodyLimit, SecurityHeaders
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..context import Metrics
     from .role import WebRole
 
 __all__ = ["ClientSource", "RequestMetrics", "build_app", "method_label"]
@@ -85,12 +86,12 @@ class RequestMetrics:
     """ASGI middleware: counts each HTTP request in ``metrics`` (service
     ``web``, method = HTTP method and route template, status = outcome)."""
 
-    def __init__(self, app: Any, metrics: Any) -> None:
+    def __init__(self, app: Any, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or self.metrics is None:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         status = 500
@@ -184,4 +185,4 @@ def build_app(web: WebRole) -> Any:
     limited = BodyLimit(app, limit=web.settings.max_body_bytes, render=early_error,
                         timeout=web.settings.body_timeout)
     return ClientSource(RequestMetrics(SecurityHeaders(limited, hsts=web.tls),
-                                       getattr(web.node, "metrics", None)))
+                                       web.node.metrics))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -25,6 +25,9 @@ from .settings import WebSettings
 from .templating import make_environment
 from .tls import SELF_SIGNED_WARNING, RedirectToHttps, TlsFiles, check_pair, ensure_self_signed
 from .upstream import Upstream
+
+if TYPE_CHECKING:
+    from ..context import RoleContext
 
 __all__ = ["WebRole"]
 
@@ -43,7 +46,7 @@ class WebRole:
 
     name = "web"
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: RoleContext) -> None:
         self.node = node
         self.settings = WebSettings.from_config(node.config)
         s = self.settings

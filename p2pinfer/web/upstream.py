@@ -37,6 +37,7 @@ from ..errors import (
 from .inputs import current_source
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..context import RoleContext
     from ..credentials import Authenticator, Principal
 
 __all__ = ["InferenceCall", "ModelCatalog", "Upstream", "model_names"]
@@ -167,7 +168,7 @@ class Upstream:
         models_ttl: seconds the model list is reused.
     """
 
-    def __init__(self, node: Any, *, call_timeout: float, request_timeout: float,
+    def __init__(self, node: RoleContext, *, call_timeout: float, request_timeout: float,
                  models_ttl: float) -> None:
         self.node = node
         self.call_timeout = call_timeout
@@ -210,7 +211,7 @@ class Upstream:
 
     async def peers(self, role: str) -> list[str]:
         """Member nodes with ``role``: this node first if it has the role."""
-        out: list[str] = [self.node.peer_id] if role in self.node.roles else []
+        out: list[str] = [self.node.peer_id] if role in self.node.role_names else []
         try:
             found = await self.node.discovery.find_role(role)
         except P2PInferError as exc:
@@ -222,7 +223,7 @@ class Upstream:
         return out
 
     async def _candidates(self, role: str) -> list[str]:
-        if role in self.node.roles:
+        if role in self.node.role_names:
             return [self.node.peer_id]  # others are looked up only if this one fails
         peers = await self.peers(role)
         if not peers:
