@@ -30,6 +30,13 @@ uses the session token), :meth:`Client.refresh`, :meth:`Client.logout`,
 :meth:`Client.create_api_key`, :meth:`Client.api_keys`,
 :meth:`Client.revoke_api_key`, :meth:`Client.me`.
 
+Each way in is a :class:`~p2pinfer.transports.Transport`
+(:class:`~p2pinfer.transports.libp2p.Libp2pTransport`,
+:class:`~p2pinfer.transports.http.HttpTransport`): the client turns each of
+its methods into one operation of the transport and builds its answers
+(:class:`InferenceResponse`, :class:`EmbeddingResponse`) from the results.
+``Client(transport=...)`` also takes a transport of your own.
+
 Errors are :class:`~p2pinfer.errors.P2PInferError` subclasses, the same in
 both modes (``RateLimited``, ``InvalidApiKey``, ``PeerUnavailable``, ...),
 also when raised inside ``async with Client(...)``.
@@ -43,10 +50,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
-import ssl
 from collections.abc import Sequence
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -56,32 +60,24 @@ from .errors import (
     AuthenticationRequired,
     ConfigError,
     InvalidParams,
-    NotMember,
     NoWorkerAvailable,
-    P2PInferError,
     PeerUnavailable,
     StreamBroken,
-    UnknownMethod,
-    UntrustedPeer,
 )
 from .identity import Identity
 from .prompts import ToolCall, parse_tool_calls
+from .transports import AnswerStream, Credential, Transport
+from .transports.libp2p import Libp2pTransport
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
 
     from .discovery import Descriptor
+    from .sync_client import SyncClient as SyncClient
+    from .sync_client import SyncStream as SyncStream
 
 __all__ = ["Client", "EmbeddingResponse", "InferenceResponse", "InferenceStream", "SyncClient",
            "SyncStream"]
-
-# Seconds a list of gateways (or other nodes) found through the bootstrap
-# nodes is reused before asking again.
-DISCOVERY_REFRESH = 30.0
-GATEWAY_REFRESH = DISCOVERY_REFRESH
-# Seconds to dial one bootstrap node and read its descriptor.
-BOOTSTRAP_TIMEOUT = 10.0
-ROLES = ("auth", "gateway", "inference", "metrics", "web")
 
 
 @dataclass
@@ -190,84 +186,42 @@ def _request(prompt: str | None, messages: list[dict[str, Any]] | None,
     return out
 
 
-async def _close_host(host: Any) -> None:
-    """Close the host's connections before its nursery ends: py-libp2p leaves
-    them to the GC, and the nodes would see a silent socket instead of a
-    client that left."""
-    with trio.CancelScope(shield=True), trio.move_on_after(2):
-        try:
-            await host.close()
-        except Exception:  # closing is best effort: the process may be exiting
-            return
-
-
-def _sole_error(group: BaseExceptionGroup[Any]) -> BaseException | None:
-    """The one exception inside (nested) single-member groups, else None.
-
-    Trio nurseries (py-libp2p's host runs in one) wrap whatever leaves them
-    in an ``ExceptionGroup``; a caller of the SDK should see the error itself.
-    """
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        if len(exc.exceptions) != 1:
-            return None
-        exc = exc.exceptions[0]
-    return exc
-
-
 class InferenceStream:
     """Text deltas of one answer as they arrive; :attr:`response` once done."""
 
     def __init__(self, client: Client, request: dict[str, Any]) -> None:
         self._client = client
         self._request = request
-        self._rpc_stream: Any = None
-        self._http: Any = None
+        self._answer: AnswerStream | None = None
         self._parts: list[str] = []
         self._logprobs: list[dict[str, Any]] = []
         self.response: InferenceResponse | None = None
 
     async def __aenter__(self) -> InferenceStream:
-        self._rpc_stream, self._http = await self._client._open_stream(self._request)
+        self._answer = await self._client._open_answer(self._request)
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        if self._rpc_stream is not None:
-            await self._rpc_stream.__aexit__(*exc)
-        if self._http is not None:
-            await self._http.aclose()
+        if self._answer is not None:
+            await self._answer.aclose()
 
     def __aiter__(self) -> InferenceStream:
         return self
 
     async def __anext__(self) -> str:
-        if self._rpc_stream is not None:
-            try:
-                chunk = await self._rpc_stream.__anext__()
-            except StopAsyncIteration:
-                self.response = InferenceResponse.from_trailer(
-                    "".join(self._parts), self._rpc_stream.trailer, logprobs=self._logprobs)
-                raise
-            if isinstance(chunk, dict) and isinstance(chunk.get("logprobs"), list):
-                self._logprobs.extend(chunk["logprobs"])
-            text = str(chunk.get("delta", "")) if isinstance(chunk, dict) else str(chunk)
-            self._parts.append(text)
-            return text
-        if self._http is None:
+        if self._answer is None:
             raise RuntimeError("use the stream as `async with client.stream(...) as s`")
-        event = await self._http.next_event()
-        if event is None:
-            self.response = self._http.response(self._parts)
-            raise StopAsyncIteration
-        self._parts.append(event)
-        return str(event)
-
-
-def _ssl_verify(verify: bool | str) -> bool | ssl.SSLContext:
-    """httpx's ``verify``: a CA bundle path becomes an SSL context trusting it."""
-    if isinstance(verify, str):
-        return ssl.create_default_context(cafile=verify)
-    return verify
+        try:
+            chunk = await self._answer.__anext__()
+        except StopAsyncIteration:
+            self.response = InferenceResponse.from_trailer(
+                "".join(self._parts), self._answer.trailer, logprobs=self._logprobs)
+            raise
+        if isinstance(chunk.get("logprobs"), list):
+            self._logprobs.extend(chunk["logprobs"])
+        text = str(chunk.get("delta", ""))
+        self._parts.append(text)
+        return text
 
 
 class Client:
@@ -283,12 +237,14 @@ class Client:
             path (e.g. a node's self-signed ``ca.pem``) or False (never in
             production). Default: ``P2PINFER_CA_FILE`` if set, else True.
         transport: an ``httpx`` transport for HTTP mode (tests use
-            ``httpx.MockTransport``).
+            ``httpx.MockTransport``), or a
+            :class:`~p2pinfer.transports.Transport` of your own to reach the
+            swarm through (then no address is needed).
         network: the network id the swarm must belong to (default:
             ``P2PINFER_NETWORK``, else the bootstrap node's).
 
     Raises:
-        ConfigError: neither bootstrap addresses nor a base URL.
+        ConfigError: neither bootstrap addresses nor a base URL (nor a transport).
     """
 
     def __init__(
@@ -300,7 +256,7 @@ class Client:
         token: str | None = None,
         identity: Identity | None = None,
         verify: bool | str | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx.AsyncBaseTransport | Transport | None = None,
         network: str | None = None,
     ) -> None:
         env_boot = os.environ.get("P2PINFER_BOOTSTRAP", "")
@@ -314,157 +270,108 @@ class Client:
         self.verify: bool | str = (verify if verify is not None
                                    else os.environ.get("P2PINFER_CA_FILE") or True)
         self.transport = transport
-        self.network = network or os.environ.get("P2PINFER_NETWORK") or None
-        self._owner_key: bytes | None = None
-        #: nodes not used because they showed no valid certificate, by peer id
-        self.untrusted: dict[str, str] = {}
-        if not self.bootstrap and not self.base_url:
+        self._network = network or os.environ.get("P2PINFER_NETWORK") or None
+        self._untrusted: dict[str, str] = {}
+        self._opened = False
+        self._transport: Transport
+        if isinstance(transport, Transport):
+            from .transports.http import HttpTransport
+
+            self._transport = transport
+            self._is_http = isinstance(transport, HttpTransport)
+        elif not self.bootstrap and not self.base_url:
             raise ConfigError("a client needs bootstrap addresses or a base_url "
                               "(or P2PINFER_BOOTSTRAP / P2PINFER_URL)")
-        self._host: Any = None
-        self._rpc: Any = None
-        self._http: httpx.AsyncClient | None = None
-        self._entry: dict[str, Descriptor] = {}   # bootstrap peer id -> its descriptor
-        self._entry_errors: list[str] = []
-        self._found: dict[str, tuple[float, list[Descriptor]]] = {}
-        self._exit: AsyncExitStack | None = None
+        elif self.bootstrap:
+            self._transport = Libp2pTransport(self.bootstrap, identity=self.identity,
+                                              network=self._network)
+            self._is_http = False
+        else:
+            from .transports.http import HttpTransport
+
+            assert self.base_url is not None
+            self._transport = HttpTransport(self.base_url, verify=self.verify,
+                                            transport=transport)
+            self._is_http = True
 
     @property
     def auth(self) -> dict[str, str]:
         """The credential sent with each request (``{"token"}`` or ``{"api_key"}``)."""
+        return self._credential().rpc()
+
+    def _credential(self) -> Credential:
         if self.token:
-            return {"token": self.token}
+            return Credential.session(self.token)
         if self.api_key:
-            return {"api_key": self.api_key}
+            return Credential.key(self.api_key)
         raise AuthenticationRequired("no API key (pass api_key= or set P2PINFER_API_KEY)")
+
+    def _session(self, needed_for: str) -> Credential:
+        """The session token, for a call that takes no API key."""
+        if not self.token:
+            raise AuthenticationRequired(f"{needed_for} needs a session: log in first")
+        return Credential.session(self.token)
 
     @property
     def is_http(self) -> bool:
         """True when this client talks HTTP to a web node."""
-        return self.base_url is not None and not self.bootstrap
+        return self._is_http
+
+    @property
+    def network(self) -> str | None:
+        """The network id the swarm must belong to: ``network=`` (or
+        ``P2PINFER_NETWORK``), else the first bootstrap node's once it has
+        proved it is a member."""
+        p2p = self._p2p
+        return p2p.network if p2p is not None else self._network
+
+    @network.setter
+    def network(self, value: str | None) -> None:
+        self._network = value
+        if self._p2p is not None:
+            self._p2p.network = value
+
+    @property
+    def untrusted(self) -> dict[str, str]:
+        """Nodes not used because they showed no valid certificate, by peer id."""
+        p2p = self._p2p
+        return p2p.untrusted if p2p is not None else self._untrusted
+
+    @property
+    def _p2p(self) -> Libp2pTransport | None:
+        transport = self._transport
+        return transport if isinstance(transport, Libp2pTransport) else None
+
+    @property
+    def _rpc(self) -> Any:
+        """The peer-to-peer transport's RPC client (None over HTTP or when closed)."""
+        p2p = self._p2p
+        return p2p.rpc if p2p is not None else None
+
+    def _libp2p(self, what: str) -> Libp2pTransport:
+        p2p = self._p2p
+        if p2p is None:
+            raise ConfigError(f"{what} needs peer-to-peer access (bootstrap=...)")
+        return p2p
 
     # -- lifecycle -------------------------------------------------------------------
     async def __aenter__(self) -> Client:
-        stack = AsyncExitStack()
-        await stack.__aenter__()
-        try:
-            if self.is_http:
-                import httpx
-
-                assert self.base_url is not None
-                self._http = await stack.enter_async_context(httpx.AsyncClient(
-                    base_url=self.base_url.rstrip("/"), verify=_ssl_verify(self.verify),
-                    timeout=None,
-                    transport=self.transport))
-            else:
-                import multiaddr
-
-                from .rpc import RpcClient, make_host
-
-                self._host = make_host(self.identity or Identity.generate())
-                await stack.enter_async_context(self._host.run(
-                    listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]))
-                stack.push_async_callback(_close_host, self._host)
-                self._rpc = await stack.enter_async_context(RpcClient.open(self._host))
-        except BaseException as exc:
-            try:
-                await stack.__aexit__(type(exc), exc, exc.__traceback__)
-            except BaseExceptionGroup as group:
-                raise (_sole_error(group) or group) from None
-            raise
-        self._exit = stack
+        await self._transport.__aenter__()
+        self._opened = True
         return self
 
     async def __aexit__(self, *exc: Any) -> bool | None:
-        stack, self._exit = self._exit, None
-        self._http = None
-        self._rpc = None
-        if stack is None:
-            return None
-        try:
-            return await stack.__aexit__(*exc)
-        except BaseExceptionGroup as group:
-            sole = _sole_error(group)
-            if sole is None:
-                raise
-            raise sole from None
+        self._opened = False
+        return await self._transport.__aexit__(*exc)
 
     def _need_open(self) -> None:
-        if self._rpc is None and self._http is None:
+        if not self._opened:
             raise RuntimeError("use the client as `async with Client(...) as client`")
 
     # -- finding nodes ---------------------------------------------------------------------
     async def _entry_points(self) -> dict[str, Descriptor]:
         """Dial every bootstrap node (once) and read its descriptor."""
-        self._need_open()
-        if self._entry:
-            return self._entry
-        from .discovery import Descriptor
-
-        errors: list[str] = []
-        untrusted: list[str] = []
-        for addr in self.bootstrap:
-            try:
-                with trio.fail_after(BOOTSTRAP_TIMEOUT):
-                    peer = await self._rpc.connect(addr)
-                    desc = Descriptor.from_wire(await self._rpc.call(peer, "getDescriptor"))
-                self._trust_entry(desc)
-                self._entry[peer] = desc
-            except trio.TooSlowError:
-                errors.append(f"{addr}: no answer within {BOOTSTRAP_TIMEOUT:.0f} s")
-            except UntrustedPeer as exc:
-                untrusted.append(f"{addr}: {exc.message}")
-                self.untrusted[str(exc.data.get("peer_id", addr))] = exc.message
-            except P2PInferError as exc:
-                errors.append(f"{addr}: {exc.message}")
-        self._entry_errors = errors + untrusted
-        if not self._entry and untrusted:
-            raise UntrustedPeer("no bootstrap node proves it is a member of the network: "
-                                + "; ".join(untrusted), data={"bootstrap": list(self.bootstrap)})
-        if not self._entry:
-            raise PeerUnavailable("cannot reach any bootstrap node: " + "; ".join(errors),
-                                  data={"bootstrap": list(self.bootstrap)})
-        return self._entry
-
-    def _trust_entry(self, desc: Descriptor) -> None:
-        """Learn the owner key from a bootstrap node that proves, with it,
-        that it is a member of the (pinned) network.
-
-        Raises:
-            UntrustedPeer: another network, or no valid certificate.
-        """
-        from .discovery import check_member_descriptor
-        from .ledger.membership import network_id_for
-
-        if self.network is not None and desc.network != self.network:
-            raise UntrustedPeer(f"bootstrap node {desc.peer_id} is in network "
-                                f"{desc.network[:64]!r}, not {self.network}",
-                                data={"peer_id": desc.peer_id})
-        proof = desc.member_proof()
-        try:
-            owner = bytes.fromhex(proof[0]) if proof else b""
-        except ValueError:
-            owner = b""
-        if self._owner_key is not None and owner != self._owner_key:
-            raise UntrustedPeer(f"bootstrap node {desc.peer_id} names another network owner",
-                                data={"peer_id": desc.peer_id})
-        if network_id_for(owner) != desc.network:
-            raise UntrustedPeer(f"bootstrap node {desc.peer_id} shows no owner key of its "
-                                "network", data={"peer_id": desc.peer_id})
-        check_member_descriptor(desc, desc.network, owner)
-        self.network, self._owner_key = desc.network, owner
-
-    def _trusted(self, desc: Descriptor, role: str) -> bool:
-        """Whether ``desc``'s certificate grants ``role`` in our network."""
-        from .discovery import check_member_descriptor
-
-        assert self.network is not None and self._owner_key is not None
-        try:
-            check_member_descriptor(desc, self.network, self._owner_key, role)
-        except UntrustedPeer as exc:
-            self.untrusted[desc.peer_id] = exc.message
-            return False
-        return True
+        return await self._libp2p("finding nodes").entry_points()
 
     async def find(self, role: str) -> list[Descriptor]:
         """Descriptors of nodes with ``role`` that the bootstrap nodes know.
@@ -472,50 +379,19 @@ class Client:
         A non-member client may look up only entry points (gateway and web
         nodes); other roles are found only among the bootstrap nodes
         themselves. Results are reused for 30 s.
-        """
-        if role not in ROLES:
-            raise InvalidParams(f"role must be one of {', '.join(ROLES)}", data={"field": "role"})
-        cached = self._found.get(role)
-        if cached is not None and trio.current_time() - cached[0] < DISCOVERY_REFRESH:
-            return cached[1]
-        from .discovery import Descriptor
 
-        entry = await self._entry_points()
-        found: dict[str, Descriptor] = {p: d for p, d in entry.items()
-                                        if role in d.roles and self._trusted(d, role)}
-        for peer in list(entry):
-            try:
-                with trio.fail_after(BOOTSTRAP_TIMEOUT):
-                    raws = await self._rpc.call(peer, "findPeers", {"role": role})
-            except NotMember:
-                continue  # this role is for network members to look up
-            except (P2PInferError, trio.TooSlowError):
-                continue
-            for raw in raws if isinstance(raws, list) else []:
-                try:
-                    desc = Descriptor.from_wire(raw)
-                except P2PInferError:
-                    continue
-                if (role in desc.roles and desc.peer_id not in found
-                        and self._trusted(desc, role)):
-                    self._remember(desc)
-                    found[desc.peer_id] = desc
-        result = sorted(found.values(), key=lambda d: d.peer_id)
-        self._found[role] = (trio.current_time(), result)
-        return result
+        Raises:
+            ConfigError: in HTTP mode (finding nodes needs peer-to-peer access).
+        """
+        return await self._libp2p("finding nodes").find(role)
 
     async def gateways(self) -> list[str]:
-        """Peer ids of reachable gateways (refreshed every 30 s)."""
-        gateways = [d.peer_id for d in await self.find("gateway")]
-        if not gateways and self.untrusted:
-            raise UntrustedPeer(
-                "no gateway with a valid certificate of network "
-                f"{self.network}: " + "; ".join(sorted(self.untrusted.values()))[:1000],
-                data={"untrusted": sorted(self.untrusted)})
-        if not gateways:
-            raise NoWorkerAvailable("no gateway reachable through the bootstrap nodes",
-                                    data={"retry_after": 2.0})
-        return gateways
+        """Peer ids of reachable gateways (refreshed every 30 s).
+
+        Raises:
+            ConfigError: in HTTP mode (finding nodes needs peer-to-peer access).
+        """
+        return await self._libp2p("finding gateways").gateways()
 
     async def peers(self) -> list[dict[str, Any]]:
         """Every node the client can see (for a non-member: the bootstrap
@@ -525,69 +401,7 @@ class Client:
         Raises:
             ConfigError: in HTTP mode (listing peers needs peer-to-peer access).
         """
-        if self.is_http:
-            raise ConfigError("listing peers needs peer-to-peer access (bootstrap=...)")
-        seen: dict[str, Descriptor] = dict(await self._entry_points())
-        for role in ROLES:
-            for desc in await self.find(role):
-                seen.setdefault(desc.peer_id, desc)
-        return [{"peer_id": d.peer_id, "roles": list(d.roles), "addrs": list(d.addrs),
-                 "version": d.version, "models": d.models(), "info": d.info}
-                for d in sorted(seen.values(), key=lambda d: d.peer_id)]
-
-    def _remember(self, desc: Descriptor) -> None:
-        from libp2p.peer.id import ID
-
-        from .rpc.host import parse_multiaddr
-
-        try:
-            addrs = [parse_multiaddr(a).decapsulate(parse_multiaddr(f"/p2p/{desc.peer_id}"))
-                     for a in desc.addrs]
-            self._host.get_peerstore().add_addrs(ID.from_base58(desc.peer_id), addrs, 600)
-        except Exception:  # an address we cannot parse is simply not dialled
-            return
-
-    def _forget(self) -> None:
-        self._found.clear()
-
-    async def _call_role(self, role: str, method: str, params: Any) -> Any:
-        """Call ``method`` on a node with ``role``, failing over between them."""
-        nodes = [d.peer_id for d in await self.find(role)]
-        if not nodes:
-            if role == "gateway":
-                await self.gateways()  # raises NoWorkerAvailable
-            raise PeerUnavailable(
-                f"no {role} node is reachable through the bootstrap nodes; bootstrap to a "
-                f"node with the {role} role, or use a web node's URL (base_url=)")
-        random.shuffle(nodes)
-        last: P2PInferError | None = None
-        for peer in nodes:
-            try:
-                return await self._rpc.call(peer, method, params)
-            except (PeerUnavailable, StreamBroken) as exc:
-                last = exc
-                self._forget()
-        assert last is not None
-        raise last
-
-    # -- HTTP helpers ------------------------------------------------------------------------
-    def _http_headers(self, *, required: bool = True) -> dict[str, str]:
-        if self.token:
-            return {"Authorization": f"Bearer {self.token}"}
-        if self.api_key:
-            return {"X-API-Key": self.api_key}
-        if not required:
-            return {}
-        raise AuthenticationRequired("no API key (pass api_key= or set P2PINFER_API_KEY)")
-
-    async def _http_json(self, method: str, path: str, *, headers: dict[str, str] | None = None,
-                         body: dict[str, Any] | None = None,
-                         params: dict[str, str] | None = None) -> Any:
-        from ._http import request_json
-
-        assert self._http is not None
-        return await request_json(self._http, method, path, headers=headers or {}, body=body,
-                                  params=params)
+        return await self._transport.peers()
 
     # -- inference ----------------------------------------------------------------------------
     async def inference(
@@ -674,27 +488,9 @@ class Client:
             "top_logprobs": top_logprobs})
         return InferenceStream(self, request)
 
-    async def _open_stream(self, request: dict[str, Any]) -> tuple[Any, Any]:
+    async def _open_answer(self, request: dict[str, Any]) -> AnswerStream:
         self._need_open()
-        if self._http is not None:
-            from ._http import HttpStream
-
-            return None, await HttpStream.open(self._http, request, self._http_headers())
-        auth = self.auth
-        gateways = list(await self.gateways())
-        random.shuffle(gateways)
-        last: P2PInferError | None = None
-        for peer in gateways:
-            stream = self._rpc.stream(peer, "processInferenceRequest",
-                                      {"request": request, "auth": auth})
-            try:
-                await stream.__aenter__()
-                return stream, None
-            except (PeerUnavailable, StreamBroken) as exc:
-                last = exc
-                self._forget()
-        assert last is not None
-        raise last
+        return await self._transport.open_answer(request, self._credential())
 
     # -- gateway views ----------------------------------------------------------------------------
     async def embed(self, input: str | list[str], *, model: str | None = None
@@ -711,15 +507,7 @@ class Client:
         request: dict[str, Any] = {"input": input}
         if model is not None:
             request["model"] = model
-        if self._http is not None:
-            data = await self._http_json("POST", "/v1/embeddings", body=request,
-                                         headers=self._http_headers())
-            return EmbeddingResponse(
-                vectors=[item["embedding"] for item in data["data"]], model=data.get("model"),
-                usage=dict(data.get("usage") or {}),
-                request_id=data.get("request_id"))
-        data = await self._call_role("gateway", "processEmbeddingRequest",
-                                     {"request": request, "auth": self.auth})
+        data = await self._transport.call("embed", request, self._credential())
         return EmbeddingResponse(vectors=list(data["embeddings"]), model=data.get("model"),
                                  usage=dict(data.get("usage") or {}),
                                  request_id=data.get("request_id"), worker=data.get("worker"))
@@ -728,10 +516,7 @@ class Client:
         """Models served in the swarm: ``{name, aliases, backend, workers,
         free_slots, queue_depth, status, context_length}`` each."""
         self._need_open()
-        if self._http is not None:
-            data = await self._http_json("GET", "/api/models", headers=self._http_headers())
-        else:
-            data = await self._call_role("gateway", "listModels", {"auth": self.auth})
+        data = await self._transport.call("models", {}, self._credential())
         return list(data["models"])
 
     async def wait_for_model(self, name: str | None = None, *, workers: int = 1
@@ -759,10 +544,7 @@ class Client:
     async def quota(self) -> dict[str, Any]:
         """Requests and tokens used in the current window, and the limits."""
         self._need_open()
-        if self._http is not None:
-            return dict(await self._http_json("GET", "/api/quota",
-                                              headers=self._http_headers()))
-        return dict(await self._call_role("gateway", "getUserQuota", {"auth": self.auth}))
+        return dict(await self._transport.call("quota", {}, self._credential()))
 
     async def usage(self, *, since: str | None = None, until: str | None = None
                     ) -> list[dict[str, Any]]:
@@ -770,19 +552,13 @@ class Client:
         each (``since``/``until``: ``YYYY-MM-DD``, inclusive)."""
         self._need_open()
         query = {k: v for k, v in (("since", since), ("until", until)) if v}
-        if self._http is not None:
-            data = await self._http_json("GET", "/api/usage", headers=self._http_headers(),
-                                         params=query)
-        else:
-            data = await self._call_role("gateway", "getUsage", {"auth": self.auth, **query})
+        data = await self._transport.call("usage", query, self._credential())
         return list(data["usage"])
 
     async def health(self) -> dict[str, Any]:
         """A gateway's view of the swarm (workers, models, ledger, quota)."""
         self._need_open()
-        if self._http is not None:
-            return dict(await self._http_json("GET", "/api/health"))
-        return dict(await self._call_role("gateway", "getServiceHealth", {}))
+        return dict(await self._transport.call("health", {}, None))
 
     async def system_health(self) -> dict[str, Any]:
         """The metrics role's view: every node's status and firing alerts
@@ -793,18 +569,14 @@ class Client:
             UnknownMethod: in HTTP mode (the REST API has no such route).
         """
         self._need_open()
-        if self._http is not None:
-            raise UnknownMethod("the HTTP API serves the gateway's health only (health())")
-        return dict(await self._call_role("metrics", "getSystemHealth", None))
+        return dict(await self._transport.call("system_health", {}, None))
 
     # -- accounts ---------------------------------------------------------------------------------
     async def register(self, username: str, email: str, password: str) -> dict[str, Any]:
         """Create an account; returns the user (``user_id``, ``username``, ...)."""
         self._need_open()
         body = {"username": username, "email": email, "password": password}
-        if self._http is not None:
-            return dict(await self._http_json("POST", "/api/auth/register", body=body))
-        return dict(await self._call_role("auth", "registerUser", body))
+        return dict(await self._transport.call("register", body, None))
 
     async def login(self, username: str | None = None, *, password: str,
                     email: str | None = None) -> dict[str, Any]:
@@ -816,10 +588,7 @@ class Client:
             raise InvalidParams("give a username or an email", data={"field": "username"})
         body: dict[str, Any] = {"password": password}
         body["username" if username is not None else "email"] = username or email
-        if self._http is not None:
-            session = dict(await self._http_json("POST", "/api/auth/login", body=body))
-        else:
-            session = dict(await self._call_role("auth", "loginUser", body))
+        session = dict(await self._transport.call("login", body, None))
         self.token = str(session["token"])
         return session
 
@@ -827,10 +596,7 @@ class Client:
         """Trade a refresh token for a new session (the old one is spent)."""
         self._need_open()
         body = {"refresh_token": refresh_token}
-        if self._http is not None:
-            session = dict(await self._http_json("POST", "/api/auth/refresh", body=body))
-        else:
-            session = dict(await self._call_role("auth", "refreshToken", body))
+        session = dict(await self._transport.call("refresh", body, None))
         self.token = str(session["token"])
         return session
 
@@ -840,17 +606,11 @@ class Client:
         self._need_open()
         if refresh_token is None and not self.token:
             raise AuthenticationRequired("no session to end (log in first)")
-        if self._http is not None:
-            if refresh_token is not None:
-                result = await self._http_json("POST", "/api/auth/logout",
-                                               body={"refresh_token": refresh_token})
-            else:
-                result = await self._http_json("POST", "/api/auth/logout",
-                                               headers=self._http_headers())
+        if refresh_token is not None:
+            result = await self._transport.call("logout", {"refresh_token": refresh_token},
+                                                None)
         else:
-            params = ({"refresh_token": refresh_token} if refresh_token is not None
-                      else {"token": self.token})
-            result = await self._call_role("auth", "logoutUser", params)
+            result = await self._transport.call("logout", {}, self._session("logging out"))
         if refresh_token is None:
             self.token = None
         return dict(result)
@@ -859,13 +619,8 @@ class Client:
         """End every session of the caller's account on every node (this
         client's too): ``{user_id, sessions_ended_at}``. API keys stay valid."""
         self._need_open()
-        if not self.token:
-            raise AuthenticationRequired("ending your sessions needs a session: log in first")
-        if self._http is not None:
-            result = await self._http_json("POST", "/api/auth/logout-all",
-                                           headers=self._http_headers())
-        else:
-            result = await self._call_role("auth", "logoutEverywhere", {"token": self.token})
+        session = self._session("ending your sessions")
+        result = await self._transport.call("logout_everywhere", {}, session)
         self.token = None
         return dict(result)
 
@@ -876,61 +631,37 @@ class Client:
         returns the new session, which this client uses from then on. API
         keys stay valid (revoke them to end them)."""
         self._need_open()
-        if not self.token:
-            raise AuthenticationRequired("changing the password needs a session: log in first")
+        credential = self._session("changing the password")
         body = {"current_password": current_password, "new_password": new_password}
-        if self._http is not None:
-            session = dict(await self._http_json("POST", "/api/auth/password",
-                                                 headers=self._http_headers(), body=body))
-        else:
-            session = dict(await self._call_role("auth", "changePassword",
-                                                 {"token": self.token, **body}))
+        session = dict(await self._transport.call("change_password", body, credential))
         self.token = str(session["token"])
         return session
 
     async def me(self) -> dict[str, Any]:
         """The caller's account: ``user_id``, ``username``, ``email``, ``tier``, ..."""
         self._need_open()
-        if self._http is not None:
-            return dict(await self._http_json("GET", "/api/auth/me",
-                                              headers=self._http_headers()))
-        return dict(await self._call_role("auth", "getUser", self.auth))
+        return dict(await self._transport.call("me", {}, self._credential()))
 
     async def create_api_key(self, name: str | None = None) -> dict[str, Any]:
         """Issue an API key (needs a session token): ``{api_key, key_id,
         public_id, name, created_at, user_id}``; the key is shown only here."""
         self._need_open()
-        if not self.token:
-            raise AuthenticationRequired("creating an API key needs a session: log in first")
-        if self._http is not None:
-            return dict(await self._http_json("POST", "/api/auth/api-keys",
-                                              headers=self._http_headers(),
-                                              body={"name": name} if name else {}))
-        params: dict[str, Any] = {"token": self.token}
-        if name:
-            params["name"] = name
-        return dict(await self._call_role("auth", "generateApiKey", params))
+        credential = self._session("creating an API key")
+        params: dict[str, Any] = {"name": name} if name else {}
+        return dict(await self._transport.call("create_api_key", params, credential))
 
     async def api_keys(self) -> list[dict[str, Any]]:
         """The caller's API keys (revoked ones too), never the secrets."""
         self._need_open()
-        if self._http is not None:
-            data = await self._http_json("GET", "/api/auth/api-keys",
-                                         headers=self._http_headers())
-        else:
-            data = await self._call_role("auth", "listApiKeys", self.auth)
+        data = await self._transport.call("api_keys", {}, self._credential())
         return list(data["keys"])
 
     async def revoke_api_key(self, key_id: str) -> dict[str, Any]:
         """Revoke one of the caller's keys (needs a session token)."""
         self._need_open()
-        if not self.token:
-            raise AuthenticationRequired("revoking an API key needs a session: log in first")
-        if self._http is not None:
-            return dict(await self._http_json("DELETE", f"/api/auth/api-keys/{key_id}",
-                                              headers=self._http_headers()))
-        return dict(await self._call_role("auth", "revokeApiKey",
-                                          {"token": self.token, "key_id": key_id}))
+        credential = self._session("revoking an API key")
+        return dict(await self._transport.call("revoke_api_key", {"key_id": key_id},
+                                               credential))
 
     async def export_data(self, *, user_id: str | None = None) -> dict[str, Any]:
         """Everything the swarm holds about the caller (needs a session
@@ -938,16 +669,9 @@ class Client:
         ``request_logs`` (prompt hashes only), ``audit``. Admins may name
         another ``user_id``."""
         self._need_open()
-        if not self.token:
-            raise AuthenticationRequired("exporting your data needs a session: log in first")
-        if self._http is not None:
-            return dict(await self._http_json(
-                "GET", "/api/auth/export", headers=self._http_headers(),
-                params={"user_id": user_id} if user_id else None))
-        params: dict[str, Any] = {"token": self.token}
-        if user_id:
-            params["user_id"] = user_id
-        return dict(await self._call_role("auth", "exportUserData", params))
+        credential = self._session("exporting your data")
+        params: dict[str, Any] = {"user_id": user_id} if user_id else {}
+        return dict(await self._transport.call("export_data", params, credential))
 
     async def erase_account(self, password: str | None = None, *,
                             user_id: str | None = None) -> dict[str, Any]:
@@ -956,26 +680,25 @@ class Client:
         username and email are gone everywhere. Returns ``{user_id,
         erased_at, revoked_keys, redacted, already_erased}``."""
         self._need_open()
-        if not self.token:
-            raise AuthenticationRequired("erasing an account needs a session: log in first")
+        credential = self._session("erasing an account")
         if user_id is None and password is None:
             raise InvalidParams("password: erasing your own account needs your password",
                                 data={"field": "password"})
-        if self._http is not None:
-            if user_id is not None:
-                return dict(await self._http_json("DELETE", f"/api/auth/users/{user_id}",
-                                                  headers=self._http_headers()))
-            return dict(await self._http_json("DELETE", "/api/auth/me",
-                                              headers=self._http_headers(),
-                                              body={"password": password}))
-        params: dict[str, Any] = {"token": self.token}
+        params: dict[str, Any] = {}
         if user_id is not None:
             params["user_id"] = user_id
         if password is not None:
             params["password"] = password
-        result = dict(await self._call_role("auth", "eraseUser", params))
-        return result
+        return dict(await self._transport.call("erase_account", params, credential))
 
 
-# SyncClient lives in its own module; re-exported here (public API).
-from .sync_client import SyncClient, SyncStream  # noqa: E402
+def __getattr__(name: str) -> Any:
+    """:class:`SyncClient` and :class:`SyncStream`, which live in
+    :mod:`p2pinfer.sync_client` (built on this module), imported on first use."""
+    if name in ("SyncClient", "SyncStream"):
+        from . import sync_client
+
+        value = getattr(sync_client, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,8 +2,9 @@
 
 :class:`SyncClient` wraps :class:`~p2pinfer.client.Client` for plain scripts
 and for asyncio programs: it runs trio in a background thread of its own and
-hands each call over with ``trio.from_thread``. Both names are re-exported by
-:mod:`p2pinfer.client` and :mod:`p2pinfer`.
+hands each call over with ``trio.from_thread``. Both names can be imported
+from :mod:`p2pinfer.client` too (lazily: this module imports that one) and
+:class:`SyncClient` from :mod:`p2pinfer`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Any, TypeVar
 
 import trio
 
-from .client import Client, EmbeddingResponse, InferenceResponse, _sole_error
+from .client import Client, EmbeddingResponse, InferenceResponse
 from .errors import InvalidParams, NoWorkerAvailable, StreamBroken
+from .transports import sole_error
 
 __all__ = ["SyncClient", "SyncStream"]
 
@@ -166,7 +168,7 @@ class SyncClient:
                 error, self._error = self._error, None
                 thread.join()
                 if isinstance(error, BaseExceptionGroup):
-                    error = _sole_error(error) or error
+                    error = sole_error(error) or error
                 raise error or RuntimeError("the client stopped during start-up")
             self._thread = thread
 

@@ -15,10 +15,10 @@ import httpx
 import pytest
 import trio
 
-from p2pinfer._http import unreachable_reason
 from p2pinfer.client import Client
 from p2pinfer.config import NodeConfig
 from p2pinfer.errors import ConfigError, PeerUnavailable
+from p2pinfer.transports.http import unreachable_reason
 from p2pinfer.web import WebSettings
 from p2pinfer.web.tls import RedirectToHttps, check_pair, make_self_signed
 

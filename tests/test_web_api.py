@@ -14,8 +14,8 @@ import pytest
 import trio
 
 from p2pinfer import errors
-from p2pinfer._http import error_from_response
 from p2pinfer.client import Client
+from p2pinfer.transports.http import error_from_response
 
 from .helpers import wait_for
 from .test_web_support import FAKE, PASSWORD, web_swarm
