@@ -57,6 +57,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_LINE = 1024 * 1024  # one SSE or NDJSON line; a larger one is not a token stream
+# Seconds to read what follows an answer's end marker before giving up on
+# keeping its connection.
+DRAIN_TIMEOUT = 1.0
 MAX_ERROR_BODY = 4096
 
 
@@ -301,7 +304,16 @@ class HttpBackend(Backend):
                             break
                     raise error_for_status(response, body_start, what, model=self.name)
                 self._set_state(ModelState.LOADED)
-                yield _lines(response, what)
+                lines = _lines(response, what)
+                yield lines
+                # The caller read the answer to its end marker ([DONE], done:
+                # true) and left without an error: read the rest of the body
+                # too (normally only the end of the chunked encoding), or
+                # httpx closes the connection instead of keeping it, and every
+                # request pays for a new TCP connection to the server.
+                with trio.move_on_after(DRAIN_TIMEOUT):
+                    async for _ in lines:
+                        pass
         except httpx.HTTPError as exc:
             err = translate_http_error(exc, what)
             if isinstance(err, BackendUnavailable):
