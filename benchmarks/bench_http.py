@@ -1,0 +1,395 @@
+"""HTTP front door benchmark: an instant OpenAI-compatible server called
+directly, and the same kind of request through a swarm's HTTP front door.
+
+The swarm: a hub process (auth, gateway and web: the front door) and a
+worker process (inference). The mock is an aiohttp server in its own
+process answering ``POST /v1/chat/completions`` at once with 16 tokens,
+whole or streamed as server-sent events; the worker's model is an
+OpenAI-compatible backend on that mock (``--backend openai``, the default)
+or the instant synthetic backend (``--backend synthetic``, 16 tokens), so
+that the worker can be taken out of the question.
+
+The load generator is this process: aiohttp's client on asyncio (httpx's
+pool is itself the bottleneck at high concurrency), closed loop, ``c``
+requests in flight, each reading its whole answer (streamed answers until
+the last event). Every cell runs for ``--seconds`` after a short warm-up.
+
+The front door is measured on one core (the hub and every process it
+starts pinned to the first CPU; the worker, the mock and this process on
+the second), then on two (everything may use both). Prints ONE JSON
+object; among its keys:
+
+    rps_c64_1core               req/s through the front door, 64 in flight, one core
+    overhead_p99_ms_c64_1core   its p99 minus the mock's own p99 at 64 in flight
+    overhead_p50_ms_c1          p50 through the front door minus the mock's, 1 in flight
+    rps_c64_2core               as rps_c64_1core, the front door on two cores
+    c1000_errors                1,000 requests in flight at once: how many failed
+    cells                       every cell: target, mode, concurrency, p50, p99, req/s
+
+Usage: python benchmarks/bench_http.py [--quick] [--backend openai|synthetic]
+(needs aiohttp: pip install -e '.[bench]').
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine, median, pct  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+TOKENS = 16
+CONCURRENCY = (1, 16, 64, 256)
+PASSWORD = "benchmark password 42"
+
+
+# -- the mock: an instant OpenAI-compatible server ----------------------------------
+def run_mock(port_file: str) -> None:
+    """Child process: serve the mock on 127.0.0.1 and write its port."""
+    from aiohttp import web
+
+    words = ["tok"] * TOKENS
+    whole = json.dumps({
+        "id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": "mock",
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": " ".join(words)}}],
+        "usage": {"prompt_tokens": 8, "completion_tokens": TOKENS,
+                  "total_tokens": 8 + TOKENS}}).encode()
+    events = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
+    events += [{"choices": [{"index": 0, "delta": {"content": (" " if i else "") + w}}]}
+               for i, w in enumerate(words)]
+    events += [{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+               {"choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": TOKENS,
+                                         "total_tokens": 8 + TOKENS}}]
+    stream = b"".join(
+        b"data: " + json.dumps({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
+                                "created": 0, "model": "mock", **e}).encode() + b"\n\n"
+        for e in events) + b"data: [DONE]\n\n"
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if not body.get("stream"):
+            return web.Response(body=whole, content_type="application/json")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(stream)
+        await resp.write_eof()
+        return resp
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": "mock", "object": "model", "owned_by": "bench", "context_length": 8192}]})
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", chat)
+        app.router.add_get("/v1/models", models)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=2048)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        publish(port_file, str(port))
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def publish(path: str, text: str) -> None:
+    """Write, then rename: the parent polls for the file and must never
+    read it half written."""
+    Path(path + ".tmp").write_text(text)
+    os.rename(path + ".tmp", path)
+
+
+# -- processes and cores ----------------------------------------------------------------
+def pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of ``pid`` and of its children (front-door workers
+    a node starts) to ``cpus``."""
+    import psutil  # type: ignore[import-untyped]
+
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    for proc in procs:
+        for thread in proc.threads():
+            try:
+                os.sched_setaffinity(thread.id, cpus)
+            except OSError:
+                pass  # the thread ended
+
+
+def start(args: list[str], cpus: set[int], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "wb"),
+                            preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+
+
+def wait_file(path: Path, proc: subprocess.Popen[bytes], log: Path) -> str:
+    deadline = time.monotonic() + 120
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(log.read_text()[-3000:])
+        time.sleep(0.05)
+    return path.read_text()
+
+
+class Swarm:
+    """The mock, the hub (front door) and the worker, each its own process."""
+
+    def __init__(self, base: Path, backend: str, hub_cpus: set[int], rest: set[int]) -> None:
+        from p2pinfer.swarm import prepare_local_network
+
+        self.base = base
+        self.procs: list[subprocess.Popen[bytes]] = []
+        port_file = base / "mock.port"
+        self.mock = start([sys.executable, __file__, "--mock", str(port_file)], rest,
+                          base / "mock.log")
+        self.procs.append(self.mock)
+        self.mock_url = f"http://127.0.0.1:{wait_file(port_file, self.mock, base / 'mock.log')}"
+        if backend == "openai":
+            model = {"name": "mock", "backend": "openai", "url": f"{self.mock_url}/v1",
+                     "slots": 4096}
+        else:
+            model = {"name": "mock", "backend": "synthetic", "tokens": TOKENS,
+                     "token_delay": 0.0, "slots": 4096}
+        layout = {"hub": ["auth", "gateway", "web"], "worker": ["inference"]}
+        prepare_local_network(base, layout)
+        self.web_port = free_port()
+        tables = {"models": [model], "inference": {"max_queue": 8192},
+                  "gateway": {"default_rate_limit": 10**9, "concurrent_per_key": 0,
+                              "concurrent_per_user": 0, "usage_flush_interval": 0.5},
+                  "auth": {"registration_wait": 0},
+                  "web": {"port": self.web_port, "request_timeout": 120.0}}
+        self.addrs: dict[str, str] = {}
+        self.hub = self._node(["hub"], layout, tables, hub_cpus, 0)
+        self.worker = self._node(["worker"], layout, tables, rest, 1)
+
+    def _node(self, run: list[str], layout: dict[str, list[str]], tables: dict[str, Any],
+              cpus: set[int], i: int) -> subprocess.Popen[bytes]:
+        ready = self.base / f"ready-{i}.json"
+        spec = {"base": str(self.base), "layout": layout, "tables": tables, "run": run,
+                "ready": str(ready), "bootstrap": [self.addrs["hub"]] if i else []}
+        spec_path = self.base / f"spec-{i}.json"
+        spec_path.write_text(json.dumps(spec))
+        log = self.base / f"node-{i}.log"
+        proc = start([sys.executable, str(HERE / "bench_gateway.py"), "--serve",
+                      str(spec_path)], cpus, log)
+        self.procs.append(proc)
+        self.addrs.update(json.loads(wait_file(ready, proc, log)))
+        return proc
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- the load generator -------------------------------------------------------------------
+async def account(base_url: str) -> str:
+    """Register a user over HTTP and issue an API key."""
+    import aiohttp
+
+    name = f"bench{int(time.time() * 1000) % 10**8}"
+    async with aiohttp.ClientSession(base_url) as http:
+        async with http.post("/api/auth/register", json={
+                "username": name, "email": f"{name}@example.com", "password": PASSWORD}) as r:
+            assert r.status < 300, await r.text()
+        async with http.post("/api/auth/login",
+                             json={"username": name, "password": PASSWORD}) as r:
+            token = (await r.json())["token"]
+        async with http.post("/api/auth/api-keys", json={"name": "bench"},
+                             headers={"Authorization": f"Bearer {token}"}) as r:
+            return str((await r.json())["api_key"])
+
+
+async def wait_ready(base_url: str, key: str) -> None:
+    import aiohttp
+
+    deadline = time.monotonic() + 60
+    async with aiohttp.ClientSession(base_url) as http:
+        while True:
+            async with http.post("/v1/chat/completions", json=body(False),
+                                 headers={"Authorization": f"Bearer {key}"}) as r:
+                if r.status == 200:
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"front door not ready: {r.status} {await r.text()}")
+            await asyncio.sleep(0.2)
+
+
+def body(stream: bool) -> dict[str, Any]:
+    return {"model": "mock", "messages": [{"role": "user", "content": "benchmark prompt"}],
+            "max_tokens": TOKENS, "stream": stream}
+
+
+async def cell(url: str, headers: dict[str, str], stream: bool, concurrency: int,
+               seconds: float, warmup: float = 0.3) -> dict[str, Any]:
+    """``concurrency`` requests in flight for ``seconds`` (after a warm-up):
+    latencies of complete answers, req/s, errors."""
+    import aiohttp
+
+    payload = json.dumps(body(stream)).encode()
+    hdrs = {**headers, "Content-Type": "application/json"}
+    lat: list[float] = []
+    errors = 0
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=concurrency)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+        start = time.perf_counter()
+        measure_from = start + warmup
+        stop_at = measure_from + seconds
+
+        async def loop() -> None:
+            nonlocal errors
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= stop_at:
+                    return
+                try:
+                    async with http.post(url, data=payload, headers=hdrs) as r:
+                        await r.read()
+                        ok = r.status == 200
+                except (TimeoutError, aiohttp.ClientError):
+                    ok = False
+                t1 = time.perf_counter()
+                if t0 >= measure_from:
+                    if ok:
+                        lat.append(t1 - t0)
+                    else:
+                        errors += 1
+
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        wall = time.perf_counter() - measure_from
+    return {"p50_ms": round(median(lat) * 1e3, 3), "p99_ms": round(pct(lat, 0.99) * 1e3, 3),
+            "rps": round(len(lat) / wall), "n": len(lat), "errors": errors}
+
+
+async def burst(url: str, headers: dict[str, str], n: int) -> dict[str, Any]:
+    """``n`` requests sent at once, each on its own connection."""
+    import aiohttp
+
+    payload = json.dumps(body(False)).encode()
+    hdrs = {**headers, "Content-Type": "application/json"}
+    connector = aiohttp.TCPConnector(limit=n, limit_per_host=n)
+    errors: list[str] = []
+    lat: list[float] = []
+    async with aiohttp.ClientSession(connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=120)) as http:
+        async def one() -> None:
+            t0 = time.perf_counter()
+            try:
+                async with http.post(url, data=payload, headers=hdrs) as r:
+                    await r.read()
+                    if r.status != 200:
+                        errors.append(str(r.status))
+                        return
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                errors.append(type(exc).__name__)
+                return
+            lat.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(n)))
+    return {"ok": len(lat), "errors": len(errors), "error_kinds": sorted(set(errors))[:5],
+            "wall_s": round(time.perf_counter() - t0, 2),
+            "p50_ms": round(median(lat) * 1e3, 1), "p99_ms": round(pct(lat, 0.99) * 1e3, 1)}
+
+
+async def measure(swarm: Swarm, key: str, cpus: list[int], seconds: float,
+                  out: dict[str, Any]) -> None:
+    door = f"http://127.0.0.1:{swarm.web_port}/v1/chat/completions"
+    mock = f"{swarm.mock_url}/v1/chat/completions"
+    auth = {"Authorization": f"Bearer {key}"}
+    cells: list[dict[str, Any]] = []
+    direct: dict[tuple[bool, int], dict[str, Any]] = {}
+    layouts = [("1core", {cpus[0]}, {cpus[1]} if len(cpus) > 1 else {cpus[0]})]
+    if len(cpus) > 1:
+        layouts.append(("2core", set(cpus), set(cpus)))
+    for label, hub_cpus, rest in layouts:
+        pin(swarm.hub.pid, hub_cpus)
+        for proc in (swarm.worker, swarm.mock):
+            pin(proc.pid, rest)
+        os.sched_setaffinity(0, rest)
+        await cell(door, auth, False, 16, 0.5)  # settle after the move
+        for stream in (False, True):
+            mode = "streamed" if stream else "whole"
+            for c in CONCURRENCY:
+                if label == "1core":  # the mock's own figures, same generator
+                    d = direct[(stream, c)] = await cell(mock, {}, stream, c, seconds)
+                    cells.append({"target": "mock", "mode": mode, "c": c, **d})
+                f = await cell(door, auth, stream, c, seconds)
+                cells.append({"target": f"front_door_{label}", "mode": mode, "c": c, **f})
+                d = direct[(stream, c)]
+                if not stream and c == 64:
+                    out[f"rps_c64_{label}"] = f["rps"]
+                    out[f"overhead_p99_ms_c64_{label}"] = round(f["p99_ms"] - d["p99_ms"], 3)
+                if not stream and c == 1 and label == "1core":
+                    out["overhead_p50_ms_c1"] = round(f["p50_ms"] - d["p50_ms"], 3)
+                if stream and c == 64:
+                    out[f"streamed_overhead_p99_ms_c64_{label}"] = round(
+                        f["p99_ms"] - d["p99_ms"], 3)
+        if label == "2core":
+            b = await burst(door, auth, 1000)
+            out["c1000_errors"] = b["errors"]
+            out["c1000"] = b
+    if "rps_c64_2core" in out and out.get("rps_c64_1core"):
+        out["scaling_2core_over_1core"] = round(out["rps_c64_2core"] / out["rps_c64_1core"], 2)
+    out["cells"] = cells
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="about a minute")
+    ap.add_argument("--backend", choices=("openai", "synthetic"), default="openai",
+                    help="the worker's model: OpenAI-compatible on the mock, or synthetic")
+    ap.add_argument("--mock", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.mock:
+        run_mock(args.mock)
+        return
+    seconds = 1.0 if args.quick else 5.0
+    cpus = sorted(os.sched_getaffinity(0))
+    out: dict[str, Any] = {"machine": machine(), "quick": args.quick, "backend": args.backend,
+                           "seconds_per_cell": seconds, "tokens": TOKENS}
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        swarm = Swarm(Path(tmp), args.backend, {cpus[0]},
+                      {cpus[-1]} if len(cpus) > 1 else {cpus[0]})
+        try:
+            base_url = f"http://127.0.0.1:{swarm.web_port}"
+
+            async def run() -> None:
+                key = await account(base_url)
+                await wait_ready(base_url, key)
+                await measure(swarm, key, cpus, seconds, out)
+
+            asyncio.run(run())
+        finally:
+            swarm.stop()
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
