@@ -10,7 +10,9 @@ Files:
 - ``app.py``: the ASGI app: routes, per-dialect error handlers, middleware
   (request metrics, security headers, body limit);
 - ``upstream.py``: RPC to auth, gateway and metrics nodes (this node first),
-  the inference stream, the cached model catalogue;
+  the inference stream, the cached model catalogue, what the pages read of
+  the node's ledger; ``WebUpstream`` is all the app uses of the node (the
+  app itself runs on anyio, so on trio or asyncio alike);
 - ``api.py``: the REST API (``/api/auth/*``, ``/api/inference``,
   ``/api/models``, ``/api/usage``, ``/api/quota``, ``/api/health``);
 - ``openai_api.py``: ``/v1/models``, ``/v1/chat/completions``,

@@ -209,7 +209,7 @@ def api_routes(web: WebRole) -> list[Route]:
 
     async def health(request: Request) -> Response:
         body = dict(await up.call("gateway", "getServiceHealth", {}))
-        body["web"] = {"peer_id": web.node.peer_id, "version": __version__, "url": web.url}
+        body["web"] = {"peer_id": web.peer_id, "version": __version__, "url": web.url}
         return JSONResponse(body, headers=NO_STORE)
 
     return [

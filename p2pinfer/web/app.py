@@ -185,4 +185,4 @@ def build_app(web: WebRole) -> Any:
     limited = BodyLimit(app, limit=web.settings.max_body_bytes, render=early_error,
                         timeout=web.settings.body_timeout)
     return ClientSource(RequestMetrics(SecurityHeaders(limited, hsts=web.tls),
-                                       web.node.metrics))
+                                       web.metrics))

@@ -34,7 +34,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
-import trio
+import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -469,7 +469,7 @@ def openai_routes(web: WebRole) -> list[Route]:
                 for index in range(choices_n):
                     calls.append(await up.inference(_choice_params(params, index), auth))
             except BaseException:
-                with trio.CancelScope(shield=True):
+                with anyio.CancelScope(shield=True):
                     for opened in calls:
                         await opened.aclose()
                 raise
@@ -485,9 +485,9 @@ def openai_routes(web: WebRole) -> list[Route]:
                 await call.aclose()
 
         try:
-            async with trio.open_nursery() as nursery:  # n choices: n requests at once
+            async with anyio.create_task_group() as tasks:  # n choices: n requests at once
                 for index in range(len(answers)):
-                    nursery.start_soon(answer, index)
+                    tasks.start_soon(answer, index)
         except BaseExceptionGroup as group:  # the first choice's error is the answer
             failed = group.subgroup(lambda e: isinstance(e, P2PInferError))
             if failed is None:

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import trio
+import anyio
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -233,19 +233,19 @@ class Pages:
         if isinstance(session, Response):
             return session
         uid = session.principal.user_id
-        ledger = self.web.node.ledger
         days = day_range(DASHBOARD_DAYS)
+        account = await self.web.upstream.account(uid, since=days[0], logs=15)
         requests = dict.fromkeys(days, 0)
         tokens = dict.fromkeys(days, 0)
-        keys = {k.id: k for k in ledger.api_keys_of(uid)}
+        keys = {k["id"]: k for k in account["keys"]}
         per_key: dict[str, dict[str, Any]] = {}
-        for row in ledger.usage(user_id=uid, since=days[0]):
-            if row.date in requests:
-                requests[row.date] += row.request_count
-                tokens[row.date] += row.tokens_used
-            entry = per_key.setdefault(row.api_key_id or "", {"requests": 0, "tokens": 0})
-            entry["requests"] += row.request_count
-            entry["tokens"] += row.tokens_used
+        for row in account["usage"]:
+            if row["date"] in requests:
+                requests[row["date"]] += row["request_count"]
+                tokens[row["date"]] += row["tokens_used"]
+            entry = per_key.setdefault(row["api_key_id"] or "", {"requests": 0, "tokens": 0})
+            entry["requests"] += row["request_count"]
+            entry["tokens"] += row["tokens_used"]
 
         def key_label(key_id: str | None) -> str:
             if not key_id:
@@ -253,13 +253,12 @@ class Pages:
             key = keys.get(key_id)
             if key is None:
                 return key_id[:8]
-            return key.name or f"p2p_{key.public_id}…"
+            return str(key["name"] or f"p2p_{key['public_id']}…")
 
         key_rows = sorted(({"label": key_label(k), "revoked": bool(
-            keys.get(k) and keys[k].revoked_at is not None), **v}
+            keys.get(k) and keys[k]["revoked_at"] is not None), **v}
             for k, v in per_key.items()), key=lambda r: -int(r["tokens"]))
-        logs = [{"row": r, "key": key_label(r.api_key_id)}
-                for r in ledger.request_logs(user_id=uid, limit=15)]
+        logs = [{"row": r, "key": key_label(r["api_key_id"])} for r in account["logs"]]
         quota: dict[str, Any] | None = None
         quota_error = None
         try:
@@ -277,7 +276,8 @@ class Pages:
         return self.render(request, "dashboard.html", {
             "charts": charts, "totals": totals, "key_rows": key_rows, "logs": logs,
             "quota": quota, "quota_error": quota_error, "days": DASHBOARD_DAYS,
-            "active_keys": sum(1 for k in keys.values() if k.is_active and k.revoked_at is None),
+            "active_keys": sum(1 for k in keys.values()
+                               if k["is_active"] and k["revoked_at"] is None),
         }, session=session)
 
     async def api_keys(self, request: Request) -> Response:
@@ -404,7 +404,6 @@ class Pages:
         session = await self._session_or_login(request)
         if isinstance(session, Response):
             return session
-        node = self.web.node
         up = self.web.upstream
         # The member list and per-node health are the operator's view: a
         # user who is not an admin sees what getSystemHealth shows to
@@ -412,16 +411,16 @@ class Pages:
         admin = session.principal.is_admin
         online: dict[str, set[str]] = {}
         if admin:
-            with trio.move_on_after(3):
+            with anyio.move_on_after(3):
                 for role in ROLE_NAMES:
                     online[role] = set(await up.peers(role))
         members = []
-        for m in sorted(node.ledger.members() if admin else [], key=lambda m: m.admitted_at):
-            seen = [r for r in sorted(m.roles) if m.peer_id in online.get(r, set())]
-            members.append({"peer_id": m.peer_id, "roles": sorted(m.roles),
-                            "admitted_at": m.admitted_at, "expires_at": m.expires_at,
-                            "removed": m.removed_after is not None, "online": seen,
-                            "self": m.peer_id == node.peer_id})
+        for m in sorted(await up.members() if admin else [], key=lambda m: m["admitted_at"]):
+            seen = [r for r in m["roles"] if m["peer_id"] in online.get(r, set())]
+            members.append({"peer_id": m["peer_id"], "roles": m["roles"],
+                            "admitted_at": m["admitted_at"], "expires_at": m["expires_at"],
+                            "removed": m["removed_after"] is not None, "online": seen,
+                            "self": m["peer_id"] == self.web.peer_id})
         context: dict[str, Any] = {"members": members, "models": [], "gateway": None,
                                    "swarm": None, "problems": [], "admin": admin}
         calls: dict[str, Callable[[], Awaitable[Any]]] = {

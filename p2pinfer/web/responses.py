@@ -50,7 +50,7 @@ def as_error(exc: BaseException) -> P2PInferError:
     """Our error for ``exc`` (the boundary rule: nothing else leaves as HTTP)."""
     if isinstance(exc, P2PInferError):
         return exc
-    if isinstance(exc, trio.TooSlowError):
+    if isinstance(exc, TimeoutError | trio.TooSlowError):
         return DeadlineExceeded("the request took too long")
     log.error("unexpected error in the web role", exc_info=exc)
     return HandlerError(f"internal error ({type(exc).__name__})")

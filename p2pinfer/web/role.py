@@ -24,7 +24,7 @@ from .sessions import SessionManager
 from .settings import WebSettings
 from .templating import make_environment
 from .tls import SELF_SIGNED_WARNING, RedirectToHttps, TlsFiles, check_pair, ensure_self_signed
-from .upstream import Upstream
+from .upstream import Upstream, WebUpstream
 
 if TYPE_CHECKING:
     from ..context import RoleContext
@@ -48,6 +48,9 @@ class WebRole:
 
     def __init__(self, node: RoleContext) -> None:
         self.node = node
+        self.peer_id = node.peer_id
+        #: where the app counts HTTP requests (the node-wide metrics)
+        self.metrics = node.metrics
         self.settings = WebSettings.from_config(node.config)
         s = self.settings
         self.tls_files = self._tls_files()
@@ -55,8 +58,9 @@ class WebRole:
         self.url: str | None = None
         self.port: int | None = None
         self.redirect_url: str | None = None
-        self.upstream = Upstream(node, call_timeout=s.call_timeout,
-                                 request_timeout=s.request_timeout, models_ttl=s.models_ttl)
+        self.upstream: WebUpstream = Upstream(
+            node, call_timeout=s.call_timeout, request_timeout=s.request_timeout,
+            models_ttl=s.models_ttl)
         self.templates = make_environment(s.title)
         self.csrf = CsrfGuard(self._csrf_key(), cookie=s.csrf_cookie, secure=self.secure)
         self.sessions = SessionManager(self)

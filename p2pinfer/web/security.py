@@ -27,7 +27,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
-import trio
+import anyio
 from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.responses import Response
@@ -128,8 +128,8 @@ class BodyLimit:
                 message: dict[str, Any] = await receive()
                 return message
             if deadline is None:
-                deadline = trio.current_time() + self.timeout
-            with trio.move_on_at(deadline):
+                deadline = anyio.current_time() + self.timeout
+            with anyio.CancelScope(deadline=deadline):
                 message = await receive()
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))

@@ -16,12 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import trio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..credentials import Authenticator, Principal
-from ..errors import AccessError, P2PInferError, TokenExpired, UnknownUser
+from ..credentials import Principal
+from ..errors import AccessError, P2PInferError, TokenExpired
 from .inputs import source_of
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -30,8 +29,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["Session", "SessionManager"]
 
 log = logging.getLogger(__name__)
-
-REPLICATION_WAIT = 3.0
 
 
 @dataclass
@@ -53,7 +50,6 @@ class SessionManager:
     def __init__(self, web: WebRole) -> None:
         self.web = web
         self.settings = web.settings
-        self.authenticator = Authenticator(web.node)
 
     @property
     def secure(self) -> bool:
@@ -66,14 +62,10 @@ class SessionManager:
         if not token:
             return None
         try:
-            principal = self.authenticator.verify_token(token)
-            return Session(principal, token)
+            # (a login on another auth node gets a second to replicate here)
+            return Session(await self.web.upstream.session(token), token)
         except TokenExpired:
             pass
-        except UnknownUser:
-            # a login on another auth node may not have replicated here yet
-            principal_or_none = await self._after_replication(token)
-            return None if principal_or_none is None else Session(principal_or_none, token)
         except AccessError:
             return None
         refresh = request.cookies.get(self.settings.refresh_cookie)
@@ -83,28 +75,15 @@ class SessionManager:
             renewed = await self.web.upstream.call(
                 "auth", "refreshToken",
                 {"refresh_token": refresh, "source": source_of(request)})
-            principal = self.authenticator.verify_token(renewed["token"])
+            principal = await self.web.upstream.session(renewed["token"])
         except P2PInferError as exc:
             log.debug("session refresh refused: %s", exc.message)
             return None
         return Session(principal, renewed["token"], renewed)
 
-    async def _after_replication(self, token: str) -> Principal | None:
-        with trio.move_on_after(REPLICATION_WAIT):
-            while True:
-                try:
-                    return self.authenticator.verify_token(token)
-                except UnknownUser:
-                    await trio.sleep(0.05)
-                except AccessError:
-                    return None
-        return None
-
     async def wait_for_user(self, user_id: str) -> None:
         """Wait (briefly) until this node's ledger knows ``user_id``."""
-        ledger = self.web.node.ledger
-        with trio.move_on_after(REPLICATION_WAIT):
-            await ledger.wait_until(lambda: ledger.user(user_id) is not None)
+        await self.web.upstream.wait_for_user(user_id)
 
     def set_cookies(self, response: Response, session: dict[str, Any]) -> None:
         """Put a session (``loginUser`` / ``refreshToken`` result) in cookies."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
-import trio
+import anyio
 from starlette.responses import Response
 
 from ..errors import P2PInferError
@@ -43,7 +43,7 @@ class Dialect(Protocol):
     def error(self, err: P2PInferError) -> bytes: ...
 
 
-async def _watch_disconnect(receive: Any, scope: trio.CancelScope) -> None:
+async def _watch_disconnect(receive: Any, scope: anyio.CancelScope) -> None:
     """Cancel ``scope`` when the HTTP client goes away."""
     while True:
         message = await receive()
@@ -70,10 +70,10 @@ class StreamResponse(Response):
         try:
             await send({"type": "http.response.start", "status": self.status_code,
                         "headers": self.raw_headers})
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope)
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(_watch_disconnect, receive, tasks.cancel_scope)
                 await self._write(send)
-                nursery.cancel_scope.cancel()
+                tasks.cancel_scope.cancel()
         except Exception as exc:
             # the status line is out: nothing else can be said to this client
             # (most often it went away while we were writing)
@@ -93,7 +93,7 @@ class StreamResponse(Response):
             async for text in self.call:
                 if text or self.call.chunk_logprobs:
                     await body(self.dialect.delta(text, self.call.chunk_logprobs))
-        except (trio.Cancelled, OSError):
+        except (anyio.get_cancelled_exc_class(), OSError):
             raise
         except Exception as exc:
             err = as_error(exc)
@@ -140,19 +140,20 @@ class MultiStreamResponse(Response):
         try:
             await send({"type": "http.response.start", "status": self.status_code,
                         "headers": self.raw_headers})
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_watch_disconnect, receive, nursery.cancel_scope)
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(_watch_disconnect, receive, tasks.cancel_scope)
                 await self._write(body)
-                nursery.cancel_scope.cancel()
+                tasks.cancel_scope.cancel()
         except Exception as exc:
             log.debug("streaming to the client stopped: %r", exc)
         finally:
-            with trio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):
                 for call in self.calls:
                     await call.aclose()
 
     async def _write(self, body: Any) -> None:
-        send, recv = trio.open_memory_channel[tuple[int, str, Any]](len(self.calls) * 4)
+        send, recv = anyio.create_memory_object_stream[tuple[int, str, Any]](
+            len(self.calls) * 4)
 
         async def read(index: int, call: InferenceCall) -> None:
             async for text in call:
@@ -163,7 +164,7 @@ class MultiStreamResponse(Response):
 
         async def read_all() -> None:
             try:
-                async with trio.open_nursery() as readers:
+                async with anyio.create_task_group() as readers:
                     for index, call in enumerate(self.calls):
                         readers.start_soon(read, index, call)
             except Exception as exc:  # the first call's error ends them all
@@ -172,8 +173,8 @@ class MultiStreamResponse(Response):
                 send.close()
 
         await body(self.dialect.start_many(len(self.calls)))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_all)
+        async with anyio.create_task_group() as tasks, recv:
+            tasks.start_soon(read_all)
             async for index, text, scores in recv:
                 await body(self.dialect.delta_at(index, text, scores))
         if failed:

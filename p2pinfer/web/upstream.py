@@ -13,15 +13,22 @@ behaves the same on an all-in-one node and on a web-only node:
   HTTP status has been sent (:class:`InferenceCall`);
 - :class:`ModelCatalog`: the swarm's models (``listModels``), reused for
   ``[web] models_ttl`` seconds, to tell an unknown model (404) from a busy
-  swarm.
+  swarm;
+- what the pages read of this node's ledger (:meth:`Upstream.session`,
+  :meth:`Upstream.account`, :meth:`Upstream.members`), as plain data.
+
+:class:`WebUpstream` is all the web app uses of it: the routes, pages and
+sessions never touch the node, so the same app can serve from any process
+that implements it.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+import anyio
 import trio
 
 from ..errors import (
@@ -40,12 +47,16 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..context import RoleContext
     from ..credentials import Authenticator, Principal
 
-__all__ = ["InferenceCall", "ModelCatalog", "Upstream", "model_names"]
+__all__ = ["InferenceCall", "ModelCatalog", "Upstream", "WebUpstream", "model_names"]
 
 log = logging.getLogger(__name__)
 
 _END = object()
 REPLICATION_WAIT = 1.0
+# A session made by a login on another auth node, or a user just
+# registered there, gets longer: a page load waits for it rather than
+# sending the user back to the login form.
+SESSION_WAIT = 3.0
 
 
 class InferenceCall:
@@ -63,7 +74,7 @@ class InferenceCall:
         self._closed = False
         self.gateway = gateway
         self.trailer: dict[str, Any] = dict(stream.trailer or {}) if first is _END else {}
-        self.started = trio.current_time()
+        self.started = anyio.current_time()
         #: the log probabilities of the last chunk's tokens (None: not asked),
         #: and of every token so far
         self.chunk_logprobs: list[dict[str, Any]] | None = None
@@ -100,7 +111,7 @@ class InferenceCall:
         if self._closed:
             return
         self._closed = True
-        with trio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):
             await self._stream.__aexit__(None, None, None)
 
 
@@ -121,11 +132,51 @@ def model_names(models: list[dict[str, Any]]) -> dict[str, str]:
     return out
 
 
+class WebUpstream(Protocol):
+    """What the web app (routes, pages, sessions) uses of the swarm and of
+    its node. Every method may raise the swarm's errors
+    (:class:`~p2pinfer.errors.P2PInferError`)."""
+
+    catalog: ModelCatalog
+
+    async def authenticate(self, auth: dict[str, str]) -> Principal:
+        """The principal of an API key or session token (offline, on the
+        node's ledger; a credential made a moment ago gets a second)."""
+
+    async def session(self, token: str) -> Principal:
+        """The principal of a session token (TokenExpired once it expired)."""
+
+    async def wait_for_user(self, user_id: str) -> None:
+        """Until the node's ledger knows ``user_id`` (at most a second)."""
+
+    async def peers(self, role: str) -> list[str]:
+        """Member nodes with ``role``, the node itself first."""
+
+    async def call(self, role: str, method: str, params: Any = None, *,
+                   long: bool = False) -> Any:
+        """``method`` on a node with ``role``, failing over between them."""
+
+    async def embed(self, request: dict[str, Any], auth: dict[str, str]) -> dict[str, Any]:
+        """``processEmbeddingRequest`` for the HTTP client."""
+
+    async def inference(self, request: dict[str, Any], auth: dict[str, str], *,
+                        stream: bool = True) -> InferenceCall:
+        """``processInferenceRequest``, opened, its first event awaited."""
+
+    async def account(self, user_id: str, *, since: str, logs: int) -> dict[str, Any]:
+        """A user's keys, usage since ``since`` and last ``logs`` requests,
+        from the node's ledger: ``{"keys", "usage", "logs"}``, rows as maps."""
+
+    async def members(self) -> list[dict[str, Any]]:
+        """The network's members (``peer_id``, ``roles``, ``admitted_at``,
+        ``expires_at``, ``removed_after``)."""
+
+
 @dataclass
 class ModelCatalog:
     """The swarm's models as the gateway lists them, cached briefly."""
 
-    upstream: Upstream
+    upstream: WebUpstream
     ttl: float
     _models: list[dict[str, Any]] | None = None
     _at: float = -1e18
@@ -134,12 +185,12 @@ class ModelCatalog:
         """``listModels`` (authenticated with ``auth``), cached for ``ttl``;
         ``auth`` is checked every time, cached or not."""
         await self.upstream.authenticate(auth)
-        now = trio.current_time()
+        now = anyio.current_time()
         if fresh or self._models is None or now - self._at > self.ttl:
             result = await self.upstream.call("gateway", "listModels", {"auth": auth})
             models = result.get("models") if isinstance(result, dict) else None
             self._models = [m for m in models or [] if isinstance(m, dict)]
-            self._at = trio.current_time()
+            self._at = anyio.current_time()
         return list(self._models)
 
     async def resolve(self, name: str | None, auth: dict[str, str]) -> str | None:
@@ -152,7 +203,7 @@ class ModelCatalog:
             for candidate in (name, name.removesuffix(":latest")):
                 if candidate in names:
                     return candidate
-            if trio.current_time() - self._at < 0.5:
+            if anyio.current_time() - self._at < 0.5:
                 break  # just asked: no need to ask again
         raise UnknownModel(f"model {name[:128]!r} is not served by any worker in the swarm",
                            data={"model": name[:128]})
@@ -185,11 +236,7 @@ class Upstream:
         Raises:
             AccessError: the credential's own error.
         """
-        if self._authenticator is None:
-            from ..credentials import Authenticator
-
-            self._authenticator = Authenticator(self.node)
-        check = self._authenticator
+        check = self._checker()
         source = current_source.get()
         try:
             return check.authenticate(auth, source=source)
@@ -208,6 +255,63 @@ class Upstream:
                 except (InvalidApiKey, UnknownUser):
                     continue
         raise first
+
+    def _checker(self) -> Authenticator:
+        if self._authenticator is None:
+            from ..credentials import Authenticator
+
+            self._authenticator = Authenticator(self.node)
+        return self._authenticator
+
+    async def session(self, token: str) -> Principal:
+        """The principal of a session token, checked offline; a user this
+        node does not know yet (a login on another auth node) gets up to a
+        second to replicate.
+
+        Raises:
+            TokenExpired, UnknownUser, AccessError: the token's own error.
+        """
+        check = self._checker()
+        try:
+            return check.verify_token(token)
+        except UnknownUser:
+            pass
+        with trio.move_on_after(SESSION_WAIT):
+            while True:
+                await trio.sleep(0.05)
+                try:
+                    return check.verify_token(token)
+                except UnknownUser:
+                    continue
+        return check.verify_token(token)
+
+    async def wait_for_user(self, user_id: str) -> None:
+        """Wait (briefly) until this node's ledger knows ``user_id``."""
+        ledger = self.node.ledger
+        with trio.move_on_after(SESSION_WAIT):
+            await ledger.wait_until(lambda: ledger.user(user_id) is not None)
+
+    async def account(self, user_id: str, *, since: str, logs: int) -> dict[str, Any]:
+        """What the dashboard shows of ``user_id``, from this node's ledger."""
+        ledger = self.node.ledger
+        return {
+            "keys": [{"id": k.id, "name": k.name, "public_id": k.public_id,
+                      "is_active": k.is_active, "revoked_at": k.revoked_at}
+                     for k in ledger.api_keys_of(user_id)],
+            "usage": [{"date": r.date, "api_key_id": r.api_key_id,
+                       "request_count": r.request_count, "tokens_used": r.tokens_used}
+                      for r in ledger.usage(user_id=user_id, since=since)],
+            "logs": [{"created_at": r.created_at, "model_used": r.model_used,
+                      "status": r.status, "tokens_used": r.tokens_used,
+                      "response_time_ms": r.response_time_ms, "api_key_id": r.api_key_id}
+                     for r in ledger.request_logs(user_id=user_id, limit=logs)],
+        }
+
+    async def members(self) -> list[dict[str, Any]]:
+        """The network's members as this node's membership view has them."""
+        return [{"peer_id": m.peer_id, "roles": sorted(m.roles), "admitted_at": m.admitted_at,
+                 "expires_at": m.expires_at, "removed_after": m.removed_after}
+                for m in self.node.ledger.members()]
 
     async def peers(self, role: str) -> list[str]:
         """Member nodes with ``role``: this node first if it has the role."""
