@@ -4,6 +4,8 @@ Files:
 
 - ``role.py``: :class:`WebRole`, the role contract (``run`` binds the HTTP
   server and reports its port);
+- ``site.py``: :class:`~p2pinfer.web.site.WebSite`, the app and what it is
+  built from (settings, upstream, CSRF key), whatever process serves it;
 - ``settings.py``: the ``[web]`` table (``host``, ``port`` from
   ``WEB_SERVICE_PORT``, body limit, timeouts, cookies);
 - ``server.py``: the one place Hypercorn (trio worker) is set up;

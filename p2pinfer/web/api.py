@@ -46,7 +46,7 @@ from .responses import dumps
 from .streaming import StreamResponse
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .role import WebRole
+    from .site import WebSite
 
 __all__ = ["NdjsonDialect", "api_routes", "prepare_inference"]
 
@@ -77,7 +77,7 @@ class NdjsonDialect:
         return dumps({"error": err.to_dict()}) + b"\n"
 
 
-async def prepare_inference(web: WebRole, request: dict[str, Any],
+async def prepare_inference(web: WebSite, request: dict[str, Any],
                             auth: dict[str, str]) -> dict[str, Any]:
     """Check the prompt params' shape and that the model exists in the swarm
     (UnknownModel, 404); returns the request with the model's own name."""
@@ -98,7 +98,7 @@ def _bool(value: Any, field: str) -> bool:
     return value
 
 
-def api_routes(web: WebRole) -> list[Route]:
+def api_routes(web: WebSite) -> list[Route]:
     """The REST routes of ``web``."""
     up = web.upstream
 

@@ -32,7 +32,7 @@ from .security import BodyLimit, SecurityHeaders
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..context import Metrics
-    from .role import WebRole
+    from .site import WebSite
 
 __all__ = ["ClientSource", "RequestMetrics", "build_app", "method_label"]
 
@@ -124,7 +124,7 @@ class RequestMetrics:
                 count()
 
 
-def _dialect_error(web: WebRole, request: Request, err: P2PInferError) -> Response:
+def _dialect_error(web: WebSite, request: Request, err: P2PInferError) -> Response:
     path = request.url.path
     if path.startswith("/v1/"):
         return openai_error(err)
@@ -135,7 +135,7 @@ def _dialect_error(web: WebRole, request: Request, err: P2PInferError) -> Respon
     return web.pages.error_page(request, err)
 
 
-def build_app(web: WebRole) -> Any:
+def build_app(web: WebSite) -> Any:
     """The whole ASGI app of ``web`` (middleware included)."""
 
     async def on_error(request: Request, exc: Exception) -> Response:

@@ -45,7 +45,7 @@ from .responses import dumps
 from .upstream import model_names
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .role import WebRole
+    from .site import WebSite
 
 __all__ = ["OLLAMA_PATHS", "OllamaDialect", "ollama_request", "ollama_routes"]
 
@@ -281,7 +281,7 @@ def _entry(model: dict[str, Any], name: str) -> dict[str, Any]:
             "digest": hashlib.sha256(name.encode()).hexdigest(), "details": _details(model)}
 
 
-def ollama_routes(web: WebRole) -> list[Route]:
+def ollama_routes(web: WebSite) -> list[Route]:
     """The Ollama routes of ``web``."""
     from .streaming import StreamResponse
 

@@ -48,7 +48,7 @@ from .responses import dumps, openai_error_body
 from .upstream import model_names
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .role import WebRole
+    from .site import WebSite
 
 __all__ = ["ChatDialect", "CompletionDialect", "chat_request", "completion_request",
            "openai_routes"]
@@ -430,7 +430,7 @@ def _model_object(model: dict[str, Any]) -> dict[str, Any]:
             "created": created if isinstance(created, int) else 0, "owned_by": "p2pinfer"}
 
 
-def openai_routes(web: WebRole) -> list[Route]:
+def openai_routes(web: WebSite) -> list[Route]:
     """The ``/v1`` routes of ``web``."""
     from .streaming import MultiStreamResponse, StreamResponse
 

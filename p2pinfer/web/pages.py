@@ -49,7 +49,7 @@ from .sessions import Session
 from .streaming import StreamResponse
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .role import WebRole
+    from .site import WebSite
 
 __all__ = ["Pages"]
 
@@ -112,7 +112,7 @@ def public_health(health: dict[str, Any]) -> dict[str, Any]:
 class Pages:
     """The HTML routes of ``web`` (see the module docstring)."""
 
-    def __init__(self, web: WebRole) -> None:
+    def __init__(self, web: WebSite) -> None:
         self.web = web
         self.sessions = web.sessions
         self.csrf = web.csrf

@@ -44,7 +44,7 @@ from .inputs import only_keys, read_json, source_of
 from .responses import error_headers, http_status
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .role import WebRole
+    from .site import WebSite
 
 __all__ = ["privacy_routes"]
 
@@ -55,7 +55,7 @@ def _export_filename() -> str:
     return f"p2pinfer-export-{datetime.date.today().isoformat()}.json"
 
 
-def privacy_routes(web: WebRole) -> list[Route]:
+def privacy_routes(web: WebSite) -> list[Route]:
     """The REST routes and pages of data export and erasure."""
     up = web.upstream
     pages = web.pages

@@ -16,15 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .app import build_app
-from .pages import Pages
-from .security import CsrfGuard
 from .server import serve_app
-from .sessions import SessionManager
 from .settings import WebSettings
-from .templating import make_environment
+from .site import WebSite
 from .tls import SELF_SIGNED_WARNING, RedirectToHttps, TlsFiles, check_pair, ensure_self_signed
-from .upstream import Upstream, WebUpstream
+from .upstream import Upstream
 
 if TYPE_CHECKING:
     from ..context import RoleContext
@@ -48,29 +44,22 @@ class WebRole:
 
     def __init__(self, node: RoleContext) -> None:
         self.node = node
-        self.peer_id = node.peer_id
-        #: where the app counts HTTP requests (the node-wide metrics)
-        self.metrics = node.metrics
         self.settings = WebSettings.from_config(node.config)
         s = self.settings
         self.tls_files = self._tls_files()
         self.tls = self.tls_files is not None
-        self.url: str | None = None
         self.port: int | None = None
         self.redirect_url: str | None = None
-        self.upstream: WebUpstream = Upstream(
-            node, call_timeout=s.call_timeout, request_timeout=s.request_timeout,
-            models_ttl=s.models_ttl)
-        self.templates = make_environment(s.title)
-        self.csrf = CsrfGuard(self._csrf_key(), cookie=s.csrf_cookie, secure=self.secure)
-        self.sessions = SessionManager(self)
-        self.pages = Pages(self)
-        self.app = build_app(self)
+        self.upstream = Upstream(node, call_timeout=s.call_timeout,
+                                 request_timeout=s.request_timeout, models_ttl=s.models_ttl)
+        self.site = WebSite(s, self.upstream, peer_id=node.peer_id, metrics=node.metrics,
+                            csrf_key=self._csrf_key(), tls=self.tls)
+        self.app = self.site.app
 
     @property
-    def secure(self) -> bool:
-        """Whether cookies are marked Secure."""
-        return self.settings.secure_cookies or self.tls
+    def url(self) -> str | None:
+        """``http(s)://host:port`` once :meth:`run` has bound (None before)."""
+        return self.site.url
 
     def _csrf_key(self) -> bytes:
         # Ed25519 signatures are deterministic: the same key after a restart,
@@ -96,7 +85,7 @@ class WebRole:
         s = self.settings
         files = self.tls_files
         async with trio.open_nursery() as nursery:
-            self.url, self.port = await nursery.start(partial(
+            self.site.url, self.port = await nursery.start(partial(
                 serve_app, self.app, s.host, s.port,
                 certfile=None if files is None else str(files.cert),
                 keyfile=None if files is None else str(files.key)))

@@ -24,7 +24,7 @@ from ..errors import AccessError, P2PInferError, TokenExpired
 from .inputs import source_of
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .role import WebRole
+    from .site import WebSite
 
 __all__ = ["Session", "SessionManager"]
 
@@ -47,7 +47,7 @@ class Session:
 class SessionManager:
     """Reads, renews, sets and clears the session cookies of ``web``."""
 
-    def __init__(self, web: WebRole) -> None:
+    def __init__(self, web: WebSite) -> None:
         self.web = web
         self.settings = web.settings
 
