@@ -321,10 +321,14 @@ class RpcServer:
                                 remote_ip=_remote_ip(stream))
 
     async def serve_stream(self, stream: Any, peer_id: str, *,
-                           remote_ip: str | None = None) -> None:
-        """Serve calls arriving on ``stream`` from ``peer_id`` until it closes."""
+                           remote_ip: str | None = None, limited: bool = True) -> None:
+        """Serve calls arriving on ``stream`` from ``peer_id`` until it closes.
+
+        ``limited``: the stream counts against ``max_streams_per_peer``
+        (False for the node's own helper processes on its local socket,
+        one stream each, however many the node runs)."""
         open_now = self._streams_by_peer.get(peer_id, 0)
-        if open_now >= self.max_streams_per_peer:
+        if limited and open_now >= self.max_streams_per_peer:
             self.stats.rejected_streams += 1
             log.warning("peer %s exceeded %d RPC streams; refusing", peer_id,
                         self.max_streams_per_peer)
