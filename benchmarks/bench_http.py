@@ -14,7 +14,8 @@ pool is itself the bottleneck at high concurrency), closed loop, ``c``
 requests in flight, each reading its whole answer (streamed answers until
 the last event). Every cell runs for ``--seconds`` after a short warm-up.
 
-The front door is measured on one core (the hub and every process it
+The front door (``--workers`` front-door processes, 2 by default; 0 serves
+inside the hub) is measured on one core (the hub and every process it
 starts pinned to the first CPU; the worker, the mock and this process on
 the second), then on two (everything may use both). Prints ONE JSON
 object; among its keys:
@@ -26,7 +27,7 @@ object; among its keys:
     c1000_errors                1,000 requests in flight at once: how many failed
     cells                       every cell: target, mode, concurrency, p50, p99, req/s
 
-Usage: python benchmarks/bench_http.py [--quick] [--backend openai|synthetic]
+Usage: python benchmarks/bench_http.py [--quick] [--backend openai|synthetic] [--workers N]
 (needs aiohttp: pip install -e '.[bench]').
 """
 
@@ -145,7 +146,8 @@ def wait_file(path: Path, proc: subprocess.Popen[bytes], log: Path) -> str:
 class Swarm:
     """The mock, the hub (front door) and the worker, each its own process."""
 
-    def __init__(self, base: Path, backend: str, hub_cpus: set[int], rest: set[int]) -> None:
+    def __init__(self, base: Path, backend: str, hub_cpus: set[int], rest: set[int],
+                 workers: int) -> None:
         from p2pinfer.swarm import prepare_local_network
 
         self.base = base
@@ -168,7 +170,8 @@ class Swarm:
                   "gateway": {"default_rate_limit": 10**9, "concurrent_per_key": 0,
                               "concurrent_per_user": 0, "usage_flush_interval": 0.5},
                   "auth": {"registration_wait": 0},
-                  "web": {"port": self.web_port, "request_timeout": 120.0}}
+                  "web": {"port": self.web_port, "request_timeout": 120.0,
+                          "workers": workers}}
         self.addrs: dict[str, str] = {}
         self.hub = self._node(["hub"], layout, tables, hub_cpus, 0)
         self.worker = self._node(["worker"], layout, tables, rest, 1)
@@ -363,6 +366,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="about a minute")
     ap.add_argument("--backend", choices=("openai", "synthetic"), default="openai",
                     help="the worker's model: OpenAI-compatible on the mock, or synthetic")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="[web] workers: front-door processes (0: inside the node)")
     ap.add_argument("--mock", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.mock:
@@ -371,11 +376,12 @@ def main() -> None:
     seconds = 1.0 if args.quick else 5.0
     cpus = sorted(os.sched_getaffinity(0))
     out: dict[str, Any] = {"machine": machine(), "quick": args.quick, "backend": args.backend,
+                           "workers": args.workers,
                            "seconds_per_cell": seconds, "tokens": TOKENS}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         swarm = Swarm(Path(tmp), args.backend, {cpus[0]},
-                      {cpus[-1]} if len(cpus) > 1 else {cpus[0]})
+                      {cpus[-1]} if len(cpus) > 1 else {cpus[0]}, args.workers)
         try:
             base_url = f"http://127.0.0.1:{swarm.web_port}"
 

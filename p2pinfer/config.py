@@ -81,6 +81,7 @@ ENV_KEYS: dict[str, tuple[str, str]] = {
     "P2PINFER_TLS_KEY": ("web", "tls_key"),
     "P2PINFER_TLS_SELF_SIGNED": ("web", "tls_self_signed"),
     "P2PINFER_HTTP_REDIRECT_PORT": ("web", "redirect_port"),
+    "P2PINFER_WEB_WORKERS": ("web", "workers"),
     # llama.cpp weight repacking (auto | on | off): off forces the portable path.
     "P2PINFER_REPACK": ("inference", "repack"),
 }

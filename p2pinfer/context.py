@@ -20,6 +20,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from prometheus_client import CollectorRegistry
 
     from .config import NodeConfig
@@ -50,8 +52,8 @@ class Metrics(Protocol):
     """The node-wide metrics and health, as roles use them
     (:class:`p2pinfer.metrics.NodeMetrics` implements it)."""
 
-    def count_request(self, service: str, method: str, status: str) -> None:
-        """One request served outside RPC (e.g. over HTTP)."""
+    def count_request(self, service: str, method: str, status: str, n: int = 1) -> None:
+        """``n`` requests served outside RPC (e.g. over HTTP)."""
 
     def observe_request(self, *, service: str, model: str, seconds: float,
                         tokens: int = 0, user_id: str | None = None) -> None:
@@ -145,3 +147,9 @@ class RoleContext(Protocol):
 
     def invalidate_descriptor(self) -> None:
         """Something a role describes changed: re-sign and re-announce."""
+
+    async def serve_local(self, path: Path, *, task_status: Any = ...) -> None:
+        """Serve the node's RPC methods on a unix socket at ``path`` (mode
+        0600; its directory must be the node user's alone) until cancelled.
+        A process connecting there acts as the node itself: for helper
+        processes of a role (the web role's front doors)."""

@@ -21,6 +21,7 @@ import importlib
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -204,6 +205,14 @@ class Node:
     def on_disconnect(self, listener: Callable[[str], None]) -> None:
         """Call ``listener(peer_id)`` once a peer's last connection closes."""
         self.disconnect_listeners.append(listener)
+
+    async def serve_local(self, path: Path, *,
+                          task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve this node's RPC methods on a unix socket at ``path``, as
+        calls from the node itself (see :mod:`p2pinfer.rpc.local_socket`)."""
+        from .rpc.local_socket import serve_local
+
+        await serve_local(self.rpc_server, path, self.peer_id, task_status=task_status)
 
     # -- membership --------------------------------------------------------------
     @property

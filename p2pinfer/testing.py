@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import CollectorRegistry
@@ -51,9 +52,9 @@ class RecordedMetrics:
         #: what :meth:`health` reports as the node's problems
         self.problems: list[dict[str, str]] = []
 
-    def count_request(self, service: str, method: str, status: str) -> None:
-        self.calls.append(("count_request",
-                           {"service": service, "method": method, "status": status}))
+    def count_request(self, service: str, method: str, status: str, n: int = 1) -> None:
+        self.calls.append(("count_request", {"service": service, "method": method,
+                                             "status": status, "n": n}))
 
     def observe_request(self, *, service: str, model: str, seconds: float,
                         tokens: int = 0, user_id: str | None = None) -> None:
@@ -189,6 +190,9 @@ class FakeContext:
 
     def invalidate_descriptor(self) -> None:
         self.invalidated += 1
+
+    async def serve_local(self, path: Path, *, task_status: Any = None) -> None:
+        raise LookupError("a FakeContext has no RPC server to serve on a local socket")
 
 
 def _given(value: T | None, name: str) -> T:

@@ -8,6 +8,7 @@ the helpers themselves (the settings the fixtures rely on).
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -87,7 +88,9 @@ def web_tables(*, models: Sequence[dict[str, Any]] | None = (FAKE,),
     """Config tables for a web test node: a free port, fast hashing, the
     synthetic model (``models=None``: the embedded SmolLM2)."""
     out: dict[str, Any] = {
-        "web": {"port": 0, **tables.pop("web", {})},
+        # P2PINFER_TEST_WEB_WORKERS=2 runs every web test on front doors
+        "web": {"port": 0, "workers": int(os.environ.get("P2PINFER_TEST_WEB_WORKERS", "0")),
+                **tables.pop("web", {})},
         "auth": {**FAST_AUTH, **tables.pop("auth", {})},
         "gateway": {"usage_flush_interval": 0.1, **tables.pop("gateway", {})},
         **tables,

@@ -234,13 +234,13 @@ class NodeMetrics:
         rpc_server.register(self)
 
     # -- what other roles call ---------------------------------------------------
-    def count_request(self, service: str, method: str, status: str) -> None:
-        """Count a request served outside RPC (e.g. over HTTP by the web role);
-        RPC calls are counted automatically."""
+    def count_request(self, service: str, method: str, status: str, n: int = 1) -> None:
+        """Count ``n`` requests served outside RPC (e.g. over HTTP by the web
+        role or its front doors); RPC calls are counted automatically."""
         service = service if service in cat.SERVICES else cat.OTHER
         status = status if status in cat.STATUSES else "error"
         key = self.guards[cat.REQUESTS].admit((service, cat.clean_label(method), status))
-        self.requests.labels(*key).inc()
+        self.requests.labels(*key).inc(n)
 
     def observe_request(self, *, service: str, model: str, seconds: float,
                         tokens: int = 0, user_id: str | None = None) -> None:

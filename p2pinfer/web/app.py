@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -31,10 +31,9 @@ from .responses import as_error, json_error, ollama_error, openai_error
 from .security import BodyLimit, SecurityHeaders
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..context import Metrics
     from .site import WebSite
 
-__all__ = ["ClientSource", "RequestMetrics", "build_app", "method_label"]
+__all__ = ["ClientSource", "RequestCounter", "RequestMetrics", "build_app", "method_label"]
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +81,18 @@ class ClientSource:
             current_source.reset(token)
 
 
+class RequestCounter(Protocol):
+    """Where HTTP requests are counted: the node-wide metrics in the node,
+    a batch handed to the node in a front-door process."""
+
+    def count_request(self, service: str, method: str, status: str, n: int = 1) -> None: ...
+
+
 class RequestMetrics:
     """ASGI middleware: counts each HTTP request in ``metrics`` (service
     ``web``, method = HTTP method and route template, status = outcome)."""
 
-    def __init__(self, app: Any, metrics: Metrics) -> None:
+    def __init__(self, app: Any, metrics: RequestCounter) -> None:
         self.app = app
         self.metrics = metrics
 

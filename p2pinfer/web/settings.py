@@ -16,6 +16,8 @@
     tls_self_signed = false     # P2PINFER_TLS_SELF_SIGNED: no cert given: make one in <home>/tls
     tls_hosts = []              # extra names / addresses for the self-signed certificate
     redirect_port = -1          # P2PINFER_HTTP_REDIRECT_PORT: >= 0: plain HTTP that redirects
+    workers = 0                 # P2PINFER_WEB_WORKERS: front-door processes (uvicorn) serving
+                                # the port; 0 serves inside the node (Hypercorn, trio)
 
 Relative TLS paths are relative to the node's home. See :mod:`.tls`.
 Every value is checked when the role is built; a bad one raises
@@ -25,7 +27,8 @@ Every value is checked when the role is built; a bad one raises
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +39,8 @@ __all__ = ["WebSettings"]
 
 _KEYS = {"host", "port", "max_body_bytes", "body_timeout", "request_timeout", "call_timeout",
          "models_ttl", "secure_cookies", "session_cookie", "title", "tls_cert", "tls_key",
-         "tls_self_signed", "tls_hosts", "redirect_port"}
+         "tls_self_signed", "tls_hosts", "redirect_port", "workers"}
+MAX_WORKERS = 64
 _COOKIE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 
 
@@ -59,6 +63,7 @@ class WebSettings:
     tls_self_signed: bool = False
     tls_hosts: tuple[str, ...] = field(default=())
     redirect_port: int | None = None
+    workers: int = 0
 
     @property
     def tls(self) -> bool:
@@ -72,6 +77,31 @@ class WebSettings:
     @property
     def csrf_cookie(self) -> str:
         return f"{self.session_cookie}_csrf"
+
+    def to_wire(self) -> dict[str, Any]:
+        """These settings as JSON-safe values (paths as strings), for a
+        front-door process."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = (str(value) if isinstance(value, Path)
+                           else list(value) if isinstance(value, tuple) else value)
+        return out
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> WebSettings:
+        """The inverse of :meth:`to_wire`."""
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for name, value in data.items():
+            if name not in known:
+                raise ConfigError(f"web.{name}: unknown key")
+            if name in ("tls_cert", "tls_key"):
+                value = Path(value) if value else None
+            elif isinstance(value, list):
+                value = tuple(value)
+            values[name] = value
+        return cls(**values)
 
     @classmethod
     def from_config(cls, config: NodeConfig) -> WebSettings:
@@ -95,6 +125,7 @@ class WebSettings:
             secure_cookies=s.get_bool("secure_cookies", False),
             session_cookie=cookie,
             title=s.get_str("title", "p2pinfer")[:60],
+            workers=s.get_int("workers", 0, minimum=0, maximum=MAX_WORKERS),
             **_tls(s, config.home),
         )
 

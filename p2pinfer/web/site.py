@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .app import build_app
+from .app import RequestCounter, build_app
 from .pages import Pages
 from .security import CsrfGuard
 from .sessions import SessionManager
@@ -20,7 +20,6 @@ from .settings import WebSettings
 from .templating import make_environment
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..context import Metrics
     from .upstream import WebUpstream
 
 __all__ = ["WebSite"]
@@ -44,7 +43,7 @@ class WebSite:
     """
 
     def __init__(self, settings: WebSettings, upstream: WebUpstream, *, peer_id: str,
-                 metrics: Metrics, csrf_key: bytes, tls: bool) -> None:
+                 metrics: RequestCounter, csrf_key: bytes, tls: bool) -> None:
         self.settings = settings
         self.upstream = upstream
         self.peer_id = peer_id

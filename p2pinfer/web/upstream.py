@@ -25,6 +25,7 @@ that implements it.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -102,6 +103,23 @@ class InferenceCall:
         if self.chunk_logprobs:
             self.logprobs.extend(self.chunk_logprobs)
         return _delta(chunk)
+
+    async def raw_chunks(self) -> AsyncIterator[Any]:
+        """The gateway's chunks as they come (to relay them whole); the
+        :attr:`trailer` is set once they are exhausted. Use this or iterate
+        the call, not both."""
+        if self._first is not None:
+            first, self._first = self._first, None
+            if first is _END:
+                return
+            yield first
+        while True:
+            try:
+                chunk = await self._stream.__anext__()
+            except StopAsyncIteration:
+                self.trailer = dict(self._stream.trailer or {})
+                return
+            yield chunk
 
     async def collect(self) -> str:
         """The whole answer (then :attr:`trailer` is set)."""

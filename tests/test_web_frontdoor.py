@@ -1,0 +1,156 @@
+"""The web role's front doors: uvicorn processes serving the web app,
+reaching the swarm through the node's local socket (``[web] workers``).
+
+Real parts throughout: a node with auth, gateway, inference and web, its
+front-door processes, the official openai package, raw HTTP from httpx.
+The whole web suite also runs with front doors:
+``P2PINFER_TEST_WEB_WORKERS=2 pytest tests/test_web_*.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import trio
+
+from p2pinfer.config import NodeConfig
+from p2pinfer.errors import ConfigError
+from p2pinfer.web import WebSettings
+
+from .helpers import wait_for
+from .test_web_support import web_swarm
+
+SLOW = {"name": "slow", "backend": "synthetic", "tokens": 60, "token_delay": 0.1,
+        "context_length": 2048}
+FRONT_DOORS = {"workers": 2}
+
+
+async def test_front_doors_serve_the_openai_package_and_pages(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    with trio.fail_after(90):
+        async with web_swarm(nursery, tmp_path, web=FRONT_DOORS) as swarm:
+            web = swarm.web
+            assert len(web.front_doors) == 2 and os.getpid() not in web.front_doors.values()
+            account = await swarm.account()
+            client = openai.AsyncOpenAI(base_url=f"{swarm.url}/v1", api_key=account.api_key,
+                                        max_retries=0)
+            whole = await client.chat.completions.create(
+                model="fake", messages=[{"role": "user", "content": "hello"}])
+            assert whole.choices[0].message.content and whole.usage is not None
+            pieces = []
+            stream = await client.chat.completions.create(
+                model="fake", messages=[{"role": "user", "content": "hello"}], stream=True)
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    pieces.append(chunk.choices[0].delta.content)
+            assert "".join(pieces) == whole.choices[0].message.content
+            await client.close()
+            async with swarm.client() as http:
+                page = await http.get("/login")
+                assert page.status_code == 200 and "<form" in page.text
+                assert page.headers["x-content-type-options"] == "nosniff"
+                assert "server" not in page.headers
+                bad = await http.post("/v1/chat/completions", json={"model": "fake"},
+                                      headers={"Authorization": f"Bearer {account.api_key}"})
+                assert bad.status_code == 400 and bad.json()["error"]["type"]
+                anon = await http.get("/api/quota")
+                assert anon.status_code == 401
+            # every front door's requests reach the node's metrics
+            await wait_for(lambda: web_requests(swarm.node) >= 5, limit=10)
+            sock = swarm.node.config.home / "run" / "web.sock"
+            assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+
+
+def web_requests(node: Any) -> float:
+    total = 0.0
+    for metric in node.registry.collect():
+        for sample in metric.samples:
+            if sample.name == "ai_platform_requests_total" and sample.labels.get(
+                    "service") == "web":
+                total += sample.value
+    return total
+
+
+async def test_a_client_that_goes_away_cancels_its_request_at_once(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    """60 tokens at 0.1 s each: the client reads two chunks and hangs up;
+    the worker's slot is free again within a second, not after 6 s."""
+    with trio.fail_after(90):
+        async with web_swarm(nursery, tmp_path, web=FRONT_DOORS, models=(SLOW,)) as swarm:
+            account = await swarm.account()
+            engine = swarm.node.roles["inference"].engine
+            free = engine.status("slow")["free_slots"]
+            async with swarm.client() as http:
+                async with http.stream("POST", "/v1/chat/completions", json={
+                        "model": "slow", "stream": True,
+                        "messages": [{"role": "user", "content": "count"}]},
+                        headers={"Authorization": f"Bearer {account.api_key}"}) as r:
+                    assert r.status_code == 200
+                    seen = 0
+                    async for line in r.aiter_lines():
+                        seen += line.startswith("data: ")
+                        if seen >= 2:
+                            break
+                    assert engine.status("slow")["free_slots"] == free - 1
+                hung_up = trio.current_time()
+            await wait_for(lambda: engine.status("slow")["free_slots"] == free, limit=5)
+            assert trio.current_time() - hung_up < 1.5
+
+
+async def test_a_front_door_that_dies_is_started_again(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    with trio.fail_after(90):
+        async with web_swarm(nursery, tmp_path, web=FRONT_DOORS) as swarm:
+            web = swarm.web
+            account = await swarm.account()
+            victim = web.front_doors[0]
+            os.kill(victim, signal.SIGKILL)
+            await wait_for(lambda: web.restarts == 1 and web.front_doors.get(0) not in
+                           (None, victim), limit=15)
+            async with swarm.client() as http:
+                for _ in range(10):  # whichever process takes the connection
+                    r = await http.post("/v1/chat/completions", json={
+                        "model": "fake", "messages": [{"role": "user", "content": "hi"}]},
+                        headers={"Authorization": f"Bearer {account.api_key}",
+                                 "Connection": "close"})
+                    assert r.status_code == 200, r.text
+
+
+async def test_the_front_doors_stop_with_the_node(tmp_path: Path,
+                                                  nursery: trio.Nursery) -> None:
+    with trio.fail_after(60):
+        async with web_swarm(nursery, tmp_path, web=FRONT_DOORS) as swarm:
+            pids = list(swarm.web.front_doors.values())
+            url = swarm.url
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline:
+                os.kill(pid, 0)
+                await trio.sleep(0.05)
+            raise AssertionError(f"front door {pid} still runs")
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(httpx.ConnectError):
+            await http.get(f"{url}/api/health", timeout=2)
+
+
+def test_workers_setting(tmp_path: Path) -> None:
+    def settings(**web: Any) -> WebSettings:
+        return WebSettings.from_config(NodeConfig.from_mapping(
+            {"node": {"home": str(tmp_path)}, "web": web}, env={}))
+
+    assert settings().workers == 0 and settings(workers=4).workers == 4
+    env = NodeConfig.from_mapping({"node": {"home": str(tmp_path)}},
+                                  env={"P2PINFER_WEB_WORKERS": "3"})
+    assert WebSettings.from_config(env).workers == 3
+    for bad in (-1, 65, "many"):
+        with pytest.raises(ConfigError, match="web.workers"):
+            settings(workers=bad)
