@@ -33,11 +33,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..credentials import Principal
-from ..errors import MalformedFrame
+from ..errors import MalformedFrame, NoWorkerAvailable, UnknownModel
 from ..rpc.aio import AioRpcClient, AioRpcStream
 from .inputs import current_source
 from .settings import WebSettings
-from .upstream import _END, InferenceCall, ModelCatalog
+from .upstream import _END, InferenceCall, ModelCatalog, model_names
 
 __all__ = ["RemoteUpstream", "RequestCounts", "main", "serve"]
 
@@ -58,16 +58,25 @@ class RemoteUpstream:
     """:class:`~p2pinfer.web.upstream.WebUpstream` over the node's local
     socket (see the module docstring).
 
+    An inference request goes straight to the node's own gateway
+    (``processInferenceRequest`` on the local socket) when the node runs
+    one, instead of through the web role's relay. Credentials are checked
+    by the node on every request (its web role keeps the per-client
+    throttles: a cached answer here would let a key locked out there
+    through).
+
     Args:
         rpc: a client connected to the node's local socket.
+        node_roles: the roles the node runs.
         models_ttl: seconds the model list is reused.
         call_timeout: seconds for a unary call.
         request_timeout: seconds an inference request may take.
     """
 
-    def __init__(self, rpc: AioRpcClient, *, models_ttl: float, call_timeout: float,
-                 request_timeout: float) -> None:
+    def __init__(self, rpc: AioRpcClient, *, node_roles: frozenset[str] = frozenset(),
+                 models_ttl: float, call_timeout: float, request_timeout: float) -> None:
         self.rpc = rpc
+        self.node_roles = node_roles
         self.call_timeout = call_timeout
         self.request_timeout = request_timeout
         self.catalog = ModelCatalog(self, models_ttl)
@@ -109,9 +118,26 @@ class RemoteUpstream:
 
     async def inference(self, request: dict[str, Any], auth: dict[str, str], *,
                         stream: bool = True) -> InferenceCall:
-        rpc_stream: AioRpcStream = self.rpc.stream(
-            "web.inference", self._params(request=request, auth=auth, stream=stream),
-            timeout=self.request_timeout)
+        if "gateway" not in self.node_roles:
+            return await self._open("web.inference",
+                                    self._params(request=request, auth=auth, stream=stream))
+        if not stream:
+            request = {**request, "stream": False}
+        try:
+            return await self._open("processInferenceRequest",
+                                    self._params(request=request, auth=auth))
+        except NoWorkerAvailable as exc:
+            # a model no worker in the swarm serves at all: 404, not a busy swarm
+            model = exc.data.get("model")
+            if isinstance(model, str) and model not in model_names(
+                    await self.catalog.models(auth, fresh=True)):
+                raise UnknownModel(f"model {model[:128]!r} is not served by any worker in "
+                                   "the swarm", data={"model": model[:128]}) from exc
+            raise
+
+    async def _open(self, method: str, params: dict[str, Any]) -> InferenceCall:
+        rpc_stream: AioRpcStream = self.rpc.stream(method, params,
+                                                   timeout=self.request_timeout)
         await rpc_stream.__aenter__()
         try:
             try:
@@ -122,7 +148,7 @@ class RemoteUpstream:
             await rpc_stream.__aexit__(None, None, None)
             raise
         trailer = rpc_stream.trailer if first is _END else None
-        gateway = str((trailer or {}).get("gateway", ""))
+        gateway = str((trailer or {}).get("gateway") or "")
         return InferenceCall(rpc_stream, first, gateway)
 
     async def account(self, user_id: str, *, since: str, logs: int) -> dict[str, Any]:
@@ -174,7 +200,8 @@ async def serve(spec: Mapping[str, Any]) -> None:
     settings = WebSettings.from_wire(spec["settings"])
     rpc = await AioRpcClient.connect(spec["socket"])
     counts = RequestCounts()
-    upstream = RemoteUpstream(rpc, models_ttl=settings.models_ttl,
+    upstream = RemoteUpstream(rpc, node_roles=frozenset(spec.get("roles", ())),
+                              models_ttl=settings.models_ttl,
                               call_timeout=settings.call_timeout,
                               request_timeout=settings.request_timeout)
     tls = spec.get("tls")

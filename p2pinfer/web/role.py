@@ -145,6 +145,7 @@ class WebRole:
             spec = {
                 "socket": str(path), "fd": sock.fileno(), "url": url,
                 "settings": s.to_wire(), "peer_id": self.node.peer_id,
+                "roles": sorted(self.node.role_names),
                 "csrf_key": self._csrf_key().hex(),
                 "tls": None if files is None else {"cert": str(files.cert),
                                                   "key": str(files.key)},

@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 
 _END = object()
 REPLICATION_WAIT = 1.0
+# A model list younger than this is not asked for again on a miss.
+FRESH_ENOUGH = 0.5
 # A session made by a login on another auth node, or a user just
 # registered there, gets longer: a page load waits for it rather than
 # sending the user back to the login form.
@@ -216,13 +218,19 @@ class ModelCatalog:
         as ``x``), None for the gateway's default, or UnknownModel."""
         if name is None:
             return None
-        for fresh in (False, True):
-            names = model_names(await self.models(auth, fresh=fresh))
+        for attempt in range(2):
+            if attempt:
+                # Not in the list: ask again, but at most twice a second
+                # (wait if it was just fetched: the model may have appeared
+                # since, and another process's list may already have it).
+                age = anyio.current_time() - self._at
+                if age < FRESH_ENOUGH:
+                    await anyio.sleep(FRESH_ENOUGH - age)
+            names = model_names(await self.models(
+                auth, fresh=attempt == 1 and anyio.current_time() - self._at >= FRESH_ENOUGH))
             for candidate in (name, name.removesuffix(":latest")):
                 if candidate in names:
                     return candidate
-            if anyio.current_time() - self._at < 0.5:
-                break  # just asked: no need to ask again
         raise UnknownModel(f"model {name[:128]!r} is not served by any worker in the swarm",
                            data={"model": name[:128]})
 
