@@ -154,3 +154,31 @@ def test_workers_setting(tmp_path: Path) -> None:
     for bad in (-1, 65, "many"):
         with pytest.raises(ConfigError, match="web.workers"):
             settings(workers=bad)
+
+
+async def test_a_model_no_worker_serves_is_404_and_a_busy_one_is_not() -> None:
+    """What both upstreams (in the node, in a front door) make of a
+    gateway's NoWorkerAvailable: UnknownModel when no worker in the swarm
+    serves the model at all, the busy error otherwise."""
+    from p2pinfer.errors import NoWorkerAvailable, UnknownModel
+    from p2pinfer.web.upstream import ModelCatalog
+
+    class Listing:  # the part of WebUpstream the catalog uses
+        asked = 0
+
+        async def authenticate(self, auth: dict[str, str]) -> None:
+            return None
+
+        async def call(self, role: str, method: str, params: Any = None, *,
+                       long: bool = False) -> Any:
+            self.asked += 1
+            return {"models": [{"name": "fake", "aliases": ["f"]}]}
+
+    listing = Listing()
+    catalog = ModelCatalog(listing, 2.0)  # type: ignore[arg-type]
+    auth = {"api_key": "p2p_x"}
+    with pytest.raises(UnknownModel) as gone:
+        await catalog.check_served(NoWorkerAvailable("busy", data={"model": "gone"}), auth)
+    assert gone.value.data == {"model": "gone"}
+    await catalog.check_served(NoWorkerAvailable("busy", data={"model": "fake"}), auth)
+    assert listing.asked == 2  # asked afresh each time

@@ -33,11 +33,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..credentials import Principal
-from ..errors import MalformedFrame, NoWorkerAvailable, UnknownModel
+from ..errors import MalformedFrame, NoWorkerAvailable
 from ..rpc.aio import AioRpcClient, AioRpcStream
 from .inputs import current_source
 from .settings import WebSettings
-from .upstream import _END, InferenceCall, ModelCatalog, model_names
+from .upstream import _END, InferenceCall, ModelCatalog
 
 __all__ = ["RemoteUpstream", "RequestCounts", "main", "serve"]
 
@@ -127,12 +127,7 @@ class RemoteUpstream:
             return await self._open("processInferenceRequest",
                                     self._params(request=request, auth=auth))
         except NoWorkerAvailable as exc:
-            # a model no worker in the swarm serves at all: 404, not a busy swarm
-            model = exc.data.get("model")
-            if isinstance(model, str) and model not in model_names(
-                    await self.catalog.models(auth, fresh=True)):
-                raise UnknownModel(f"model {model[:128]!r} is not served by any worker in "
-                                   "the swarm", data={"model": model[:128]}) from exc
+            await self.catalog.check_served(exc, auth)
             raise
 
     async def _open(self, method: str, params: dict[str, Any]) -> InferenceCall:

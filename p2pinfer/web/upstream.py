@@ -213,6 +213,17 @@ class ModelCatalog:
             self._at = anyio.current_time()
         return list(self._models)
 
+    async def check_served(self, busy: NoWorkerAvailable, auth: dict[str, str]) -> None:
+        """Raise UnknownModel (404) if the model a gateway found no worker
+        for is served by no worker in the swarm at all (the gateway's
+        default model, when the request names none); return if it is only
+        busy."""
+        model = busy.data.get("model")
+        if isinstance(model, str) and model not in model_names(
+                await self.models(auth, fresh=True)):
+            raise UnknownModel(f"model {model[:128]!r} is not served by any worker in "
+                               "the swarm", data={"model": model[:128]}) from busy
+
     async def resolve(self, name: str | None, auth: dict[str, str]) -> str | None:
         """The model's name for ``name`` (a name or an alias; ``x:latest``
         as ``x``), None for the gateway's default, or UnknownModel."""
@@ -426,11 +437,7 @@ class Upstream:
         try:
             return await self._open_inference(request, auth)
         except NoWorkerAvailable as exc:
-            model = exc.data.get("model")
-            if isinstance(model, str) and model not in model_names(
-                    await self.catalog.models(auth, fresh=True)):
-                raise UnknownModel(f"model {model[:128]!r} is not served by any worker in "
-                                   "the swarm", data={"model": model[:128]}) from exc
+            await self.catalog.check_served(exc, auth)
             raise
 
     async def _open_inference(self, request: dict[str, Any],
