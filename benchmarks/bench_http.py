@@ -24,11 +24,14 @@ object; among its keys:
     overhead_p99_ms_c64_1core   its p99 minus the mock's own p99 at 64 in flight
     overhead_p50_ms_c1          p50 through the front door minus the mock's, 1 in flight
     rps_c64_2core               as rps_c64_1core, the front door on two cores
+    cpu_ms_per_answer_c64_1core CPU ms per answer of the hub, its front doors, the
+                                worker, the mock and the load generator
     c1000_errors                1,000 requests in flight at once: how many failed
     cells                       every cell: target, mode, concurrency, p50, p99, req/s
 
 Usage: python benchmarks/bench_http.py [--quick] [--backend openai|synthetic] [--workers N]
-(needs aiohttp: pip install -e '.[bench]').
+[--profile DIR] (needs aiohttp and py-spy: pip install -e '.[bench]'; ``--profile``
+records every process of the swarm with py-spy during the one-core c64 cell).
 """
 
 from __future__ import annotations
@@ -246,10 +249,29 @@ def body(stream: bool) -> dict[str, Any]:
             "max_tokens": TOKENS, "stream": stream}
 
 
+def cpu_seconds(swarm: Swarm) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each part of the swarm
+    and by this process (the load generator)."""
+    import psutil  # type: ignore[import-untyped]
+
+    def used(proc: Any) -> float:
+        times = proc.cpu_times()
+        return float(times.user + times.system)
+
+    hub = psutil.Process(swarm.hub.pid)
+    return {"hub": used(hub),
+            "front_doors": sum(used(c) for c in hub.children(recursive=True)),
+            "worker": used(psutil.Process(swarm.worker.pid)),
+            "mock": used(psutil.Process(swarm.mock.pid)),
+            "load_generator": used(psutil.Process())}
+
+
 async def cell(url: str, headers: dict[str, str], stream: bool, concurrency: int,
-               seconds: float, warmup: float = 0.3) -> dict[str, Any]:
+               seconds: float, warmup: float = 0.3,
+               swarm: Swarm | None = None) -> dict[str, Any]:
     """``concurrency`` requests in flight for ``seconds`` (after a warm-up):
-    latencies of complete answers, req/s, errors."""
+    latencies of complete answers, req/s, errors; with ``swarm``, also the
+    CPU milliseconds each of its processes spent per answer."""
     import aiohttp
 
     payload = json.dumps(body(stream)).encode()
@@ -282,10 +304,22 @@ async def cell(url: str, headers: dict[str, str], stream: bool, concurrency: int
                     else:
                         errors += 1
 
-        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        before: dict[str, float] = {}
+
+        async def snapshot() -> None:
+            await asyncio.sleep(warmup)
+            if swarm is not None:
+                before.update(cpu_seconds(swarm))
+
+        await asyncio.gather(snapshot(), *(loop() for _ in range(concurrency)))
         wall = time.perf_counter() - measure_from
-    return {"p50_ms": round(median(lat) * 1e3, 3), "p99_ms": round(pct(lat, 0.99) * 1e3, 3),
-            "rps": round(len(lat) / wall), "n": len(lat), "errors": errors}
+    out = {"p50_ms": round(median(lat) * 1e3, 3), "p99_ms": round(pct(lat, 0.99) * 1e3, 3),
+           "rps": round(len(lat) / wall), "n": len(lat), "errors": errors}
+    if swarm is not None and lat:
+        after = cpu_seconds(swarm)
+        out["cpu_ms_per_answer"] = {k: round((after[k] - before[k]) * 1e3 / len(lat), 3)
+                                    for k in after}
+    return out
 
 
 async def burst(url: str, headers: dict[str, str], n: int) -> dict[str, Any]:
@@ -319,8 +353,25 @@ async def burst(url: str, headers: dict[str, str], n: int) -> dict[str, Any]:
             "p50_ms": round(median(lat) * 1e3, 1), "p99_ms": round(pct(lat, 0.99) * 1e3, 1)}
 
 
+def profile(swarm: Swarm, out: Path, seconds: float) -> list[subprocess.Popen[bytes]]:
+    """py-spy on the hub, each of its front doors and the worker for the
+    next ``seconds`` (raw stacks, one file each in ``out``)."""
+    import psutil  # type: ignore[import-untyped]
+
+    out.mkdir(parents=True, exist_ok=True)
+    spy = str(Path(sys.executable).with_name("py-spy"))
+    targets = [("hub", swarm.hub.pid), ("worker", swarm.worker.pid)]
+    targets += [(f"front_door_{i}", child.pid) for i, child in
+                enumerate(psutil.Process(swarm.hub.pid).children(recursive=True))]
+    return [subprocess.Popen([spy, "record", "-p", str(pid), "-d", str(int(seconds)),
+                              "-r", "250", "-f", "raw", "--nonblocking",
+                              "-o", str(out / f"{name}.txt")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            for name, pid in targets]
+
+
 async def measure(swarm: Swarm, key: str, cpus: list[int], seconds: float,
-                  out: dict[str, Any]) -> None:
+                  out: dict[str, Any], profile_dir: str | None = None) -> None:
     door = f"http://127.0.0.1:{swarm.web_port}/v1/chat/completions"
     mock = f"{swarm.mock_url}/v1/chat/completions"
     auth = {"Authorization": f"Bearer {key}"}
@@ -341,12 +392,19 @@ async def measure(swarm: Swarm, key: str, cpus: list[int], seconds: float,
                 if label == "1core":  # the mock's own figures, same generator
                     d = direct[(stream, c)] = await cell(mock, {}, stream, c, seconds)
                     cells.append({"target": "mock", "mode": mode, "c": c, **d})
-                f = await cell(door, auth, stream, c, seconds)
+                spies = (profile(swarm, Path(profile_dir), seconds)
+                         if profile_dir and label == "1core" and not stream and c == 64
+                         else [])
+                f = await cell(door, auth, stream, c, seconds,
+                               swarm=swarm if c == 64 else None)
+                for spy in spies:
+                    spy.wait(timeout=30)
                 cells.append({"target": f"front_door_{label}", "mode": mode, "c": c, **f})
                 d = direct[(stream, c)]
                 if not stream and c == 64:
                     out[f"rps_c64_{label}"] = f["rps"]
                     out[f"overhead_p99_ms_c64_{label}"] = round(f["p99_ms"] - d["p99_ms"], 3)
+                    out[f"cpu_ms_per_answer_c64_{label}"] = f.get("cpu_ms_per_answer")
                 if not stream and c == 1 and label == "1core":
                     out["overhead_p50_ms_c1"] = round(f["p50_ms"] - d["p50_ms"], 3)
                 if stream and c == 64:
@@ -368,6 +426,9 @@ def main() -> None:
                     help="the worker's model: OpenAI-compatible on the mock, or synthetic")
     ap.add_argument("--workers", type=int, default=2,
                     help="[web] workers: front-door processes (0: inside the node)")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="py-spy (raw stacks) of every process during the one-core "
+                         "c64 whole-answer cell, into DIR")
     ap.add_argument("--mock", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.mock:
@@ -388,7 +449,7 @@ def main() -> None:
             async def run() -> None:
                 key = await account(base_url)
                 await wait_ready(base_url, key)
-                await measure(swarm, key, cpus, seconds, out)
+                await measure(swarm, key, cpus, seconds, out, args.profile)
 
             asyncio.run(run())
         finally:

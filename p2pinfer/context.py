@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from .config import NodeConfig
+    from .credentials import Authenticator
     from .discovery import Discovery
     from .identity import Identity
     from .ledger import Ledger
@@ -106,6 +107,11 @@ class RoleContext(Protocol):
     @property
     def ledger(self) -> Ledger:
         """The node's replica of the signed ledger (users, keys, usage, ...)."""
+
+    @property
+    def authenticator(self) -> Authenticator:
+        """Checks credentials on the ledger; one per node, so that every
+        role of the node throttles a guessing client with the same counts."""
 
     @property
     def rpc(self) -> RpcClient:

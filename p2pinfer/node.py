@@ -31,6 +31,7 @@ from . import __version__
 from .addresses import check_ports_free
 from .config import NodeConfig
 from .context import Role, RoleContext
+from .credentials import Authenticator
 from .discovery import Descriptor, Discovery
 from .errors import ConfigError, InvalidParams, P2PInferError
 from .grants import ALL_GRANTS, ROLES
@@ -147,6 +148,8 @@ class Node:
         self.metrics: NodeMetrics = NodeMetrics(self, self.rpc_server)
         # The ledger owns the store and membership (see p2pinfer.ledger).
         self.ledger: Ledger = Ledger.for_node(self)
+        # One per node: the gateway, web and auth roles share its throttles.
+        self.authenticator = Authenticator(self)
         self.discovery = Discovery(
             self.host,
             self.rpc,

@@ -13,7 +13,8 @@ swarm around it, and in applications that embed one role.
 A :class:`FakeContext` has a real identity, configuration and Prometheus
 registry; the ledger, the RPC client and discovery are whatever the caller
 hands in (a role that reaches for one it was not given gets a
-``LookupError`` naming it); the node-wide metrics are recorded in
+``LookupError`` naming it), and the authenticator is built on that ledger
+when first asked for; the node-wide metrics are recorded in
 :class:`RecordedMetrics`; what a role asks of the node (methods to serve,
 disconnect listeners, descriptor invalidations) is kept for the caller to
 look at.
@@ -34,6 +35,7 @@ from .identity import Identity
 
 if TYPE_CHECKING:
     from .context import Role
+    from .credentials import Authenticator
     from .discovery import Discovery
     from .ledger import Ledger
     from .rpc import RpcClient
@@ -111,6 +113,7 @@ class FakeContext:
         self._started_at = time.time()
         self._network_id = network_id
         self._ledger, self._rpc, self._discovery = ledger, rpc, discovery
+        self._authenticator: Authenticator | None = None
         self.members = set(members)
         self.roles = dict(roles or {})
         self.peers = list(peers)
@@ -148,6 +151,14 @@ class FakeContext:
     @property
     def ledger(self) -> Ledger:
         return _given(self._ledger, "ledger")
+
+    @property
+    def authenticator(self) -> Authenticator:
+        if self._authenticator is None:
+            from .credentials import Authenticator
+
+            self._authenticator = Authenticator(self)
+        return self._authenticator
 
     @property
     def rpc(self) -> RpcClient:

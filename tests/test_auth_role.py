@@ -191,6 +191,48 @@ def client_peer(client: RpcClient) -> str:
     return str(client.host.get_id().to_base58())
 
 
+async def test_a_key_made_a_moment_ago_elsewhere_is_accepted_at_once(
+        tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A gateway node checks a key its ledger has not received yet by
+    waiting (up to a second) for it to replicate, counting one failure of
+    the client however long it waits; its gateway, auth and web roles
+    share one authenticator (one set of throttles per node). (Replication
+    on loopback outruns the client, so node C's ledger is made to see the
+    new key 0.3 s late.)"""
+    with trio.fail_after(60):
+        async with swarm(nursery, tmp_path, certs=[["auth"], ["auth", "gateway"]],
+                         roles=[["auth"], ["auth", "gateway"]]) as nodes:
+            a, c = nodes
+            shared = c.authenticator
+            assert c.roles["gateway"].auth is shared  # type: ignore[attr-defined]
+            assert auth_of(c).authenticator is shared
+            async with client_of([a]) as (client, _):
+                user = await client.call(a.peer_id, "registerUser", register_params("carol"))
+                session = await client.call(a.peer_id, "loginUser",
+                                            {"username": "carol", "password": PASSWORD})
+                key = await client.call(a.peer_id, "generateApiKey",
+                                        {"token": session["token"], "name": "new"})
+            arrives = trio.current_time() + 0.3
+            real_lookup = c.ledger.api_key
+            monkeypatch.setattr(c.ledger, "api_key", lambda public_id: None
+                                if trio.current_time() < arrives else real_lookup(public_id))
+            p = await shared.authenticate_waiting({"api_key": key["api_key"]},
+                                                  source="ip:10.0.0.1")
+            assert p.user_id == user["user_id"] and trio.current_time() >= arrives
+            # its first try counted (the key was unknown then), the re-checks not
+            assert shared.key_failures.count("ip:10.0.0.1|?", time.time()) == 1
+            started = trio.current_time()
+            with pytest.raises(errors.InvalidApiKey):
+                await shared.authenticate_waiting({"api_key": generate_key().key},
+                                                  source="ip:10.0.0.1", wait=0.3)
+            assert trio.current_time() - started >= 0.3
+            assert shared.key_failures.count("ip:10.0.0.1|?", time.time()) == 2
+            with pytest.raises(errors.InvalidApiKey) as ei:  # a wrong secret: no wait
+                await shared.authenticate_waiting(
+                    {"api_key": key["api_key"][:-4] + "AAAA"}, source="ip:10.0.0.1")
+            assert ei.value.data["reason"] == "mismatch"
+
+
 async def test_each_failure_has_its_own_error(tmp_path: Path, nursery: trio.Nursery) -> None:
     with trio.fail_after(60):
         async with swarm(nursery, tmp_path, certs=[["auth"], ["auth"], ["gateway", "operator"]],

@@ -320,7 +320,7 @@ async def test_api_key_guessing_over_http_is_throttled_per_client(
             r = await http.post("/api/inference", json=inference, headers=account.key_headers)
             assert r.status_code == 429
         # counted under the HTTP client's address, not under the web node
-        failures = swarm.web.upstream._authenticator.key_failures
+        failures = swarm.web.upstream.node.authenticator.key_failures
         assert failures.count("ip:127.0.0.1|?", time.time()) >= 3
 
 
@@ -340,7 +340,7 @@ async def test_one_typo_locks_out_nobody(tmp_path: Path, nursery: trio.Nursery) 
             assert trio.current_time() - started >= 0.5  # it waited for replication
             r = await http.get("/api/models", headers=alice.key_headers)
             assert r.status_code == 200, r.text
-        failures = swarm.web.upstream._authenticator.key_failures
+        failures = swarm.web.upstream.node.authenticator.key_failures
         assert failures.count("ip:127.0.0.1|?", time.time()) == 1
         # 100 bad keys from 127.0.0.2
         other = httpx.AsyncHTTPTransport(local_address="127.0.0.2")

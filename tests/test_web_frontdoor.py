@@ -156,6 +156,46 @@ def test_workers_setting(tmp_path: Path) -> None:
             settings(workers=bad)
 
 
+async def test_a_listed_model_costs_no_credential_check_and_an_unlisted_one_does() -> None:
+    """The hot path: a model in the list cached within its ttl is resolved
+    without a call (the gateway checks the credential with the request);
+    a name not in it is looked up only after the credential is checked, so
+    a caller without one learns nothing about the swarm's models."""
+    from p2pinfer.errors import InvalidApiKey, UnknownModel
+    from p2pinfer.web.upstream import ModelCatalog
+
+    class Listing:
+        checks = 0
+        lists = 0
+        valid = True
+
+        async def authenticate(self, auth: dict[str, str]) -> None:
+            self.checks += 1
+            if not self.valid:
+                raise InvalidApiKey("no", data={"reason": "unknown"})
+
+        async def call(self, role: str, method: str, params: Any = None, *,
+                       long: bool = False) -> Any:
+            self.lists += 1
+            return {"models": [{"name": "fake", "aliases": ["f"]}]}
+
+    listing = Listing()
+    catalog = ModelCatalog(listing, 60.0)  # type: ignore[arg-type]
+    auth = {"api_key": "p2p_x"}
+    assert await catalog.resolve("fake", auth) == "fake"  # cold: checked and listed
+    assert (listing.checks, listing.lists) == (1, 1)
+    for name, expected in (("fake", "fake"), ("f", "f"), ("fake:latest", "fake")):
+        assert await catalog.resolve(name, auth) == expected
+    assert (listing.checks, listing.lists) == (1, 1)
+    listing.valid = False
+    assert await catalog.resolve("fake", auth) == "fake"  # the gateway will refuse it
+    with pytest.raises(InvalidApiKey):
+        await catalog.resolve("other", auth)  # not "no such model"
+    listing.valid = True
+    with pytest.raises(UnknownModel):
+        await catalog.resolve("other", auth)
+
+
 async def test_a_model_no_worker_serves_is_404_and_a_busy_one_is_not() -> None:
     """What both upstreams (in the node, in a front door) make of a
     gateway's NoWorkerAvailable: UnknownModel when no worker in the swarm

@@ -108,7 +108,6 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..credentials.authenticator import Principal, Via
-from ..credentials.settings import AuthSettings
 from ..errors import InvalidParams, NotMember, PermissionDenied
 from ..grants import OPERATOR, RELAYS
 from ..rpc.server import Access, CallContext, rpc_method
@@ -243,8 +242,8 @@ class AuthRole:
 
     def __init__(self, node: RoleContext) -> None:
         self.node = node
-        self.settings = AuthSettings.from_config(node.config)
-        self.service = AuthService(node, self.settings)
+        self.service = AuthService(node)  # the node's [auth] settings and authenticator
+        self.settings = self.service.settings
         self.authenticator = self.service.authenticator
         self.privacy = Privacy(self.service)
 

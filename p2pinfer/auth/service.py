@@ -170,7 +170,9 @@ class AuthService:
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = s = settings or AuthSettings.from_config(node.config)
         self.clock = clock
-        self.authenticator = Authenticator(node, settings=s)
+        # the node's own, unless these settings are not the node's (tests)
+        self.authenticator = (node.authenticator if settings is None
+                              else Authenticator(node, settings=s))
         self.ledger = self.authenticator.ledger
         self.peer_id = node.peer_id
         self.issuer = TokenIssuer(node.identity, self.ledger.network_id)

@@ -69,6 +69,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
+import trio
 from cachetools import LRUCache
 
 from ..errors import (
@@ -92,11 +93,14 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..ledger import Ledger
     from ..ledger.queries import User
 
-__all__ = ["Authenticator", "Principal", "check_session_current"]
+__all__ = ["REPLICATION_WAIT", "Authenticator", "Principal", "check_session_current"]
 
 log = logging.getLogger(__name__)
 
 KEY_CACHE_SIZE = 10_000  # validated keys remembered (hash and principal, not the key)
+# Seconds a request with a key or user this node does not know yet waits for
+# it to replicate (Authenticator.authenticate_waiting).
+REPLICATION_WAIT = 1.0
 
 Via = Literal["api_key", "token"]
 
@@ -148,8 +152,11 @@ class Principal:
 class Authenticator:
     """Validates API keys and session tokens against the node's ledger copy.
 
-    Cheap to build (one per role is fine). Every method is synchronous and
-    safe to call on the trio thread.
+    A node keeps one (``RoleContext.authenticator``), which its gateway, web
+    and auth roles share, so a client guessing keys is throttled by the same
+    counts whichever of them it calls. Every method but
+    :meth:`authenticate_waiting` is synchronous and safe to call on the trio
+    thread.
 
     Args:
         node: the node (its ledger and config).
@@ -195,6 +202,31 @@ class Authenticator:
         wanted = " or ".join("an API key" if a == "api_key" else "a session token"
                              for a in allow)
         raise AuthenticationRequired(f"{wanted} is required", data={"field": "auth"})
+
+    async def authenticate_waiting(self, credentials: Any, *, source: str | None = None,
+                                   wait: float = REPLICATION_WAIT) -> Principal:
+        """:meth:`authenticate`, giving a key or user this node does not know
+        yet up to ``wait`` seconds to replicate (an auth node elsewhere made
+        it a moment ago: a client may use its new key at once on any node).
+
+        Only the first try counts as a failure of ``source``; the re-checks
+        while waiting count for nothing (they once made a single mistyped
+        key 20 failures).
+        """
+        try:
+            return self.authenticate(credentials, source=source)
+        except (InvalidApiKey, UnknownUser) as exc:
+            if isinstance(exc, InvalidApiKey) and exc.data.get("reason") != "unknown":
+                raise
+            first = exc
+        with trio.move_on_after(wait):
+            while True:
+                await trio.sleep(0.05)
+                try:
+                    return self.authenticate(credentials, source=None)
+                except (InvalidApiKey, UnknownUser):
+                    continue
+        raise first
 
     def _api_key(self, key: Any, source: str | None) -> Principal:
         """:meth:`validate_api_key`, throttled per ``source`` (module docstring)."""

@@ -2,6 +2,7 @@
 
     client ──processInferenceRequest──▶ gateway
         1. authenticate (API key or session token) from the local ledger copy
+           (a key or user not replicated here yet gets up to a second)
         2. ask the user's quota coordinator for a ticket (swarm-wide limits)
         3. pick a worker for the model (power of two choices), fail over
            before the first token
@@ -53,7 +54,6 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .. import __version__
-from ..credentials import Authenticator
 from ..errors import (
     AuthenticationRequired,
     BackendTimeout,
@@ -150,7 +150,7 @@ class GatewayRole:
                                    flush_interval=self.settings.usage_flush_interval)
         node.serve(self.quota)
         node.on_disconnect(self.quota.on_peer_disconnected)
-        self.auth = Authenticator(node)
+        self.auth = node.authenticator
         self.in_flight = 0
         self.served = 0
 
@@ -182,7 +182,7 @@ class GatewayRole:
         if not isinstance(request, dict):
             raise InvalidParams("request: must be a map of prompt parameters",
                                 data={"field": "request"})
-        principal = self.auth.authenticate(auth, source=_source(ctx, params))
+        principal = await self.auth.authenticate_waiting(auth, source=_source(ctx, params))
         parsed = parse_prompt_params(request, GATEWAY_LIMITS)
         model = parsed.model or self.settings.default_model
         worker_params = {k: v for k, v in request.items() if k != "modelConfig"}
@@ -266,7 +266,7 @@ class GatewayRole:
         if not isinstance(request, dict):
             raise InvalidParams("request: must be a map with input (and model)",
                                 data={"field": "request"})
-        principal = self.auth.authenticate(auth, source=_source(ctx, params))
+        principal = await self.auth.authenticate_waiting(auth, source=_source(ctx, params))
         parsed = parse_embed_params(request)
         model = parsed.model or self.settings.default_embedding_model
         needs = frozenset({"embed"})

@@ -61,9 +61,11 @@ class RemoteUpstream:
     An inference request goes straight to the node's own gateway
     (``processInferenceRequest`` on the local socket) when the node runs
     one, instead of through the web role's relay. Credentials are checked
-    by the node on every request (its web role keeps the per-client
-    throttles: a cached answer here would let a key locked out there
-    through).
+    by the node on every request, never cached here (a cached answer would
+    let a key locked out there through): by its gateway with the request
+    itself (the model list is cached here; see ``ModelCatalog.resolve``),
+    or by ``web.authenticate``; the node's roles share one authenticator,
+    so its throttles are the same whichever checks.
 
     Args:
         rpc: a client connected to the node's local socket.

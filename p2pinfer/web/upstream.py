@@ -34,7 +34,6 @@ import trio
 
 from ..errors import (
     DeadlineExceeded,
-    InvalidApiKey,
     MalformedFrame,
     NoWorkerAvailable,
     P2PInferError,
@@ -46,14 +45,13 @@ from .inputs import current_source
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..context import RoleContext
-    from ..credentials import Authenticator, Principal
+    from ..credentials import Principal
 
 __all__ = ["InferenceCall", "ModelCatalog", "Upstream", "WebUpstream", "model_names"]
 
 log = logging.getLogger(__name__)
 
 _END = object()
-REPLICATION_WAIT = 1.0
 # A model list younger than this is not asked for again on a miss.
 FRESH_ENOUGH = 0.5
 # A session made by a login on another auth node, or a user just
@@ -192,6 +190,14 @@ class WebUpstream(Protocol):
         ``expires_at``, ``removed_after``)."""
 
 
+def _find(name: str, names: dict[str, str]) -> str | None:
+    """``name`` or ``name`` without ``:latest``, whichever ``names`` has."""
+    for candidate in (name, name.removesuffix(":latest")):
+        if candidate in names:
+            return candidate
+    return None
+
+
 @dataclass
 class ModelCatalog:
     """The swarm's models as the gateway lists them, cached briefly."""
@@ -226,9 +232,20 @@ class ModelCatalog:
 
     async def resolve(self, name: str | None, auth: dict[str, str]) -> str | None:
         """The model's name for ``name`` (a name or an alias; ``x:latest``
-        as ``x``), None for the gateway's default, or UnknownModel."""
+        as ``x``), None for the gateway's default, or UnknownModel.
+
+        A name found in the list cached within ``ttl`` is answered without
+        checking ``auth``: the request goes on to the gateway, which checks
+        it (with the same throttles), so the hot path costs no extra call.
+        A name not found is looked up with ``auth`` checked first: a caller
+        without a valid credential learns nothing about which models exist.
+        """
         if name is None:
             return None
+        if self._models is not None and anyio.current_time() - self._at <= self.ttl:
+            found = _find(name, model_names(self._models))
+            if found is not None:
+                return found
         for attempt in range(2):
             if attempt:
                 # Not in the list: ask again, but at most twice a second
@@ -237,11 +254,10 @@ class ModelCatalog:
                 age = anyio.current_time() - self._at
                 if age < FRESH_ENOUGH:
                     await anyio.sleep(FRESH_ENOUGH - age)
-            names = model_names(await self.models(
-                auth, fresh=attempt == 1 and anyio.current_time() - self._at >= FRESH_ENOUGH))
-            for candidate in (name, name.removesuffix(":latest")):
-                if candidate in names:
-                    return candidate
+            found = _find(name, model_names(await self.models(
+                auth, fresh=attempt == 1 and anyio.current_time() - self._at >= FRESH_ENOUGH)))
+            if found is not None:
+                return found
         raise UnknownModel(f"model {name[:128]!r} is not served by any worker in the swarm",
                            data={"model": name[:128]})
 
@@ -262,7 +278,6 @@ class Upstream:
         self.call_timeout = call_timeout
         self.request_timeout = request_timeout
         self.catalog = ModelCatalog(self, models_ttl)
-        self._authenticator: Authenticator | None = None
 
     async def authenticate(self, auth: dict[str, str]) -> Principal:
         """The principal of ``auth``, checked offline on this node's ledger.
@@ -273,32 +288,8 @@ class Upstream:
         Raises:
             AccessError: the credential's own error.
         """
-        check = self._checker()
-        source = current_source.get()
-        try:
-            return check.authenticate(auth, source=source)
-        except (InvalidApiKey, UnknownUser) as exc:
-            if isinstance(exc, InvalidApiKey) and exc.data.get("reason") != "unknown":
-                raise
-            first = exc
-        # The first try counted as one failure of this source; the re-checks
-        # while we wait are ours, not the client's, and count for nothing
-        # (they once made a single mistyped key 20 failures).
-        with trio.move_on_after(REPLICATION_WAIT):
-            while True:
-                await trio.sleep(0.05)
-                try:
-                    return check.authenticate(auth, source=None)
-                except (InvalidApiKey, UnknownUser):
-                    continue
-        raise first
-
-    def _checker(self) -> Authenticator:
-        if self._authenticator is None:
-            from ..credentials import Authenticator
-
-            self._authenticator = Authenticator(self.node)
-        return self._authenticator
+        return await self.node.authenticator.authenticate_waiting(
+            auth, source=current_source.get())
 
     async def session(self, token: str) -> Principal:
         """The principal of a session token, checked offline; a user this
@@ -308,7 +299,7 @@ class Upstream:
         Raises:
             TokenExpired, UnknownUser, AccessError: the token's own error.
         """
-        check = self._checker()
+        check = self.node.authenticator
         try:
             return check.verify_token(token)
         except UnknownUser:
