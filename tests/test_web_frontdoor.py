@@ -222,3 +222,52 @@ async def test_a_model_no_worker_serves_is_404_and_a_busy_one_is_not() -> None:
     assert gone.value.data == {"model": "gone"}
     await catalog.check_served(NoWorkerAvailable("busy", data={"model": "fake"}), auth)
     assert listing.asked == 2  # asked afresh each time
+
+
+def test_the_indexed_router_picks_the_route_starlettes_would() -> None:
+    """Every request to a fixed path, with each method any route takes,
+    reaches the route Starlette's own search finds first (or the same
+    fallback: 405, 404), and the hot routes are indexed."""
+    from starlette.routing import Match, Route
+
+    from p2pinfer.web.app import IndexedRouter
+    from p2pinfer.web.site import WebSite
+
+    site = WebSite(WebSettings.from_config(NodeConfig.from_mapping({}, env={})),
+                   upstream=None,  # type: ignore[arg-type]  # routing only
+                   peer_id="12D3KooWtest", metrics=None,  # type: ignore[arg-type]
+                   csrf_key=b"k" * 32, tls=False)
+    app = site.app
+    while not hasattr(app, "router"):
+        app = app.app
+    router = app.router
+    assert isinstance(router, IndexedRouter)
+    for hot in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/api/chat",
+                "/api/generate", "/api/embed", "/api/inference", "/v1/responses"):
+        assert hot in router.exact, hot
+    methods = sorted({m for r in router.routes if isinstance(r, Route) for m in r.methods or ()})
+    paths = {r.path for r in router.routes if isinstance(r, Route)} | {"/nowhere"}
+    checked = 0
+    for path in sorted(paths):
+        for method in methods:
+            scope = {"type": "http", "path": path, "root_path": "", "method": method}
+            first = next((r for r in router.routes
+                          if r.matches(scope)[0] is Match.FULL), None)
+            indexed = next((r for r in router.exact.get(path, ())
+                            if r.matches(scope)[0] is Match.FULL), None)
+            if indexed is not None:  # the index answers: it must be Starlette's choice
+                assert indexed is first, (method, path)
+                checked += 1
+            else:  # Starlette's own search answers (405, 404, a path route)
+                assert path not in router.exact or first is None or first not in \
+                    router.exact[path], (method, path)
+    assert checked >= 40
+    # the control: a fixed path an earlier route with a parameter takes is
+    # left to Starlette's search
+    async def endpoint(request: Any) -> Any:
+        raise AssertionError("not called")
+
+    shadowing = Route("/a/{x}", endpoint, methods=["GET"])
+    shadowed = IndexedRouter([shadowing, Route("/a/b", endpoint, methods=["GET"]),
+                              Route("/c", endpoint, methods=["GET"])])
+    assert set(shadowed.exact) == {"/c"}

@@ -40,6 +40,7 @@ Guarantees:
 from __future__ import annotations
 
 import enum
+import functools
 import inspect
 import ipaddress
 import logging
@@ -79,6 +80,7 @@ log = logging.getLogger(__name__)
 DEFAULT_STREAM_WINDOW = 32
 
 
+@functools.lru_cache(maxsize=4096)
 def throttle_address(address: str) -> str:
     """``address`` as throttles count it: an IPv4 address itself, an IPv6
     address as its /64 network (a host often has a whole /64 to pick from)."""

@@ -485,9 +485,12 @@ def openai_routes(web: WebSite) -> list[Route]:
                 await call.aclose()
 
         try:
-            async with anyio.create_task_group() as tasks:  # n choices: n requests at once
-                for index in range(len(answers)):
-                    tasks.start_soon(answer, index)
+            if len(answers) == 1:
+                await answer(0)
+            else:
+                async with anyio.create_task_group() as tasks:  # n choices: n requests at once
+                    for index in range(len(answers)):
+                        tasks.start_soon(answer, index)
         except BaseExceptionGroup as group:  # the first choice's error is the answer
             failed = group.subgroup(lambda e: isinstance(e, P2PInferError))
             if failed is None:

@@ -28,7 +28,6 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -60,6 +59,7 @@ class SecurityHeaders:
         self.headers = dict(HEADERS)
         if hsts:
             self.headers["strict-transport-security"] = "max-age=31536000"
+        self._raw = [(name.encode(), value.encode()) for name, value in self.headers.items()]
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -68,10 +68,12 @@ class SecurityHeaders:
 
         async def send_with_headers(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in self.headers.items():
-                    if name not in headers:
-                        headers[name] = value
+                # ASGI header names are lower-case bytes; a response's own
+                # value of one of ours (a page's CSP, say) is kept
+                headers = list(message.get("headers") or ())
+                present = {name.lower() for name, _ in headers}
+                headers += [item for item in self._raw if item[0] not in present]
+                message = {**message, "headers": headers}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -25,6 +25,7 @@ that implements it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -75,7 +76,6 @@ class InferenceCall:
         self._closed = False
         self.gateway = gateway
         self.trailer: dict[str, Any] = dict(stream.trailer or {}) if first is _END else {}
-        self.started = anyio.current_time()
         #: the log probabilities of the last chunk's tokens (None: not asked),
         #: and of every token so far
         self.chunk_logprobs: list[dict[str, Any]] | None = None
@@ -211,12 +211,12 @@ class ModelCatalog:
         """``listModels`` (authenticated with ``auth``), cached for ``ttl``;
         ``auth`` is checked every time, cached or not."""
         await self.upstream.authenticate(auth)
-        now = anyio.current_time()
+        now = time.monotonic()
         if fresh or self._models is None or now - self._at > self.ttl:
             result = await self.upstream.call("gateway", "listModels", {"auth": auth})
             models = result.get("models") if isinstance(result, dict) else None
             self._models = [m for m in models or [] if isinstance(m, dict)]
-            self._at = anyio.current_time()
+            self._at = time.monotonic()
         return list(self._models)
 
     async def check_served(self, busy: NoWorkerAvailable, auth: dict[str, str]) -> None:
@@ -242,7 +242,7 @@ class ModelCatalog:
         """
         if name is None:
             return None
-        if self._models is not None and anyio.current_time() - self._at <= self.ttl:
+        if self._models is not None and time.monotonic() - self._at <= self.ttl:
             found = _find(name, model_names(self._models))
             if found is not None:
                 return found
@@ -251,11 +251,11 @@ class ModelCatalog:
                 # Not in the list: ask again, but at most twice a second
                 # (wait if it was just fetched: the model may have appeared
                 # since, and another process's list may already have it).
-                age = anyio.current_time() - self._at
+                age = time.monotonic() - self._at
                 if age < FRESH_ENOUGH:
                     await anyio.sleep(FRESH_ENOUGH - age)
             found = _find(name, model_names(await self.models(
-                auth, fresh=attempt == 1 and anyio.current_time() - self._at >= FRESH_ENOUGH)))
+                auth, fresh=attempt == 1 and time.monotonic() - self._at >= FRESH_ENOUGH)))
             if found is not None:
                 return found
         raise UnknownModel(f"model {name[:128]!r} is not served by any worker in the swarm",
