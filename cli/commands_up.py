@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from p2pinfer.errors import P2PInferError
+from p2pinfer.errors import ConfigError, P2PInferError
 
 from .errors import EXIT_INTERRUPTED, EXIT_USAGE, CliError, sole_error
 from .output import note, short_id, spinner, write
@@ -376,7 +376,8 @@ def up(workers: int, port: int, p2p_port: int, prompt_text: str | None, max_toke
         if isinstance(leaf, KeyboardInterrupt):
             note("\nStopped the swarm.")
             raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
-        if isinstance(leaf, OSError) and leaf.errno == errno.EADDRINUSE:
+        if (isinstance(leaf, OSError) and leaf.errno == errno.EADDRINUSE
+                or isinstance(leaf, ConfigError) and leaf.data.get("reason") == "in_use"):
             raise CliError(f"port {port} is already in use: pass --port with another one "
                            "(0 for any free port)", EXIT_USAGE) from None
         raise

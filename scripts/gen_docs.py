@@ -45,6 +45,9 @@ SERVICES = [
      "quota"),
     ("p2pinfer.inference.role.InferenceRole", "Inference role", "inference"),
     ("p2pinfer.metrics.role.MetricsRole", "Metrics role", "metrics"),
+    ("p2pinfer.web.frontdoor_service.FrontDoorService",
+     "Web role: its own front doors (the node's local socket; any other caller is refused)",
+     "web-front-doors"),
 ]
 
 

@@ -563,14 +563,14 @@ async def test_http_slow_loris(target: Target) -> None:
         reply = b""
         with trio.move_on_after(10):
             while True:
-                with trio.move_on_after(0.5):
-                    data = await sock.receive_some(4096)
-                    if not data:
-                        break
-                    reply += data
                 try:
+                    with trio.move_on_after(0.5):
+                        data = await sock.receive_some(4096)
+                        if not data:
+                            break
+                        reply += data
                     await sock.send_all(b" ")
-                except trio.BrokenResourceError:
+                except trio.BrokenResourceError:  # closed (a reset: bytes were unread)
                     break
         await sock.aclose()
         return trio.current_time() - t0, reply
@@ -600,41 +600,55 @@ async def test_http_slow_loris(target: Target) -> None:
             await sock.aclose()
 
 
-async def test_http_slow_headers_are_cut_by_the_keep_alive_timer(
-        tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Headers sent a byte at a time: Hypercorn's idle timer keeps running
-    until the request line and headers are complete, so the connection is
-    closed after ``keep_alive_timeout`` (30 s in production, 1.5 s here)."""
-    from p2pinfer.web import server
-
-    real = server._config
-    assert real("127.0.0.1", 0, certfile=None, keyfile=None).keep_alive_timeout == 30.0
-
-    def quick(*args: Any, **kwargs: Any) -> Any:
-        config = real(*args, **kwargs)
-        config.keep_alive_timeout = 1.5
-        return config
-
-    monkeypatch.setattr(server, "_config", quick)
+@pytest.mark.parametrize("workers", [2, 0], ids=["front_doors", "in_the_node"])
+async def test_http_slow_headers_are_cut_by_the_idle_timer(
+        tmp_path: Path, nursery: trio.Nursery, workers: int) -> None:
+    """Headers sent a byte at a time, a second request's too, and a
+    connection that sends nothing: each connection is closed after
+    ``[web] idle_timeout`` (30 s by default, 1.5 s here), by front doors
+    and inside the node alike, while a normal request is answered."""
     (home,) = make_network(tmp_path, 1, roles=["auth", "web"])
-    cfg = node_config(home, roles=["auth", "web"], tables=web_tables(models=None))
+    cfg = node_config(home, roles=["auth", "web"], tables=web_tables(
+        models=None, web={"idle_timeout": 1.5, "workers": workers}))
     async with run_nodes(nursery, [cfg]) as (node,):
-        sock = await trio.open_tcp_stream("127.0.0.1", node.roles["web"].port)
-        t0 = trio.current_time()
-        closed_after = None
-        with trio.fail_after(20):
-            for byte in b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
-                try:
-                    await sock.send_all(bytes([byte]))
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    closed_after = trio.current_time() - t0
-                    break
-                with trio.move_on_after(0.2):
-                    if await sock.receive_some(1024) == b"":
-                        closed_after = trio.current_time() - t0
-                        break
-        await sock.aclose()
-        assert closed_after is not None and 1.4 < closed_after < 4, closed_after
+        port = node.roles["web"].port
+
+        async def closed_after(first: bytes, slow: bytes) -> float | None:
+            sock = await trio.open_tcp_stream("127.0.0.1", port)
+            if first:  # one whole request first: the second one is slow
+                await sock.send_all(first)
+                assert (await sock.receive_some(65536)).startswith(b"HTTP/1.1 200")
+            t0 = trio.current_time()
+            try:
+                with trio.fail_after(20):
+                    for byte in slow or b"\0" * 100:
+                        if slow:
+                            await sock.send_all(bytes([byte]))
+                        with trio.move_on_after(0.2):
+                            if await sock.receive_some(1024) == b"":
+                                return trio.current_time() - t0
+                return None
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return trio.current_time() - t0
+            finally:
+                await sock.aclose()
+
+        request = b"GET /api/version HTTP/1.1\r\nHost: x\r\n\r\n"
+        slow = b"GET /api/version HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+        results: dict[str, float | None] = {}
+
+        async def measure(name: str, first: bytes, trickle: bytes) -> None:
+            results[name] = await closed_after(first, trickle)
+
+        async with trio.open_nursery() as checks:
+            checks.start_soon(measure, "slow headers", b"", slow)
+            checks.start_soon(measure, "slow second request", request, slow)
+            checks.start_soon(measure, "silent", b"", b"")
+            await trio.sleep(0.5)
+            async with httpx.AsyncClient(base_url=node.roles["web"].url, timeout=5) as http:
+                assert (await http.get("/api/version")).status_code == 200
+        for name, seconds in results.items():
+            assert seconds is not None and 1.3 < seconds < 4, (name, seconds)
 
 
 async def test_idle_libp2p_streams_from_one_peer(target: Target, stranger: RpcClient) -> None:

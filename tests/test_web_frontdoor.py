@@ -3,8 +3,9 @@ reaching the swarm through the node's local socket (``[web] workers``).
 
 Real parts throughout: a node with auth, gateway, inference and web, its
 front-door processes, the official openai package, raw HTTP from httpx.
-The whole web suite also runs with front doors:
-``P2PINFER_TEST_WEB_WORKERS=2 pytest tests/test_web_*.py``.
+Front doors are what users get by default (``workers = "auto"``), so the
+whole web suite runs on them; ``P2PINFER_TEST_WEB_WORKERS=0 pytest
+tests/test_web_*.py`` runs it inside the node instead.
 """
 
 from __future__ import annotations
@@ -25,20 +26,24 @@ from p2pinfer.config import NodeConfig
 from p2pinfer.errors import ConfigError
 from p2pinfer.web import WebSettings
 
-from .helpers import wait_for
-from .test_web_support import web_swarm
+from .helpers import make_network, node_config, run_nodes, wait_for
+from .test_web_support import WebSwarm, web_swarm, web_tables
 
 SLOW = {"name": "slow", "backend": "synthetic", "tokens": 60, "token_delay": 0.1,
         "context_length": 2048}
 FRONT_DOORS = {"workers": 2}
 
 
+@pytest.mark.parametrize("workers", [2, 0], ids=["front_doors", "in_the_node"])
 async def test_front_doors_serve_the_openai_package_and_pages(
-        tmp_path: Path, nursery: trio.Nursery) -> None:
+        tmp_path: Path, nursery: trio.Nursery, workers: int) -> None:
+    """The same app, served by front doors (what users get) and inside the
+    node (``workers = 0``)."""
     with trio.fail_after(90):
-        async with web_swarm(nursery, tmp_path, web=FRONT_DOORS) as swarm:
+        async with web_swarm(nursery, tmp_path, web={"workers": workers}) as swarm:
             web = swarm.web
-            assert len(web.front_doors) == 2 and os.getpid() not in web.front_doors.values()
+            assert len(web.front_doors) == workers
+            assert os.getpid() not in web.front_doors.values()
             account = await swarm.account()
             client = openai.AsyncOpenAI(base_url=f"{swarm.url}/v1", api_key=account.api_key,
                                         max_retries=0)
@@ -66,7 +71,61 @@ async def test_front_doors_serve_the_openai_package_and_pages(
             # every front door's requests reach the node's metrics
             await wait_for(lambda: web_requests(swarm.node) >= 5, limit=10)
             sock = swarm.node.config.home / "run" / "web.sock"
-            assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+            if workers:
+                assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+            else:
+                assert not sock.exists()
+
+
+async def test_a_web_only_node_relays_through_its_front_doors(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    """A node with only the web role: its front doors reach the swarm's
+    auth, gateway and workers through the node's relay (``web.inference``,
+    ``web.embed``, ``web.call``): registration, whole and streamed answers,
+    an unknown model's 404 and a bad key's 401, each in its dialect."""
+    homes = make_network(tmp_path, ["hub", "front"],
+                         roles=[["auth", "gateway", "inference"], ["web"]])
+    with trio.fail_after(120):
+        async with run_nodes(nursery, [node_config(
+                homes[0], roles=["auth", "gateway", "inference"],
+                tables=web_tables())]) as (hub,):
+            await hub.roles["inference"].engine.wait_settled()
+            async with run_nodes(nursery, [node_config(
+                    homes[1], roles=["web"], bootstrap=[hub.addrs[0]],
+                    tables=web_tables(models=None, web=FRONT_DOORS))]) as (front,):
+                web = front.roles["web"]
+                assert len(web.front_doors) == 2
+                swarm = WebSwarm(front, web.url, [hub, front])
+                account = await swarm.account()
+                client = openai.AsyncOpenAI(base_url=f"{web.url}/v1",
+                                            api_key=account.api_key, max_retries=0)
+                whole = await client.chat.completions.create(
+                    model="fake", messages=[{"role": "user", "content": "hello"}])
+                assert whole.choices[0].message.content
+                pieces = []
+                stream = await client.chat.completions.create(
+                    model="fake", messages=[{"role": "user", "content": "hello"}],
+                    stream=True)
+                async for chunk in stream:
+                    if chunk.choices and chunk.choices[0].delta.content:
+                        pieces.append(chunk.choices[0].delta.content)
+                assert "".join(pieces) == whole.choices[0].message.content
+                with pytest.raises(openai.NotFoundError):
+                    await client.chat.completions.create(
+                        model="nothing", messages=[{"role": "user", "content": "hi"}])
+                await client.close()
+                async with swarm.client() as http:
+                    r = await http.post("/api/chat", json={
+                        "model": "fake", "stream": False,
+                        "messages": [{"role": "user", "content": "hi"}]},
+                        headers={"Authorization": f"Bearer {account.api_key}"})
+                    assert r.status_code == 200 and r.json()["message"]["content"], r.text
+                    r = await http.post("/api/chat", json={
+                        "model": "fake", "messages": [{"role": "user", "content": "hi"}]},
+                        headers={"Authorization": "Bearer p2p_aaaaaaaaaaaa_" + "b" * 43})
+                    assert r.status_code == 401 and "error" in r.json(), r.text
+                    r = await http.get("/api/usage", headers=account.key_headers)
+                    assert r.status_code == 200, r.text
 
 
 def web_requests(node: Any) -> float:
@@ -147,11 +206,20 @@ def test_workers_setting(tmp_path: Path) -> None:
         return WebSettings.from_config(NodeConfig.from_mapping(
             {"node": {"home": str(tmp_path)}, "web": web}, env={}))
 
-    assert settings().workers == 0 and settings(workers=4).workers == 4
+    from p2pinfer.web.settings import MAX_AUTO_WORKERS, auto_workers
+
+    cores = len(os.sched_getaffinity(0))
+    assert settings().workers == min(cores, MAX_AUTO_WORKERS) == auto_workers()
+    assert settings(workers="auto").workers == settings(workers=" AUTO ").workers == \
+        auto_workers()
+    assert settings(workers=0).workers == 0 and settings(workers=4).workers == 4
     env = NodeConfig.from_mapping({"node": {"home": str(tmp_path)}},
                                   env={"P2PINFER_WEB_WORKERS": "3"})
     assert WebSettings.from_config(env).workers == 3
-    for bad in (-1, 65, "many"):
+    env = NodeConfig.from_mapping({"node": {"home": str(tmp_path)}},
+                                  env={"P2PINFER_WEB_WORKERS": "auto"})
+    assert WebSettings.from_config(env).workers == auto_workers()
+    for bad in (-1, 65, "many", "", 1.5, True):
         with pytest.raises(ConfigError, match="web.workers"):
             settings(workers=bad)
 

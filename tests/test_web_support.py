@@ -87,9 +87,11 @@ def web_tables(*, models: Sequence[dict[str, Any]] | None = (FAKE,),
                **tables: dict[str, Any]) -> dict[str, Any]:
     """Config tables for a web test node: a free port, fast hashing, the
     synthetic model (``models=None``: the embedded SmolLM2)."""
+    # [web] workers as users get it ("auto": front doors, one per core);
+    # P2PINFER_TEST_WEB_WORKERS=0 runs every web test inside the node
+    workers = os.environ.get("P2PINFER_TEST_WEB_WORKERS")
     out: dict[str, Any] = {
-        # P2PINFER_TEST_WEB_WORKERS=2 runs every web test on front doors
-        "web": {"port": 0, "workers": int(os.environ.get("P2PINFER_TEST_WEB_WORKERS", "0")),
+        "web": {"port": 0, **({"workers": workers} if workers is not None else {}),
                 **tables.pop("web", {})},
         "auth": {**FAST_AUTH, **tables.pop("auth", {})},
         "gateway": {"usage_flush_interval": 0.1, **tables.pop("gateway", {})},

@@ -187,6 +187,54 @@ class RequestCounts:
 
 
 # -- the process ---------------------------------------------------------------------
+def guarded_protocol(header_timeout: float) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol, closing a connection whose request line
+    and headers have not all arrived ``header_timeout`` seconds after it
+    opened or after the request's first byte.
+
+    uvicorn times only the idle wait between requests: a client sending its
+    headers a byte at a time (or nothing at all after connecting) would
+    hold the connection for ever. Hypercorn, in the node, has the same rule
+    (its idle timer runs until the headers are in).
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class GuardedHttpToolsProtocol(HttpToolsProtocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(header_timeout, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _too_slow(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedHttpToolsProtocol
+
+
 async def serve(spec: Mapping[str, Any]) -> None:
     """Serve the web app on the listening socket ``spec["fd"]`` until
     SIGTERM, or until the node's local socket closes (the node stopped)."""
@@ -207,8 +255,9 @@ async def serve(spec: Mapping[str, Any]) -> None:
     site.url = spec.get("url")
     sock = socket.socket(fileno=int(spec["fd"]))
     config = uvicorn.Config(
-        site.app, http="httptools", lifespan="off", access_log=False, log_config=None,
-        server_header=False, timeout_keep_alive=30, timeout_graceful_shutdown=1,
+        site.app, http=guarded_protocol(settings.idle_timeout), lifespan="off",
+        access_log=False, log_config=None, server_header=False,
+        timeout_keep_alive=max(1, round(settings.idle_timeout)), timeout_graceful_shutdown=1,
         ssl_certfile=tls["cert"] if tls else None, ssl_keyfile=tls["key"] if tls else None)
     server = uvicorn.Server(config)
 

@@ -13,6 +13,7 @@ gateways, all reached over RPC (:mod:`~p2pinfer.web.upstream`).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -106,13 +107,14 @@ class WebRole:
                 self.site.url, self.port = await nursery.start(self._serve_front_doors)
             else:
                 self.site.url, self.port = await nursery.start(partial(
-                    serve_app, self.app, s.host, s.port,
+                    serve_app, self.app, s.host, s.port, idle_timeout=s.idle_timeout,
                     certfile=None if files is None else str(files.cert),
                     keyfile=None if files is None else str(files.key)))
             if files is not None and s.redirect_port is not None:
                 assert self.port is not None
-                self.redirect_url, _ = await nursery.start(
-                    serve_app, RedirectToHttps(self.port), s.host, s.redirect_port)
+                self.redirect_url, _ = await nursery.start(partial(
+                    serve_app, RedirectToHttps(self.port), s.host, s.redirect_port,
+                    idle_timeout=s.idle_timeout))
             task_status.started()
 
     # -- front doors ---------------------------------------------------------------
@@ -122,6 +124,11 @@ class WebRole:
         try:
             sock = socket.create_server((s.host, s.port), family=family, backlog=4096)
         except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"web.port: port {s.port} is already in use on {s.host} "
+                    f"({exc.strerror}); choose another [web] port",
+                    data={"field": "port", "port": s.port, "reason": "in_use"}) from exc
             raise ConfigError(f"web.port: cannot listen on {s.host}:{s.port}: {exc.strerror}",
                               data={"field": "port"}) from exc
         sock.set_inheritable(True)
@@ -153,8 +160,9 @@ class WebRole:
             }
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.node.serve_local, path)
-                for index in range(s.workers):
-                    await nursery.start(self._front_door, index, spec, sock)
+                async with trio.open_nursery() as starting:  # all at once: ~0.5 s each
+                    for index in range(s.workers):
+                        starting.start_soon(nursery.start, self._front_door, index, spec, sock)
                 log.info("web interface on %s (%d front-door processes)", url, s.workers)
                 task_status.started((url, port))
         finally:

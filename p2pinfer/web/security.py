@@ -82,11 +82,12 @@ class SecurityHeaders:
 class BodyLimit:
     """ASGI middleware: bodies over ``limit`` bytes get 413, and bodies that
     take more than ``timeout`` seconds to arrive get 422 (InvalidParams,
-    ``data.field = "body"``).
+    ``data.field = "body"``); either answer says ``Connection: close``, so
+    the server drops the connection rather than read the rest of the body.
 
-    Hypercorn stops timing a connection once a request's headers are in, so
-    without the second rule a client sending its body a byte at a time (a
-    slow-loris) would hold a connection and a task for ever.
+    HTTP servers stop timing a connection once a request's headers are in,
+    so without the second rule a client sending its body a byte at a time
+    (a slow-loris) would hold a connection and a task for ever.
 
     Args:
         app: the app.
@@ -118,14 +119,17 @@ class BodyLimit:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    await self.render(scope, self.error())(scope, receive, send)
+                    response = self.render(scope, self.error())
+                    response.headers["connection"] = "close"
+                    await response(scope, receive, send)
                     return
         seen = 0
         deadline: float | None = None
         complete = False
+        refused = False
 
         async def limited() -> dict[str, Any]:
-            nonlocal seen, deadline, complete
+            nonlocal seen, deadline, complete, refused
             if complete:  # later reads wait for the disconnect: no deadline
                 message: dict[str, Any] = await receive()
                 return message
@@ -136,13 +140,21 @@ class BodyLimit:
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
                     if seen > self.limit:
+                        refused = True
                         raise self.error()
                     complete = not message.get("more_body", False)
                 return message
+            refused = True
             raise InvalidParams(f"the request body did not arrive within {self.timeout:g} s",
                                 data={"field": "body", "timeout": self.timeout})
 
-        await self.app(scope, limited, send)
+        async def closing(message: dict[str, Any]) -> None:
+            if refused and message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()),
+                                                  (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, limited, closing)
 
 
 class CsrfGuard:

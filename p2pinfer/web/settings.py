@@ -5,6 +5,8 @@
     port = 3000                 # WEB_SERVICE_PORT; 0 picks a free port (tests)
     max_body_bytes = 1048576    # larger request bodies get 413
     body_timeout = 30.0         # seconds a request body may take to arrive, then 422
+    idle_timeout = 30.0         # seconds a connection may stay idle, or take to send a
+                                # request's line and headers, before it is closed
     request_timeout = 300.0     # seconds an inference request may take end to end
     call_timeout = 15.0         # seconds for any other call to an auth or gateway node
     models_ttl = 2.0            # seconds the swarm's model list is reused
@@ -16,8 +18,9 @@
     tls_self_signed = false     # P2PINFER_TLS_SELF_SIGNED: no cert given: make one in <home>/tls
     tls_hosts = []              # extra names / addresses for the self-signed certificate
     redirect_port = -1          # P2PINFER_HTTP_REDIRECT_PORT: >= 0: plain HTTP that redirects
-    workers = 0                 # P2PINFER_WEB_WORKERS: front-door processes (uvicorn) serving
-                                # the port; 0 serves inside the node (Hypercorn, trio)
+    workers = "auto"            # P2PINFER_WEB_WORKERS: front-door processes (uvicorn) serving
+                                # the port: "auto" one per core the node may use, at most
+                                # 8; a number (1-64); 0 serves inside the node (Hypercorn)
 
 Relative TLS paths are relative to the node's home. See :mod:`.tls`.
 Every value is checked when the role is built; a bad one raises
@@ -26,6 +29,7 @@ Every value is checked when the role is built; a bad one raises
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -35,12 +39,17 @@ from typing import Any
 from ..config import NodeConfig, Section
 from ..errors import ConfigError
 
-__all__ = ["WebSettings"]
+__all__ = ["MAX_AUTO_WORKERS", "WebSettings", "auto_workers"]
 
-_KEYS = {"host", "port", "max_body_bytes", "body_timeout", "request_timeout", "call_timeout",
+_KEYS = {"host", "port", "max_body_bytes", "body_timeout", "idle_timeout", "request_timeout",
+         "call_timeout",
          "models_ttl", "secure_cookies", "session_cookie", "title", "tls_cert", "tls_key",
          "tls_self_signed", "tls_hosts", "redirect_port", "workers"}
 MAX_WORKERS = 64
+# "auto" runs one front door per core, up to this many: a node's gateway is
+# one process, which this many front doors already keep busy (a machine
+# with more cores runs more gateway nodes; quotas hold across them).
+MAX_AUTO_WORKERS = 8
 _COOKIE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
 
 
@@ -52,6 +61,7 @@ class WebSettings:
     port: int = 3000
     max_body_bytes: int = 1024 * 1024
     body_timeout: float = 30.0
+    idle_timeout: float = 30.0
     request_timeout: float = 300.0
     call_timeout: float = 15.0
     models_ttl: float = 2.0
@@ -63,7 +73,7 @@ class WebSettings:
     tls_self_signed: bool = False
     tls_hosts: tuple[str, ...] = field(default=())
     redirect_port: int | None = None
-    workers: int = 0
+    workers: int = 0  # resolved: from_config turns "auto" into a number
 
     @property
     def tls(self) -> bool:
@@ -119,15 +129,37 @@ class WebSettings:
             max_body_bytes=s.get_int("max_body_bytes", 1024 * 1024, minimum=1024,
                                      maximum=256 * 1024 * 1024),
             body_timeout=s.get_float("body_timeout", 30.0, minimum=0.5, maximum=3600),
+            idle_timeout=s.get_float("idle_timeout", 30.0, minimum=0.5, maximum=3600),
             request_timeout=s.get_float("request_timeout", 300.0, minimum=1, maximum=86400),
             call_timeout=s.get_float("call_timeout", 15.0, minimum=0.5, maximum=600),
             models_ttl=s.get_float("models_ttl", 2.0, minimum=0, maximum=3600),
             secure_cookies=s.get_bool("secure_cookies", False),
             session_cookie=cookie,
             title=s.get_str("title", "p2pinfer")[:60],
-            workers=s.get_int("workers", 0, minimum=0, maximum=MAX_WORKERS),
+            workers=_workers(s),
             **_tls(s, config.home),
         )
+
+
+def _workers(s: Section) -> int:
+    """``workers``: "auto" (the default) or a number from 0 to MAX_WORKERS."""
+    value = s.raw("workers", "auto")
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return auto_workers()
+    if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+        raise ConfigError(f'web.workers: "auto" or a number from 0 to {MAX_WORKERS}, '
+                          f"got {value!r}")
+    return s.get_int("workers", 0, minimum=0, maximum=MAX_WORKERS)
+
+
+def auto_workers() -> int:
+    """One front door per core this process may run on, at most
+    :data:`MAX_AUTO_WORKERS`."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_AUTO_WORKERS))
 
 
 def _tls(s: Section, home: Path) -> dict[str, Any]:
