@@ -264,6 +264,43 @@ async def test_a_listed_model_costs_no_credential_check_and_an_unlisted_one_does
         await catalog.resolve("other", auth)
 
 
+async def test_a_model_that_just_appeared_is_found_though_the_timer_wakes_early(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name missing from a list fetched a moment ago is asked for again
+    after the half-second limit, even when the event loop's timer wakes the
+    waiting request a little early (uvloop's timers have millisecond
+    steps; the stale list once answered 404 for a model just loaded)."""
+    import anyio
+
+    from p2pinfer.web import upstream as upstream_module
+    from p2pinfer.web.upstream import ModelCatalog
+
+    class Growing:
+        lists = 0
+
+        async def authenticate(self, auth: dict[str, str]) -> None:
+            return None
+
+        async def call(self, role: str, method: str, params: Any = None, *,
+                       long: bool = False) -> Any:
+            self.lists += 1
+            names = ["fake"] if self.lists == 1 else ["fake", "relay"]
+            return {"models": [{"name": n} for n in names]}
+
+    real_sleep = anyio.sleep
+
+    async def early(seconds: float) -> None:
+        await real_sleep(max(0.0, seconds - 0.002))
+
+    monkeypatch.setattr(upstream_module.anyio, "sleep", early)
+    listing = Growing()
+    catalog = ModelCatalog(listing, 60.0)  # type: ignore[arg-type]
+    auth = {"api_key": "p2p_x"}
+    assert await catalog.resolve("fake", auth) == "fake"
+    assert await catalog.resolve("relay", auth) == "relay"
+    assert listing.lists == 2
+
+
 async def test_a_model_no_worker_serves_is_404_and_a_busy_one_is_not() -> None:
     """What both upstreams (in the node, in a front door) make of a
     gateway's NoWorkerAvailable: UnknownModel when no worker in the swarm

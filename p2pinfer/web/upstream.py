@@ -247,15 +247,21 @@ class ModelCatalog:
             if found is not None:
                 return found
         for attempt in range(2):
+            fresh = False
             if attempt:
                 # Not in the list: ask again, but at most twice a second
                 # (wait if it was just fetched: the model may have appeared
-                # since, and another process's list may already have it).
-                age = time.monotonic() - self._at
+                # since, and another process's list may already have it),
+                # unless another request fetched it while we waited. (Not
+                # "is it 0.5 s old now": an event loop's timer may wake us a
+                # fraction of a millisecond early, and the stale list would
+                # then answer "no such model".)
+                fetched_at = self._at
+                age = time.monotonic() - fetched_at
                 if age < FRESH_ENOUGH:
                     await anyio.sleep(FRESH_ENOUGH - age)
-            found = _find(name, model_names(await self.models(
-                auth, fresh=attempt == 1 and time.monotonic() - self._at >= FRESH_ENOUGH)))
+                fresh = self._at == fetched_at
+            found = _find(name, model_names(await self.models(auth, fresh=fresh)))
             if found is not None:
                 return found
         raise UnknownModel(f"model {name[:128]!r} is not served by any worker in the swarm",
