@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections import deque
 from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
@@ -49,6 +48,7 @@ from ..errors import (
     error_from_code,
 )
 from ..tracing import current_request_id
+from .credit import ChunkBuffer, CreditRule
 
 __all__ = ["AioRpcClient", "AioRpcStream", "WouldBlock", "DEFAULT_STREAM_WINDOW",
            "LOCAL_GRACE"]
@@ -113,38 +113,20 @@ def _call_meta(meta: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-class _Streaming:
+class _Streaming(ChunkBuffer):
     """The chunks of one stream call, from ``data_received`` to the reader:
     a deque and at most one waiting future."""
 
-    __slots__ = ("items", "limit", "waiter", "done")
+    __slots__ = ("waiter",)
 
     def __init__(self, window: int) -> None:
-        # A server that keeps to our credit sends at most `window` chunks
-        # ahead, plus END or ERROR: more is a protocol violation.
-        self.items: deque[tuple[str, Any]] = deque()
-        self.limit = window + 2
+        super().__init__(window)
         self.waiter: asyncio.Future[None] | None = None
-        self.done = False
 
-    def _put(self, item: tuple[str, Any]) -> None:
-        self.items.append(item)
+    def _wake(self) -> None:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
-
-    def push(self, kind: str, value: Any) -> bool:
-        if len(self.items) >= self.limit:
-            return False
-        self._put((kind, value))
-        return True
-
-    def fail(self, error: BaseException) -> None:
-        if not self.done:
-            self.done = True
-            if len(self.items) >= self.limit:
-                self.items.clear()  # chunks nobody will read: make room
-            self._put(("error", error))
 
     async def wait(self, loop: asyncio.AbstractEventLoop) -> None:
         while not self.items:
@@ -513,9 +495,7 @@ class AioRpcStream:
         self._call_id = 0
         self._state: _Streaming | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._consumed = 0      # chunks taken since the last credit we sent
-        self._taken = 0         # chunks taken in all
-        self._granted = window  # chunks the node may send in all
+        self._credit = CreditRule(window)
         self._finished = False
         self.trailer: Any = None
 
@@ -577,17 +557,9 @@ class AioRpcStream:
         kind, value = item
         if kind == "chunk":
             assert self._state is not None
-            self._consumed += 1
-            self._taken += 1
-            # Per half window, or at once when the node has used all its
-            # credit (it is waiting for us): a slow but steady reader keeps
-            # the stream going; only one that stops reading stalls it.
-            blocked = self._taken + len(self._state.items) >= self._granted
-            if blocked or self._consumed >= max(1, self._window // 2):
-                if self._client._lost is None:
-                    self._client._send(wire.Credit(self._call_id, self._consumed))
-                self._granted += self._consumed
-                self._consumed = 0
+            credit = self._credit.took_chunk(len(self._state.items))
+            if credit and self._client._lost is None:
+                self._client._send(wire.Credit(self._call_id, credit))
             return value
         self._finished = True
         if self._timer is not None:

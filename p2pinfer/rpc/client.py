@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,6 +35,7 @@ from ..errors import (
 )
 from ..tracing import current_request_id
 from .channel import FramedChannel, libp2p_errors
+from .credit import ChunkBuffer, CreditRule
 from .host import RPC_PROTOCOL, peer_info
 from .local import memory_stream_pair
 from .server import DEFAULT_STREAM_WINDOW
@@ -98,41 +98,23 @@ class _Unary:
             self.event.set()
 
 
-class _Streaming:
+class _Streaming(ChunkBuffer):
     """The chunks of one stream call, from the channel's reader to the caller.
 
     A deque and at most one waiting task (the caller): creating a trio
     memory channel per call was 3-7 % of a busy gateway's or client's time.
     """
 
-    __slots__ = ("items", "limit", "waiter", "done")
+    __slots__ = ("waiter",)
 
     def __init__(self, window: int) -> None:
-        # A well-behaved server sends at most `window` chunks ahead of our
-        # credits, plus END or ERROR: the buffer can never overflow.
-        self.items: deque[tuple[str, Any]] = deque()
-        self.limit = window + 2
+        super().__init__(window)
         self.waiter: Any = None
-        self.done = False
 
-    def _put(self, item: tuple[str, Any]) -> None:
-        self.items.append(item)
+    def _wake(self) -> None:
         waiter, self.waiter = self.waiter, None
         if waiter is not None:
             trio.lowlevel.reschedule(waiter)
-
-    def push(self, kind: str, value: Any) -> bool:
-        if len(self.items) >= self.limit:
-            return False
-        self._put((kind, value))
-        return True
-
-    def fail(self, error: BaseException) -> None:
-        if not self.done:
-            self.done = True
-            if len(self.items) >= self.limit:
-                self.items.clear()  # chunks the caller has not read: make room
-            self._put(("error", error))
 
     def receive_nowait(self) -> tuple[str, Any]:
         if not self.items:
@@ -266,9 +248,7 @@ class RpcStream:
         self._channel: _PeerChannel | None = None
         self._call_id = 0
         self._pending: _Streaming | None = None
-        self._consumed = 0   # chunks taken since the last credit we sent
-        self._taken = 0      # chunks taken in all
-        self._granted = window  # chunks the server may send in all
+        self._credit = CreditRule(window)
         self._finished = False
         self.trailer: Any = None
 
@@ -315,18 +295,9 @@ class RpcStream:
         assert self._pending is not None and self._channel is not None
         kind, value = item
         if kind == "chunk":
-            self._consumed += 1
-            self._taken += 1
-            # Credit goes out per half window, or at once when the server has
-            # used all it had (it waits for us): a slow but steady reader
-            # then keeps the stream going, and only one that stops reading
-            # runs into the server's stall timeout.
-            blocked = self._taken + len(self._pending.items) >= self._granted
-            if ((blocked or self._consumed >= max(1, self._window // 2))
-                    and not self._channel.closed):
-                self._channel.channel.send_nowait(wire.Credit(self._call_id, self._consumed))
-                self._granted += self._consumed
-                self._consumed = 0
+            credit = self._credit.took_chunk(len(self._pending.items))
+            if credit and not self._channel.closed:
+                self._channel.channel.send_nowait(wire.Credit(self._call_id, credit))
             return value
         self._finished = True
         self._channel.done(self._call_id)
