@@ -14,7 +14,8 @@ docs/security.md; each row is enforced where the method is declared
 
 from __future__ import annotations
 
-__all__ = ["ALL_GRANTS", "GRANTS", "OBSERVERS", "OPERATOR", "RELAYS", "ROLES"]
+__all__ = ["ALL_GRANTS", "GRANTS", "LOG_KEEPERS", "LOG_READERS", "OBSERVERS", "OPERATOR",
+           "RELAYS", "ROLES"]
 
 # The node roles (config.ROLES is this tuple). This module imports nothing,
 # so the CLI can use it without loading the node's dependencies.
@@ -27,3 +28,7 @@ ALL_GRANTS: frozenset[str] = frozenset(GRANTS)
 RELAYS: frozenset[str] = frozenset({"web", "gateway"})
 # Who may read a worker's models and their status, and the swarm's metrics.
 OBSERVERS: frozenset[str] = frozenset({"gateway", "web", "metrics", OPERATOR})
+# Who may keep (pull) other gateways' request logs: the nodes that read them
+# (see p2pinfer.ledger.logs); and who may read a user's logs from a holder.
+LOG_KEEPERS: frozenset[str] = frozenset({"auth", "metrics"})
+LOG_READERS: frozenset[str] = frozenset({"auth", "metrics", "web", "gateway", OPERATOR})

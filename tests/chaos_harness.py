@@ -23,7 +23,8 @@ Used by ``tests/test_reliability_*.py`` (short runs in CI) and
   non-member client peer in this process, as any SDK user's program is,
   and one inference request with its outcome (text, trailer or error).
 - :func:`read_ledger`: what a node's SQLite file holds (events, usage
-  totals, request logs), read after the node stopped.
+  totals, request logs), read after the node stopped; :func:`swarm_logs`:
+  the request logs of all of them (each is on its gateway and keepers).
 
 Nothing leaves the machine: nodes listen on loopback or on addresses of
 namespaces made here, and only this process talks to them.
@@ -41,7 +42,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -690,14 +691,36 @@ class LedgerFile:
 
     events: set[tuple[str, int, bytes]] = field(default_factory=set)
     usage: dict[str, tuple[int, int]] = field(default_factory=dict)  # user -> (req, tok)
-    logs: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # hash -> rows
-    # user -> (requests, tokens) of its counted request log rows (all but rate_limited)
-    logged: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # request log rows held here: id -> (prompt hash, status, tokens, user id)
+    rows: dict[str, tuple[str, str, int, str | None]] = field(default_factory=dict)
     held: int = 0
     integrity: str = ""
 
     def usage_of(self, user_id: str) -> tuple[int, int]:
         return self.usage.get(user_id, (0, 0))
+
+
+@dataclass
+class SwarmLogs:
+    """The request log rows of a whole swarm (they stay with their gateway
+    and its keepers, so no one node need hold them all), one per id."""
+
+    logs: dict[str, list[tuple[str, int]]]  # prompt hash -> [(status, tokens)]
+    # user -> (requests, tokens) of its counted rows (all but rate_limited)
+    logged: dict[str, tuple[int, int]]
+
+
+def swarm_logs(files: Iterable[LedgerFile]) -> SwarmLogs:
+    rows: dict[str, tuple[str, str, int, str | None]] = {}
+    for f in files:
+        rows.update(f.rows)
+    out = SwarmLogs({}, {})
+    for digest, status, tokens, user in rows.values():
+        out.logs.setdefault(digest, []).append((status, tokens))
+        if status != "rate_limited" and user is not None:
+            req, tok = out.logged.get(user, (0, 0))
+            out.logged[user] = (req + 1, tok + tokens)
+    return out
 
 
 def read_ledger(path: Path) -> LedgerFile:
@@ -714,13 +737,9 @@ def read_ledger(path: Path) -> LedgerFile:
                 "SELECT user_id, sum(request_count), sum(tokens_used) FROM usage_stats "
                 "GROUP BY user_id"):
             out.usage[user] = (int(req), int(tok))
-        for digest, status, tokens in conn.execute(
-                "SELECT prompt_hash, status, tokens_used FROM request_logs"):
-            out.logs.setdefault(digest, []).append((status, int(tokens)))
-        for user, req, tok in conn.execute(
-                "SELECT user_id, count(*), sum(tokens_used) FROM request_logs "
-                "WHERE status != 'rate_limited' GROUP BY user_id"):
-            out.logged[user] = (int(req), int(tok))
+        for row_id, digest, status, tokens, user in conn.execute(
+                "SELECT id, prompt_hash, status, tokens_used, user_id FROM request_logs"):
+            out.rows[row_id] = (digest, status, int(tokens), user)
         return out
     finally:
         conn.close()

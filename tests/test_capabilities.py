@@ -2,8 +2,8 @@
 in docs/security.md.
 
 A swarm of real nodes on loopback: a hub (auth, gateway, metrics, and a
-synthetic model), and three member keys that call it: an inference-only
-worker, a gateway, and an operator key. Each row checks that a member
+synthetic model), and four member keys that call it: an inference-only
+worker, a gateway, an operator key and a metrics node. Each row checks that a member
 without the grant gets ``PermissionDenied`` and one with it does not.
 """
 
@@ -31,22 +31,24 @@ TABLES: dict[str, Any] = {
     "auth": FAST,
     "metrics": {"prometheus_port": 0, "interval": 60.0},
 }
-CERTS = [["auth", "gateway", "metrics", "inference"], ["inference"], ["gateway"], ["operator"]]
+CERTS = [["auth", "gateway", "metrics", "inference"], ["inference"], ["gateway"], ["operator"],
+         ["metrics"]]
 
 
 @asynccontextmanager
 async def swarm(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[dict[str, Any]]:
-    homes = make_network(tmp_path, ["hub", "worker", "gateway", "operator"], roles=CERTS)
+    homes = make_network(tmp_path, ["hub", "worker", "gateway", "operator", "metrics"],
+                         roles=CERTS)
     async with run_network(nursery, homes[:1], roles=CERTS[0], tables=TABLES) as (hub,):
         # the others run no role: what matters is what their keys may call
         configs = [node_config(h, roles=[], bootstrap=[hub.addrs[0]]) for h in homes[1:]]
         async with run_nodes(nursery, configs) as others:
-            worker, gateway, operator = others
+            worker, gateway, operator, metrics = others
             await wait_for(lambda: all(hub.is_member(n.peer_id) for n in others), limit=20)
             async with Client(bootstrap=[hub.addrs[0]]) as client:
                 user = await client.register("dora", "dora@example.org", PASSWORD)
             yield {"hub": hub, "worker": worker, "gateway": gateway, "operator": operator,
-                   "user_id": user["user_id"]}
+                   "metrics": metrics, "user_id": user["user_id"]}
 
 
 # (method, params builder, grant that allows it) — the capability table
@@ -67,12 +69,15 @@ ROWS: list[tuple[str, Any, str]] = [
     ("quota.acquire", lambda u: {"user_id": u, "key_id": None,
                                  "limits": {"requests_per_hour": 5}}, "gateway"),
     ("processPrompt", lambda u: {"prompt": "hi", "max_tokens": 1}, "gateway"),
+    ("ledgerLogPull", lambda u: {"after": {}}, "metrics"),
+    ("ledgerLogs", lambda u: {"user_id": u}, "gateway"),
 ]
+STREAMS = ("processPrompt", "ledgerLogPull", "ledgerLogs")
 
 
 async def call(node: Any, peer: str, method: str, params: Any) -> Any:
     with trio.fail_after(10):
-        if method == "processPrompt":
+        if method in STREAMS:
             async with node.rpc.stream(peer, method, params) as chunks:
                 return [c async for c in chunks]
         return await node.rpc.call(peer, method, params)

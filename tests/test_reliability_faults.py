@@ -52,6 +52,7 @@ from .chaos_harness import (
     record,
     register_user,
     request_hash,
+    swarm_logs,
     synthetic,
 )
 from .helpers import wait_for
@@ -216,7 +217,8 @@ def check_ledgers(s: Swarm, ledgers: dict[str, Any], outcomes: list[Outcome], *,
         assert lf.integrity == "ok", name
         assert lf.held == 0, name
         assert lf.events == first.events, f"{name} differs from {s.cluster.names[0]}"
-    logs = first.logs
+    merged = swarm_logs(ledgers.values())
+    logs = merged.logs
     cut_ids = {s.gateways[g] for g in cut}
     for o in outcomes:
         rows = logs.get(request_hash(o.prompt), [])
@@ -237,7 +239,7 @@ def check_ledgers(s: Swarm, ledgers: dict[str, Any], outcomes: list[Outcome], *,
                                 and rows[0][1] >= o.chunks), (o.prompt, o.chunks, rows)
         else:
             raise AssertionError(f"unexpected outcome {o.kind}: {o.error!r}")
-    expected = first.logged[s.user["user_id"]]
+    expected = merged.logged[s.user["user_id"]]
     seen = sum(1 for o in outcomes for st, _ in logs.get(request_hash(o.prompt), [])
                if st != "rate_limited")
     assert seen == expected[0]  # no row the clients cannot account for

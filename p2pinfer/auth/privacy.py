@@ -35,7 +35,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..errors import NotFound, PermissionDenied
-from ..ledger.privacy import EXPORT_VERSION, is_erased, user_record
+from ..ledger.logs import MAX_GATHER_ROWS as MAX_EXPORT_LOGS
+from ..ledger.privacy import EXPORT_VERSION, is_erased, log_rows, user_record
 
 if TYPE_CHECKING:  # pragma: no cover
     from .service import Actor, AuthService
@@ -60,10 +61,12 @@ class Privacy:
             raise PermissionDenied(f"only admins and network operators may {what} "
                                    "another user's account")
 
-    def export(self, actor: Actor, user_id: str, *, self_id: str | None,
-               source: str) -> dict[str, Any]:
+    async def export(self, actor: Actor, user_id: str, *, self_id: str | None,
+                     source: str) -> dict[str, Any]:
         """The JSON export of ``user_id`` (the actor's own, or anyone's for an
-        admin or operator).
+        admin or operator). Request logs come from every connected member
+        that holds some (they are not replicated everywhere: see
+        :mod:`p2pinfer.ledger.logs`).
 
         Raises:
             PermissionDenied: another user's data, by a non-admin.
@@ -73,6 +76,8 @@ class Privacy:
         record = user_record(self.ledger.store.conn, user_id)
         if record is None:
             raise NotFound("no such user", data={"user_id": user_id})
+        logs = await self.ledger.gather_request_logs(user_id, limit=MAX_EXPORT_LOGS)
+        record["request_logs"] = log_rows(logs)
         svc = self.service
         svc._write(svc._audit(EXPORT, "success", actor=actor.name, target=f"user:{user_id}",
                               source=source))

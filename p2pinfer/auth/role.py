@@ -469,7 +469,8 @@ class AuthRole:
         target = user_id or self_id
         if target is None:
             raise InvalidParams("user_id: required with as_operator", data={"field": "user_id"})
-        return self.privacy.export(actor, target, self_id=self_id, source=self._source(ctx, p))
+        return await self.privacy.export(actor, target, self_id=self_id,
+                                         source=self._source(ctx, p))
 
     @rpc_method("eraseUser", access=Access.PUBLIC)
     async def rpc_erase_user(self, ctx: CallContext, params: Any) -> dict[str, Any]:

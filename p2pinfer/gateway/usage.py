@@ -5,8 +5,10 @@ A gateway records, for every request it admitted:
 - a ``usage`` counter delta per (user, API key, UTC hour): one request and
   the exact tokens the backend reported; the ledger sums the deltas of all
   gateways into ``usage_stats`` (per user, key and day);
-- a ``request.logged`` row: prompt *hash* only, model, latency, tokens,
-  status (``success``, ``error``, ``timeout``, ``cancelled``, ``rate_limited``);
+- a request log row (``log.requests``, the ledger's log lane: kept by this
+  gateway and its keepers, see :mod:`p2pinfer.ledger.logs`): prompt *hash*
+  only, model, latency, tokens, status (``success``, ``error``,
+  ``timeout``, ``cancelled``, ``rate_limited``);
 - ``apikey.used``: the key's ``last_used_at``.
 
 Writing one ledger event per request would flood gossip, so the recorder
@@ -51,9 +53,9 @@ __all__ = ["UsageRecorder", "prompt_hash"]
 
 log = logging.getLogger(__name__)
 
-# Rows per request.logged event: every node applies each event in one step of
-# its event loop (about 2.5 ms per 50 rows on a worker), so a flush of 200
-# rows reaches them as four short steps rather than one long one.
+# Rows per log.requests event: each keeper applies an event in one step of
+# its event loop (about 2.5 ms per 50 rows), so a flush of 200 rows reaches
+# them as four short steps rather than one long one.
 MAX_ROWS_PER_EVENT = 50
 FLUSH_ROWS = 200  # flush early at this many rows: a few ms of event loop each
 MAX_ENTRIES_PER_EVENT = 1000
@@ -85,7 +87,7 @@ class _Pending:
         for i in range(0, len(entries), MAX_ENTRIES_PER_EVENT):
             out.append(("usage", {"entries": entries[i : i + MAX_ENTRIES_PER_EVENT]}))
         for i in range(0, len(self.rows), MAX_ROWS_PER_EVENT):
-            out.append(("request.logged", {"rows": self.rows[i : i + MAX_ROWS_PER_EVENT]}))
+            out.append(("log.requests", {"rows": self.rows[i : i + MAX_ROWS_PER_EVENT]}))
         used = [{"key_id": k, "at": at} for k, at in self.used.items()]
         for i in range(0, len(used), MAX_ENTRIES_PER_EVENT):
             out.append(("apikey.used", {"entries": used[i : i + MAX_ENTRIES_PER_EVENT]}))

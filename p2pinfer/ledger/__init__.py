@@ -12,6 +12,8 @@ Files:
 - ``queries.py``: typed read queries;
 - ``migrations.py``: the schema, as ``m001_...`` migrations;
 - ``replication.py``: the ledger RPC methods and anti-entropy;
+- ``logs.py``: the log lane: request logs kept by their gateway and a few
+  keepers, pulled by them, read across nodes;
 - ``gossip.py``: GossipSub publishing, a fast hint only;
 - ``privacy.py``: what the ledger holds about a user (exports), compaction
   after an erasure;
@@ -23,7 +25,7 @@ Using the ledger from a role (``ledger = node.ledger``)::
 
     ev = ledger.append("user.registered", {"user_id": ..., "username": ...,
                        "email": ..., "password_hash": ..., "created_at": time.time()})
-    ledger.append_many([("usage", {...}), ("request.logged", {...})])  # one transaction
+    ledger.append_many([("usage", {...}), ("log.requests", {...})])  # one transaction
     ledger.user(user_id) / user_by_username(name) / user_by_email(email)
     ledger.check_available(username, email)     # UsernameTaken / EmailTaken
     ledger.check_registration(user_id)          # RegistrationLost if a rival won
@@ -32,6 +34,7 @@ Using the ledger from a role (``ledger = node.ledger``)::
     ledger.usage(user_id=..., api_key_id=..., since="2025-01-01", until=...)
     ledger.usage_in_hour(hour, user_id=... | api_key_id=..., exclude_gateway=peer_id)
     ledger.request_logs(user_id=..., limit=100) / audit(actor=..., action=..., since=...)
+    await ledger.gather_request_logs(user_id, limit=100)  # this node's and its peers'
     ledger.has_request_log(row_id)              # is this request log row applied here?
     ledger.is_session_revoked(jti)
     ledger.erase_user(user_id)                  # user.erased + redaction of its registrations
@@ -43,6 +46,10 @@ Writes are synchronous (one SQLite transaction) and return the signed
 by anti-entropy. Which node may write what is decided by its certificate
 (``events.KIND_ROLES``): auth members write users, keys, sessions and audit
 rows; gateway members write usage, request logs and ``apikey.used``.
+Request logs (``log.requests``) are the exception to "every member keeps
+everything": they stay with their gateway and its keepers (:mod:`.logs`);
+request logs and audit rows expire (``[ledger] log_retention_days``,
+``audit_retention_days``).
 
 Event kinds and bodies are listed in :mod:`.events`; the order-independent
 merge rules (registration conflicts: lowest ``(hlc, author, seq)`` wins;

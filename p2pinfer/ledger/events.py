@@ -54,10 +54,19 @@ usage               ``entries``: list of ``{user_id, key_id, hour, requests,
                     the UTC hour, a multiple of 3600)
 request.logged      ``rows``: list of ``{id, user_id, api_key_id, prompt_hash,
                     model_used, response_time_ms, tokens_used, status,
-                    created_at}``
+                    created_at}`` (written by gateways before the log lane;
+                    still accepted and applied, never written now)
+log.requests        same body as ``request.logged``, in the *log lane* (below)
 audit               ``actor, action, outcome, time``, optional ``target,
                     source, detail`` (a small map)
 ==================  ==========================================================
+
+**Two lanes.** Every kind but :data:`LOG_KINDS` is in an author's *main
+lane*: one gap-free sequence that every member replicates and applies.
+Request logs are in the *log lane*: the same signed format, numbered in a
+sequence of their own per author, kept by the author and the few members
+that keep logs (see :mod:`.logs`), never gossiped. The kind is signed, so an
+event of one lane can never be passed off as an event of the other.
 """
 
 from __future__ import annotations
@@ -81,6 +90,7 @@ __all__ = [
     "KINDS",
     "KIND_ROLES",
     "MEMBER_KINDS",
+    "LOG_KINDS",
     "Event",
     "decode",
     "decode_any",
@@ -115,8 +125,11 @@ KIND_ROLES: dict[str, frozenset[str]] = {
     "apikey.used": _GATEWAY,
     "usage": _GATEWAY,
     "request.logged": _GATEWAY,
+    "log.requests": _GATEWAY,
 }
 KINDS = frozenset(KIND_ROLES) | MEMBER_KINDS
+# Kinds of the log lane (see the module docstring).
+LOG_KINDS = frozenset({"log.requests"})
 
 
 def rank_of(hlc: int, author: str, seq: int) -> str:
@@ -466,6 +479,16 @@ def _check_map(name: Path, value: Any, fields: dict[str, Check],
 _PUBLIC_ID = re.compile(r"[A-Za-z0-9_-]+")
 _HEX = re.compile(r"[0-9a-f]+")
 
+_LOG_ROWS: tuple[dict[str, Check], dict[str, Check]] = (
+    {"rows": _list_of(_record({
+        "id": _uuid, "user_id": _optional(_uuid), "api_key_id": _optional(_uuid),
+        "prompt_hash": _str(128, 8, _HEX), "model_used": _str(200),
+        "response_time_ms": _number, "tokens_used": _count(), "status": _str(32),
+        "created_at": _time,
+    }), max_len=500)},
+    {},
+)
+
 _SHAPES: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
     "member.admitted": ({"cert": _doc}, {}),
     "member.removed": ({"removal": _doc}, {}),
@@ -503,15 +526,8 @@ _SHAPES: dict[str, tuple[dict[str, Check], dict[str, Check]]] = {
         }))},
         {},
     ),
-    "request.logged": (
-        {"rows": _list_of(_record({
-            "id": _uuid, "user_id": _optional(_uuid), "api_key_id": _optional(_uuid),
-            "prompt_hash": _str(128, 8, _HEX), "model_used": _str(200),
-            "response_time_ms": _number, "tokens_used": _count(), "status": _str(32),
-            "created_at": _time,
-        }), max_len=500)},
-        {},
-    ),
+    "request.logged": _LOG_ROWS,
+    "log.requests": _LOG_ROWS,
     "audit": (
         {"actor": _str(200), "action": _str(64), "outcome": _str(32), "time": _time},
         {"target": _optional(_str(200)), "source": _optional(_str(200)),

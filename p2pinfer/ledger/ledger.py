@@ -25,8 +25,9 @@ from ..config import ROLES, NodeConfig, Section
 from ..errors import ConfigError, EmailTaken, RegistrationLost, StorageError, UsernameTaken
 from ..identity import Identity
 from . import queries
-from .events import MAX_REDACTS, Event, decode_trusted
+from .events import LOG_KINDS, MAX_REDACTS, Event, decode_trusted
 from .gossip import Gossip, topic_for
+from .logs import LogLane, LogService
 from .membership import (
     Certificate,
     MemberInfo,
@@ -69,6 +70,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_INTERVAL = 1.0  # seconds between background checkpoints (when written to)
 BACKSTOP_PAGES = 20_000    # SQLite's own checkpoint while ours runs (~80 MB of log)
+EXPIRY_FIRST = 60.0        # seconds after start before the first retention pass
+EXPIRY_INTERVAL = 3600.0   # seconds between retention passes
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,13 @@ class LedgerSettings:
             nodes must have told this node its own latest events before it
             writes again (-1: half of the other members with roles, rounded
             up, at least one; see :mod:`.backup`).
+        log_replicas: how many members keep each gateway's request logs
+            besides the gateway itself, chosen among the members granted
+            auth or metrics (see :mod:`.logs`; 0: only the gateway).
+        log_retention_days: request logs older than this are deleted
+            (0: kept for ever).
+        audit_retention_days: audit rows older than this are deleted
+            (0: kept for ever).
     """
 
     sync_interval: float = 5.0
@@ -100,6 +110,9 @@ class LedgerSettings:
     join_token: str | None = None
     self_network_days: float = 3650.0
     restore_quorum: int = -1
+    log_replicas: int = 2
+    log_retention_days: float = 30.0
+    audit_retention_days: float = 365.0
 
     @classmethod
     def from_section(cls, section: Section) -> LedgerSettings:
@@ -115,6 +128,11 @@ class LedgerSettings:
             join_token=section.get_optional_str("join_token"),
             self_network_days=section.get_float("self_network_days", 3650.0, minimum=1.0),
             restore_quorum=section.get_int("restore_quorum", -1, minimum=-1, maximum=10_000),
+            log_replicas=section.get_int("log_replicas", 2, minimum=0, maximum=16),
+            log_retention_days=section.get_float("log_retention_days", 30.0, minimum=0,
+                                                 maximum=36_500),
+            audit_retention_days=section.get_float("audit_retention_days", 365.0, minimum=0,
+                                                   maximum=36_500),
         )
 
 
@@ -162,6 +180,8 @@ class Ledger:
         if rpc is not None:
             self.anti_entropy = AntiEntropy(self, rpc, peers or (lambda: []))
         self.service = LedgerService(self)
+        self.logs = LogLane(self, rpc, peers or (lambda: []))
+        self.log_service = LogService(self)
         store.listeners.append(self._on_applied)
         # After a restore from backup: what peers said our own head is (see .backup).
         self._heard: dict[str, int] = {}
@@ -187,6 +207,7 @@ class Ledger:
         ledger = cls(node.identity, store, cert, settings=settings, host=node.host,
                      rpc=node.rpc, peers=node.connected_peers)
         node.rpc_server.register(ledger.service)
+        node.rpc_server.register(ledger.log_service)
         roles = ledger.store.membership.roles(node.peer_id)
         missing = [r for r in config.roles if r not in roles]
         if missing:
@@ -381,7 +402,8 @@ class Ledger:
         if source == "local":
             if self.gossip is not None:
                 for ev in events:
-                    self.gossip.publish_nowait(ev.raw)
+                    if ev.kind not in LOG_KINDS:  # the log lane is pulled by its keepers
+                        self.gossip.publish_nowait(ev.raw)
         else:
             now = time.time()
             for ev in events:
@@ -457,6 +479,12 @@ class Ledger:
     def request_logs(self, *, user_id: str | None = None,
                      limit: int = 100) -> list[queries.RequestLog]:
         return queries.request_logs(self.store.conn, user_id=user_id, limit=limit)
+
+    async def gather_request_logs(self, user_id: str, *,
+                                  limit: int = 100) -> list[queries.RequestLog]:
+        """``user_id``'s newest request log rows from this node and every
+        connected member that may hold some (see :mod:`.logs`)."""
+        return await self.logs.gather(user_id, limit)
 
     def has_request_log(self, row_id: str) -> bool:
         """Whether the request log row ``row_id`` is in this node's ledger."""
@@ -555,7 +583,9 @@ class Ledger:
                 await nursery.start(self.gossip.run)
             if self.anti_entropy is not None:
                 await nursery.start(self.anti_entropy.run)
+                await nursery.start(self.logs.run)
             nursery.start_soon(self._checkpoints)
+            nursery.start_soon(self._expiry)
             task_status.started()
             await trio.sleep_forever()
 
@@ -580,6 +610,28 @@ class Ledger:
         finally:
             with contextlib.suppress(sqlite3.Error):
                 store.set_autocheckpoint(1000)
+
+    def expire(self, now: float | None = None) -> dict[str, int]:
+        """Delete request logs and audit rows past their retention (see
+        :class:`LedgerSettings`); returns how many rows of each went."""
+        now = time.time() if now is None else now
+        logs, audit = self.settings.log_retention_days, self.settings.audit_retention_days
+        gone = self.store.expire(logs_before=now - logs * 86400 if logs else None,
+                                 audit_before=now - audit * 86400 if audit else None)
+        if any(gone.values()):
+            log.info("retention: deleted %d request log events, %d request log rows and "
+                     "%d audit rows", gone["log_events"], gone["request_logs"], gone["audit"])
+        return gone
+
+    async def _expiry(self) -> None:
+        """:meth:`expire` shortly after start, then every :data:`EXPIRY_INTERVAL`."""
+        await trio.sleep(EXPIRY_FIRST)
+        while True:
+            try:
+                self.expire()
+            except StorageError as exc:
+                log.warning("retention: %s", exc)
+            await trio.sleep(EXPIRY_INTERVAL)
 
     def close(self) -> None:
         self.store.close()

@@ -25,7 +25,9 @@ Tables (timestamps are REAL seconds since the epoch, ids UUID strings):
 - ``erased_users`` and ``redactions`` (what erasures redacted; a redacted
   row of ``events`` holds a stub, ``redacted`` = 1);
 - ``local_state``: this node's own, unreplicated state (the restore fence);
-- ``peer_addrs``: where this node last saw each member (unreplicated).
+- ``peer_addrs``: where this node last saw each member (unreplicated);
+- ``log_events`` and ``log_heads``: the log lane (request logs this node
+  keeps: its own and those it keeps for others, see :mod:`.logs`).
 """
 
 from __future__ import annotations
@@ -190,6 +192,20 @@ def m007_peer_addrs(db: Database) -> None:
     its members from here before any peer answers."""
     db.table("peer_addrs").create({"peer_id": TEXT, "addrs": TEXT, "seen_at": REAL},
                                   pk="peer_id", if_not_exists=True)
+
+
+@migration
+def m008_log_lane(db: Database) -> None:
+    """The log lane (request logs, see :mod:`.logs`): ``log_events`` holds the
+    signed ``log.requests`` events this node keeps, numbered per author in a
+    sequence of their own; ``log_heads`` the highest seq held per author
+    (it stays when old events expire, so they are not pulled again)."""
+    db.table("log_events").create(
+        {"author": TEXT, "seq": INT, "hlc": INT, "hash": BLOB, "raw": BLOB},
+        pk=("author", "seq"), not_null={"hlc", "hash", "raw"}, if_not_exists=True)
+    db.table("log_events").create_index(["hlc"], if_not_exists=True)
+    db.table("log_heads").create({"author": TEXT, "seq": INT}, pk="author",
+                                 not_null={"seq"}, if_not_exists=True)
 
 
 def applied_migrations(db: Database) -> list[str]:

@@ -27,7 +27,7 @@ from typing import Any
 
 from . import queries
 
-__all__ = ["audit_about", "compact", "user_record", "EXPORT_VERSION"]
+__all__ = ["audit_about", "compact", "log_rows", "user_record", "EXPORT_VERSION"]
 
 EXPORT_VERSION = 1
 MAX_ROWS = 1_000_000
@@ -91,18 +91,23 @@ def user_record(conn: sqlite3.Connection, user_id: str) -> dict[str, Any] | None
             "total": {"requests": sum(u.request_count for u in usage),
                       "tokens": sum(u.tokens_used for u in usage)},
         },
-        "request_logs": [{
-            "id": r.id, "api_key_id": r.api_key_id, "prompt_hash": r.prompt_hash,
-            "model": r.model_used, "response_time_ms": r.response_time_ms,
-            "tokens_used": r.tokens_used, "status": r.status, "created_at": r.created_at,
-            "gateway": r.gateway,
-        } for r in reversed(logs)],
+        "request_logs": log_rows(logs),
         "audit": [{
             "id": a.id, "time": a.time, "actor": a.actor, "action": a.action,
             "target": a.target, "outcome": a.outcome, "source": a.source,
             "detail": a.detail, "node": a.author,
         } for a in audit],
     }
+
+
+def log_rows(logs: list[queries.RequestLog]) -> list[dict[str, Any]]:
+    """Request log rows (newest first) as an export lists them, oldest first."""
+    return [{
+        "id": r.id, "api_key_id": r.api_key_id, "prompt_hash": r.prompt_hash,
+        "model": r.model_used, "response_time_ms": r.response_time_ms,
+        "tokens_used": r.tokens_used, "status": r.status, "created_at": r.created_at,
+        "gateway": r.gateway,
+    } for r in reversed(logs)]
 
 
 def is_erased(conn: sqlite3.Connection, user_id: str) -> float | None:

@@ -41,12 +41,13 @@ from typing import Any
 
 from sqlite_utils import Database
 
-from ..errors import LedgerError, ReplayedEvent, StorageError
+from ..errors import InvalidEvent, LedgerError, ReplayedEvent, StorageError, UnauthorizedAuthor
 from ..identity import Identity
 from ..wire import canonical_pack, unpack
 from . import views
-from .clock import HybridClock, wall_of
+from .clock import HybridClock, hlc_from_wall, wall_of
 from .events import (
+    LOG_KINDS,
     MEMBER_KINDS,
     REDACTABLE_KINDS,
     Event,
@@ -67,7 +68,7 @@ log = logging.getLogger(__name__)
 
 Listener = Callable[[list[Event], str], None]
 # Kinds whose events never change a user, key, session or member.
-USAGE_KINDS = frozenset({"usage", "request.logged", "apikey.used", "audit"})
+USAGE_KINDS = frozenset({"usage", "request.logged", "apikey.used", "audit"}) | LOG_KINDS
 
 
 def _private_files(path: Path) -> None:
@@ -128,6 +129,7 @@ class Store:
         self.wall = wall
         self.clock = HybridClock(wall)
         self.heads: dict[str, int] = {}
+        self.log_heads: dict[str, int] = {}  # the log lane: highest seq held per author
         self.held_count = 0
         self.membership = Membership(network)
         self.listeners: list[Listener] = []
@@ -203,12 +205,15 @@ class Store:
                 log.exception("stored membership document no longer verifies")
         self.membership = membership
         self.heads = {a: s for a, s in self.conn.execute("SELECT author, seq FROM heads")}
+        self.log_heads = {a: s for a, s in
+                          self.conn.execute("SELECT author, seq FROM log_heads")}
         row = self.conn.execute("SELECT value FROM local_state WHERE key='fence'").fetchone()
         self.fence: dict[str, Any] | None = json.loads(row[0]) if row else None
         self.held_count = self.conn.execute(
             "SELECT count(*) FROM events WHERE applied=0").fetchone()[0]
         top = self.conn.execute("SELECT max(hlc) FROM events").fetchone()[0]
-        self.clock.last = max(self.clock.last, top or 0)
+        log_top = self.conn.execute("SELECT max(hlc) FROM log_events").fetchone()[0]
+        self.clock.last = max(self.clock.last, top or 0, log_top or 0)
         self.metrics.held.set(self.held_count)
         self._rebuild_needed = False
 
@@ -337,6 +342,8 @@ class Store:
         report.rejected.append(exc)
 
     def _accept(self, ev: Event | Stub, report: IngestReport, touched: set[str]) -> None:
+        if ev.kind in LOG_KINDS:
+            raise InvalidEvent(f"{ev.kind} belongs to the log lane, not an author's sequence")
         self.membership.check_author(ev.author, ev.kind, ev.seq, wall_of(ev.hlc))
         row = self.conn.execute("SELECT hash FROM events WHERE author=? AND seq=?",
                                 (ev.author, ev.seq)).fetchone()
@@ -463,8 +470,13 @@ class Store:
                 data={"reason": "restored", "retry_after": 1.0})
         out: list[Event] = []
         touched: set[str] = set()
+        logged: set[str] = set()
         with self._transaction():
             for kind, body in items:
+                if kind in LOG_KINDS:
+                    out.append(self._append_log(identity, kind, body))
+                    logged.add(me)
+                    continue
                 seq = self.heads.get(me, 0) + 1
                 hlc = self.clock.now()
                 ev = sign_event(identity, self.network.network_id, seq, hlc, kind, body)
@@ -480,7 +492,109 @@ class Store:
                 touched.add(me)
                 out.append(ev)
             self._save_heads(touched)
+            self._save_log_heads(logged)
         self._notify(out, "local")
+        return out
+
+    # -- the log lane (see .logs) ------------------------------------------------------
+    def _append_log(self, identity: Identity, kind: str, body: dict[str, Any]) -> Event:
+        me = identity.peer_id
+        seq = self.log_heads.get(me, 0) + 1
+        ev = sign_event(identity, self.network.network_id, seq, self.clock.now(), kind, body)
+        self._check_log_author(ev)
+        self._insert_log(ev)
+        return ev
+
+    def _check_log_author(self, ev: Event) -> None:
+        # A removal's cutoff counts in the main lane: a removed member's log
+        # events are refused whatever their number.
+        if self.membership.cutoff(ev.author) is not None:
+            raise UnauthorizedAuthor(f"{ev.author} was removed; it may log nothing more")
+        self.membership.check_author(ev.author, ev.kind, 0, ev.wall)
+
+    def _insert_log(self, ev: Event) -> None:
+        self.conn.execute(
+            "INSERT INTO log_events (author, seq, hlc, hash, raw) VALUES (?,?,?,?,?)",
+            (ev.author, ev.seq, ev.hlc, ev.hash, ev.raw))
+        views.apply(self.conn, ev)
+        self.log_heads[ev.author] = max(self.log_heads.get(ev.author, 0), ev.seq)
+
+    def _save_log_heads(self, touched: Iterable[str]) -> None:
+        for author in touched:
+            self.conn.execute(
+                "INSERT INTO log_heads (author, seq) VALUES (?,?) ON CONFLICT(author) DO UPDATE "
+                "SET seq=excluded.seq", (author, self.log_heads[author]))
+
+    def ingest_logs(self, raws: Sequence[bytes], *, source: str = "sync") -> IngestReport:
+        """Check and keep log-lane events pulled from a peer.
+
+        Holders serve each author's events in ascending order from the
+        oldest they still keep, so an event is taken if it is past what is
+        held of its author (older ones expired where they came from);
+        the same ``(author, seq)`` with other content is a replay.
+
+        Raises:
+            StorageError: the database failed; the batch left no trace.
+        """
+        report = IngestReport()
+        decoded: list[Event] = []
+        for raw in raws:
+            try:
+                ev = decode_any(raw, self.network.network_id)
+                if not isinstance(ev, Event) or ev.kind not in LOG_KINDS:
+                    raise InvalidEvent("only log-lane events may be pulled as logs")
+                decoded.append(ev)
+            except LedgerError as exc:
+                self._refuse(exc, None, source, report)
+        if not decoded:
+            return report
+        touched: set[str] = set()
+        with self._transaction():
+            for ev in sorted(decoded, key=lambda e: (e.author, e.seq)):
+                try:
+                    self._check_log_author(ev)
+                    if ev.seq <= self.log_heads.get(ev.author, 0):
+                        row = self.conn.execute(
+                            "SELECT hash FROM log_events WHERE author=? AND seq=?",
+                            (ev.author, ev.seq)).fetchone()
+                        if row is not None and row[0] != ev.hash:
+                            raise ReplayedEvent(f"{short(ev.author)}#{ev.seq} (log lane) was "
+                                                "already received with other content")
+                        report.duplicates += 1
+                        continue
+                    self._insert_log(ev)
+                    self.clock.observe(ev.hlc)
+                    touched.add(ev.author)
+                    report.applied.append(ev)
+                except LedgerError as exc:
+                    self._refuse(exc, ev, source, report)
+            self._save_log_heads(touched)
+        self._notify(report.applied, source)
+        return report
+
+    def read_log_range(self, author: str, after: int, limit: int) -> list[tuple[int, bytes]]:
+        """(seq, raw) of the log-lane events of ``author`` held here with
+        ``seq > after``, ascending (expired ones leave holes)."""
+        return [(int(seq), raw) for seq, raw in self.conn.execute(
+            "SELECT seq, raw FROM log_events WHERE author=? AND seq>? ORDER BY seq LIMIT ?",
+            (author, after, limit)).fetchall()]
+
+    def expire(self, *, logs_before: float | None, audit_before: float | None) -> dict[str, int]:
+        """Delete request logs (log-lane events and rows, legacy rows too)
+        created before ``logs_before`` and audit rows before
+        ``audit_before`` (seconds since the epoch; None keeps them).
+        Returns how many of each went. ``log_heads`` stay, so expired
+        events are not pulled again."""
+        out = {"log_events": 0, "request_logs": 0, "audit": 0}
+        with self._transaction():
+            if logs_before is not None:
+                out["log_events"] = self.conn.execute(
+                    "DELETE FROM log_events WHERE hlc < ?", (hlc_from_wall(logs_before),)).rowcount
+                out["request_logs"] = self.conn.execute(
+                    "DELETE FROM request_logs WHERE created_at < ?", (logs_before,)).rowcount
+            if audit_before is not None:
+                out["audit"] = self.conn.execute(
+                    "DELETE FROM audit WHERE time < ?", (audit_before,)).rowcount
         return out
 
     def _notify(self, events: list[Event], source: str, *, changed: bool = False) -> None:
@@ -547,6 +661,9 @@ class Store:
         for (raw,) in self.conn.execute(
                 "SELECT raw FROM events WHERE (applied=1 OR kind='user.erased') AND redacted=0 "
                 "ORDER BY author, seq").fetchall():
+            views.apply(self.conn, decode_trusted(raw))
+        for (raw,) in self.conn.execute(
+                "SELECT raw FROM log_events ORDER BY author, seq").fetchall():
             views.apply(self.conn, decode_trusted(raw))
         self._rebuild_needed = False
 

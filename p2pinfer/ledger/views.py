@@ -389,5 +389,6 @@ _HANDLERS = {
     "session.revoked": _session_revoked,
     "usage": _usage,
     "request.logged": _request_logged,
+    "log.requests": _request_logged,
     "audit": _audit,
 }

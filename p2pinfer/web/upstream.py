@@ -326,7 +326,8 @@ class Upstream:
             await ledger.wait_until(lambda: ledger.user(user_id) is not None)
 
     async def account(self, user_id: str, *, since: str, logs: int) -> dict[str, Any]:
-        """What the dashboard shows of ``user_id``, from this node's ledger."""
+        """What the dashboard shows of ``user_id``, from this node's ledger
+        (request logs also from the members that keep them)."""
         ledger = self.node.ledger
         return {
             "keys": [{"id": k.id, "name": k.name, "public_id": k.public_id,
@@ -338,7 +339,7 @@ class Upstream:
             "logs": [{"created_at": r.created_at, "model_used": r.model_used,
                       "status": r.status, "tokens_used": r.tokens_used,
                       "response_time_ms": r.response_time_ms, "api_key_id": r.api_key_id}
-                     for r in ledger.request_logs(user_id=user_id, limit=logs)],
+                     for r in await ledger.gather_request_logs(user_id, limit=logs)],
         }
 
     async def members(self) -> list[dict[str, Any]]:
