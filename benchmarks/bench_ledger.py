@@ -12,6 +12,21 @@ Prints ONE JSON object:
                            (replication to nine nodes), during the timed phase
     catchup_10k_s          a node that was offline while another wrote 10,000 events:
                            from its restart to having applied all of them
+    bytes_per_request_worker   a hub (auth, gateway) and an inference-only worker
+    bytes_per_request_gateway  (synthetic model), 10,000 requests through the
+                           gateway's RPC path: growth of each node's database
+                           per request (after a WAL checkpoint), once the worker
+                           has the usage totals of all of them
+    worker_request_logs    request log rows the worker holds then (0: the log
+                           lane stays with the gateway and its keepers)
+    catchup_1m_requests_s  a hub (auth, gateway) whose ledger holds a million
+                           generated requests (what its usage recorder writes
+                           for them: flushes of 200 requests, 100 users); an
+                           inference-only worker joins: from its start to
+                           having applied every event of the hub
+    catchup_1m_requests_keeper_s  the same for a node granted metrics (a keeper
+                           of the hub's request logs): until it also holds all
+                           of them
     machine                nproc, CPU model, Python, date
 
 Usage: python benchmarks/bench_ledger.py [--quick]
@@ -55,6 +70,7 @@ from p2pinfer.ledger.membership import (  # noqa: E402
 from p2pinfer.node import Node  # noqa: E402
 
 ROLES = ["auth", "gateway"]
+PASSWORD = "correct horse battery staple 42"
 LEDGER = {"sync_interval": 2.0}
 
 
@@ -242,6 +258,171 @@ async def bench_catchup(root: Path, n: int) -> dict[str, Any]:
     return {"catchup_10k_s" if n == 10_000 else f"catchup_{n}_s": elapsed, "catchup_events": n}
 
 
+# -- bytes per request ------------------------------------------------------------------
+async def bench_requests(root: Path, n: int, concurrency: int = 8) -> dict[str, Any]:
+    """A hub and a worker; ``n`` requests through the gateway; database growth."""
+    homes = [root / "hub", root / "worker"]
+    owner = create_network(homes[0], name="bench")
+    roles = [["auth", "gateway"], ["inference"]]
+    save_member_cert(homes[0], admit(owner, Identity.load_or_create(homes[0]).peer_id,
+                                     roles[0]))
+    peer = Identity.load_or_create(homes[1]).peer_id
+    import_join_token(homes[1], make_join_token(owner.network, admit(owner, peer, roles[1])),
+                      peer_id=peer)
+    tables: dict[str, Any] = {
+        "ledger": LEDGER,
+        "models": [{"name": "fake", "backend": "synthetic", "tokens": 16}],
+        "auth": {"argon2_memory_kib": 1024, "argon2_time_cost": 1, "registration_wait": 0},
+        "gateway": {"default_rate_limit": 10 * n, "default_token_limit": 100 * n},
+    }
+
+    def cfg(i: int, bootstrap: list[str]) -> NodeConfig:
+        return NodeConfig.from_mapping({
+            "node": {"home": str(homes[i]), "roles": roles[i],
+                     "listen": ["/ip4/127.0.0.1/tcp/0"], "bootstrap": bootstrap,
+                     "announce_interval": 1.0, "descriptor_ttl": 2.0},
+            **tables}, env={})
+
+    def size(node: Node) -> int:
+        node.ledger.store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return node.config.database_path.stat().st_size
+
+    async with trio.open_nursery() as nursery:
+        hub = Node(cfg(0, []))
+        await nursery.start(hub.run)
+        worker = Node(cfg(1, [hub.addrs[0]]))
+        await nursery.start(worker.run)
+        with trio.fail_after(60):
+            me = hub.peer_id
+            await hub.rpc.call(me, "registerUser", {"username": "bench", "password": PASSWORD,
+                                                    "email": "bench@example.com"})
+            session = await hub.rpc.call(me, "loginUser", {"username": "bench",
+                                                           "password": PASSWORD})
+            key = await hub.rpc.call(me, "generateApiKey", {"token": session["token"]})
+            user = session["user"]["user_id"]
+            for _ in range(300):  # the worker's descriptor reaches the hub
+                if await hub.discovery.find_model("fake"):
+                    break
+                await trio.sleep(0.2)
+            await worker.ledger.wait_until(lambda: worker.ledger.user(user) is not None)
+        await wait_quiet()
+        before = {"hub": size(hub), "worker": size(worker)}
+        auth = {"api_key": key["api_key"]}
+        todo = iter(range(n))
+
+        async def client() -> None:
+            for i in todo:
+                async with hub.rpc.stream(me, "processInferenceRequest", {
+                        "request": {"prompt": f"request {i}", "model": "fake"},
+                        "auth": auth}) as stream:
+                    async for _ in stream:
+                        pass
+
+        t = trio.current_time()
+        async with trio.open_nursery() as clients:
+            for _ in range(concurrency):
+                clients.start_soon(client)
+        elapsed = trio.current_time() - t
+
+        def requests_seen(node: Node) -> int:
+            return sum(u.request_count for u in node.ledger.usage(user_id=user))
+
+        with trio.fail_after(120):
+            for node in (hub, worker):
+                await node.ledger.wait_until(lambda node=node: requests_seen(node) >= n)
+        after = {"hub": size(hub), "worker": size(worker)}
+        held = worker.ledger.store.conn.execute("SELECT count(*) FROM request_logs").fetchone()
+        nursery.cancel_scope.cancel()
+    return {"bytes_per_request_worker": (after["worker"] - before["worker"]) / n,
+            "bytes_per_request_gateway": (after["hub"] - before["hub"]) / n,
+            "worker_request_logs": held[0], "requests": n,
+            "requests_per_s": n / elapsed}
+
+
+# -- joining after a million requests ----------------------------------------------------
+def generate_history(store: Store, gateway: Identity, n: int, users: int = 100) -> int:
+    """What a gateway's usage recorder writes for ``n`` requests, flushed every
+    200 requests: per flush a usage event, four request-log events of 50 rows
+    and a key-use event. Returns the number of events written."""
+    from p2pinfer.gateway.usage import FLUSH_ROWS, MAX_ROWS_PER_EVENT
+
+    ids = [str(uuid.uuid4()) for _ in range(users)]
+    keys = [str(uuid.uuid4()) for _ in range(users)]
+    written = 0
+    base = time.time() - n / 100  # at 100 requests per second, ending now
+    for start in range(0, n, FLUSH_ROWS):
+        now = base + start / 100
+        hour = int(now) - int(now) % 3600
+        rows = [{"id": str(uuid.uuid4()), "user_id": ids[i % users],
+                 "api_key_id": keys[i % users], "prompt_hash": f"{i:064x}",
+                 "model_used": "smollm2", "response_time_ms": 120.5, "tokens_used": 40,
+                 "status": "success", "created_at": now}
+                for i in range(start, min(n, start + FLUSH_ROWS))]
+        usage: dict[int, list[int]] = {}
+        for i in range(start, start + len(rows)):
+            slot = usage.setdefault(i % users, [0, 0])
+            slot[0] += 1
+            slot[1] += 40
+        items: list[tuple[str, dict[str, Any]]] = [("usage", {"entries": [
+            {"user_id": ids[u], "key_id": keys[u], "hour": hour, "requests": r, "tokens": t}
+            for u, (r, t) in usage.items()]})]
+        items += [("log.requests", {"rows": rows[i:i + MAX_ROWS_PER_EVENT]})
+                  for i in range(0, len(rows), MAX_ROWS_PER_EVENT)]
+        items.append(("apikey.used", {"entries": [{"key_id": keys[u], "at": now}
+                                                   for u in usage]}))
+        written += len(store.append(gateway, items))
+    return written
+
+
+async def bench_join(root: Path, n: int) -> dict[str, Any]:
+    homes = [root / "hub", root / "worker", root / "keeper"]
+    roles = [["auth", "gateway"], ["inference"], ["metrics"]]
+    owner = create_network(homes[0], name="bench")
+    hub_id = Identity.load_or_create(homes[0])
+    certs = [admit(owner, hub_id.peer_id, roles[0])]
+    save_member_cert(homes[0], certs[0])
+    for home, r in zip(homes[1:], roles[1:], strict=True):
+        peer = Identity.load_or_create(home).peer_id
+        certs.append(admit(owner, peer, r))
+        import_join_token(home, make_join_token(owner.network, certs[-1]), peer_id=peer)
+
+    def cfg(i: int, bootstrap: list[str]) -> NodeConfig:
+        return NodeConfig.from_mapping({
+            "node": {"home": str(homes[i]), "roles": [], "listen": ["/ip4/127.0.0.1/tcp/0"],
+                     "bootstrap": bootstrap, "announce_interval": 3600},
+            "ledger": {**LEDGER, "sync_interval": 1.0}}, env={})
+
+    store = Store(cfg(0, []).database_path, owner.network)
+    store.absorb_docs([c.to_wire() for c in certs])
+    t = time.perf_counter()
+    events = generate_history(store, hub_id, n)
+    generate_s = time.perf_counter() - t
+    store.close()
+    out: dict[str, Any] = {"join_requests": n, "join_history_events": events,
+                           "join_generate_s": generate_s}
+    async with trio.open_nursery() as nursery:
+        hub = Node(cfg(0, []))
+        await nursery.start(hub.run)
+        target = hub.ledger.version_vector()
+        logs_target = dict(hub.ledger.store.log_heads)
+        for name, i in (("worker", 1), ("keeper", 2)):
+            t = trio.current_time()
+            node = Node(cfg(i, [hub.addrs[0]]))
+            await nursery.start(node.run)
+            with trio.fail_after(600):
+                await node.ledger.wait_for_version(target)
+                if name == "keeper":
+                    while node.ledger.store.log_heads != logs_target:
+                        await trio.sleep(0.05)
+            key = "catchup_1m_requests" if n == 1_000_000 else f"catchup_{n}_requests"
+            out[f"{key}_s" if name == "worker" else f"{key}_keeper_s"] = (
+                trio.current_time() - t)
+            out[f"join_{name}_db_bytes"] = node.config.database_path.stat().st_size
+        out["join_hub_db_bytes"] = hub.config.database_path.stat().st_size
+        nursery.cancel_scope.cancel()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smaller run (under 60 s)")
@@ -256,6 +437,8 @@ def main() -> None:
         out.update(trio.run(bench_converge, root / "converge", 10,
                             60 if args.quick else 300, 20.0))
         out.update(trio.run(bench_catchup, root / "catchup", 10_000))
+        out.update(trio.run(bench_requests, root / "requests", 10_000))
+        out.update(trio.run(bench_join, root / "join", 100_000 if args.quick else 1_000_000))
     out["elapsed_s"] = time.perf_counter() - started
     out["machine"] = {**machine(), "sqlite": sqlite3.sqlite_version}
     print(json.dumps(out, indent=2))
