@@ -10,6 +10,14 @@ Prints ONE JSON object:
     converge_events        how many events were timed
     converge_cpu_ms_per_event  CPU of the whole 10-node process per event written
                            (replication to nine nodes), during the timed phase
+    converge_loopback_bytes_per_event_per_node  bytes on the loopback interface
+                           during that phase, per event and node (all traffic:
+                           gossip, anti-entropy, DHT, TCP/IP headers)
+    converge_event_bytes   the mean size of those events
+    idle_bytes_per_s_per_node, idle_cpu_ms_per_s_per_node  the same swarm with
+                           no events for 10 s (heartbeats, sync rounds, DHT)
+    event_bytes_per_node, event_cpu_ms_per_node  what one event adds to that
+                           background, per node (docs/scale.md uses them)
     catchup_10k_s          a node that was offline while another wrote 10,000 events:
                            from its restart to having applied all of them
     bytes_per_request_worker   a hub (auth, gateway) and an inference-only worker
@@ -29,7 +37,7 @@ Prints ONE JSON object:
                            of them
     machine                nproc, CPU model, Python, date
 
-Usage: python benchmarks/bench_ledger.py [--quick]
+Usage: python benchmarks/bench_ledger.py [--quick] [--nodes N] [--only-converge]
 """
 
 from __future__ import annotations
@@ -187,8 +195,16 @@ async def bench_converge(root: Path, n_nodes: int, n_events: int, rate: float) -
                 await lg.wait_for_version(dict(warm))
         for lg in ledgers:
             lg.subscribe(recorder)
+        # the swarm's own background (heartbeats, sync rounds, DHT) with no events
+        lo, cpu, t_idle = loopback_bytes(), time.process_time(), trio.current_time()
+        await trio.sleep(IDLE_SECONDS)
+        idle_s = trio.current_time() - t_idle
+        idle_bytes = (loopback_bytes() - lo) / idle_s / n_nodes
+        idle_cpu = (time.process_time() - cpu) / idle_s / n_nodes
         written: list[tuple[tuple[str, int], float]] = []
+        lo = loopback_bytes()
         cpu = time.process_time()
+        t_timed = trio.current_time()
         for i in range(n_events):
             lg = rng.choice(ledgers)
             t = trio.current_time()
@@ -199,6 +215,11 @@ async def bench_converge(root: Path, n_nodes: int, n_events: int, rate: float) -
             for lg in ledgers:
                 await lg.wait_for_version({a: s for (a, s), _ in written})
         cpu_per_event_ms = (time.process_time() - cpu) / n_events * 1000
+        lo_bytes = loopback_bytes() - lo
+        timed_s = trio.current_time() - t_timed
+        event_bytes = sum(len(lg.store.conn.execute(
+            "SELECT raw FROM events WHERE author=? AND seq=?", ev_id).fetchone()[0])
+            for ev_id, _ in written[:50] for lg in ledgers[:1]) / min(50, len(written))
         times = []
         for ev_id, t in written:
             stamps = applied[ev_id]
@@ -211,13 +232,40 @@ async def bench_converge(root: Path, n_nodes: int, n_events: int, rate: float) -
         mesh = [len(g.router.mesh.get(g.topic, ())) for g in gossip]
         pubsub_peers = [len(g.pubsub.peers) for g in gossip]
         nursery.cancel_scope.cancel()
-    return {"startup_10_nodes_s": startup_s,
+    return {"startup_10_nodes_s" if n_nodes == 10 else f"startup_{n_nodes}_nodes_s": startup_s,
             "converge_cpu_ms_per_event": cpu_per_event_ms,
             "converge_mesh_sizes": mesh, "converge_pubsub_peers": pubsub_peers,
             "converge_p50_ms": median(times),
             "converge_p99_ms": pct(times, 0.99), "converge_max_ms": max(times),
             "converge_events": len(times), "converge_nodes": n_nodes,
+            "converge_event_bytes": event_bytes,
+            "converge_loopback_bytes_per_event_per_node": (
+                lo_bytes / n_events / n_nodes if lo_bytes >= 0 else None),
+            "idle_bytes_per_s_per_node": idle_bytes,
+            "idle_cpu_ms_per_s_per_node": idle_cpu * 1000,
+            # what the events add to the background, per event and node
+            "event_bytes_per_node": (lo_bytes - idle_bytes * n_nodes * timed_s)
+            / n_events / n_nodes,
+            "event_cpu_ms_per_node": (cpu_per_event_ms / 1000 * n_events
+                                      - idle_cpu * n_nodes * timed_s)
+            / n_events / n_nodes * 1000,
+            "converge_rate_per_s": rate,
             "converge_usage_applied_via_gossip": via_gossip}
+
+
+IDLE_SECONDS = 10.0
+
+
+def loopback_bytes() -> int:
+    """Bytes received on the loopback interface so far (-1 if unknown)."""
+    try:
+        for line in Path("/proc/net/dev").read_text().splitlines():
+            name, _, rest = line.partition(":")
+            if name.strip() == "lo":
+                return int(rest.split()[0])
+    except OSError:
+        pass
+    return -1
 
 
 async def wait_quiet(window: float = 0.5, busy: float = 0.25) -> None:
@@ -259,6 +307,12 @@ async def bench_catchup(root: Path, n: int) -> dict[str, Any]:
 
 
 # -- bytes per request ------------------------------------------------------------------
+def db_bytes(node: Node) -> int:
+    """The size of a node's database once its write-ahead log is moved in."""
+    node.ledger.store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return node.config.database_path.stat().st_size
+
+
 async def bench_requests(root: Path, n: int, concurrency: int = 8) -> dict[str, Any]:
     """A hub and a worker; ``n`` requests through the gateway; database growth."""
     homes = [root / "hub", root / "worker"]
@@ -283,9 +337,7 @@ async def bench_requests(root: Path, n: int, concurrency: int = 8) -> dict[str, 
                      "announce_interval": 1.0, "descriptor_ttl": 2.0},
             **tables}, env={})
 
-    def size(node: Node) -> int:
-        node.ledger.store.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        return node.config.database_path.stat().st_size
+    size = db_bytes
 
     async with trio.open_nursery() as nursery:
         hub = Node(cfg(0, []))
@@ -412,13 +464,13 @@ async def bench_join(root: Path, n: int) -> dict[str, Any]:
             with trio.fail_after(600):
                 await node.ledger.wait_for_version(target)
                 if name == "keeper":
-                    while node.ledger.store.log_heads != logs_target:
-                        await trio.sleep(0.05)
+                    store = node.ledger.store
+                    await node.ledger.wait_until(lambda s=store: s.log_heads == logs_target)
             key = "catchup_1m_requests" if n == 1_000_000 else f"catchup_{n}_requests"
             out[f"{key}_s" if name == "worker" else f"{key}_keeper_s"] = (
                 trio.current_time() - t)
-            out[f"join_{name}_db_bytes"] = node.config.database_path.stat().st_size
-        out["join_hub_db_bytes"] = hub.config.database_path.stat().st_size
+            out[f"join_{name}_db_bytes"] = db_bytes(node)
+        out["join_hub_db_bytes"] = db_bytes(hub)
         nursery.cancel_scope.cancel()
     return out
 
@@ -426,6 +478,12 @@ async def bench_join(root: Path, n: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smaller run (under 60 s)")
+    parser.add_argument("--nodes", type=int, default=10,
+                        help="nodes of the convergence run (10; docs/scale.md also uses 20)")
+    parser.add_argument("--only-converge", action="store_true",
+                        help="run the convergence phase only")
+    parser.add_argument("--rate", type=float, default=20.0,
+                        help="events per second in the convergence run (20)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.ERROR)
     logging.getLogger("libp2p").setLevel(logging.CRITICAL)
@@ -433,12 +491,15 @@ def main() -> None:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_ledger_") as tmp:
         root = Path(tmp)
-        out.update(bench_apply(root / "apply", 5_000 if args.quick else 20_000))
-        out.update(trio.run(bench_converge, root / "converge", 10,
-                            60 if args.quick else 300, 20.0))
-        out.update(trio.run(bench_catchup, root / "catchup", 10_000))
-        out.update(trio.run(bench_requests, root / "requests", 10_000))
-        out.update(trio.run(bench_join, root / "join", 100_000 if args.quick else 1_000_000))
+        if not args.only_converge:
+            out.update(bench_apply(root / "apply", 5_000 if args.quick else 20_000))
+        out.update(trio.run(bench_converge, root / "converge", args.nodes,
+                            60 if args.quick else 300, args.rate))
+        if not args.only_converge:
+            out.update(trio.run(bench_catchup, root / "catchup", 10_000))
+            out.update(trio.run(bench_requests, root / "requests", 10_000))
+            out.update(trio.run(bench_join, root / "join",
+                                100_000 if args.quick else 1_000_000))
     out["elapsed_s"] = time.perf_counter() - started
     out["machine"] = {**machine(), "sqlite": sqlite3.sqlite_version}
     print(json.dumps(out, indent=2))
