@@ -71,7 +71,7 @@ CALL_TIMEOUT = 10.0
 GATHER_TIMEOUT = 3.0
 MAX_PULL_SOURCES = 4  # pulls run at once
 ROW_BATCH = 1000
-MAX_GATHER_ROWS = 100_000
+MAX_GATHER_ROWS = 1_000_000  # as many as a data export lists (privacy.MAX_ROWS)
 
 
 def rendezvous(author: str, candidates: Sequence[str], k: int) -> list[str]:
