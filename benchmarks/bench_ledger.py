@@ -395,12 +395,14 @@ async def bench_requests(root: Path, n: int, concurrency: int = 8) -> dict[str, 
 def generate_history(store: Store, gateway: Identity, n: int, users: int = 100) -> int:
     """What a gateway's usage recorder writes for ``n`` requests, flushed every
     200 requests: per flush a usage event, four request-log events of 50 rows
-    and a key-use event. Returns the number of events written."""
-    from p2pinfer.gateway.usage import FLUSH_ROWS, MAX_ROWS_PER_EVENT
+    and a key-use event for the keys not written within the last
+    KEY_USE_INTERVAL. Returns the number of events written."""
+    from p2pinfer.gateway.usage import FLUSH_ROWS, KEY_USE_INTERVAL, MAX_ROWS_PER_EVENT
 
     ids = [str(uuid.uuid4()) for _ in range(users)]
     keys = [str(uuid.uuid4()) for _ in range(users)]
     written = 0
+    key_written: dict[int, float] = {}
     base = time.time() - n / 100  # at 100 requests per second, ending now
     for start in range(0, n, FLUSH_ROWS):
         now = base + start / 100
@@ -420,8 +422,11 @@ def generate_history(store: Store, gateway: Identity, n: int, users: int = 100) 
             for u, (r, t) in usage.items()]})]
         items += [("log.requests", {"rows": rows[i:i + MAX_ROWS_PER_EVENT]})
                   for i in range(0, len(rows), MAX_ROWS_PER_EVENT)]
-        items.append(("apikey.used", {"entries": [{"key_id": keys[u], "at": now}
-                                                   for u in usage]}))
+        due = [u for u in usage if now - key_written.get(u, -1e18) >= KEY_USE_INTERVAL]
+        if due:
+            items.append(("apikey.used", {"entries": [{"key_id": keys[u], "at": now}
+                                                       for u in due]}))
+            key_written.update((u, now) for u in due)
         written += len(store.append(gateway, items))
     return written
 

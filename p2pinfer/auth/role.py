@@ -78,7 +78,8 @@ eraseUser          {token, password} (own account), or             token errors,
   refresh_token, refresh_expires_at, session_id, issuer, user}``;
 - *principal*: ``{user_id, username, tier, is_admin, api_key_id, via}``;
 - *key*: ``{key_id, public_id, name, created_at, last_used_at, is_active,
-  revoked_at}``: never the key (shown once by ``generateApiKey``) or its hash.
+  revoked_at}``: never the key (shown once by ``generateApiKey``) or its hash;
+  ``last_used_at`` is written at most once a minute per key, so it may lag.
 
 A user acts on their own account; an admin may name another ``user_id``.
 Key management (``generateApiKey``, ``revokeApiKey``) takes a session token

@@ -9,7 +9,12 @@ A gateway records, for every request it admitted:
   gateway and its keepers, see :mod:`p2pinfer.ledger.logs`): prompt *hash*
   only, model, latency, tokens, status (``success``, ``error``,
   ``timeout``, ``cancelled``, ``rate_limited``);
-- ``apikey.used``: the key's ``last_used_at``.
+- ``apikey.used``: the key's ``last_used_at``, written at most once per
+  :data:`KEY_USE_INTERVAL` per key while the gateway is busy (every member
+  stores every key-use entry: with many active keys, one a flush was a
+  third of what a worker stored per request); uses in between are folded
+  into the next write, which comes at the latest when the interval passes
+  or when a flush has nothing else to write.
 
 Writing one ledger event per request would flood gossip, so the recorder
 batches: everything recorded during ``flush_interval`` seconds goes out as
@@ -41,11 +46,13 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
+from cachetools import TTLCache
 
 from ..errors import P2PInferError
 
@@ -59,6 +66,8 @@ log = logging.getLogger(__name__)
 MAX_ROWS_PER_EVENT = 50
 FLUSH_ROWS = 200  # flush early at this many rows: a few ms of event loop each
 MAX_ENTRIES_PER_EVENT = 1000
+KEY_USE_INTERVAL = 60.0  # seconds: a key's last use is written at most this often
+MAX_KEYS_TRACKED = 100_000  # keys remembered as written; beyond, the oldest are written again
 
 
 def prompt_hash(request: dict[str, Any]) -> str:
@@ -105,8 +114,15 @@ class UsageRecorder:
     """
 
     def __init__(self, ledger: Any, *, flush_interval: float = 1.0,
-                 journal: Path | None = None, flush_rows: int = FLUSH_ROWS) -> None:
+                 journal: Path | None = None, flush_rows: int = FLUSH_ROWS,
+                 key_use_interval: float = KEY_USE_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.ledger = ledger
+        # keys whose use was written within key_use_interval, and the later
+        # uses of those keys that wait for it to pass (latest time per key)
+        self._key_written: TTLCache[str, bool] = TTLCache(
+            maxsize=MAX_KEYS_TRACKED, ttl=key_use_interval, timer=clock)
+        self._deferred_used: dict[str, float] = {}
         self.flush_interval = flush_interval
         self.flush_rows = flush_rows
         self._full = trio.Event()
@@ -177,7 +193,8 @@ class UsageRecorder:
             self._full.set()
 
     def pending(self) -> int:
-        return len(self._pending.rows)
+        """Records and held key uses not yet in the ledger."""
+        return len(self._pending.rows) + len(self._deferred_used)
 
     # -- the journal --------------------------------------------------------------------
     def _journal_open(self) -> int | None:
@@ -261,15 +278,20 @@ class UsageRecorder:
         return found
 
     # -- flushing --------------------------------------------------------------------------
-    def flush(self) -> int:
+    def flush(self, *, force: bool = False) -> int:
         """Write what is pending to the ledger now; returns events written.
 
         On failure the batch stays pending (and is merged with what comes
-        next), so nothing is lost.
+        next), so nothing is lost. A key's use waits for its
+        :data:`KEY_USE_INTERVAL` while other records are being written; a
+        flush with nothing else to write, or ``force``, writes it.
         """
-        if self._pending.empty():
+        idle = self._pending.empty()
+        if idle and not self._deferred_used:
             return 0
         batch, self._pending = self._pending, _Pending()
+        # nothing else to write: held key uses go now rather than later
+        self._fold_key_use(batch, force or idle)
         try:
             events = self.ledger.append_many(batch.events())
         except P2PInferError:
@@ -277,11 +299,24 @@ class UsageRecorder:
             log.exception("writing usage to the ledger failed; will retry")
             self._merge_back(batch)
             return 0
+        for key_id in batch.used:
+            self._key_written[key_id] = True
         self._journal_clear()
         self.flushed_events += len(events)
         done, self._flushed = self._flushed, trio.Event()
         done.set()
         return len(events)
+
+    def _fold_key_use(self, batch: _Pending, force: bool) -> None:
+        """Add the waiting key uses to ``batch``, then hold back those of
+        keys written within the interval (all go when ``force``)."""
+        for key_id, at in self._deferred_used.items():
+            batch.used[key_id] = max(at, batch.used.get(key_id, at))
+        self._deferred_used = {}
+        if force:
+            return
+        for key_id in [k for k in batch.used if k in self._key_written]:
+            self._deferred_used[key_id] = batch.used.pop(key_id)
 
     def _merge_back(self, batch: _Pending) -> None:
         newer = self._pending
@@ -312,5 +347,5 @@ class UsageRecorder:
                 if self.flush_failures > failures:  # no early retries of a failing store
                     await trio.sleep(self.flush_interval)
         finally:
-            self.flush()  # synchronous: runs even while being cancelled
+            self.flush(force=True)  # synchronous: runs even while being cancelled
             self._journal_close()
