@@ -440,7 +440,13 @@ def test_api_key_comparison_takes_the_same_time_wherever_a_guess_differs(
     first = len("sha256:")
     far = true[:first] + (flip(true[first]) or "0") + true[first + 1:]
     assert not apikeys.key_matches(key, near) and not apikeys.key_matches(key, far)
+    # A leak shows in every measurement; the machine's noise (other processes)
+    # now and then in one: measure again, up to three times, before failing.
     gap = timing_gap(apikeys.key_matches, key, near, far)
+    for _ in range(2):
+        if gap < 0.05:
+            break
+        gap = min(gap, timing_gap(apikeys.key_matches, key, near, far))
 
     def early_exit(a: bytes, b: bytes) -> bool:
         if len(a) != len(b):
