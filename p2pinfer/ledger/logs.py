@@ -55,6 +55,7 @@ from ..grants import LOG_KEEPERS, LOG_READERS
 from ..rpc import Access, CallContext, rpc_method
 from . import queries
 from .membership import short
+from .replication import chunks_of, pull_params
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ledger import Ledger
@@ -118,13 +119,7 @@ class LogService:
     @rpc_method("ledgerLogPull", access=Access.MEMBER, grants=tuple(sorted(KEEPER_GRANTS)))
     async def rpc_log_pull(self, ctx: CallContext, params: Any) -> AsyncIterator[list[bytes]]:
         """Stream the log-lane events the caller lacks, author by author."""
-        from .replication import PULL_BATCH_BYTES, _vv
-
-        p = _params(params)
-        after = _vv(p.get("after"), "after")
-        limit = p.get("limit", 10_000)
-        if type(limit) is not int or not 0 < limit <= 1_000_000:
-            raise InvalidParams("limit must be an integer between 1 and 1000000")
+        after, limit = pull_params(params)
         store = self.ledger.store
         batch_size = self.ledger.settings.batch_size
         sent = 0
@@ -134,15 +129,8 @@ class LogService:
                 held = store.read_log_range(author, cursor, min(batch_size, limit - sent))
                 if not held:
                     break
-                chunk: list[bytes] = []
-                size = 0
-                for _seq, raw in held:
-                    if chunk and size + len(raw) > PULL_BATCH_BYTES:
-                        yield chunk
-                        chunk, size = [], 0
-                    chunk.append(raw)
-                    size += len(raw)
-                yield chunk
+                for chunk in chunks_of(raw for _seq, raw in held):
+                    yield chunk
                 cursor = held[-1][0]
                 sent += len(held)
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -71,6 +71,31 @@ def _vv(value: Any, name: str) -> dict[str, int]:
         if not isinstance(author, str) or type(seq) is not int or seq < 0:
             raise InvalidParams(f"{name} must map peer ids to non-negative integers")
     return value
+
+
+def pull_params(params: Any) -> tuple[dict[str, int], int]:
+    """``after`` and ``limit`` of a pull (``ledgerPull``, ``ledgerLogPull``)."""
+    p = _params(params)
+    after = _vv(p.get("after"), "after")
+    limit = p.get("limit", 10_000)
+    if type(limit) is not int or not 0 < limit <= 1_000_000:
+        raise InvalidParams("limit must be an integer between 1 and 1000000")
+    return after, limit
+
+
+def chunks_of(raws: Iterable[bytes]) -> Iterator[list[bytes]]:
+    """Raw events in chunks of at most :data:`PULL_BATCH_BYTES` (a single
+    larger event alone)."""
+    chunk: list[bytes] = []
+    size = 0
+    for raw in raws:
+        if chunk and size + len(raw) > PULL_BATCH_BYTES:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(raw)
+        size += len(raw)
+    if chunk:
+        yield chunk
 
 
 def _params(params: Any) -> dict[str, Any]:
@@ -123,11 +148,7 @@ class LedgerService:
     @rpc_method("ledgerPull", access=Access.MEMBER)
     async def rpc_pull(self, ctx: CallContext, params: Any) -> AsyncIterator[list[bytes]]:
         """Stream the caller's missing events, author by author."""
-        p = _params(params)
-        after = _vv(p.get("after"), "after")
-        limit = p.get("limit", 10_000)
-        if type(limit) is not int or not 0 < limit <= 1_000_000:
-            raise InvalidParams("limit must be an integer between 1 and 1000000")
+        after, limit = pull_params(params)
         store = self.ledger.store
         batch_size = self.ledger.settings.batch_size
         sent = 0
@@ -137,15 +158,8 @@ class LedgerService:
                 raws = store.read_range(author, cursor, min(batch_size, limit - sent))
                 if not raws:
                     break
-                chunk: list[bytes] = []
-                size = 0
-                for raw in raws:
-                    if chunk and size + len(raw) > PULL_BATCH_BYTES:
-                        yield chunk
-                        chunk, size = [], 0
-                    chunk.append(raw)
-                    size += len(raw)
-                yield chunk
+                for chunk in chunks_of(raws):
+                    yield chunk
                 cursor += len(raws)
                 sent += len(raws)
 
