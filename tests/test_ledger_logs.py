@@ -254,6 +254,15 @@ async def test_logs_stay_with_gateways_and_keepers_through_a_loss(
                             async for _ in s:
                                 pass
 
+                # bad parameters get their own error, and the node keeps serving
+                for method, params in (("ledgerLogs", {"user_id": 5}),
+                                       ("ledgerLogs", {"user_id": user, "limit": 0}),
+                                       ("ledgerLogPull", {"after": "everything"}),
+                                       ("ledgerLogPull", {"after": {}, "limit": -1})):
+                    with pytest.raises(errors.InvalidParams):
+                        async with k1.rpc.stream(gateways[0].peer_id, method, params) as s:
+                            async for _ in s:
+                                pass
                 # any reader sees all nine, whichever node holds them
                 for n in (k1, nodes["g3"]):
                     assert len(await n.ledger.gather_request_logs(user)) == 9

@@ -46,6 +46,7 @@ import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -55,7 +56,7 @@ from ..grants import LOG_KEEPERS, LOG_READERS
 from ..rpc import Access, CallContext, rpc_method
 from . import queries
 from .membership import short
-from .replication import chunks_of, pull_params
+from .replication import param_map, pull_params, pulled, serve_pull
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ledger import Ledger
@@ -68,7 +69,6 @@ log = logging.getLogger(__name__)
 KEEPER_GRANTS = LOG_KEEPERS
 #: Grants of members that may hold logs: keepers and authors.
 HOLDER_GRANTS = KEEPER_GRANTS | {"gateway"}
-CALL_TIMEOUT = 10.0
 GATHER_TIMEOUT = 3.0
 MAX_PULL_SOURCES = 4  # pulls run at once
 ROW_BATCH = 1000
@@ -104,12 +104,6 @@ def _from_wire(item: Any) -> queries.RequestLog:
                               float(at), gateway)
 
 
-def _params(params: Any) -> dict[str, Any]:
-    if not isinstance(params, dict):
-        raise InvalidParams("expected a map")
-    return params
-
-
 class LogService:
     """RPC handlers of the log lane (registered with the ledger's)."""
 
@@ -121,23 +115,14 @@ class LogService:
         """Stream the log-lane events the caller lacks, author by author."""
         after, limit = pull_params(params)
         store = self.ledger.store
-        batch_size = self.ledger.settings.batch_size
-        sent = 0
-        for author in sorted(after):
-            cursor = after[author]
-            while sent < limit and cursor < store.log_heads.get(author, 0):
-                held = store.read_log_range(author, cursor, min(batch_size, limit - sent))
-                if not held:
-                    break
-                for chunk in chunks_of(raw for _seq, raw in held):
-                    yield chunk
-                cursor = held[-1][0]
-                sent += len(held)
+        for chunk in serve_pull(after, limit, self.ledger.settings.batch_size,
+                                lambda a: store.log_heads.get(a, 0), store.read_log_range):
+            yield chunk
 
     @rpc_method("ledgerLogs", access=Access.MEMBER, grants=tuple(sorted(LOG_READERS)))
     async def rpc_logs(self, ctx: CallContext, params: Any) -> AsyncIterator[list[list[Any]]]:
         """A user's request log rows held here, newest first, in batches."""
-        p = _params(params)
+        p = param_map(params)
         user_id = p.get("user_id")
         if not isinstance(user_id, str) or not 0 < len(user_id) <= 64:
             raise InvalidParams("user_id must be a user id")
@@ -231,17 +216,10 @@ class LogLane:
     async def _pull(self, source: str, after: dict[str, int]) -> int:
         limit = self.ledger.settings.pull_limit
         received = 0
-        async with self.rpc.stream(source, "ledgerLogPull",
-                                   {"after": after, "limit": limit}) as chunks:
-            while True:
-                with trio.fail_after(CALL_TIMEOUT):
-                    try:
-                        chunk = await chunks.__anext__()
-                    except StopAsyncIteration:
-                        break
-                if not isinstance(chunk, list) or not all(isinstance(r, bytes) for r in chunk):
-                    raise InvalidParams("malformed ledgerLogPull chunk")
-                report = self.ledger.store.ingest_logs(chunk, source=f"logs from {short(source)}")
+        async with aclosing(pulled(self.rpc, source, "ledgerLogPull", after, limit)) as chunks:
+            async for chunk in chunks:
+                report = self.ledger.store.ingest_logs(chunk,
+                                                       source=f"logs from {short(source)}")
                 received += len(report.applied)
                 await trio.lowlevel.checkpoint()
         self.pulled += received

@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -75,12 +76,49 @@ def _vv(value: Any, name: str) -> dict[str, int]:
 
 def pull_params(params: Any) -> tuple[dict[str, int], int]:
     """``after`` and ``limit`` of a pull (``ledgerPull``, ``ledgerLogPull``)."""
-    p = _params(params)
+    p = param_map(params)
     after = _vv(p.get("after"), "after")
     limit = p.get("limit", 10_000)
     if type(limit) is not int or not 0 < limit <= 1_000_000:
         raise InvalidParams("limit must be an integer between 1 and 1000000")
     return after, limit
+
+
+def serve_pull(after: Mapping[str, int], limit: int, batch_size: int,
+               head: Callable[[str], int],
+               read: Callable[[str, int, int], list[tuple[int, bytes]]],
+               ) -> Iterator[list[bytes]]:
+    """The chunks a pull answers: each author's events after ``after`` in
+    ascending seq, ``batch_size`` read at a time, at most ``limit`` in all.
+    ``head(author)`` is the highest seq held, ``read(author, after, n)``
+    gives (seq, raw) pairs (a lane whose old events expired has holes)."""
+    sent = 0
+    for author in sorted(after):
+        cursor = after[author]
+        while sent < limit and cursor < head(author):
+            held = read(author, cursor, min(batch_size, limit - sent))
+            if not held:
+                break
+            yield from chunks_of(raw for _seq, raw in held)
+            cursor = held[-1][0]
+            sent += len(held)
+
+
+async def pulled(rpc: Any, peer: str, method: str, after: Mapping[str, int],
+                 limit: int) -> AsyncGenerator[list[bytes], None]:
+    """The chunks of raw events a pull from ``peer`` brings, each within
+    :data:`CALL_TIMEOUT` of the last (InvalidParams for a malformed one).
+    Use it in ``contextlib.aclosing`` so the call ends when the reader stops."""
+    async with rpc.stream(peer, method, {"after": dict(after), "limit": limit}) as chunks:
+        while True:
+            with trio.fail_after(CALL_TIMEOUT):
+                try:
+                    chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    return
+            if not isinstance(chunk, list) or not all(isinstance(r, bytes) for r in chunk):
+                raise InvalidParams(f"malformed {method} chunk")
+            yield chunk
 
 
 def chunks_of(raws: Iterable[bytes]) -> Iterator[list[bytes]]:
@@ -98,7 +136,8 @@ def chunks_of(raws: Iterable[bytes]) -> Iterator[list[bytes]]:
         yield chunk
 
 
-def _params(params: Any) -> dict[str, Any]:
+def param_map(params: Any) -> dict[str, Any]:
+    """RPC params that must be a map (InvalidParams otherwise)."""
     if not isinstance(params, dict):
         raise InvalidParams("expected a map")
     return params
@@ -113,7 +152,7 @@ class LedgerService:
     @rpc_method("ledgerHello", access=Access.PUBLIC)
     async def rpc_hello(self, ctx: CallContext, params: Any) -> dict[str, Any]:
         """Exchange own certificates (public: the caller may not be known yet)."""
-        p = _params(params)
+        p = param_map(params)
         if p.get("net") != self.ledger.network_id:
             raise WrongNetwork(f"this node belongs to network {self.ledger.network_id}")
         docs = p.get("docs", [])
@@ -129,7 +168,7 @@ class LedgerService:
     @rpc_method("ledgerSync", access=Access.MEMBER)
     async def rpc_sync(self, ctx: CallContext, params: Any) -> dict[str, Any]:
         """Version vectors and membership digests."""
-        p = _params(params)
+        p = param_map(params)
         theirs = _vv(p.get("vv"), "vv")
         store = self.ledger.store
         mine = store.version_vector()
@@ -150,18 +189,14 @@ class LedgerService:
         """Stream the caller's missing events, author by author."""
         after, limit = pull_params(params)
         store = self.ledger.store
-        batch_size = self.ledger.settings.batch_size
-        sent = 0
-        for author in sorted(after):
-            cursor = after[author]
-            while sent < limit and cursor < store.heads.get(author, 0):
-                raws = store.read_range(author, cursor, min(batch_size, limit - sent))
-                if not raws:
-                    break
-                for chunk in chunks_of(raws):
-                    yield chunk
-                cursor += len(raws)
-                sent += len(raws)
+
+        def read(author: str, cursor: int, n: int) -> list[tuple[int, bytes]]:
+            # the main lane has no holes: the events after ``cursor`` in order
+            return list(enumerate(store.read_range(author, cursor, n), cursor + 1))
+
+        for chunk in serve_pull(after, limit, self.ledger.settings.batch_size,
+                                lambda a: store.heads.get(a, 0), read):
+            yield chunk
 
 
 class AntiEntropy:
@@ -324,15 +359,8 @@ class AntiEntropy:
             return "in_sync"
         limit = self.settings.pull_limit
         received = 0
-        async with self.rpc.stream(peer, "ledgerPull", {"after": want, "limit": limit}) as chunks:
-            while True:
-                with trio.fail_after(CALL_TIMEOUT):
-                    try:
-                        chunk = await chunks.__anext__()
-                    except StopAsyncIteration:
-                        break
-                if not isinstance(chunk, list) or not all(isinstance(r, bytes) for r in chunk):
-                    raise InvalidParams("malformed ledgerPull chunk")
+        async with aclosing(pulled(self.rpc, peer, "ledgerPull", want, limit)) as chunks:
+            async for chunk in chunks:
                 received += len(chunk)
                 ledger.ingest(chunk, source="sync", origin=peer)
                 await trio.lowlevel.checkpoint()
