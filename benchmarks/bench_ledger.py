@@ -27,14 +27,26 @@ Prints ONE JSON object:
                            has the usage totals of all of them
     worker_request_logs    request log rows the worker holds then (0: the log
                            lane stays with the gateway and its keepers)
-    catchup_1m_requests_s  a hub (auth, gateway) whose ledger holds a million
-                           generated requests (what its usage recorder writes
-                           for them: flushes of 200 requests, 100 users); an
-                           inference-only worker joins: from its start to
-                           having applied every event of the hub
-    catchup_1m_requests_keeper_s  the same for a node granted metrics (a keeper
-                           of the hub's request logs): until it also holds all
-                           of them
+    catchup_1m_requests_replay_s  a hub (auth, gateway) whose ledger holds a
+                           million generated requests (what its usage recorder
+                           writes for them: flushes of 200 requests, 100
+                           users); an inference-only worker that never loads
+                           a checkpoint joins: from its start to having
+                           applied every event of the hub
+    checkpoint_make_s, checkpoint_bytes, checkpoint_rows, checkpoint_prune_s,
+    checkpoint_pruned_events  the hub then makes a signed checkpoint of its
+                           state and prunes the events it covers
+    catchup_1m_requests_s  another inference-only worker joins: from its start
+                           to holding the hub's state (from the checkpoint)
+    bytes_per_request_worker_checkpoint  that worker's database per request
+    catchup_1m_requests_keeper_s  a node granted metrics (a keeper of the hub's
+                           request logs) joins: until it also holds all of them
+    state_rows, state_checkpoint_bytes, state_make_s, state_check_s,
+    state_load_s, state_rows_per_s, state_db_bytes  a checkpoint of 30 days
+                           (--quick: 3) of 3 gateways serving 100 users every
+                           hour (a usage row per gateway, user, key and hour):
+                           made, checked against its root, loaded into an
+                           empty store; that store's size
     machine                nproc, CPU model, Python, date
 
 Usage: python benchmarks/bench_ledger.py [--quick] [--nodes N] [--only-converge]
@@ -64,6 +76,7 @@ from _common import machine, median, pct  # noqa: E402
 from p2pinfer.config import NodeConfig  # noqa: E402
 from p2pinfer.identity import Identity  # noqa: E402
 from p2pinfer.ledger import Store  # noqa: E402
+from p2pinfer.ledger.checkpoints import make_checkpoint, open_checkpoint  # noqa: E402
 from p2pinfer.ledger.events import Event, sign_event  # noqa: E402
 from p2pinfer.ledger.membership import (  # noqa: E402
     NetworkInfo,
@@ -432,8 +445,11 @@ def generate_history(store: Store, gateway: Identity, n: int, users: int = 100) 
 
 
 async def bench_join(root: Path, n: int) -> dict[str, Any]:
-    homes = [root / "hub", root / "worker", root / "keeper"]
-    roles = [["auth", "gateway"], ["inference"], ["metrics"]]
+    """Nodes joining a hub whose ledger holds ``n`` generated requests: one
+    replaying every event, then (once the hub made a checkpoint and pruned)
+    one loading the checkpoint, then a keeper of the hub's request logs."""
+    homes = [root / "hub", root / "replayer", root / "worker", root / "keeper"]
+    roles = [["auth", "gateway"], ["inference"], ["inference"], ["metrics"]]
     owner = create_network(homes[0], name="bench")
     hub_id = Identity.load_or_create(homes[0])
     certs = [admit(owner, hub_id.peer_id, roles[0])]
@@ -442,12 +458,16 @@ async def bench_join(root: Path, n: int) -> dict[str, Any]:
         peer = Identity.load_or_create(home).peer_id
         certs.append(admit(owner, peer, r))
         import_join_token(home, make_join_token(owner.network, certs[-1]), peer_id=peer)
+    # The hub makes its checkpoint when told to (timed), and prunes at once;
+    # the replayer never loads one.
+    extra: list[dict[str, Any]] = [{"checkpoint_events": 0, "prune_after_days": 0},
+                                   {"checkpoint_catchup": 0, "prune_after_days": -1}, {}, {}]
 
     def cfg(i: int, bootstrap: list[str]) -> NodeConfig:
         return NodeConfig.from_mapping({
             "node": {"home": str(homes[i]), "roles": [], "listen": ["/ip4/127.0.0.1/tcp/0"],
                      "bootstrap": bootstrap, "announce_interval": 3600},
-            "ledger": {**LEDGER, "sync_interval": 1.0}}, env={})
+            "ledger": {**LEDGER, "sync_interval": 1.0, **extra[i]}}, env={})
 
     store = Store(cfg(0, []).database_path, owner.network)
     store.absorb_docs([c.to_wire() for c in certs])
@@ -455,28 +475,99 @@ async def bench_join(root: Path, n: int) -> dict[str, Any]:
     events = generate_history(store, hub_id, n)
     generate_s = time.perf_counter() - t
     store.close()
+    key = "catchup_1m_requests" if n == 1_000_000 else f"catchup_{n}_requests"
     out: dict[str, Any] = {"join_requests": n, "join_history_events": events,
                            "join_generate_s": generate_s}
+
+    async def join(i: int, hub: Node, nursery: trio.Nursery) -> tuple[Node, float]:
+        t = trio.current_time()
+        node = Node(cfg(i, [hub.addrs[0]]))
+        await nursery.start(node.run)
+        with trio.fail_after(600):
+            await node.ledger.wait_for_version(target)
+            if i == 3:
+                store = node.ledger.store
+                await node.ledger.wait_until(lambda s=store: s.log_heads == logs_target)
+        return node, trio.current_time() - t
+
     async with trio.open_nursery() as nursery:
         hub = Node(cfg(0, []))
         await nursery.start(hub.run)
         target = hub.ledger.version_vector()
         logs_target = dict(hub.ledger.store.log_heads)
-        for name, i in (("worker", 1), ("keeper", 2)):
-            t = trio.current_time()
-            node = Node(cfg(i, [hub.addrs[0]]))
-            await nursery.start(node.run)
-            with trio.fail_after(600):
-                await node.ledger.wait_for_version(target)
-                if name == "keeper":
-                    store = node.ledger.store
-                    await node.ledger.wait_until(lambda s=store: s.log_heads == logs_target)
-            key = "catchup_1m_requests" if n == 1_000_000 else f"catchup_{n}_requests"
-            out[f"{key}_s" if name == "worker" else f"{key}_keeper_s"] = (
-                trio.current_time() - t)
-            out[f"join_{name}_db_bytes"] = db_bytes(node)
+        out["join_hub_db_bytes_before"] = db_bytes(hub)
+        replayer, out[f"{key}_replay_s"] = await join(1, hub, nursery)
+        assert replayer.ledger.checkpoints.loaded == 0
+        out["join_replayer_db_bytes"] = db_bytes(replayer)
+        replayer.stop()
+        t = trio.current_time()
+        header = await hub.ledger.checkpoints.make()
+        out["checkpoint_make_s"] = trio.current_time() - t
+        served = hub.ledger.store.served_checkpoint()
+        assert served is not None and served[0] == header
+        out["checkpoint_bytes"] = len(served[1])
+        out["checkpoint_rows"] = header.rows
+        t = trio.current_time()
+        out["checkpoint_pruned_events"] = hub.ledger.checkpoints.prune()
+        out["checkpoint_prune_s"] = trio.current_time() - t
+        worker, out[f"{key}_s"] = await join(2, hub, nursery)
+        assert worker.ledger.checkpoints.loaded == 1, "the worker did not load the checkpoint"
+        out["join_worker_db_bytes"] = db_bytes(worker)
+        out["bytes_per_request_worker_checkpoint"] = out["join_worker_db_bytes"] / n
+        keeper, out[f"{key}_keeper_s"] = await join(3, hub, nursery)
+        out["join_keeper_db_bytes"] = db_bytes(keeper)
         out["join_hub_db_bytes"] = db_bytes(hub)
         nursery.cancel_scope.cancel()
+    return out
+
+
+def bench_state(root: Path, hours: int, gateways: int = 3, users: int = 100) -> dict[str, Any]:
+    """A checkpoint of a long-lived swarm's state: every one of ``users``
+    (one key each) served by each of ``gateways`` in every one of ``hours``
+    (a usage row per gateway, user, key and hour). Times making it (read
+    the tables, hash, sign, compress), checking it (signature and every row
+    against the root) and loading it into an empty store."""
+    owner_id = Identity.generate()
+    network = NetworkInfo(network_id_for(owner_id.public_key), owner_id.public_key)
+    owner = Owner(owner_id, network)
+    now = time.time()
+    gws = [Identity.generate() for _ in range(gateways)]
+    maker = Identity.generate()
+    certs = [admit(owner, g.peer_id, ["gateway"], now=now - (hours + 24) * 3600) for g in gws]
+    certs.append(admit(owner, maker.peer_id, ["auth"], now=now - (hours + 24) * 3600))
+    ids = [(str(uuid.uuid4()), str(uuid.uuid4())) for _ in range(users)]
+    source = Store(root / "source.db", network)
+    source.absorb_docs([c.to_wire() for c in certs])
+    first = int(now) // 3600 * 3600 - hours * 3600
+    for g in gws:
+        for start in range(0, hours, 50):
+            source.append(g, [("usage", {"entries": [
+                {"user_id": u, "key_id": k, "hour": first + h * 3600, "requests": 100,
+                 "tokens": 4000} for u, k in ids]}) for h in range(start, min(hours, start + 50))])
+    t = time.perf_counter()
+    vv, columns, tables = source.read_state()
+    ckpt = make_checkpoint(maker, network.network_id, vv, columns, tables,
+                           [c.to_wire() for c in certs])
+    body = ckpt.body()
+    made = time.perf_counter() - t
+    t = time.perf_counter()
+    opened = open_checkpoint(ckpt.header, body, network.network_id)
+    checked = time.perf_counter() - t
+    joiner = Store(root / "joiner.db", network)
+    t = time.perf_counter()
+    joiner.load_checkpoint(opened, body)
+    loaded = time.perf_counter() - t
+    mine, theirs = source.snapshot(), joiner.snapshot()
+    assert {k: v for k, v in mine.items() if k != "request_logs"} == {
+        k: v for k, v in theirs.items() if k != "request_logs"}, "the state differs"
+    joiner.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    out = {"state_hours": hours, "state_rows": ckpt.header.rows,
+           "state_checkpoint_bytes": len(body), "state_make_s": made,
+           "state_check_s": checked, "state_load_s": loaded,
+           "state_rows_per_s": ckpt.header.rows / (checked + loaded),
+           "state_db_bytes": (root / "joiner.db").stat().st_size}
+    source.close()
+    joiner.close()
     return out
 
 
@@ -505,6 +596,8 @@ def main() -> None:
             out.update(trio.run(bench_requests, root / "requests", 10_000))
             out.update(trio.run(bench_join, root / "join",
                                 100_000 if args.quick else 1_000_000))
+            (root / "state").mkdir()
+            out.update(bench_state(root / "state", 72 if args.quick else 720))
     out["elapsed_s"] = time.perf_counter() - started
     out["machine"] = {**machine(), "sqlite": sqlite3.sqlite_version}
     print(json.dumps(out, indent=2))

@@ -68,7 +68,9 @@ so callers match on types, never on message strings.
         ├── UnauthorizedAuthor         1804 (not a member, or removed)
         │   └── KindNotAllowed         1807 (a member whose certificate lacks the kind)
         ├── ReplayedEvent              1805
-        └── StorageError               1806
+        ├── StorageError               1806
+        └── CheckpointRequired         1808 (the events asked for were pruned: take
+                                             the peer's checkpoint)
 
 An error may carry ``data`` (a small msgpack-able dict), for example
 ``{"retry_after": 3.5}`` for :class:`LimitError`.
@@ -419,6 +421,13 @@ class StorageError(LedgerError):
 
 class KindNotAllowed(UnauthorizedAuthor):
     code = 1807
+
+
+class CheckpointRequired(LedgerError):
+    """The events asked for were pruned here: take a checkpoint first."""
+
+    code = 1808
+    http_status = 409
 
 
 def _all_subclasses(cls: type[P2PInferError]) -> list[type[P2PInferError]]:

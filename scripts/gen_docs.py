@@ -40,6 +40,8 @@ SERVICES = [
     ("p2pinfer.metrics.node_metrics.NodeMetrics", "Every node: metrics", "node-metrics"),
     ("p2pinfer.ledger.replication.LedgerService", "Every node: ledger replication", "ledger"),
     ("p2pinfer.ledger.logs.LogService", "Every node: the log lane (request logs)", "ledger-logs"),
+    ("p2pinfer.ledger.checkpoints.CheckpointService", "Every node: checkpoints of the ledger",
+     "ledger-checkpoints"),
     ("p2pinfer.auth.role.AuthRole", "Auth role", "auth"),
     ("p2pinfer.gateway.role.GatewayRole", "Gateway role", "gateway"),
     ("p2pinfer.gateway.coordinator.QuotaService", "Gateway role: quota coordination",

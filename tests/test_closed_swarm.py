@@ -233,7 +233,7 @@ async def test_a_non_member_and_a_removed_node_receive_no_ledger_event(
             # and neither may pull the ledger
             async with Client(bootstrap=[hub.addrs[0]]) as client:
                 peer = (await client._entry_points()).popitem()[0]
-                for method in ("ledgerSync", "ledgerPull"):
+                for method in ("ledgerSync", "ledgerPull", "ledgerCheckpoint"):
                     with pytest.raises(errors.NotMember):
                         await client._rpc.call(peer, method, {"vv": {}})
 

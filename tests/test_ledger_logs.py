@@ -286,3 +286,42 @@ async def test_logs_stay_with_gateways_and_keepers_through_a_loss(
 
 def nodes_by_id(nodes: dict[str, Any], peer_id: str) -> Any:
     return next(n for n in nodes.values() if n.peer_id == peer_id)
+
+
+async def test_a_gateway_restored_from_a_backup_numbers_its_logs_after_its_keepers(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    """A gateway writes request logs; its keeper pulls them; the gateway is
+    restored from a backup taken before the last of them. Its keeper tells
+    it the highest it holds: the gateway's next logs are numbered after it
+    and accepted (none refused as a replay of a lost one)."""
+    from p2pinfer.ledger.backup import backup, restore
+
+    homes = make_network(tmp_path, ["gw", "keeper"], roles=[["gateway"], ["auth"]])
+    tables = {"ledger": {"sync_interval": 0.2, "log_replicas": 1}}
+    user = str(uuid.uuid4())
+    out = tmp_path / "gw-backup.db"
+    with trio.fail_after(60):
+        async with run_nodes(nursery, [node_config(homes[1], roles=[],
+                                                   tables=tables)]) as (keeper,):
+            cfg = node_config(homes[0], roles=[], bootstrap=[keeper.addrs[0]], tables=tables)
+            async with run_nodes(nursery, [cfg]) as (gw,):
+                me = gw.peer_id
+                for i in range(3):
+                    gw.ledger.append("log.requests", {"rows": [row(i, user)]})
+                info = backup(cfg.database_path, out, peer_id=me, network_id=gw.ledger.network_id)
+                for i in range(3, 8):
+                    gw.ledger.append("log.requests", {"rows": [row(i, user)]})
+                assert gw.ledger.store.log_heads[me] == 8
+                await wait_for(lambda: keeper.ledger.store.log_heads.get(me) == 8, limit=20)
+            gw.ledger.close()
+            restore(out, cfg.database_path, peer_id=me, network_id=info.network_id)
+            async with run_nodes(nursery, [cfg]) as (back,):
+                assert back.ledger.store.log_heads.get(me) == 3  # as the backup has it
+                await wait_for(lambda: not back.ledger.fenced
+                               and back.ledger.store.log_heads.get(me) == 8, limit=20)
+                new = back.ledger.append("log.requests", {"rows": [row(100, user)]})
+                assert new.seq == 9
+                await wait_for(lambda: keeper.ledger.store.log_heads.get(me) == 9, limit=20)
+                assert keeper.ledger.metrics.rejected_count("replayed") == 0
+                held = {r.id for r in keeper.ledger.request_logs(user_id=user, limit=100)}
+                assert len(held) == 9

@@ -440,21 +440,21 @@ async def test_the_log_is_checkpointed_from_a_thread_while_the_ledger_runs(
 
     from p2pinfer.ledger import ledger as ledger_module
 
-    monkeypatch.setattr(ledger_module, "CHECKPOINT_INTERVAL", 0.05)
+    monkeypatch.setattr(ledger_module, "WAL_CHECKPOINT_INTERVAL", 0.05)
     s = SCENARIO
     ledger = Ledger.open(tmp_path / "c.db", s.ids["g1"], s.network, s.certs["g1"])
     store = ledger.store
     store.absorb_docs(s.cert_docs())
     threads: list[threading.Thread] = []
     results: list[tuple[int, int]] = []
-    real = store.checkpoint
+    real = store.wal_checkpoint
 
     def checkpoint() -> tuple[int, int]:
         threads.append(threading.current_thread())
         results.append(real())
         return results[-1]
 
-    monkeypatch.setattr(store, "checkpoint", checkpoint)
+    monkeypatch.setattr(store, "wal_checkpoint", checkpoint)
 
     def autocheckpoint() -> int:
         return int(store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0])

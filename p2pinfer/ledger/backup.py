@@ -26,7 +26,10 @@ retry) until ``[ledger] restore_quorum`` other members (default: half of
 the members with roles, rounded up, at least one) have told it, in
 ``ledgerSync``, the highest of its own events they hold (applied or waiting
 for a gap, ``own_max``), and it has pulled and applied its events up to the
-highest of those. Then it continues after its real last event. In a network
+highest of those. Then it continues after its real last event. Its request
+logs (the log lane, :mod:`.logs`) are numbered apart: a peer that keeps them
+reports the highest it holds (``own_log_max``) and the node numbers new
+ones after it. In a network
 with no other member there is nobody to ask, and nobody who could have seen
 a lost event: the fence lifts at once. ``restore --quorum 0`` (trust the
 backup) is for a network whose other members are gone for good.

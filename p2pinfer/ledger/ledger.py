@@ -25,6 +25,7 @@ from ..config import ROLES, NodeConfig, Section
 from ..errors import ConfigError, EmailTaken, RegistrationLost, StorageError, UsernameTaken
 from ..identity import Identity
 from . import queries
+from .checkpoints import Checkpoints, CheckpointService
 from .events import LOG_KINDS, MAX_REDACTS, Event, decode_trusted
 from .gossip import Gossip, topic_for
 from .logs import LogLane, LogService
@@ -68,7 +69,7 @@ __all__ = ["Ledger", "LedgerSettings"]
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_INTERVAL = 1.0  # seconds between background checkpoints (when written to)
+WAL_CHECKPOINT_INTERVAL = 1.0  # seconds between WAL checkpoints (when written to)
 BACKSTOP_PAGES = 20_000    # SQLite's own checkpoint while ours runs (~80 MB of log)
 EXPIRY_FIRST = 60.0        # seconds after start before the first retention pass
 EXPIRY_INTERVAL = 3600.0   # seconds between retention passes
@@ -99,6 +100,13 @@ class LedgerSettings:
             (0: kept for ever).
         audit_retention_days: audit rows older than this are deleted
             (0: kept for ever).
+        checkpoint_events: a member granted auth makes a signed checkpoint
+            of the main lane's state after this many events (0: never; see
+            :mod:`.checkpoints`).
+        checkpoint_catchup: a node at least this many events behind a
+            peer's checkpoint loads it instead of replaying the events.
+        prune_after_days: events within a checkpoint this old are deleted
+            (-1: never).
     """
 
     sync_interval: float = 5.0
@@ -113,6 +121,9 @@ class LedgerSettings:
     log_replicas: int = 2
     log_retention_days: float = 30.0
     audit_retention_days: float = 365.0
+    checkpoint_events: int = 100_000
+    checkpoint_catchup: int = 10_000
+    prune_after_days: float = 1.0
 
     @classmethod
     def from_section(cls, section: Section) -> LedgerSettings:
@@ -133,6 +144,12 @@ class LedgerSettings:
                                                  maximum=36_500),
             audit_retention_days=section.get_float("audit_retention_days", 365.0, minimum=0,
                                                    maximum=36_500),
+            checkpoint_events=section.get_int("checkpoint_events", 100_000, minimum=0,
+                                              maximum=1_000_000_000),
+            checkpoint_catchup=section.get_int("checkpoint_catchup", 10_000, minimum=0,
+                                               maximum=1_000_000_000),
+            prune_after_days=section.get_float("prune_after_days", 1.0, minimum=-1,
+                                               maximum=36_500),
         )
 
 
@@ -182,6 +199,8 @@ class Ledger:
         self.service = LedgerService(self)
         self.logs = LogLane(self, rpc, peers or (lambda: []))
         self.log_service = LogService(self)
+        self.checkpoints = Checkpoints(self, rpc)
+        self.checkpoint_service = CheckpointService(self)
         store.listeners.append(self._on_applied)
         # After a restore from backup: what peers said our own head is (see .backup).
         self._heard: dict[str, int] = {}
@@ -208,6 +227,7 @@ class Ledger:
                      rpc=node.rpc, peers=node.connected_peers)
         node.rpc_server.register(ledger.service)
         node.rpc_server.register(ledger.log_service)
+        node.rpc_server.register(ledger.checkpoint_service)
         roles = ledger.store.membership.roles(node.peer_id)
         missing = [r for r in config.roles if r not in roles]
         if missing:
@@ -303,7 +323,8 @@ class Ledger:
     def erase_user(self, user_id: str) -> list[Event]:
         """Erase a user everywhere: append ``user.erased`` listing
         every registration and password change of ``user_id`` this node
-        holds (several ``user.erased`` events in one transaction when there
+        knows of and no erasure listed yet, held or folded into a checkpoint
+        (several ``user.erased`` events in one transaction when there
         are more than :data:`~.events.MAX_REDACTS`), so that every node drops
         the user from ``users`` and replaces those events by stubs with no
         personal data (nor password hash). Usage totals are unchanged.
@@ -313,15 +334,10 @@ class Ledger:
         reach ``users`` (the id is erased), but its stored event keeps them
         until a later erasure lists it.
         """
-        redacts = []
-        for author, seq, digest, raw in self.store.conn.execute(
-                "SELECT author, seq, hash, raw FROM events WHERE kind IN "
-                "('user.registered', 'user.updated') AND redacted=0 "
-                "ORDER BY kind='user.updated', hlc").fetchall():
-            held = decode_trusted(raw).body
-            if held.get("user_id") == user_id and (
-                    "username" in held or "password_hash" in held):
-                redacts.append({"author": author, "seq": seq, "hash": digest})
+        redacts = [{"author": author, "seq": seq, "hash": digest}
+                   for author, seq, digest in self.store.conn.execute(
+                       "SELECT author, seq, hash FROM personal_events WHERE user_id=? "
+                       "ORDER BY kind='user.updated', hlc", (user_id,)).fetchall()]
         erased_at = time.time()
         items: list[tuple[str, dict[str, Any]]] = []
         for i in range(0, max(1, len(redacts)), MAX_REDACTS):
@@ -351,11 +367,21 @@ class Ledger:
             wanted = (others + 1) // 2
         return min(wanted, others)
 
-    def heard_version(self, peer: str, vv: Mapping[str, int], own_max: int | None) -> None:
+    def heard_version(self, peer: str, vv: Mapping[str, int], own_max: int | None,
+                      own_log_max: int | None = None) -> None:
         """A member told us its version vector (and the highest of our own
-        events it holds, held ones included): while fenced, remember what
-        it knows of our sequence."""
-        if self.store.fence is None or not self.is_member(peer):
+        events it holds, held ones included, and of our log-lane events):
+        while fenced, remember what it knows of our sequence; a log-lane
+        event of ours that we no longer hold (a restore from a backup)
+        moves our log sequence past it at once."""
+        if not self.is_member(peer):
+            return
+        if own_log_max is not None and own_log_max > self.store.log_heads.get(self.peer_id, 0):
+            log.warning("%s holds this node's request logs up to #%d, past this store's #%d "
+                        "(restored from a backup?): numbering new ones after it",
+                        short(peer), own_log_max, self.store.log_heads.get(self.peer_id, 0))
+            self.store.raise_log_head(self.peer_id, own_log_max)
+        if self.store.fence is None:
             return
         self._heard[peer] = max(vv.get(self.peer_id, 0), own_max or 0)
         self._check_fence()
@@ -523,6 +549,7 @@ class Ledger:
         await self.wait_for_version({author: seq})
 
     def statistics(self) -> dict[str, Any]:
+        newest = self.store.newest_checkpoint()
         return {
             "network_id": self.network_id,
             "events": self.store.count_events(),
@@ -532,6 +559,9 @@ class Ledger:
             "gossip_published": self.gossip.published if self.gossip else 0,
             "gossip_received": self.gossip.received if self.gossip else 0,
             "sync_rounds": self.anti_entropy.rounds if self.anti_entropy else 0,
+            # events the newest checkpoint held here covers; events pruned
+            "checkpoint_events": newest.events if newest is not None else 0,
+            "pruned_to": sum(self.store.floor.values()),
             "fenced": self.fenced,
         }
 
@@ -584,13 +614,14 @@ class Ledger:
             if self.anti_entropy is not None:
                 await nursery.start(self.anti_entropy.run)
                 await nursery.start(self.logs.run)
-            nursery.start_soon(self._checkpoints)
+            nursery.start_soon(self._wal_checkpoints)
             nursery.start_soon(self._expiry)
+            nursery.start_soon(self.checkpoints.run)
             task_status.started()
             await trio.sleep_forever()
 
-    async def _checkpoints(self) -> None:
-        """Checkpoint in a worker thread, every :data:`CHECKPOINT_INTERVAL`
+    async def _wal_checkpoints(self) -> None:
+        """Checkpoint in a worker thread, every :data:`WAL_CHECKPOINT_INTERVAL`
         seconds in which something was committed, so that commits on the
         event loop never do it (SQLite's automatic checkpoint stays as a
         backstop at :data:`BACKSTOP_PAGES`)."""
@@ -599,12 +630,12 @@ class Ledger:
         seen = store.commits
         try:
             while True:
-                await trio.sleep(CHECKPOINT_INTERVAL)
+                await trio.sleep(WAL_CHECKPOINT_INTERVAL)
                 if store.commits == seen:
                     continue
                 seen = store.commits
                 try:
-                    await trio.to_thread.run_sync(store.checkpoint)
+                    await trio.to_thread.run_sync(store.wal_checkpoint)
                 except StorageError as exc:
                     log.warning("%s", exc)
         finally:

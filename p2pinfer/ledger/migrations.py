@@ -27,7 +27,10 @@ Tables (timestamps are REAL seconds since the epoch, ids UUID strings):
 - ``local_state``: this node's own, unreplicated state (the restore fence);
 - ``peer_addrs``: where this node last saw each member (unreplicated);
 - ``log_events`` and ``log_heads``: the log lane (request logs this node
-  keeps: its own and those it keeps for others, see :mod:`.logs`).
+  keeps: its own and those it keeps for others, see :mod:`.logs`);
+- ``checkpoints``: signed checkpoints of the main lane this node keeps
+  (see :mod:`.checkpoints`); ``personal_events``: which events hold each
+  user's personal data (what an erasure lists).
 """
 
 from __future__ import annotations
@@ -207,6 +210,40 @@ def m008_log_lane(db: Database) -> None:
     db.table("log_heads").create({"author": TEXT, "seq": INT}, pk="author",
                                  not_null={"seq"}, if_not_exists=True)
 
+
+
+@migration
+def m009_checkpoints(db: Database) -> None:
+    """Signed checkpoints of the main lane (see :mod:`.checkpoints`):
+    ``checkpoints`` holds the header (msgpack) and compressed body of the
+    few this node keeps; ``local_state`` key ``floor`` (JSON) is the version
+    vector up to which events were pruned."""
+    db.table("checkpoints").create(
+        {"id": BLOB, "made_at": REAL, "events": INT, "header": BLOB, "body": BLOB},
+        pk="id", not_null={"made_at", "events", "header", "body"}, if_not_exists=True)
+
+
+@migration
+def m010_personal_events(db: Database) -> None:
+    """``personal_events``: the (author, seq, hash) of every registration and
+    password change per user (no personal data), so that an erasure lists
+    them even after the events were pruned into a checkpoint; filled from
+    the events already held."""
+    from .events import decode_trusted
+
+    db.table("personal_events").create(
+        {"author": TEXT, "seq": INT, "hash": BLOB, "user_id": TEXT, "kind": TEXT, "hlc": INT},
+        pk=("author", "seq"), not_null={"hash", "user_id", "kind", "hlc"}, if_not_exists=True)
+    db.table("personal_events").create_index(["user_id"], if_not_exists=True)
+    for raw, redacted in db.execute(
+            "SELECT raw, redacted FROM events WHERE kind IN ('user.registered', "
+            "'user.updated')").fetchall():
+        if redacted:
+            continue
+        ev = decode_trusted(raw)
+        if "username" in ev.body or "password_hash" in ev.body:
+            db.execute("INSERT OR IGNORE INTO personal_events VALUES (?,?,?,?,?,?)",
+                       (ev.author, ev.seq, ev.hash, ev.body["user_id"], ev.kind, ev.hlc))
 
 def applied_migrations(db: Database) -> list[str]:
     if not db.table("_migrations").exists():

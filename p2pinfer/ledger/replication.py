@@ -21,10 +21,18 @@ RPC parameters and results:
 
 - ``ledgerHello {net, docs: [signed doc]}`` → ``{net, docs, member: bool}``
 - ``ledgerSync {vv: {author: seq}, digest: bytes}`` → ``{vv, digest, docs?,
-  own_max}`` (``own_max``: the caller's highest event held here, for a node
-  restored from a backup, see :mod:`.backup`)
+  own_max, own_log_max?, ckpt?, floor?}`` (``own_max``: the caller's
+  highest event held here, and ``own_log_max`` its highest log-lane event,
+  for a node restored from a backup, see :mod:`.backup`; ``ckpt``:
+  the header of the newest checkpoint held here and ``floor`` the version
+  vector up to which events were pruned, see :mod:`.checkpoints`)
 - ``ledgerPull {after: {author: seq}, limit: int}`` → stream of
-  ``[raw event, ...]`` batches, in ascending seq per author.
+  ``[raw event, ...]`` batches, in ascending seq per author
+  (``CheckpointRequired`` if ``after`` is below ``floor`` for an author).
+
+A node behind a peer's ``floor``, or at least ``[ledger]
+checkpoint_catchup`` events behind its checkpoint, fetches the checkpoint
+(``ledgerCheckpoint``) before pulling the rest.
 """
 
 from __future__ import annotations
@@ -38,7 +46,9 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from ..errors import (
+    CheckpointRequired,
     InvalidParams,
+    LedgerError,
     NotMember,
     P2PInferError,
     PeerUnavailable,
@@ -47,6 +57,7 @@ from ..errors import (
     WrongNetwork,
 )
 from ..rpc import Access, CallContext, rpc_method
+from .checkpoints import CheckpointHeader
 from .membership import short
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -177,6 +188,14 @@ class LedgerService:
         # restored from a backup learns from it where its sequence stands.
         out: dict[str, Any] = {"vv": mine, "digest": digest,
                                "own_max": store.max_seq_of(ctx.peer_id)}
+        own_log = store.log_heads.get(ctx.peer_id, 0)
+        if own_log:  # the same for its request logs (see .logs)
+            out["own_log_max"] = own_log
+        newest = store.newest_checkpoint()
+        if newest is not None:
+            out["ckpt"] = newest.to_wire()
+        if store.floor:
+            out["floor"] = store.floor
         if p.get("digest") != digest:
             out["docs"] = [d.to_wire() for d in store.membership.docs()]
         ahead = {a: s for a, s in theirs.items() if s > mine.get(a, 0)}
@@ -189,6 +208,11 @@ class LedgerService:
         """Stream the caller's missing events, author by author."""
         after, limit = pull_params(params)
         store = self.ledger.store
+        below = {a: s for a, s in store.floor.items() if after.get(a, s) < s}
+        if below:
+            raise CheckpointRequired(
+                "events asked for were pruned here: take this node's checkpoint first",
+                data={"floor": below})
 
         def read(author: str, cursor: int, n: int) -> list[tuple[int, bytes]]:
             # the main lane has no holes: the events after ``cursor`` in order
@@ -349,10 +373,24 @@ class AntiEntropy:
         if isinstance(docs, list):
             store.absorb_docs(docs, source=f"sync with {short(peer)}")
         theirs = _vv(reply.get("vv"), "vv")
-        own_max = reply.get("own_max")
-        ledger.heard_version(peer, theirs, own_max if type(own_max) is int else None)
+        own_max, own_log = reply.get("own_max"), reply.get("own_log_max")
+        ledger.heard_version(peer, theirs, own_max if type(own_max) is int else None,
+                             own_log if type(own_log) is int and own_log < 2**53 else None)
+        floor = _vv(reply.get("floor", {}), "floor")
+        if "ckpt" in reply:
+            header = CheckpointHeader.from_wire(reply["ckpt"])
+            if ledger.checkpoints.wants(header, floor):
+                try:
+                    await ledger.checkpoints.fetch(peer, header)
+                except (InvalidParams, StorageError):
+                    raise
+                except LedgerError as exc:
+                    log.warning("refused the checkpoint of %s offered by %s: %s",
+                                short(header.maker), short(peer), exc.message)
         mine = store.version_vector()
-        want = {a: mine.get(a, 0) for a, s in theirs.items() if s > mine.get(a, 0)}
+        # What the peer pruned and we lack must come from a checkpoint.
+        want = {a: mine.get(a, 0) for a, s in theirs.items()
+                if s > mine.get(a, 0) and mine.get(a, 0) >= floor.get(a, 0)}
         behind = sum(theirs[a] - mine.get(a, 0) for a in want)
         ledger.metrics.behind.set(behind)
         if not want:

@@ -33,7 +33,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +43,9 @@ from sqlite_utils import Database
 
 from ..errors import InvalidEvent, LedgerError, ReplayedEvent, StorageError, UnauthorizedAuthor
 from ..identity import Identity
-from ..wire import canonical_pack, unpack
+from ..wire import canonical_pack, pack, unpack
 from . import views
+from .checkpoints import STATE_TABLES, Checkpoint, CheckpointHeader, redact_body
 from .clock import HybridClock, hlc_from_wall, wall_of
 from .events import (
     LOG_KINDS,
@@ -169,7 +170,7 @@ class Store:
             self._checkpoint_conn = None
         self.conn.close()
 
-    # -- checkpoints -----------------------------------------------------------------
+    # -- WAL checkpoints ---------------------------------------------------------------
     def set_autocheckpoint(self, pages: int) -> None:
         """SQLite's automatic checkpoint runs inside the commit that crosses
         ``pages`` of write-ahead log, on the committing connection: on the
@@ -178,7 +179,7 @@ class Store:
         one to a backstop meanwhile (``1000``, SQLite's default, restores it)."""
         self.conn.execute(f"PRAGMA wal_autocheckpoint={int(pages)}")
 
-    def checkpoint(self) -> tuple[int, int]:
+    def wal_checkpoint(self) -> tuple[int, int]:
         """Copy the write-ahead log into the database file without waiting
         for readers or writers (a PASSIVE checkpoint), on a connection of its
         own: safe to call from one worker thread while the main connection
@@ -209,6 +210,9 @@ class Store:
                           self.conn.execute("SELECT author, seq FROM log_heads")}
         row = self.conn.execute("SELECT value FROM local_state WHERE key='fence'").fetchone()
         self.fence: dict[str, Any] | None = json.loads(row[0]) if row else None
+        row = self.conn.execute("SELECT value FROM local_state WHERE key='floor'").fetchone()
+        # Events up to floor[author] were pruned (covered by a checkpoint).
+        self.floor: dict[str, int] = json.loads(row[0]) if row else {}
         self.held_count = self.conn.execute(
             "SELECT count(*) FROM events WHERE applied=0").fetchone()[0]
         top = self.conn.execute("SELECT max(hlc) FROM events").fetchone()[0]
@@ -347,10 +351,12 @@ class Store:
         self.membership.check_author(ev.author, ev.kind, ev.seq, wall_of(ev.hlc))
         row = self.conn.execute("SELECT hash FROM events WHERE author=? AND seq=?",
                                 (ev.author, ev.seq)).fetchone()
-        if row is not None:
-            if row[0] != ev.hash:
-                raise ReplayedEvent(
-                    f"{short(ev.author)}#{ev.seq} was already received with other content")
+        if row is not None and row[0] != ev.hash:
+            raise ReplayedEvent(
+                f"{short(ev.author)}#{ev.seq} was already received with other content")
+        if row is not None or ev.seq <= self.floor.get(ev.author, 0):
+            # (an event within a checkpoint was pruned or never held: it is
+            # in the state already)
             report.duplicates += 1
             self.metrics.duplicates.inc()
             return
@@ -376,20 +382,8 @@ class Store:
             return
         self._insert(ev, applied=True)
         self._apply(ev, report)
-        head = ev.seq
-        while True:  # release held successors
-            nxt = self.conn.execute(
-                "SELECT raw, redacted FROM events WHERE author=? AND seq=? AND applied=0",
-                (ev.author, head + 1)).fetchone()
-            if nxt is None:
-                break
-            self.conn.execute("UPDATE events SET applied=1 WHERE author=? AND seq=?",
-                              (ev.author, head + 1))
-            held: Event | Stub = (decode_stub(nxt[0]) if nxt[1] else decode_trusted(nxt[0]))
-            self._apply(held, report)
-            self.held_count -= 1
-            head += 1
-        self.heads[ev.author] = head
+        self.heads[ev.author] = ev.seq
+        self._release(ev.author, report)  # held successors
         touched.add(ev.author)
 
     def _apply(self, ev: Event | Stub, report: IngestReport) -> None:
@@ -445,6 +439,7 @@ class Store:
             self.conn.execute(
                 "UPDATE events SET raw=?, redacted=1 WHERE author=? AND seq=?",
                 (self._stub_of(author, seq, held.hlc, held.kind, digest), author, seq))
+        self._redact_checkpoints({user_id})
         self.compact_due = True
 
     def _save_heads(self, touched: Iterable[str]) -> None:
@@ -518,6 +513,13 @@ class Store:
             (ev.author, ev.seq, ev.hlc, ev.hash, ev.raw))
         views.apply(self.conn, ev)
         self.log_heads[ev.author] = max(self.log_heads.get(ev.author, 0), ev.seq)
+
+    def raise_log_head(self, author: str, seq: int) -> None:
+        """Number ``author``'s next log-lane event after ``seq`` (events a
+        peer holds that this store lost: it was restored from a backup)."""
+        with self._transaction():
+            self.log_heads[author] = max(self.log_heads.get(author, 0), seq)
+            self._save_log_heads([author])
 
     def _save_log_heads(self, touched: Iterable[str]) -> None:
         for author in touched:
@@ -597,6 +599,228 @@ class Store:
                     "DELETE FROM audit WHERE time < ?", (audit_before,)).rowcount
         return out
 
+    # -- checkpoints of the main lane (see .checkpoints) -------------------------------
+    def read_state(self) -> tuple[dict[str, int], dict[str, list[str]],
+                                  dict[str, list[list[Any] | bytes]]]:
+        """The version vector and the rows of every state table, read in one
+        transaction on a connection of its own (a consistent snapshot:
+        safe to call from a worker thread while the main one writes)."""
+        try:
+            conn = sqlite3.connect(str(self.path), isolation_level=None,
+                                   check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the state of {self.path}: {exc}") from exc
+        try:
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute("BEGIN")
+            vv = {a: int(seq) for a, seq in conn.execute("SELECT author, seq FROM heads")}
+            columns: dict[str, list[str]] = {}
+            tables: dict[str, list[list[Any] | bytes]] = {}
+            for table in STATE_TABLES:
+                columns[table] = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+                tables[table] = [list(r) for r in conn.execute(f"SELECT * FROM {table}")]
+            conn.execute("COMMIT")
+            return vv, columns, tables
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot read the state of {self.path}: {exc}") from exc
+        finally:
+            conn.close()
+
+    def checkpoints(self) -> list[CheckpointHeader]:
+        """The checkpoints kept here, newest (most events) first."""
+        return [CheckpointHeader.from_wire(unpack(h)) for (h,) in self.conn.execute(
+            "SELECT header FROM checkpoints ORDER BY events DESC, made_at DESC").fetchall()]
+
+    def newest_checkpoint(self) -> CheckpointHeader | None:
+        held = self.checkpoints()
+        return held[0] if held else None
+
+    def served_checkpoint(self) -> tuple[CheckpointHeader, bytes] | None:
+        """The newest checkpoint and its compressed body."""
+        row = self.conn.execute("SELECT header, body FROM checkpoints ORDER BY events DESC, "
+                                "made_at DESC LIMIT 1").fetchone()
+        return None if row is None else (CheckpointHeader.from_wire(unpack(row[0])), row[1])
+
+    def _erased_ids(self) -> set[str]:
+        return {u for (u,) in self.conn.execute("SELECT user_id FROM erased_users")}
+
+    def _dominates_floor(self, vv: Mapping[str, int]) -> bool:
+        return all(vv.get(a, 0) >= s for a, s in self.floor.items())
+
+    def save_checkpoint(self, ckpt: Checkpoint, body: bytes | None = None) -> None:
+        """Keep a checked checkpoint (rows of users erased here meanwhile
+        are redacted first). Besides it, only the base (the one events were
+        pruned to) and the newest are kept."""
+        with self._transaction():
+            self._save_checkpoint(ckpt, body)
+
+    def _save_checkpoint(self, ckpt: Checkpoint, body: bytes | None) -> None:
+        if redact_body(ckpt, self._erased_ids()) or body is None:
+            body = ckpt.body()
+        header = ckpt.header
+        self.conn.execute(
+            "INSERT OR REPLACE INTO checkpoints (id, made_at, events, header, body) "
+            "VALUES (?,?,?,?,?)", (header.id, header.made_at, header.events,
+                                   pack(header.to_wire()), body))
+        self._drop_old_checkpoints()
+
+    def _drop_old_checkpoints(self) -> None:
+        """Keep the newest checkpoint and the newest one a rebuild can start
+        from (covering every pruned event); drop the others."""
+        rows = self.conn.execute(
+            "SELECT id, header FROM checkpoints ORDER BY events DESC, made_at DESC").fetchall()
+        base_kept = not self.floor
+        for i, (cid, raw) in enumerate(rows):
+            is_base = not base_kept and self._dominates_floor(
+                CheckpointHeader.from_wire(unpack(raw)).vv)
+            base_kept = base_kept or is_base
+            if i > 0 and not is_base:
+                self.conn.execute("DELETE FROM checkpoints WHERE id=?", (cid,))
+
+    def _base(self) -> Checkpoint | None:
+        """The newest checkpoint covering every pruned event (None if none
+        were pruned): a rebuild loads it and applies the events above it."""
+        if not self.floor:
+            return None
+        from .checkpoints import decode_body
+
+        for (raw, body) in self.conn.execute(
+                "SELECT header, body FROM checkpoints ORDER BY events DESC").fetchall():
+            header = CheckpointHeader.from_wire(unpack(raw))
+            if self._dominates_floor(header.vv):
+                return decode_body(header, body)
+        raise StorageError(f"{self.path}: events were pruned to a checkpoint no longer held")
+
+    def _redact_checkpoints(self, user_ids: set[str]) -> None:
+        from .checkpoints import decode_body
+
+        for (cid, raw, body) in self.conn.execute(
+                "SELECT id, header, body FROM checkpoints").fetchall():
+            ckpt = decode_body(CheckpointHeader.from_wire(unpack(raw)), body)
+            if redact_body(ckpt, user_ids):
+                self.conn.execute("UPDATE checkpoints SET body=? WHERE id=?",
+                                  (ckpt.body(), cid))
+
+    def _load_rows(self, ckpt: Checkpoint) -> None:
+        """Replace the state tables by a checkpoint's rows (redacted rows
+        are skipped; the redactions it lists are added to ours)."""
+        for table in STATE_TABLES:
+            if table != "redactions":
+                self.conn.execute(f"DELETE FROM {table}")
+            cols = ckpt.columns.get(table)
+            rows = ckpt.tables.get(table)
+            if not cols or not rows:
+                continue
+            mine = {r[1] for r in self.conn.execute(f"PRAGMA table_info({table})")}
+            keep = [i for i, c in enumerate(cols) if c in mine]
+            names = ", ".join(cols[i] for i in keep)
+            marks = ", ".join("?" for _ in keep)
+            verb = "INSERT OR IGNORE" if table == "redactions" else "INSERT OR REPLACE"
+            self.conn.executemany(
+                f"{verb} INTO {table} ({names}) VALUES ({marks})",
+                ([row[i] for i in keep] for row in rows if not isinstance(row, bytes)))
+
+    def _replay_above(self, vv: dict[str, int]) -> None:
+        """Apply again the events held above ``vv`` (after loading rows)."""
+        for (author, seq, raw, kind) in self.conn.execute(
+                "SELECT author, seq, raw, kind FROM events WHERE redacted=0 "
+                "AND (applied=1 OR kind='user.erased') ORDER BY author, seq").fetchall():
+            if seq > vv.get(author, 0) or kind == "request.logged":
+                views.apply(self.conn, decode_trusted(raw))
+        for (raw,) in self.conn.execute(
+                "SELECT raw FROM log_events ORDER BY author, seq").fetchall():
+            views.apply(self.conn, decode_trusted(raw))
+
+    def load_checkpoint(self, ckpt: Checkpoint, body: bytes | None = None) -> None:
+        """Take a checked checkpoint's state as ours (one transaction): its
+        rows replace the state tables, the events it covers are dropped,
+        the events held above it are applied again, and events waiting for
+        earlier ones it covers are released. The caller checked the
+        signature, the rows and the maker's grant."""
+        vv = ckpt.header.vv
+        if not self._dominates_floor(vv):
+            raise InvalidEvent("the checkpoint is older than the one this node pruned to")
+        report = IngestReport()
+        with self._transaction():
+            for wire in ckpt.docs:  # owner-signed: checked as any document
+                if not self.membership.knows(wire):
+                    try:
+                        self._absorb(wire)
+                    except LedgerError as exc:
+                        log.warning("refused a membership document in a checkpoint (%s): %s",
+                                    self.metrics.reject(exc), exc.message)
+            redact_body(ckpt, self._erased_ids())
+            views.clear(self.conn)
+            self._load_rows(ckpt)
+            touched: set[str] = set()
+            for author, seq in vv.items():
+                self.held_count -= self.conn.execute(
+                    "SELECT count(*) FROM events WHERE author=? AND seq<=? AND applied=0",
+                    (author, seq)).fetchone()[0]
+                self.conn.execute(
+                    "DELETE FROM events WHERE author=? AND seq<=? AND kind NOT IN "
+                    "('member.admitted', 'member.removed', 'request.logged')", (author, seq))
+                self.conn.execute("UPDATE events SET applied=1 WHERE author=? AND seq<=?",
+                                  (author, seq))
+                if seq > self.heads.get(author, 0):
+                    self.heads[author] = seq
+                    touched.add(author)
+                self.floor[author] = max(self.floor.get(author, 0), seq)
+            self._replay_above(vv)
+            for author in touched:
+                self._release(author, report)
+            self._save_heads(touched)
+            self._save_floor()
+            self._save_checkpoint(ckpt, body)
+            self._rebuild_needed = False
+            self.metrics.held.set(self.held_count)
+        self._notify(report.applied, "checkpoint", changed=True)
+
+    def _release(self, author: str, report: IngestReport) -> None:
+        """Apply the held events of ``author`` that now follow its head."""
+        head = self.heads.get(author, 0)
+        while True:
+            nxt = self.conn.execute(
+                "SELECT raw, redacted FROM events WHERE author=? AND seq=? AND applied=0",
+                (author, head + 1)).fetchone()
+            if nxt is None:
+                break
+            self.conn.execute("UPDATE events SET applied=1 WHERE author=? AND seq=?",
+                              (author, head + 1))
+            held: Event | Stub = (decode_stub(nxt[0]) if nxt[1] else decode_trusted(nxt[0]))
+            self._apply(held, report)
+            self.held_count -= 1
+            head += 1
+        self.heads[author] = head
+
+    def _save_floor(self) -> None:
+        self.conn.execute(
+            "INSERT INTO local_state (key, value) VALUES ('floor', ?) ON CONFLICT(key) "
+            "DO UPDATE SET value=excluded.value", (json.dumps(self.floor, sort_keys=True),))
+
+    def prune(self, header: CheckpointHeader) -> int:
+        """Delete the events within ``header`` (a checkpoint kept here,
+        covered by our heads) except membership events (this node finds its
+        own admission among them) and legacy request logs; returns how many
+        went. Pulls of what went are refused from now on
+        (:class:`~p2pinfer.errors.CheckpointRequired`)."""
+        if not self._dominates_floor(header.vv) or all(
+                self.floor.get(a, 0) >= s for a, s in header.vv.items()):
+            return 0
+        gone = 0
+        with self._transaction():
+            for author, seq in header.vv.items():
+                if seq <= self.floor.get(author, 0):
+                    continue
+                gone += self.conn.execute(
+                    "DELETE FROM events WHERE author=? AND seq<=? AND applied=1 AND kind NOT IN "
+                    "('member.admitted', 'member.removed', 'request.logged')",
+                    (author, seq)).rowcount
+            self.floor = dict(header.vv)
+            self._save_floor()
+            self._drop_old_checkpoints()
+        return gone
+
     def _notify(self, events: list[Event], source: str, *, changed: bool = False) -> None:
         if not events and not changed:
             return
@@ -658,13 +882,10 @@ class Store:
     # -- maintenance ------------------------------------------------------------------
     def _rebuild_views(self) -> None:
         views.clear(self.conn)
-        for (raw,) in self.conn.execute(
-                "SELECT raw FROM events WHERE (applied=1 OR kind='user.erased') AND redacted=0 "
-                "ORDER BY author, seq").fetchall():
-            views.apply(self.conn, decode_trusted(raw))
-        for (raw,) in self.conn.execute(
-                "SELECT raw FROM log_events ORDER BY author, seq").fetchall():
-            views.apply(self.conn, decode_trusted(raw))
+        base = self._base()
+        if base is not None:  # pruned: start from the checkpoint pruned to
+            self._load_rows(base)
+        self._replay_above(base.header.vv if base is not None else {})
         self._rebuild_needed = False
 
     def rebuild(self) -> None:

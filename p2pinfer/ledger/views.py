@@ -55,7 +55,7 @@ __all__ = ["apply", "clear", "VIEW_TABLES"]
 VIEW_TABLES = (
     "registrations", "user_attrs", "users", "api_keys", "key_revocations", "key_last_used",
     "usage_stats", "usage_hourly", "request_logs", "audit", "revoked_sessions", "erased_users",
-    "rotations",
+    "rotations", "personal_events",
 )
 _USAGE_NS = uuid.UUID("5f0c7a52-1d3e-4c59-9a43-2b8f27c1e0d4")
 
@@ -67,6 +67,14 @@ def clear(conn: sqlite3.Connection) -> None:
 
 def apply(conn: sqlite3.Connection, ev: Event) -> None:
     """Materialise one event (already verified and authorised)."""
+    if ev.kind in ("user.registered", "user.updated") and (
+            "username" in ev.body or "password_hash" in ev.body):
+        # Which events hold a user's personal data: what an erasure lists,
+        # even once the events themselves were pruned into a checkpoint.
+        conn.execute(
+            "INSERT OR IGNORE INTO personal_events (author, seq, hash, user_id, kind, hlc) "
+            "VALUES (?,?,?,?,?,?)", (ev.author, ev.seq, ev.hash, ev.body["user_id"], ev.kind,
+                                     ev.hlc))
     handler = _HANDLERS.get(ev.kind)
     if handler is not None:
         handler(conn, ev)
@@ -222,6 +230,10 @@ def _user_updated(conn: sqlite3.Connection, ev: Event) -> None:
 
 def _user_erased(conn: sqlite3.Connection, ev: Event) -> None:
     user_id = ev.body["user_id"]
+    for item in ev.body.get("redacts", []):  # listed: no longer to be listed
+        conn.execute(
+            "DELETE FROM personal_events WHERE author=? AND seq=? AND hash=? AND user_id=?",
+            (item["author"], item["seq"], item["hash"], user_id))
     row = conn.execute("SELECT erased_at FROM erased_users WHERE user_id=?",
                        (user_id,)).fetchone()
     if row is not None:
@@ -242,6 +254,13 @@ def _user_erased(conn: sqlite3.Connection, ev: Event) -> None:
         "VALUES (?,NULL,NULL,?,?,NULL,NULL,NULL,0,'',?,NULL)",
         (user_id, f"erased:{user_id}", f"erased:{user_id}", "erased"),
     )
+    # Registrations that lost to it compete again; a checkpoint redacted
+    # after this erasure no longer holds its registration's names, so the
+    # losers' own names are resolved too (the same components either way).
+    for ukey, ekey in conn.execute(
+            "SELECT username_key, email_key FROM registrations WHERE lost_to=?", (user_id,)):
+        keys[0].append(ukey)
+        keys[1].append(ekey)
     if keys[0]:
         _resolve(conn, keys[0], keys[1])
 

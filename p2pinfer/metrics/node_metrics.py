@@ -329,7 +329,9 @@ class NodeMetrics:
         behind = self.registry.get_sample_value(cat.LEDGER_BEHIND)
         return {"events": stats.get("events"), "held": stats.get("held"),
                 "members": stats.get("members"), "fenced": stats.get("fenced", False),
-                "events_behind": None if behind is None else int(behind)}
+                "events_behind": None if behind is None else int(behind),
+                "checkpoint_events": stats.get("checkpoint_events", 0),
+                "pruned_to": stats.get("pruned_to", 0)}
 
     def text(self) -> bytes:
         """This node's metrics in the Prometheus text format."""
