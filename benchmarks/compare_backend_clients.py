@@ -1,6 +1,7 @@
 """What a worker's HTTP client costs per answer from an OpenAI-compatible
-server: httpx as the worker's backends use it, against httpcore (the layer
-under httpx) driven directly, on trio.
+server, on trio: httpx's client (``client.stream``), httpx's transport
+driven directly (what the worker's backends do), and httpcore (the layer
+under httpx) driven directly.
 
 The server is bench_http.py's instant mock (aiohttp, its own process, 16
 tokens). This process sends ``--n`` requests, ``--concurrency`` in flight,
@@ -72,6 +73,33 @@ async def with_httpx(base: str, body: dict[str, Any], n: int, concurrency: int) 
         return await timed(one, n, concurrency)
 
 
+async def with_httpx_transport(base: str, body: dict[str, Any], n: int,
+                               concurrency: int) -> float:
+    """httpx's transport driven directly (what the worker's backends do
+    since 2026-12-07): httpx's request and response types and its error
+    mapping, without the client's per-request machinery."""
+    import httpx
+
+    data = json.dumps(body).encode()
+    url = httpx.URL(base + "/v1/chat/completions")
+    headers = {"content-type": "application/json"}
+    timeouts = {"connect": 5.0, "read": 60.0, "write": 60.0, "pool": 60.0}
+    async with httpx.AsyncHTTPTransport() as transport:
+        async def one() -> None:
+            request = httpx.Request("POST", url, headers=headers, content=data,
+                                    extensions={"timeout": timeouts})
+            response = await transport.handle_async_request(request)
+            try:
+                assert response.status_code == 200
+                pending = b""
+                async for chunk in response.aiter_raw():
+                    *_, pending = (pending + chunk).split(b"\n")
+            finally:
+                await response.aclose()
+
+        return await timed(one, n, concurrency)
+
+
 async def with_httpcore(base: str, body: dict[str, Any], n: int, concurrency: int) -> float:
     import httpcore
 
@@ -112,10 +140,13 @@ def main() -> None:
                     raise RuntimeError("the mock did not start")
                 time.sleep(0.05)
             base = f"http://127.0.0.1:{port_file.read_text()}"
-            figures: dict[str, list[float]] = {"httpx": [], "httpcore": []}
+            figures: dict[str, list[float]] = {"httpx": [], "httpx_transport": [],
+                                               "httpcore": []}
             for _ in range(args.rounds):
                 figures["httpx"].append(trio.run(with_httpx, base, body, args.n,
                                                  args.concurrency))
+                figures["httpx_transport"].append(trio.run(
+                    with_httpx_transport, base, body, args.n, args.concurrency))
                 figures["httpcore"].append(trio.run(with_httpcore, base, body, args.n,
                                                     args.concurrency))
         finally:

@@ -321,6 +321,27 @@ async def test_request_shape_and_exact_usage(fake: tuple[FakeOpenAI, InferenceEn
         "stream_options": {"include_usage": True}, "stop": ["\n"], "seed": 3}
 
 
+async def test_lines_split_anywhere_and_any_line_ending_are_read_whole(
+        fake: tuple[FakeOpenAI, InferenceEngine]) -> None:
+    """The stream is read at the transport, so its lines are ours to split:
+    pieces cut anywhere (inside a \\r\\n, inside a UTF-8 character) with
+    CRLF, LF and lone CR endings give the same answer."""
+    handler, engine = fake
+    body = sse(delta("Héllo"), delta(" wörld"), delta(None, "stop"), "[DONE]")
+    for ending in (b"\r\n", b"\r"):
+        variant = body.replace(b"\n", ending)
+
+        async def pieces(data: bytes = variant) -> AsyncIterator[bytes]:
+            for i in range(0, len(data), 3):
+                yield data[i:i + 3]
+
+        handler.response = httpx.Response(200, content=pieces())
+        with trio.fail_after(10):
+            assert await engine.wait_settled() == {"gpt": "loaded"}
+            chunks, done = await ask(engine, {"prompt": "hi"})
+        assert chunks == ["Héllo", " wörld"] and done.finish_reason == "stop"
+
+
 @pytest.mark.parametrize(
     "response, error, check",
     [
