@@ -1,7 +1,8 @@
 """What a worker's HTTP client costs per answer from an OpenAI-compatible
 server, on trio: httpx's client (``client.stream``), httpx's transport
-driven directly (what the worker's backends do), and httpcore (the layer
-under httpx) driven directly.
+driven directly (what the worker's backends do), httpcore (the layer under
+httpx) driven directly, and (streamed only) the worker's OpenAI-compatible
+backend itself (``backend``: request body, events decoded into chunks).
 
 The server is bench_http.py's instant mock (aiohttp, its own process, 16
 tokens). This process sends ``--n`` requests, ``--concurrency`` in flight,
@@ -100,6 +101,30 @@ async def with_httpx_transport(base: str, body: dict[str, Any], n: int,
         return await timed(one, n, concurrency)
 
 
+async def with_backend(base: str, body: dict[str, Any], n: int, concurrency: int) -> float:
+    """The worker's OpenAI-compatible backend as the engine drives it: the
+    request body built, the answer's events decoded into chunks."""
+    from p2pinfer.inference.backend import GenerationParams, GenerationRequest
+    from p2pinfer.inference.openai import OpenAIBackend
+    from p2pinfer.prompts import Message
+
+    backend = OpenAIBackend("mock", base_url=base + "/v1", remote_model="mock",
+                            slots=concurrency)
+    request = GenerationRequest((Message("user", body["messages"][0]["content"]),),
+                                GenerationParams(max_tokens=body["max_tokens"]))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(backend.run)
+
+        async def one() -> None:
+            async for _ in backend.generate(request):
+                pass
+
+        try:
+            return await timed(one, n, concurrency)
+        finally:
+            nursery.cancel_scope.cancel()
+
+
 async def with_httpcore(base: str, body: dict[str, Any], n: int, concurrency: int) -> float:
     import httpcore
 
@@ -141,7 +166,7 @@ def main() -> None:
                 time.sleep(0.05)
             base = f"http://127.0.0.1:{port_file.read_text()}"
             figures: dict[str, list[float]] = {"httpx": [], "httpx_transport": [],
-                                               "httpcore": []}
+                                               "httpcore": [], "backend": []}
             for _ in range(args.rounds):
                 figures["httpx"].append(trio.run(with_httpx, base, body, args.n,
                                                  args.concurrency))
@@ -149,14 +174,17 @@ def main() -> None:
                     with_httpx_transport, base, body, args.n, args.concurrency))
                 figures["httpcore"].append(trio.run(with_httpcore, base, body, args.n,
                                                     args.concurrency))
+                if not args.whole:  # the backend always streams from the server
+                    figures["backend"].append(trio.run(with_backend, base, body, args.n,
+                                                       args.concurrency))
         finally:
             mock.kill()
             mock.wait()
     print(json.dumps({
         "machine": machine(), "n": args.n, "concurrency": args.concurrency,
         "streamed": not args.whole,
-        "cpu_ms_per_answer": {k: round(median(v), 3) for k, v in figures.items()},
-        "rounds": {k: [round(x, 3) for x in v] for k, v in figures.items()},
+        "cpu_ms_per_answer": {k: round(median(v), 3) for k, v in figures.items() if v},
+        "rounds": {k: [round(x, 3) for x in v] for k, v in figures.items() if v},
     }))
 
 

@@ -25,6 +25,7 @@ Error mapping, for every HTTP backend:
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -203,12 +204,20 @@ class HttpBackend(Backend):
         self._pool: httpx.AsyncBaseTransport | None = None
         self._stream_headers = {**self._headers, "content-type": "application/json",
                                 "accept": "*/*"}
+        self._urls: dict[str, httpx.URL] = {}
 
-    @property
+    @functools.cached_property
     def where(self) -> str:
         """The server, for messages (never the credentials)."""
         url = httpx.URL(self.base_url)
         return f"{self.kind} server {url.scheme}://{url.host}{f':{url.port}' if url.port else ''}"
+
+    def _url(self, path: str) -> httpx.URL:
+        """``path`` under the base URL, parsed once."""
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self.base_url + "/" + path.lstrip("/"))
+        return url
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Open the HTTP client, then probe the catalog every ``probe_interval``
@@ -309,7 +318,7 @@ class HttpBackend(Backend):
         if self._pool is None:
             raise BackendUnavailable(f"model {self.name}: backend is not running")
         request = httpx.Request(
-            "POST", self.base_url + "/" + path.lstrip("/"), headers=self._stream_headers,
+            "POST", self._url(path), headers=self._stream_headers,
             content=json.dumps(body, ensure_ascii=False, separators=(",", ":"),
                                allow_nan=False).encode(),
             extensions={"timeout": self.timeout.as_dict()})
