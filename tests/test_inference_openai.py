@@ -4,6 +4,7 @@ an httpx MockTransport."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -319,6 +320,22 @@ async def test_request_shape_and_exact_usage(fake: tuple[FakeOpenAI, InferenceEn
         "model": "gpt-x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
         "temperature": 0.5, "top_p": 0.9, "stream": True,
         "stream_options": {"include_usage": True}, "stop": ["\n"], "seed": 3}
+
+
+async def test_credentials_in_the_url_are_sent_as_basic_auth(nursery: trio.Nursery) -> None:
+    """``http://user:key@host`` (how a worker reaches another swarm's HTTP
+    front door): every request, the answers too, carries them as HTTP Basic,
+    and messages never show them."""
+    handler = FakeOpenAI()
+    backend = OpenAIBackend("gpt", base_url="https://p2p:sk-in-url@api.example.test/v1",
+                            remote_model="gpt-x", transport=httpx.MockTransport(handler))
+    engine = await started_engine(nursery, backend)
+    with trio.fail_after(10):
+        assert await engine.wait_settled() == {"gpt": "loaded"}
+        await ask(engine, {"prompt": "hi"})
+    sent = handler.requests[0]
+    assert sent.headers["authorization"] == "Basic " + base64.b64encode(b"p2p:sk-in-url").decode()
+    assert "sk-in-url" not in backend.where
 
 
 async def test_lines_split_anywhere_and_any_line_ending_are_read_whole(

@@ -25,6 +25,7 @@ Error mapping, for every HTTP backend:
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import logging
@@ -204,6 +205,13 @@ class HttpBackend(Backend):
         self._pool: httpx.AsyncBaseTransport | None = None
         self._stream_headers = {**self._headers, "content-type": "application/json",
                                 "accept": "*/*"}
+        url = httpx.URL(self.base_url)
+        if (url.username or url.password) and not any(
+                k.lower() == "authorization" for k in self._headers):
+            # Credentials in the URL (http://user:key@host) are sent as HTTP
+            # Basic, as httpx's client does for its other requests.
+            pair = f"{url.username}:{url.password}".encode()
+            self._stream_headers["authorization"] = "Basic " + base64.b64encode(pair).decode()
         self._urls: dict[str, httpx.URL] = {}
 
     @functools.cached_property
