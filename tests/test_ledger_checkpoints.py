@@ -260,7 +260,9 @@ async def test_a_node_joins_from_a_pruned_peers_checkpoint(tmp_path: Path) -> No
                     await wait_for(lambda: worker.ledger.store.floor
                                    and hub.ledger.store.floor, limit=30)
                 assert hub.ledger.checkpoints.made >= 1
-                assert worker.ledger.checkpoints.loaded == 0  # it had every event
+                # (it usually had every event and only keeps the checkpoint; a
+                # worker slower to receive them than the hub to make it loads it)
+                assert worker.ledger.checkpoints.loaded <= 1
                 assert worker.ledger.store.count_events() < 20
                 hub.ledger.erase_user(carol)
                 for i in range(5):

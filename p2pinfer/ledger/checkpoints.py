@@ -47,7 +47,14 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..errors import BadSignature, InvalidEvent, InvalidParams, P2PInferError, StorageError
+from ..errors import (
+    BadSignature,
+    InvalidEvent,
+    InvalidParams,
+    P2PInferError,
+    StorageError,
+    UnauthorizedAuthor,
+)
 from ..identity import Identity, verify_peer
 from ..rpc import Access, CallContext, rpc_method
 from ..wire import canonical_pack, pack, unpack
@@ -290,9 +297,11 @@ class Checkpoints:
         return "auth" in ledger.grants_of(ledger.peer_id) and not ledger.fenced
 
     def due(self) -> bool:
-        """Enough events since the newest checkpoint this node holds."""
+        """Enough events since the newest checkpoint this node holds, and
+        none waiting for earlier ones (an erasure takes effect while it
+        waits: the state would then hold more than its version vector)."""
         every = self.ledger.settings.checkpoint_events
-        if every <= 0 or not self.may_make():
+        if every <= 0 or not self.may_make() or self.ledger.store.held_count:
             return False
         newest = self.ledger.store.newest_checkpoint()
         covered = newest.events if newest is not None else 0
@@ -387,8 +396,6 @@ class Checkpoints:
         header = ckpt.header
         store.absorb_docs(ckpt.docs, source=f"checkpoint of {short(header.maker)}")
         if "auth" not in store.membership.grants(header.maker, header.made_at):
-            from ..errors import UnauthorizedAuthor
-
             raise UnauthorizedAuthor(
                 f"{short(header.maker)} is not granted auth: it may not make checkpoints")
         heads = store.heads
