@@ -190,6 +190,45 @@ async def silent_server(nursery: trio.Nursery, reply: bytes) -> int:
     return int(listeners[0].socket.getsockname()[1])
 
 
+async def test_answers_go_through_the_proxy_the_environment_names(
+        nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTP_PROXY (as httpx reads it) is honoured for answers too, though
+    they skip the client: a real proxy socket sees the absolute URLs."""
+    seen: list[bytes] = []
+
+    async def proxy(stream: trio.SocketStream) -> None:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += await stream.receive_some(65536)
+        line = head.split(b"\r\n", 1)[0]
+        seen.append(line)
+        if b"/models " in line:
+            body = json.dumps({"object": "list", "data": [{"id": "gpt-x"}]}).encode()
+            kind = b"application/json"
+        else:
+            body = sse(delta("via proxy", "stop"), "[DONE]")
+            kind = b"text/event-stream"
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: " + kind
+                              + b"\r\ncontent-length: " + str(len(body)).encode()
+                              + b"\r\nconnection: close\r\n\r\n" + body)
+        await stream.aclose()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, proxy, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{port}")
+    engine = await started_engine(nursery, OpenAIBackend(
+        "remote", base_url="http://models.example.test/v1", remote_model="gpt-x",
+        probe_interval=3600))
+    with trio.fail_after(10):
+        assert await engine.wait_settled() == {"remote": "loaded"}
+        chunks, _ = await ask(engine, {"prompt": "hi"})
+    assert chunks == ["via proxy"]
+    assert seen[-1] == b"POST http://models.example.test/v1/chat/completions HTTP/1.1"
+
+
 async def test_a_server_that_never_answers_times_out(nursery: trio.Nursery) -> None:
     port = await silent_server(nursery, b"")
     engine = await started_engine(nursery, OpenAIBackend(

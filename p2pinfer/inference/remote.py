@@ -201,8 +201,9 @@ class HttpBackend(Backend):
         self._transport = transport
         self._headers = dict(headers or {})
         self._client: httpx.AsyncClient | None = None
-        # The client's transport: answers are sent on it directly (below).
-        self._pool: httpx.AsyncBaseTransport | None = None
+        # Per request path: its URL and the client's transport for it (the
+        # client's own pool, or a proxy the environment names).
+        self._targets: dict[str, tuple[httpx.URL, httpx.AsyncBaseTransport]] = {}
         self._stream_headers = {**self._headers, "content-type": "application/json",
                                 "accept": "*/*"}
         url = httpx.URL(self.base_url)
@@ -212,7 +213,6 @@ class HttpBackend(Backend):
             # Basic, as httpx's client does for its other requests.
             pair = f"{url.username}:{url.password}".encode()
             self._stream_headers["authorization"] = "Basic " + base64.b64encode(pair).decode()
-        self._urls: dict[str, httpx.URL] = {}
 
     @functools.cached_property
     def where(self) -> str:
@@ -220,24 +220,26 @@ class HttpBackend(Backend):
         url = httpx.URL(self.base_url)
         return f"{self.kind} server {url.scheme}://{url.host}{f':{url.port}' if url.port else ''}"
 
-    def _url(self, path: str) -> httpx.URL:
-        """``path`` under the base URL, parsed once."""
-        url = self._urls.get(path)
-        if url is None:
-            url = self._urls[path] = httpx.URL(self.base_url + "/" + path.lstrip("/"))
-        return url
+    def _target(self, path: str) -> tuple[httpx.URL, httpx.AsyncBaseTransport]:
+        """``path`` under the base URL, and the transport the client uses for
+        it (its connection pool, or the proxy that HTTP_PROXY, HTTPS_PROXY or
+        ALL_PROXY name unless NO_PROXY excludes the host), found once."""
+        hit = self._targets.get(path)
+        if hit is None:
+            url = httpx.URL(self.base_url + "/" + path.lstrip("/"))
+            hit = self._targets[path] = (url, self.client()._transport_for_url(url))
+        return hit
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Open the HTTP client, then probe the catalog every ``probe_interval``
         (every few seconds while the server is failing)."""
-        pool = self._transport or httpx.AsyncHTTPTransport()
         async with httpx.AsyncClient(
             base_url=self.base_url + "/",
             timeout=self.timeout,
-            transport=pool,
+            transport=self._transport,
             headers=self._headers,
         ) as client:
-            self._client, self._pool = client, pool
+            self._client = client
             try:
                 task_status.started()
                 while True:
@@ -247,7 +249,8 @@ class HttpBackend(Backend):
                         interval = min(interval, 5.0)
                     await trio.sleep(interval)
             finally:
-                self._client = self._pool = None
+                self._client = None
+                self._targets.clear()
 
     async def probe(self) -> None:
         """Ask the server for its catalog and set the model's state from it."""
@@ -316,22 +319,23 @@ class HttpBackend(Backend):
         loaded.
 
         Every answer takes this path, so it goes to the client's transport
-        directly: httpx's request and response types, its connection pool,
-        timeouts and error mapping, without the client's per-request work
-        (merging URLs, headers and cookies, auth and redirect flows, event
-        hooks), which cost the worker ~0.4 ms of CPU an answer
-        (benchmarks/compare_backend_clients.py).
+        for the URL directly (its connection pool, or a proxy from the
+        environment): httpx's request and response types, timeouts and
+        error mapping, without the client's per-request work (merging URLs,
+        headers and cookies, auth and redirect flows, event hooks), which
+        cost the worker ~0.3 ms of CPU an answer
+        (benchmarks/compare_backend_clients.py). Credentials in the base
+        URL are sent as HTTP Basic, as the client would.
         """
         what = f"POST {path} on the {self.where}"
-        if self._pool is None:
-            raise BackendUnavailable(f"model {self.name}: backend is not running")
+        url, transport = self._target(path)
         request = httpx.Request(
-            "POST", self._url(path), headers=self._stream_headers,
+            "POST", url, headers=self._stream_headers,
             content=json.dumps(body, ensure_ascii=False, separators=(",", ":"),
                                allow_nan=False).encode(),
             extensions={"timeout": self.timeout.as_dict()})
         try:
-            response = await self._pool.handle_async_request(request)
+            response = await transport.handle_async_request(request)
             try:
                 if response.status_code >= 400:
                     body_start = b""
