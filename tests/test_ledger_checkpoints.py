@@ -144,6 +144,23 @@ def test_an_erasure_after_a_checkpoint_redacts_every_stored_copy(tmp_path: Path)
     assert b"dave" not in (tmp_path / "late.db").read_bytes()
 
 
+def test_a_node_that_erased_a_user_stores_no_older_checkpoint_naming_them(
+        tmp_path: Path) -> None:
+    """A returning node that already applied an erasure loads a checkpoint
+    made before it: the copy it keeps (and serves) is redacted too."""
+    erasure = next(i for i, e in enumerate(EVENTS) if e.kind == "user.erased")
+    maker = open_store(tmp_path / "maker.db")
+    maker.ingest([e.raw for e in EVENTS[:erasure]])
+    ckpt, body = checkpoint_of(maker)
+    assert b"dave" in zlib.decompress(body)
+    returning = open_store(tmp_path / "returning.db")
+    returning.ingest([EVENTS[erasure].raw])  # the erasure, held for its author's gap
+    returning.load_checkpoint(open_checkpoint(ckpt.header, body, NET), body)
+    served = returning.served_checkpoint()
+    assert served is not None and b"dave" not in zlib.decompress(served[1])
+    assert open_checkpoint(served[0], served[1], NET).header.id == ckpt.header.id
+
+
 def test_pruned_events_are_covered_not_applied_again(tmp_path: Path) -> None:
     store = open_store(tmp_path / "a.db")
     store.ingest([e.raw for e in EVENTS])

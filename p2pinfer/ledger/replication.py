@@ -382,9 +382,9 @@ class AntiEntropy:
             if ledger.checkpoints.wants(header, floor):
                 try:
                     await ledger.checkpoints.fetch(peer, header)
-                except (InvalidParams, StorageError):
+                except StorageError:
                     raise
-                except LedgerError as exc:
+                except LedgerError as exc:  # a bad checkpoint: pull what we can
                     log.warning("refused the checkpoint of %s offered by %s: %s",
                                 short(header.maker), short(peer), exc.message)
         mine = store.version_vector()

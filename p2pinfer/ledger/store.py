@@ -45,7 +45,7 @@ from ..errors import InvalidEvent, LedgerError, ReplayedEvent, StorageError, Una
 from ..identity import Identity
 from ..wire import canonical_pack, pack, unpack
 from . import views
-from .checkpoints import STATE_TABLES, Checkpoint, CheckpointHeader, redact_body
+from .checkpoints import STATE_TABLES, Checkpoint, CheckpointHeader, decode_body, redact_body
 from .clock import HybridClock, hlc_from_wall, wall_of
 from .events import (
     LOG_KINDS,
@@ -380,8 +380,7 @@ class Store:
             report.held += 1
             report.gaps[ev.author] = max(report.gaps.get(ev.author, 0), ev.seq - 1)
             return
-        self._insert(ev, applied=True)
-        self._apply(ev, report)
+        self._apply(self._insert(ev, applied=True), report)
         self.heads[ev.author] = ev.seq
         self._release(ev.author, report)  # held successors
         touched.add(ev.author)
@@ -394,17 +393,21 @@ class Store:
         views.apply(self.conn, ev)
         report.applied.append(ev)
 
-    def _insert(self, ev: Event | Stub, *, applied: bool) -> None:
-        raw, redacted = ev.raw, isinstance(ev, Stub)
+    def _insert(self, ev: Event | Stub, *, applied: bool) -> Event | Stub:
+        """Store ``ev``; returns what was stored: a stub in its place if an
+        erasure already applied lists it (it then has no effect either)."""
+        stored = ev
         if isinstance(ev, Event) and ev.kind in REDACTABLE_KINDS:
             user_id = self._redaction_of(ev.author, ev.seq, ev.hash)
             if user_id is not None and user_id == ev.body.get("user_id"):
-                raw, redacted = self._stub_of(ev.author, ev.seq, ev.hlc, ev.kind, ev.hash), True
+                stored = make_stub(self.network.network_id, ev.author, ev.seq, ev.hlc, ev.kind,
+                                   ev.hash)
         self.conn.execute(
             "INSERT INTO events (author, seq, hlc, kind, hash, raw, applied, received_at, "
             "redacted) VALUES (?,?,?,?,?,?,?,?,?)",
-            (ev.author, ev.seq, ev.hlc, ev.kind, ev.hash, raw, int(applied), self.wall(),
-             int(redacted)))
+            (ev.author, ev.seq, ev.hlc, ev.kind, ev.hash, stored.raw, int(applied), self.wall(),
+             int(isinstance(stored, Stub))))
+        return stored
 
     # -- erasure ---------------------------------------------------------------------
     def _redaction_of(self, author: str, seq: int, digest: bytes) -> str | None:
@@ -682,8 +685,6 @@ class Store:
         were pruned): a rebuild loads it and applies the events above it."""
         if not self.floor:
             return None
-        from .checkpoints import decode_body
-
         for (raw, body) in self.conn.execute(
                 "SELECT header, body FROM checkpoints ORDER BY events DESC").fetchall():
             header = CheckpointHeader.from_wire(unpack(raw))
@@ -692,8 +693,6 @@ class Store:
         raise StorageError(f"{self.path}: events were pruned to a checkpoint no longer held")
 
     def _redact_checkpoints(self, user_ids: set[str]) -> None:
-        from .checkpoints import decode_body
-
         for (cid, raw, body) in self.conn.execute(
                 "SELECT id, header, body FROM checkpoints").fetchall():
             ckpt = decode_body(CheckpointHeader.from_wire(unpack(raw)), body)
@@ -749,7 +748,8 @@ class Store:
                     except LedgerError as exc:
                         log.warning("refused a membership document in a checkpoint (%s): %s",
                                     self.metrics.reject(exc), exc.message)
-            redact_body(ckpt, self._erased_ids())
+            if redact_body(ckpt, self._erased_ids()):
+                body = None  # the bytes received still hold what was erased here
             views.clear(self.conn)
             self._load_rows(ckpt)
             touched: set[str] = set()
