@@ -310,6 +310,14 @@ async def test_api_key_guessing_over_http_is_throttled_per_client(
             r = await http.get("/api/models", headers={"X-API-Key": "p2p_guess9999999_x"})
             assert r.status_code == 429 and "Retry-After" in r.headers, r.text
             assert r.json()["error"]["type"] == "LoginThrottled"
+            # the client cannot pose as another address: forwarding headers
+            # are not trusted, whichever server (front door or node) serves
+            for i, forged in enumerate(({"X-Forwarded-For": "203.0.113.7"},
+                                        {"Forwarded": "for=203.0.113.8"},
+                                        {"X-Real-IP": "203.0.113.9"})):
+                r = await http.get("/api/models", headers={
+                    "X-API-Key": f"p2p_forge{i:07d}_x", **forged})
+                assert r.status_code == 429, (forged, r.text)
             # the client's own valid key still works
             r = await http.post("/api/inference", json=inference, headers=account.key_headers)
             assert r.status_code == 200, r.text

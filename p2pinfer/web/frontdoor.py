@@ -254,8 +254,14 @@ async def serve(spec: Mapping[str, Any]) -> None:
                    csrf_key=bytes.fromhex(spec["csrf_key"]), tls=tls is not None)
     site.url = spec.get("url")
     sock = socket.socket(fileno=int(spec["fd"]))
+    # proxy_headers=False: uvicorn would otherwise take the client's address
+    # from X-Forwarded-For (and the scheme from X-Forwarded-Proto) on any
+    # connection from 127.0.0.1, so a local client could pose as any address
+    # and escape the per-address throttles. Hypercorn, in the node, never
+    # reads them either.
     config = uvicorn.Config(
         site.app, http=guarded_protocol(settings.idle_timeout), lifespan="off",
+        proxy_headers=False,
         access_log=False, log_config=None, server_header=False,
         timeout_keep_alive=max(1, round(settings.idle_timeout)), timeout_graceful_shutdown=1,
         ssl_certfile=tls["cert"] if tls else None, ssl_keyfile=tls["key"] if tls else None)
