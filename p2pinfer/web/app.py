@@ -1,16 +1,18 @@
 """The ASGI application of the web role: every route, the error handlers of
 each dialect, and the middleware stack.
 
-Outermost first: request metrics (``node.metrics.count_request`` with the
-route template, never the raw path), security headers, the body size
-limit, then Starlette (routing and exception handlers).
+Every request enters through :class:`Edge` (the client's address, request
+metrics with the route template, never the raw path, security headers, the
+body limit), which calls the endpoint of a route of fixed path itself and
+hands anything else to Starlette (routing and exception handlers).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
-from collections.abc import MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 from starlette.applications import Starlette
@@ -29,13 +31,14 @@ from .openai_api import openai_routes
 from .openapi import openapi_document
 from .privacy import privacy_routes
 from .responses import as_error, json_error, ollama_error, openai_error
-from .security import BodyLimit, SecurityHeaders
+from .security import BodyLimit, BodyReader, add_security_headers, security_headers
 
 if TYPE_CHECKING:  # pragma: no cover
     from .site import WebSite
 
-__all__ = ["ClientSource", "IndexedRouter", "RequestCounter", "RequestMetrics", "build_app",
-           "method_label"]
+__all__ = ["Edge", "IndexedRouter", "RequestCounter", "build_app", "method_label"]
+
+Scope = MutableMapping[str, Any]
 
 log = logging.getLogger(__name__)
 
@@ -67,22 +70,6 @@ def _status_label(status: int) -> str:
     return "error"
 
 
-class ClientSource:
-    """ASGI middleware: records the client's address for the request
-    (:data:`~p2pinfer.web.inputs.current_source`)."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        client = scope.get("client") if scope["type"] == "http" else None
-        token = current_source.set(f"ip:{throttle_address(client[0])}" if client else None)
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            current_source.reset(token)
-
-
 class RequestCounter(Protocol):
     """Where HTTP requests are counted: the node-wide metrics in the node,
     a batch handed to the node in a front-door process."""
@@ -90,46 +77,136 @@ class RequestCounter(Protocol):
     def count_request(self, service: str, method: str, status: str, n: int = 1) -> None: ...
 
 
-class RequestMetrics:
-    """ASGI middleware: counts each HTTP request in ``metrics`` (service
-    ``web``, method = HTTP method and route template, status = outcome)."""
+Handler = Callable[[Request, Exception], Awaitable[Response]]
 
-    def __init__(self, app: Any, metrics: RequestCounter) -> None:
+
+class Edge:
+    """Where every HTTP request enters the app, in one ASGI frame:
+
+    - the client's address, for throttles and audit
+      (:data:`~p2pinfer.web.inputs.current_source`);
+    - its count in ``metrics`` (service ``web``, method = HTTP method and
+      route template, never the raw path; status = outcome), made before
+      the client can see the end of the response;
+    - the security headers (:func:`~p2pinfer.web.security.security_headers`);
+    - the body rules (:class:`~p2pinfer.web.security.BodyLimit`): a
+      declared length over the limit is refused before anything is read;
+    - a route of fixed path (:meth:`IndexedRouter.exact_route`: the API,
+      OpenAI and Ollama routes) has its endpoint called here, with the
+      app's exception handlers, as Starlette's own stack would; anything
+      else goes through ``app`` (Starlette: routing, path parameters,
+      static files, 404 and 405).
+
+    Each layer of ASGI middleware is a coroutine frame that every resumption
+    of the handler passes through and a wrapper every message of the
+    response passes through; the web role's five layers and Starlette's
+    four were ~25 % of a front door's CPU for a whole answer
+    (benchmarks/RESULTS.md, HTTP front door).
+
+    Args:
+        app: the Starlette app.
+        router: its router.
+        metrics: where requests are counted.
+        body: the body rules.
+        render: the error response for a request refused here (its dialect).
+        handlers: exception class -> handler, as given to Starlette; the one
+            for ``Exception`` answers and re-raises, so the server logs it,
+            as Starlette's ``ServerErrorMiddleware`` does.
+        hsts: add ``Strict-Transport-Security`` (TLS).
+    """
+
+    def __init__(self, app: Starlette, router: IndexedRouter, metrics: RequestCounter, *,
+                 body: BodyLimit, render: Callable[[Scope, P2PInferError], Response],
+                 handlers: dict[type[Exception], Handler], hsts: bool) -> None:
         self.app = app
+        self.router = router
         self.metrics = metrics
+        self.body = body
+        self.render = render
+        self.handlers = handlers
+        self.headers = security_headers(hsts=hsts)
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    def _count(self, scope: Scope, status: int) -> None:
+        template = getattr(scope.get("route"), "path", None)
+        try:
+            self.metrics.count_request(
+                "web", method_label(scope.get("method", "GET"), template), _status_label(status))
+        except Exception:  # metrics must never fail a request
+            log.exception("counting a web request failed")
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        client = scope.get("client")
+        token = current_source.set(f"ip:{throttle_address(client[0])}" if client else None)
+        reader = BodyReader(receive, self.body)
         status = 500
         counted = False
 
-        def count() -> None:
-            nonlocal counted
-            counted = True
-            template = getattr(scope.get("route"), "path", None)
-            try:
-                self.metrics.count_request(
-                    "web", method_label(scope.get("method", "GET"), template),
-                    _status_label(status))
-            except Exception:  # metrics must never fail a request
-                log.exception("counting a web request failed")
-
-        async def observe(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
+        async def respond(message: MutableMapping[str, Any]) -> None:
+            nonlocal status, counted
+            kind = message["type"]
+            if kind == "http.response.start":
                 status = int(message["status"])
-            elif message["type"] == "http.response.body" and not message.get("more_body") \
-                    and not counted:
-                count()  # before the client can see the end of the response
+                headers = add_security_headers(list(message.get("headers") or ()),
+                                               self.headers)
+                if reader.refused:
+                    headers.append((b"connection", b"close"))
+                message = {**message, "headers": headers}
+            elif kind == "http.response.body" and not counted \
+                    and not message.get("more_body"):
+                counted = True
+                self._count(scope, status)
             await send(message)
 
         try:
-            await self.app(scope, receive, observe)
+            if self.body.declared_too_big(scope):
+                reader.refused = True
+                await self.render(scope, self.body.error())(scope, receive, respond)
+                return
+            route = self.router.exact_route(scope)
+            if route is None:
+                await self.app(scope, reader, respond)
+            else:
+                await self._endpoint(route, scope, reader, respond)
         finally:
             if not counted:
-                count()
+                self._count(scope, status)
+            current_source.reset(token)
+
+    async def _endpoint(self, route: Route, scope: Scope, receive: Any, send: Any) -> None:
+        """``route``'s endpoint, as Starlette's app, router and
+        ``request_response`` would run it."""
+        scope["app"] = self.app
+        request = Request(scope, receive, send)
+        started = False
+
+        async def sender(message: MutableMapping[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            response = await route.endpoint(request)
+            await response(scope, receive, sender)
+        except Exception as exc:
+            handler = _handler_for(self.handlers, exc)
+            if handler is None or started:
+                raise
+            response = await handler(request, exc)
+            await response(scope, receive, sender)
+            if not isinstance(exc, P2PInferError | HTTPException):
+                raise  # an unexpected error: answered, and logged by the server
+            exc.__traceback__ = None  # instances may be reused: drop the frames
+
+
+def _handler_for(handlers: dict[type[Exception], Handler], exc: Exception) -> Handler | None:
+    for cls in type(exc).__mro__:
+        if cls in handlers:
+            return handlers[cls]
+    return None
 
 
 class IndexedRouter(Router):
@@ -157,9 +234,32 @@ class IndexedRouter(Router):
                    if not (isinstance(other, Route) and other.path == route.path)
                    for probe in probes):
                 shadowed.add(route.path)
+            # (Route wraps a plain function's endpoint in its own ASGI app;
+            # a coroutine function with no route middleware is what that
+            # app would await, so Edge may await it itself)
+            route.direct = (  # type: ignore[attr-defined]
+                inspect.iscoroutinefunction(route.endpoint)
+                and route.app is not route.endpoint and not getattr(route, "middleware", None))
             self.exact.setdefault(route.path, []).append(route)
         for path in shadowed:
             del self.exact[path]
+
+    def exact_route(self, scope: MutableMapping[str, Any]) -> Route | None:
+        """The route of fixed path that fully matches ``scope`` (which then
+        names it, as Starlette's routing would), if its endpoint is a
+        coroutine function that :class:`Edge` may call directly; else None."""
+        if scope["type"] != "http" or scope.get("root_path"):
+            return None
+        for route in self.exact.get(scope["path"], ()):
+            match, child_scope = route.matches(scope)
+            if match is Match.FULL:
+                if not route.direct:  # type: ignore[attr-defined]
+                    return None
+                scope.setdefault("router", self)
+                scope["route"] = route
+                scope.update(child_scope)
+                return route
+        return None
 
     async def app(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http" and not scope.get("root_path"):
@@ -226,14 +326,15 @@ def build_app(web: WebSite) -> Any:
         Mount("/static", app=StaticFiles(packages=[("p2pinfer.web", "static")]),
               name="static"),
     ]
+    router = IndexedRouter(routes)
     app = Starlette(routes=routes, exception_handlers={
         P2PInferError: on_error, HTTPException: on_http_exception, Exception: on_error})
-    app.router = IndexedRouter(routes)
+    app.router = router
 
-    def early_error(scope: dict[str, Any], err: P2PInferError) -> Response:
+    def early_error(scope: Scope, err: P2PInferError) -> Response:
         return _dialect_error(web, Request(scope), err)
 
-    limited = BodyLimit(app, limit=web.settings.max_body_bytes, render=early_error,
-                        timeout=web.settings.body_timeout)
-    return ClientSource(RequestMetrics(SecurityHeaders(limited, hsts=web.tls),
-                                       web.metrics))
+    return Edge(app, router, web.metrics,
+                body=BodyLimit(limit=web.settings.max_body_bytes,
+                               timeout=web.settings.body_timeout),
+                render=early_error, handlers=dict(app.exception_handlers), hsts=web.tls)

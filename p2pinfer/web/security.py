@@ -1,12 +1,12 @@
 """Browser-facing protections: security headers, a request body limit and
 CSRF tokens for the HTML forms.
 
-- :class:`SecurityHeaders` (ASGI middleware) adds to every response:
+- :func:`security_headers`, added to every response by the app's edge:
   ``Content-Security-Policy`` (no inline script, no framing: ``frame-ancestors
   'none'``), ``X-Content-Type-Options: nosniff``, ``X-Frame-Options: DENY``,
   ``Referrer-Policy: same-origin``, ``Cross-Origin-Opener-Policy`` and a
   ``Permissions-Policy`` that turns off what the pages never use.
-- :class:`BodyLimit` (ASGI middleware): a body larger than
+- :class:`BodyLimit` (applied by the app's edge): a body larger than
   ``[web] max_body_bytes`` is refused with 413, from ``Content-Length``
   before it is read, or while reading a chunked body.
 - :class:`CsrfGuard`: a random value in an HttpOnly, SameSite=Strict cookie,
@@ -24,16 +24,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Callable
+from collections.abc import MutableMapping
 from typing import Any
 
 import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..errors import FrameTooLarge, InvalidParams, P2PInferError, PermissionDenied
+from ..errors import FrameTooLarge, InvalidParams, PermissionDenied
 
-__all__ = ["BodyLimit", "CSP", "CsrfGuard", "SecurityHeaders"]
+__all__ = ["BodyLimit", "BodyReader", "CSP", "CsrfGuard", "add_security_headers",
+           "security_headers"]
 
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
@@ -47,114 +48,98 @@ HEADERS = {
     "permissions-policy": "camera=(), microphone=(), geolocation=(), payment=()",
 }
 
-Scope = dict[str, Any]
-ASGIApp = Callable[..., Any]
+Scope = MutableMapping[str, Any]
 
 
-class SecurityHeaders:
-    """ASGI middleware: the security headers above on every HTTP response."""
+def security_headers(*, hsts: bool = False) -> list[tuple[bytes, bytes]]:
+    """The headers above as ASGI pairs (lower-case bytes), with
+    ``Strict-Transport-Security`` when the site is served over TLS."""
+    headers = dict(HEADERS)
+    if hsts:
+        headers["strict-transport-security"] = "max-age=31536000"
+    return [(name.encode(), value.encode()) for name, value in headers.items()]
 
-    def __init__(self, app: ASGIApp, *, hsts: bool = False) -> None:
-        self.app = app
-        self.headers = dict(HEADERS)
-        if hsts:
-            self.headers["strict-transport-security"] = "max-age=31536000"
-        self._raw = [(name.encode(), value.encode()) for name, value in self.headers.items()]
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: dict[str, Any]) -> None:
-            if message["type"] == "http.response.start":
-                # ASGI header names are lower-case bytes; a response's own
-                # value of one of ours (a page's CSP, say) is kept
-                headers = list(message.get("headers") or ())
-                present = {name.lower() for name, _ in headers}
-                headers += [item for item in self._raw if item[0] not in present]
-                message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
+def add_security_headers(headers: list[tuple[bytes, bytes]],
+                         ours: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` (a response's) with each of ``ours`` it does not set
+    itself: a page's own CSP, say, is kept."""
+    present = {name.lower() for name, _ in headers}
+    return headers + [item for item in ours if item[0] not in present]
 
 
 class BodyLimit:
-    """ASGI middleware: bodies over ``limit`` bytes get 413, and bodies that
-    take more than ``timeout`` seconds to arrive get 422 (InvalidParams,
-    ``data.field = "body"``); either answer says ``Connection: close``, so
-    the server drops the connection rather than read the rest of the body.
+    """The request body rules: bodies over ``limit`` bytes get 413, and
+    bodies that take more than ``timeout`` seconds to arrive get 422
+    (InvalidParams, ``data.field = "body"``); either answer says
+    ``Connection: close``, so the server drops the connection rather than
+    read the rest of the body.
 
     HTTP servers stop timing a connection once a request's headers are in,
     so without the second rule a client sending its body a byte at a time
-    (a slow-loris) would hold a connection and a task for ever.
+    (a slow-loris) would hold a connection and a task for ever. The web
+    app's edge (:class:`~p2pinfer.web.app.Edge`) applies them: a declared
+    length over the limit is refused before the body is read
+    (:meth:`declared_too_big`), and every read goes through a
+    :class:`BodyReader`.
 
     Args:
-        app: the app.
         limit: the largest body accepted, in bytes.
-        render: makes the error response for a request (its dialect).
         timeout: seconds from the first read of the body to its last byte.
     """
 
-    def __init__(self, app: ASGIApp, *, limit: int,
-                 render: Callable[[Scope, P2PInferError], Response],
-                 timeout: float = 30.0) -> None:
-        self.app = app
+    def __init__(self, *, limit: int, timeout: float = 30.0) -> None:
         self.limit = limit
-        self.render = render
         self.timeout = timeout
 
     def error(self) -> FrameTooLarge:
         return FrameTooLarge(f"the request body is larger than {self.limit} bytes",
                              data={"limit": self.limit})
 
-    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        for name, value in scope.get("headers", []):
+    def declared_too_big(self, scope: Scope) -> bool:
+        """Whether the request's ``Content-Length`` is over the limit."""
+        for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
-                    too_big = int(value) > self.limit
+                    return int(value) > self.limit
                 except ValueError:
-                    too_big = False
-                if too_big:
-                    response = self.render(scope, self.error())
-                    response.headers["connection"] = "close"
-                    await response(scope, receive, send)
-                    return
-        seen = 0
-        deadline: float | None = None
-        complete = False
-        refused = False
+                    return False
+        return False
 
-        async def limited() -> dict[str, Any]:
-            nonlocal seen, deadline, complete, refused
-            if complete:  # later reads wait for the disconnect: no deadline
-                message: dict[str, Any] = await receive()
-                return message
-            if deadline is None:
-                deadline = anyio.current_time() + self.timeout
-            with anyio.CancelScope(deadline=deadline):
-                message = await receive()
-                if message["type"] == "http.request":
-                    seen += len(message.get("body", b""))
-                    if seen > self.limit:
-                        refused = True
-                        raise self.error()
-                    complete = not message.get("more_body", False)
-                return message
-            refused = True
-            raise InvalidParams(f"the request body did not arrive within {self.timeout:g} s",
-                                data={"field": "body", "timeout": self.timeout})
 
-        async def closing(message: dict[str, Any]) -> None:
-            if refused and message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()),
-                                                  (b"connection", b"close")]}
-            await send(message)
+class BodyReader:
+    """One request's ``receive``, under ``rules``; ``refused`` says the body
+    was refused (the response must close the connection)."""
 
-        await self.app(scope, limited, closing)
+    __slots__ = ("_receive", "_rules", "_seen", "_deadline", "_complete", "refused")
+
+    def __init__(self, receive: Any, rules: BodyLimit) -> None:
+        self._receive = receive
+        self._rules = rules
+        self._seen = 0
+        self._deadline: float | None = None
+        self._complete = False
+        self.refused = False
+
+    async def __call__(self) -> dict[str, Any]:
+        if self._complete:  # later reads wait for the disconnect: no deadline
+            message: dict[str, Any] = await self._receive()
+            return message
+        if self._deadline is None:
+            self._deadline = anyio.current_time() + self._rules.timeout
+        with anyio.CancelScope(deadline=self._deadline):
+            message = await self._receive()
+            if message["type"] == "http.request":
+                self._seen += len(message.get("body", b""))
+                if self._seen > self._rules.limit:
+                    self.refused = True
+                    raise self._rules.error()
+                self._complete = not message.get("more_body", False)
+            return message
+        self.refused = True
+        timeout = self._rules.timeout
+        raise InvalidParams(f"the request body did not arrive within {timeout:g} s",
+                            data={"field": "body", "timeout": timeout})
 
 
 class CsrfGuard:
