@@ -76,7 +76,7 @@ from .backend import (
     TextChunk,
 )
 from .openai import chat_request_body, choice_logprobs, completion_request_body
-from .remote import error_for_status, translate_http_error
+from .remote import coalesce_writes, error_for_status, translate_http_error
 from .runner import (
     RunnerFailed,
     RunnerProcess,
@@ -312,6 +312,7 @@ class LlamaCppBackend(Backend):
                                 max_keepalive_connections=slots * 2 + 4,
                                 keepalive_expiry=KEEPALIVE_EXPIRY),
         )
+        coalesce_writes(session.client)  # a request's head and body in one send
         try:
             await process.wait_healthy(session.client, self.options.startup_timeout)
             await self._warm_up(session)

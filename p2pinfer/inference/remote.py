@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpcore
 import httpx
 import trio
 
@@ -51,6 +52,7 @@ from .backend import Backend, ModelState
 __all__ = [
     "HttpBackend",
     "SSEDecoder",
+    "coalesce_writes",
     "error_for_status",
     "parse_json_line",
     "translate_http_error",
@@ -63,6 +65,9 @@ MAX_LINE = 1024 * 1024  # one SSE or NDJSON line; a larger one is not a token st
 # keeping its connection.
 DRAIN_TIMEOUT = 1.0
 MAX_ERROR_BODY = 4096
+# Bytes a connection holds back before sending without waiting for its read
+# (see _CoalescingStream).
+COALESCE_LIMIT = 64 * 1024
 
 
 def translate_http_error(exc: httpx.HTTPError, what: str) -> InferenceError:
@@ -239,6 +244,7 @@ class HttpBackend(Backend):
             transport=self._transport,
             headers=self._headers,
         ) as client:
+            coalesce_writes(client)
             self._client = client
             try:
                 task_status.started()
@@ -362,6 +368,102 @@ class HttpBackend(Backend):
             if isinstance(err, BackendUnavailable):
                 self._set_state(ModelState.ERROR, err.message)
             raise err from exc
+
+
+class _CoalescingStream(httpcore.AsyncNetworkStream):
+    """A connection whose writes wait for the next read (or close, or
+    :data:`COALESCE_LIMIT` bytes): a request's head and its body leave in
+    one send.
+
+    httpcore writes an HTTP/1.1 request's head and body separately, and the
+    server wakes for each: on loopback, with the server on the same core,
+    that is a second system call and a second switch to the server and back
+    for every answer (~2.3 switches an answer with a server on the worker's
+    core, benchmarks/RESULTS.md). A client always reads after sending a
+    request, so holding the writes until then changes nothing else; a large
+    body still leaves in pieces of about :data:`COALESCE_LIMIT` bytes."""
+
+    def __init__(self, stream: httpcore.AsyncNetworkStream) -> None:
+        self._stream = stream
+        self._held: list[bytes] = []
+        self._size = 0
+        self._timeout: float | None = None
+
+    async def _flush(self) -> None:
+        if self._held:
+            data = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+            self._held.clear()
+            self._size = 0
+            await self._stream.write(data, timeout=self._timeout)
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        if not buffer:
+            return
+        self._held.append(buffer)
+        self._size += len(buffer)
+        self._timeout = timeout
+        if self._size >= COALESCE_LIMIT:
+            await self._flush()
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        await self._flush()
+        return await self._stream.read(max_bytes, timeout=timeout)
+
+    async def aclose(self) -> None:
+        self._held.clear()  # a closed connection's request is not sent
+        await self._stream.aclose()
+
+    async def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
+                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:  # noqa: ASYNC109
+        await self._flush()  # (a proxy's CONNECT is read first anyway)
+        return _CoalescingStream(
+            await self._stream.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _CoalescingBackend(httpcore.AsyncNetworkBackend):
+    """Connections as ``backend`` makes them, each a :class:`_CoalescingStream`.
+    (The ``timeout`` arguments are httpcore's interface.)"""
+
+    def __init__(self, backend: httpcore.AsyncNetworkBackend) -> None:
+        self._backend = backend
+
+    async def connect_tcp(self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109
+                          local_address: str | None = None,
+                          socket_options: Any = None) -> httpcore.AsyncNetworkStream:
+        return _CoalescingStream(await self._backend.connect_tcp(
+            host, port, timeout=timeout, local_address=local_address,
+            socket_options=socket_options))
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,  # noqa: ASYNC109
+                                  socket_options: Any = None) -> httpcore.AsyncNetworkStream:
+        return _CoalescingStream(await self._backend.connect_unix_socket(
+            path, timeout=timeout, socket_options=socket_options))
+
+    async def sleep(self, seconds: float) -> None:
+        await self._backend.sleep(seconds)
+
+
+def coalesce_writes(client: httpx.AsyncClient) -> int:
+    """Make each of ``client``'s connection pools (its own, and those of the
+    proxies the environment names) send a request's head and body together
+    (:class:`_CoalescingStream`); returns how many pools it changed.
+
+    httpx has no setting for the network backend of the pools it builds,
+    so this replaces it on each: a transport of another kind (a test's
+    :class:`httpx.MockTransport`), or an httpx whose pools are built
+    differently, is left as it is, and requests are sent as before."""
+    changed = 0
+    for transport in (client._transport, *client._mounts.values()):
+        pool = getattr(transport, "_pool", None)
+        backend = getattr(pool, "_network_backend", None)
+        if isinstance(backend, httpcore.AsyncNetworkBackend) and not isinstance(
+                backend, _CoalescingBackend):
+            pool._network_backend = _CoalescingBackend(backend)  # type: ignore[union-attr]
+            changed += 1
+    return changed
 
 
 async def _lines(response: httpx.Response, what: str) -> AsyncIterator[str]:
