@@ -1,8 +1,9 @@
 """What a worker's HTTP client costs per answer from an OpenAI-compatible
 server, on trio: httpx's client (``client.stream``), httpx's transport
-driven directly (what the worker's backends do), httpcore (the layer under
-httpx) driven directly, and (streamed only) the worker's OpenAI-compatible
-backend itself (``backend``: request body, events decoded into chunks).
+driven directly, httpx2's transport driven directly (what the worker's
+backends do), httpcore (the layer under httpx) driven directly, and
+(streamed only) the worker's OpenAI-compatible backend itself
+(``backend``: request body, events decoded into chunks).
 
 The server is bench_http.py's instant mock (aiohttp, its own process, 16
 tokens). This process sends ``--n`` requests, ``--concurrency`` in flight,
@@ -13,6 +14,7 @@ machine. With an instant server, that CPU is the client's own cost: what
 the worker spends per answer before the model does anything.
 
 Usage: python benchmarks/compare_backend_clients.py [--n 2000] [--rounds 2] [--whole]
+[--concurrency 8]
 (needs aiohttp for the mock: pip install -e '.[bench]').
 """
 
@@ -76,9 +78,10 @@ async def with_httpx(base: str, body: dict[str, Any], n: int, concurrency: int) 
 
 async def with_httpx_transport(base: str, body: dict[str, Any], n: int,
                                concurrency: int) -> float:
-    """httpx's transport driven directly (what the worker's backends do
-    since 2026-12-07): httpx's request and response types and its error
-    mapping, without the client's per-request machinery."""
+    """httpx's transport driven directly (what the worker's backends did
+    on 2026-12-07 before moving to httpx2): httpx's request and response
+    types and its error mapping, without the client's per-request
+    machinery."""
     import httpx
 
     data = json.dumps(body).encode()
@@ -89,6 +92,33 @@ async def with_httpx_transport(base: str, body: dict[str, Any], n: int,
         async def one() -> None:
             request = httpx.Request("POST", url, headers=headers, content=data,
                                     extensions={"timeout": timeouts})
+            response = await transport.handle_async_request(request)
+            try:
+                assert response.status_code == 200
+                pending = b""
+                async for chunk in response.aiter_raw():
+                    *_, pending = (pending + chunk).split(b"\n")
+            finally:
+                await response.aclose()
+
+        return await timed(one, n, concurrency)
+
+
+async def with_httpx2_transport(base: str, body: dict[str, Any], n: int,
+                                concurrency: int) -> float:
+    """httpx2's transport driven directly (what the worker's backends do
+    since 2026-12-07, with httpx2 instead of httpx): the same API, a
+    connection pool that assigns a request in one pass."""
+    import httpx2
+
+    data = json.dumps(body).encode()
+    url = httpx2.URL(base + "/v1/chat/completions")
+    headers = {"content-type": "application/json"}
+    timeouts = {"connect": 5.0, "read": 60.0, "write": 60.0, "pool": 60.0}
+    async with httpx2.AsyncHTTPTransport() as transport:
+        async def one() -> None:
+            request = httpx2.Request("POST", url, headers=headers, content=data,
+                                     extensions={"timeout": timeouts})
             response = await transport.handle_async_request(request)
             try:
                 assert response.status_code == 200
@@ -166,12 +196,15 @@ def main() -> None:
                 time.sleep(0.05)
             base = f"http://127.0.0.1:{port_file.read_text()}"
             figures: dict[str, list[float]] = {"httpx": [], "httpx_transport": [],
-                                               "httpcore": [], "backend": []}
+                                               "httpx2_transport": [], "httpcore": [],
+                                               "backend": []}
             for _ in range(args.rounds):
                 figures["httpx"].append(trio.run(with_httpx, base, body, args.n,
                                                  args.concurrency))
                 figures["httpx_transport"].append(trio.run(
                     with_httpx_transport, base, body, args.n, args.concurrency))
+                figures["httpx2_transport"].append(trio.run(
+                    with_httpx2_transport, base, body, args.n, args.concurrency))
                 figures["httpcore"].append(trio.run(with_httpcore, base, body, args.n,
                                                     args.concurrency))
                 if not args.whole:  # the backend always streams from the server

@@ -1,5 +1,5 @@
 """The HTTP backends send a request's head and body in one write
-(:func:`p2pinfer.inference.remote.coalesce_writes`): on a real httpx
+(:func:`p2pinfer.inference.remote.coalesce_writes`): on a real httpx2
 client, with a real server and through a real proxy, and at the level of
 one connection."""
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import httpcore
-import httpx
+import httpcore2
+import httpx2
 import pytest
 import trio
 
@@ -17,7 +17,7 @@ from p2pinfer.inference import remote
 from p2pinfer.inference.remote import COALESCE_LIMIT, coalesce_writes
 
 
-class Recording(httpcore.AsyncNetworkStream):
+class Recording(httpcore2.AsyncNetworkStream):
     """A connection that records each write it is asked for."""
 
     def __init__(self) -> None:
@@ -60,7 +60,7 @@ async def test_a_large_body_leaves_in_pieces_and_close_drops_what_is_held() -> N
     assert inner.closed and inner.writes == [piece + piece]
 
 
-def _pools(client: httpx.AsyncClient) -> list[Any]:
+def _pools(client: httpx2.AsyncClient) -> list[Any]:
     return [t._pool for t in (client._transport, *client._mounts.values())  # type: ignore[attr-defined]
             if t is not None]
 
@@ -69,14 +69,14 @@ async def test_every_pool_of_a_client_is_changed_once(monkeypatch: pytest.Monkey
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    async with httpx.AsyncClient() as client:
+    async with httpx2.AsyncClient() as client:
         assert coalesce_writes(client) == 2  # its own pool and the proxy's
         assert coalesce_writes(client) == 0
         assert all(isinstance(p._network_backend, remote._CoalescingBackend)
                    for p in _pools(client))
     # a test double has no pool: left as it is
-    async with httpx.AsyncClient(transport=httpx.MockTransport(
-            lambda r: httpx.Response(200))) as client:
+    async with httpx2.AsyncClient(transport=httpx2.MockTransport(
+            lambda r: httpx2.Response(200))) as client:
         assert coalesce_writes(client) == 0
         assert (await client.get("http://example.test/")).status_code == 200
 
@@ -108,7 +108,7 @@ async def test_a_real_server_gets_the_request_in_one_piece(nursery: trio.Nursery
     listeners = await nursery.start(functools.partial(trio.serve_tcp, serve, 0,
                                                       host="127.0.0.1"))
     port = listeners[0].socket.getsockname()[1]
-    async with httpx.AsyncClient(trust_env=False) as client:
+    async with httpx2.AsyncClient(trust_env=False) as client:
         assert coalesce_writes(client) == 1
         for _ in range(2):
             r = await client.post(f"http://127.0.0.1:{port}/v1/chat/completions",

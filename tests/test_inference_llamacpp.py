@@ -13,7 +13,7 @@ from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import psutil
 import pytest
 import trio
@@ -56,7 +56,7 @@ async def direct(engine: InferenceEngine, prompt: str, **params: Any
                  ) -> tuple[str, dict[str, int], str]:
     """The same runner, asked directly and without streaming: the reference."""
     runner = runner_of(engine)
-    async with httpx.AsyncClient(headers=runner.headers(), timeout=60) as client:
+    async with httpx2.AsyncClient(headers=runner.headers(), timeout=60) as client:
         r = await client.post(f"{runner.url}/v1/chat/completions", json={
             "messages": [{"role": "user", "content": prompt}], **params})
     r.raise_for_status()
@@ -82,7 +82,7 @@ async def ask(engine: InferenceEngine, params: Any) -> tuple[list[str], Completi
 async def slots_busy(engine: InferenceEngine) -> int:
     """Sequences the runner itself is working on (its /slots endpoint)."""
     runner = runner_of(engine)
-    async with httpx.AsyncClient(headers=runner.headers(), timeout=10) as client:
+    async with httpx2.AsyncClient(headers=runner.headers(), timeout=10) as client:
         slots = (await client.get(f"{runner.url}/slots")).json()
     return sum(1 for s in slots if s["is_processing"])
 
@@ -290,7 +290,7 @@ async def test_the_runner_listens_on_loopback_and_wants_its_key(
     listening = [c.laddr for c in psutil.Process(runner.pid).net_connections("inet")
                  if c.status == psutil.CONN_LISTEN]
     assert listening and all(addr.ip == "127.0.0.1" for addr in listening)
-    async with httpx.AsyncClient(timeout=10) as client:
+    async with httpx2.AsyncClient(timeout=10) as client:
         r = await client.post(f"{runner.url}/v1/chat/completions", json={
             "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert r.status_code == 401

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 import trio
 
@@ -84,21 +84,21 @@ class FakeOllama:
     def __init__(self) -> None:
         self.chat: list[dict[str, Any]] = []
         self.tags: Any = TAGS
-        self.response: Callable[[], httpx.Response] = lambda: httpx.Response(
+        self.response: Callable[[], httpx2.Response] = lambda: httpx2.Response(
             200, content=ndjson(*map(piece, WORDS), FINAL),
             headers={"content-type": "application/x-ndjson"})
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
         if request.url.path == "/api/tags" and request.method == "GET":
-            return httpx.Response(200, json=self.tags)
+            return httpx2.Response(200, json=self.tags)
         if request.url.path == "/api/show" and request.method == "POST":
             if json.loads(request.content)["model"] in ("llama3.2", "llama3.2:latest"):
-                return httpx.Response(200, json=SHOW)
-            return httpx.Response(404, json={"error": "model not found"})
+                return httpx2.Response(200, json=SHOW)
+            return httpx2.Response(404, json={"error": "model not found"})
         if request.url.path == "/api/chat" and request.method == "POST":
             self.chat.append(json.loads(request.content))
             return self.response()
-        return httpx.Response(404, text="404 page not found")
+        return httpx2.Response(404, text="404 page not found")
 
 
 @pytest.fixture
@@ -106,7 +106,7 @@ async def ollama(nursery: trio.Nursery) -> AsyncIterator[tuple[FakeOllama, Infer
     handler = FakeOllama()
     engine = InferenceEngine()
     engine.add_model(OllamaBackend("llama3.2", base_url="http://ollama.test:11434",
-                                   transport=httpx.MockTransport(handler)), aliases=["llama"])
+                                   transport=httpx2.MockTransport(handler)), aliases=["llama"])
     await nursery.start(engine.run)
     yield handler, engine
 
@@ -166,10 +166,10 @@ async def test_catalog_and_context_length(ollama: tuple[FakeOllama, InferenceEng
 
 async def test_a_model_the_server_lacks(nursery: trio.Nursery) -> None:
     handler = FakeOllama()
-    handler.response = lambda: httpx.Response(
+    handler.response = lambda: httpx2.Response(
         404, json={"error": "model 'mistral' not found, try pulling it first"})
     engine = InferenceEngine()
-    engine.add_model(OllamaBackend("mistral", transport=httpx.MockTransport(handler)))
+    engine.add_model(OllamaBackend("mistral", transport=httpx2.MockTransport(handler)))
     await nursery.start(engine.run)
     with trio.fail_after(10):
         assert await engine.wait_settled() == {"mistral": "error"}
@@ -188,7 +188,7 @@ async def test_chunks_arrive_as_the_server_sends_them(
             await trio.sleep(0.1)
         yield ndjson(FINAL)
 
-    handler.response = lambda: httpx.Response(200, content=slow_body())
+    handler.response = lambda: httpx2.Response(200, content=slow_body())
     arrivals: list[float] = []
     with trio.fail_after(10):
         chunks, _ = await ask(engine, "hi", on_chunk=lambda _: arrivals.append(
@@ -216,11 +216,11 @@ async def test_failures_are_specific_and_the_backend_recovers(
         ollama: tuple[FakeOllama, InferenceEngine], body: bytes, status: int,
         error: type[Exception], match: str) -> None:
     handler, engine = ollama
-    handler.response = lambda: httpx.Response(status, content=body)
+    handler.response = lambda: httpx2.Response(status, content=body)
     with trio.fail_after(10):
         with pytest.raises(error, match=match):
             await ask(engine, "hi")
-        handler.response = lambda: httpx.Response(200, content=ndjson(piece("ok"), FINAL))
+        handler.response = lambda: httpx2.Response(200, content=ndjson(piece("ok"), FINAL))
         chunks, done = await ask(engine, "hi")
     assert chunks == ["ok"] and done.completion_tokens == 282
     assert engine.status("llama3.2")["free_slots"] == 4
@@ -230,7 +230,7 @@ async def test_missing_counts_are_estimated_and_flagged(
         ollama: tuple[FakeOllama, InferenceEngine]) -> None:
     handler, engine = ollama
     final = {k: v for k, v in FINAL.items() if k not in ("prompt_eval_count", "eval_count")}
-    handler.response = lambda: httpx.Response(200, content=ndjson(piece("a"), piece("b"), final))
+    handler.response = lambda: httpx2.Response(200, content=ndjson(piece("a"), piece("b"), final))
     with trio.fail_after(10):
         _, done = await ask(engine, "hi there")
     assert done.completion_tokens == 2 and not done.usage_exact and done.prompt_tokens > 0

@@ -1,6 +1,6 @@
 """The OpenAI-compatible backend: against a real llama.cpp server on
 loopback, and (for the failure cases) against real sockets that misbehave or
-an httpx MockTransport."""
+an httpx2 MockTransport."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 import trio
 
@@ -80,7 +80,7 @@ def llama_server() -> Iterator[str]:
                 pytest.fail("llama-server did not start within 60 s")
             time.sleep(0.05)
         url = found.group(1) + "/v1"
-        models = httpx.get(f"{url}/models", timeout=5,
+        models = httpx2.get(f"{url}/models", timeout=5,
                            headers={"Authorization": "Bearer sk-test"}).json()
         assert models["data"][0]["id"] == "smollm2"
         yield url
@@ -131,7 +131,7 @@ async def test_streams_from_a_real_llama_cpp_server(llama_server: str,
             engine, {"prompt": "Write a short story about a robot.", "max_tokens": 24,
                      "temperature": 0}, on_chunk=lambda _: arrivals.append(trio.current_time()))
         ended = trio.current_time()
-        async with httpx.AsyncClient(headers={"Authorization": "Bearer sk-test"}) as client:
+        async with httpx2.AsyncClient(headers={"Authorization": "Bearer sk-test"}) as client:
             plain = (await client.post(f"{llama_server}/chat/completions", json={
                 "model": "smollm2", "max_tokens": 24, "temperature": 0,
                 "messages": [{"role": "user", "content": "Write a short story about a robot."}],
@@ -192,7 +192,7 @@ async def silent_server(nursery: trio.Nursery, reply: bytes) -> int:
 
 async def test_answers_go_through_the_proxy_the_environment_names(
         nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
-    """HTTP_PROXY (as httpx reads it) is honoured for answers too, though
+    """HTTP_PROXY (as httpx2 reads it) is honoured for answers too, though
     they skip the client: a real proxy socket sees the absolute URLs."""
     seen: list[bytes] = []
 
@@ -254,7 +254,7 @@ async def test_a_stream_that_stalls_mid_answer_times_out(nursery: trio.Nursery) 
 
 async def test_answers_reuse_one_connection_to_the_server(nursery: trio.Nursery) -> None:
     """After an answer's [DONE] the rest of the body (the end of the chunked
-    encoding) is read, so the connection goes back to httpx's pool: three
+    encoding) is read, so the connection goes back to httpx2's pool: three
     answers and the catalog probe on one TCP connection (each answer opened
     a new one before)."""
     connections = 0
@@ -320,12 +320,12 @@ class FakeOpenAI:
     """A MockTransport handler whose answer the test sets."""
 
     def __init__(self) -> None:
-        self.requests: list[httpx.Request] = []
-        self.response = httpx.Response(200, content=sse(delta("ok", "stop"), "[DONE]"))
+        self.requests: list[httpx2.Request] = []
+        self.response = httpx2.Response(200, content=sse(delta("ok", "stop"), "[DONE]"))
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
         if request.url.path.endswith("/models"):
-            return httpx.Response(200, json={"object": "list", "data": [{"id": "gpt-x"}]})
+            return httpx2.Response(200, json={"object": "list", "data": [{"id": "gpt-x"}]})
         self.requests.append(request)
         return self.response
 
@@ -334,14 +334,14 @@ class FakeOpenAI:
 async def fake(nursery: trio.Nursery) -> AsyncIterator[tuple[FakeOpenAI, InferenceEngine]]:
     handler = FakeOpenAI()
     backend = OpenAIBackend("gpt", base_url="https://api.example.test/v1", api_key="sk-secret",
-                            remote_model="gpt-x", transport=httpx.MockTransport(handler))
+                            remote_model="gpt-x", transport=httpx2.MockTransport(handler))
     engine = await started_engine(nursery, backend)
     yield handler, engine
 
 
 async def test_request_shape_and_exact_usage(fake: tuple[FakeOpenAI, InferenceEngine]) -> None:
     handler, engine = fake
-    handler.response = httpx.Response(200, content=sse(
+    handler.response = httpx2.Response(200, content=sse(
         delta("Hello"), delta(" world"), delta(None, "length"),
         {"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 2,
                                   "total_tokens": 13}}, "[DONE]"))
@@ -367,7 +367,7 @@ async def test_credentials_in_the_url_are_sent_as_basic_auth(nursery: trio.Nurse
     and messages never show them."""
     handler = FakeOpenAI()
     backend = OpenAIBackend("gpt", base_url="https://p2p:sk-in-url@api.example.test/v1",
-                            remote_model="gpt-x", transport=httpx.MockTransport(handler))
+                            remote_model="gpt-x", transport=httpx2.MockTransport(handler))
     engine = await started_engine(nursery, backend)
     with trio.fail_after(10):
         assert await engine.wait_settled() == {"gpt": "loaded"}
@@ -391,7 +391,7 @@ async def test_lines_split_anywhere_and_any_line_ending_are_read_whole(
             for i in range(0, len(data), 3):
                 yield data[i:i + 3]
 
-        handler.response = httpx.Response(200, content=pieces())
+        handler.response = httpx2.Response(200, content=pieces())
         with trio.fail_after(10):
             assert await engine.wait_settled() == {"gpt": "loaded"}
             chunks, done = await ask(engine, {"prompt": "hi"})
@@ -401,33 +401,33 @@ async def test_lines_split_anywhere_and_any_line_ending_are_read_whole(
 @pytest.mark.parametrize(
     "response, error, check",
     [
-        (httpx.Response(500, json={"error": {"message": "boom inside"}}), BackendError,
+        (httpx2.Response(500, json={"error": {"message": "boom inside"}}), BackendError,
          lambda e: e.data["status"] == 500 and "boom inside" in e.message),
-        (httpx.Response(401, json={"error": {"message": "bad key"}}), BackendError,
+        (httpx2.Response(401, json={"error": {"message": "bad key"}}), BackendError,
          lambda e: e.data["status"] == 401),
-        (httpx.Response(404, json={"error": {"message": "no such model"}}), UnknownModel,
+        (httpx2.Response(404, json={"error": {"message": "no such model"}}), UnknownModel,
          lambda e: e.data["model"] == "gpt"),
-        (httpx.Response(429, headers={"retry-after": "7"}, text="slow down"), Overloaded,
+        (httpx2.Response(429, headers={"retry-after": "7"}, text="slow down"), Overloaded,
          lambda e: e.retry_after == 7.0),
-        (httpx.Response(503, text="maintenance"), BackendUnavailable, lambda e: True),
-        (httpx.Response(504, text="gateway timeout"), BackendTimeout, lambda e: True),
-        (httpx.Response(200, content=b"data: {not json\n\n"), MalformedBackendResponse,
+        (httpx2.Response(503, text="maintenance"), BackendUnavailable, lambda e: True),
+        (httpx2.Response(504, text="gateway timeout"), BackendTimeout, lambda e: True),
+        (httpx2.Response(200, content=b"data: {not json\n\n"), MalformedBackendResponse,
          lambda e: "not JSON" in e.message),
-        (httpx.Response(200, content=sse(delta("Hel"))), MalformedBackendResponse,
+        (httpx2.Response(200, content=sse(delta("Hel"))), MalformedBackendResponse,
          lambda e: "[DONE]" in e.message),
-        (httpx.Response(200, content=sse({"object": "chunk"}, "[DONE]")),
+        (httpx2.Response(200, content=sse({"object": "chunk"}, "[DONE]")),
          MalformedBackendResponse, lambda e: "choices" in e.message),
-        (httpx.Response(200, content=sse({"choices": [{"delta": {"content": 5}}]}, "[DONE]")),
+        (httpx2.Response(200, content=sse({"choices": [{"delta": {"content": 5}}]}, "[DONE]")),
          MalformedBackendResponse, lambda e: "not text" in e.message),
-        (httpx.Response(200, content=sse({"error": {"message": "overheated"}})), BackendError,
+        (httpx2.Response(200, content=sse({"error": {"message": "overheated"}})), BackendError,
          lambda e: "overheated" in e.message),
-        (httpx.Response(200, content=sse(delta("a"), {"choices": [], "usage": {
+        (httpx2.Response(200, content=sse(delta("a"), {"choices": [], "usage": {
             "prompt_tokens": -1, "completion_tokens": 1}}, "[DONE]")),
          MalformedBackendResponse, lambda e: "prompt_tokens" in e.message),
     ],
 )
 async def test_each_failure_is_a_specific_error_and_the_backend_recovers(
-        fake: tuple[FakeOpenAI, InferenceEngine], response: httpx.Response,
+        fake: tuple[FakeOpenAI, InferenceEngine], response: httpx2.Response,
         error: type[Exception], check: Callable[[Any], bool]) -> None:
     handler, engine = fake
     handler.response = response
@@ -437,7 +437,7 @@ async def test_each_failure_is_a_specific_error_and_the_backend_recovers(
         assert check(ei.value), ei.value
         assert "sk-secret" not in str(ei.value)
         assert engine.status("gpt")["free_slots"] == 4
-        handler.response = httpx.Response(200, content=sse(delta("fine", "stop"), "[DONE]"))
+        handler.response = httpx2.Response(200, content=sse(delta("fine", "stop"), "[DONE]"))
         chunks, done = await ask(engine, "hi")
     assert chunks == ["fine"] and done.finish_reason == "stop"
     assert engine.status("gpt")["requests"] == {
@@ -450,7 +450,7 @@ async def test_a_server_without_stream_usage_gets_estimates_that_say_so(
     one token per delta and ~4 characters a prompt token stand in, marked
     inexact."""
     handler, engine = fake
-    handler.response = httpx.Response(200, content=sse(
+    handler.response = httpx2.Response(200, content=sse(
         delta("Hello"), delta(" there"), delta(" friend", "stop"), "[DONE]"))
     with trio.fail_after(10):
         chunks, done = await ask(engine, {"prompt": "hello there", "max_tokens": 8})

@@ -12,7 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import msgpack
 import multiaddr
 import pytest
@@ -221,21 +221,21 @@ async def test_each_backend_failure_is_specific_and_the_worker_keeps_serving(
         nursery: trio.Nursery, refused_port: int) -> None:
     mode = {"gpt": "500"}
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         if request.url.path.endswith("/models"):
-            return httpx.Response(200, json={"data": [{"id": "gpt"}, {"id": "olla"}]})
+            return httpx2.Response(200, json={"data": [{"id": "gpt"}, {"id": "olla"}]})
         if request.url.path == "/api/tags":
-            return httpx.Response(200, json={"models": [{"name": "olla:latest"}]})
+            return httpx2.Response(200, json={"models": [{"name": "olla:latest"}]})
         if request.url.path == "/api/show":
-            return httpx.Response(404, json={"error": "not found"})
+            return httpx2.Response(404, json={"error": "not found"})
         if request.url.path == "/api/chat":
-            return httpx.Response(200, content=b'{"message": {"content": "a"}, "done": false}\n'
+            return httpx2.Response(200, content=b'{"message": {"content": "a"}, "done": false}\n'
                                                b'{"message": {"content": "b"}, "done": fal')
         if mode["gpt"] == "500":
-            return httpx.Response(500, json={"error": {"message": "kaboom"}})
+            return httpx2.Response(500, json={"error": {"message": "kaboom"}})
         body = (b'data: {"choices": [{"delta": {"content": "ok"}, "finish_reason": "stop"}]}'
                 b"\n\ndata: [DONE]\n\n")
-        return httpx.Response(200, content=body)
+        return httpx2.Response(200, content=body)
 
     async def hang(stream: trio.SocketStream) -> None:
         await trio.sleep_forever()
@@ -251,7 +251,7 @@ async def test_each_backend_failure_is_specific_and_the_worker_keeps_serving(
             {"name": "down", "backend": "openai", "url": f"http://127.0.0.1:{refused_port}/v1"},
             {"name": "slow", "backend": "ollama", "url": f"http://127.0.0.1:{silent}",
              "timeout": 0.3},
-        ]}, http_transport=httpx.MockTransport(handler))
+        ]}, http_transport=httpx2.MockTransport(handler))
     # The MockTransport replaces the network for every HTTP backend; the
     # real-socket ones get their own transports back.
     for name in ("down", "slow"):

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import jsonschema
 import ollama
 import openai
@@ -212,7 +212,7 @@ async def test_an_openai_compatible_server_s_streamed_calls_are_joined(
         return {"choices": [{"index": 0, "delta": {"tool_calls": [
             {"index": index, **fields}]}, "finish_reason": None}]}
 
-    handler.response = httpx.Response(200, content=sse(
+    handler.response = httpx2.Response(200, content=sse(
         piece(0, id="call_a", type="function", function={"name": "add", "arguments": ""}),
         piece(0, function={"arguments": '{"a": 2,'}),
         piece(1, id="call_b", type="function", function={"name": "get_weather",
@@ -222,7 +222,7 @@ async def test_an_openai_compatible_server_s_streamed_calls_are_joined(
         {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
         {"choices": [], "usage": {"prompt_tokens": 30, "completion_tokens": 20}}, "[DONE]"))
     backend = OpenAIBackend("gpt", base_url="https://api.example.test/v1",
-                            transport=httpx.MockTransport(handler))
+                            transport=httpx2.MockTransport(handler))
     engine: InferenceEngine = await started_engine(nursery, backend)
     with trio.fail_after(10):
         await engine.wait_settled()

@@ -16,7 +16,7 @@
 - ``openai.py``: any OpenAI-compatible server, SSE streaming.
 - ``ollama.py``: an Ollama server, NDJSON streaming.
 - ``synthetic.py``: an instant deterministic backend for load tests only.
-- ``remote.py``: what the HTTP backends share (httpx client, error mapping,
+- ``remote.py``: what the HTTP backends share (httpx2 client, error mapping,
   SSE and NDJSON decoding).
 - ``p2pinfer.prompts`` (below the roles): messages, sampling parameters and
   the validation of ``processPrompt`` parameters, shared with the gateway and

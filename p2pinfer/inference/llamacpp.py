@@ -54,7 +54,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import trio
 
 from ..errors import (
@@ -197,7 +197,7 @@ class _Session:
         self.process = process
         self.slots = slots
         self.repack = repack
-        self.client: httpx.AsyncClient | None = None
+        self.client: httpx2.AsyncClient | None = None
         self.scope = trio.CancelScope()
         self.active = 0
         self.retiring = False
@@ -303,12 +303,12 @@ class LlamaCppBackend(Backend):
             await self._nursery.start(self._run_session, session)
         except OSError as exc:
             raise RunnerFailed(f"cannot start {self._binary}: {exc}") from exc
-        session.client = httpx.AsyncClient(
+        session.client = httpx2.AsyncClient(
             headers={**process.headers(), "Accept-Encoding": "identity"},
-            timeout=httpx.Timeout(self.options.timeout, connect=5.0),
+            timeout=httpx2.Timeout(self.options.timeout, connect=5.0),
             # llama-server (cpp-httplib) closes a connection idle for 5 s: let
             # go of ours sooner, so a request never races that close.
-            limits=httpx.Limits(max_connections=slots * 2 + 4,
+            limits=httpx2.Limits(max_connections=slots * 2 + 4,
                                 max_keepalive_connections=slots * 2 + 4,
                                 keepalive_expiry=KEEPALIVE_EXPIRY),
         )
@@ -335,7 +335,7 @@ class LlamaCppBackend(Backend):
                 timeout=self.options.startup_timeout)
             ok = r.status_code == 200
             detail = "" if ok else f"HTTP {r.status_code}: {r.text[:200]}"
-        except httpx.HTTPError as exc:
+        except httpx2.HTTPError as exc:
             ok, detail = False, f"{type(exc).__name__}"
         if ok:
             return
@@ -682,7 +682,7 @@ class LlamaCppBackend(Backend):
             sent = session.client.build_request("POST", url, json=self.request_body(request))
             try:
                 response = await session.client.send(sent, stream=True)
-            except httpx.RemoteProtocolError:
+            except httpx2.RemoteProtocolError:
                 # A kept-alive connection the runner closed as we sent (it
                 # answered nothing, so it did nothing): once more, anew.
                 if session.process.returncode is not None:
@@ -698,12 +698,12 @@ class LlamaCppBackend(Backend):
             finally:
                 with trio.CancelScope(shield=True):
                     await response.aclose()
-        except (httpx.HTTPError, RuntimeError) as exc:
-            # RuntimeError: httpx's "the client has been closed", when the
+        except (httpx2.HTTPError, RuntimeError) as exc:
+            # RuntimeError: httpx2's "the client has been closed", when the
             # runner exited between choosing it and sending.
             raise await self._lost(session, exc, what) from exc
 
-    async def _events(self, response: httpx.Response, what: str, *, completion: bool = False,
+    async def _events(self, response: httpx2.Response, what: str, *, completion: bool = False,
                       top: int | None = None) -> AsyncGenerator[StreamEvent, None]:
         """The runner's server-sent events as our events (with each token's
         log probabilities and ``top`` alternatives if ``top`` is not None).
@@ -760,7 +760,7 @@ class LlamaCppBackend(Backend):
                 raise MalformedBackendResponse(f"{what}: an event of over {MAX_EVENT} bytes")
         raise MalformedBackendResponse(f"{what}: the runner's stream ended before [DONE]")
 
-    def _error_for(self, response: httpx.Response, body: bytes) -> P2PInferError:
+    def _error_for(self, response: httpx2.Response, body: bytes) -> P2PInferError:
         try:
             obj = json.loads(body)
         except ValueError:
@@ -787,7 +787,7 @@ class LlamaCppBackend(Backend):
         return BackendError(f"model {self.name}: the runner failed: {message}",
                             data={"status": status})
 
-    async def _lost(self, session: _Session, exc: httpx.HTTPError | RuntimeError, what: str
+    async def _lost(self, session: _Session, exc: httpx2.HTTPError | RuntimeError, what: str
                     ) -> P2PInferError:
         """Our error for a broken connection to the runner: if the runner
         died, ModelUnavailable (another worker may answer)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import httpx
+import httpx2
 
 from ..errors import BackendError, MalformedBackendResponse, P2PInferError
 from .backend import (
@@ -67,7 +67,7 @@ class OllamaBackend(HttpBackend):
         timeout: float = 120.0,
         connect_timeout: float = 5.0,
         probe_interval: float = 30.0,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx2.AsyncBaseTransport | None = None,
     ) -> None:
         super().__init__(
             name,

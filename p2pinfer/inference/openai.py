@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import httpx
+import httpx2
 
 from ..errors import BackendError, MalformedBackendResponse
 from ..prompts import token_logprobs
@@ -125,7 +125,7 @@ class OpenAIBackend(HttpBackend):
         timeout: float = 60.0,
         connect_timeout: float = 5.0,
         probe_interval: float = 30.0,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx2.AsyncBaseTransport | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         super().__init__(

@@ -1,11 +1,11 @@
 """What the HTTP backends (OpenAI-compatible, Ollama) share.
 
-- :class:`HttpBackend`: owns an :class:`httpx.AsyncClient` for the life of
+- :class:`HttpBackend`: owns an :class:`httpx2.AsyncClient` for the life of
   :meth:`~HttpBackend.run`, probes the server's catalog now and then to keep
   the model's state honest, and opens streaming requests whose failures come
   out as our own errors. The transport is injectable, so tests can put an
-  :class:`httpx.MockTransport` where the network would be.
-- :func:`translate_http_error` and :func:`error_for_status`: httpx errors and
+  :class:`httpx2.MockTransport` where the network would be.
+- :func:`translate_http_error` and :func:`error_for_status`: httpx2 errors and
   HTTP statuses into the :mod:`p2pinfer.errors` tree (the boundary rule:
   ``raise OurError(...) from exc``).
 - :class:`SSEDecoder` (server-sent events) and :func:`parse_json_line` (NDJSON),
@@ -33,8 +33,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpcore
-import httpx
+import httpcore2
+import httpx2
 import trio
 
 from ..errors import (
@@ -70,18 +70,18 @@ MAX_ERROR_BODY = 4096
 COALESCE_LIMIT = 64 * 1024
 
 
-def translate_http_error(exc: httpx.HTTPError, what: str) -> InferenceError:
-    """Our error for an httpx failure while doing ``what``."""
-    if isinstance(exc, httpx.TimeoutException):
+def translate_http_error(exc: httpx2.HTTPError, what: str) -> InferenceError:
+    """Our error for an httpx2 failure while doing ``what``."""
+    if isinstance(exc, httpx2.TimeoutException):
         return BackendTimeout(f"{what}: timed out ({type(exc).__name__})")
-    if isinstance(exc, httpx.TransportError):
+    if isinstance(exc, httpx2.TransportError):
         return BackendUnavailable(f"{what}: {type(exc).__name__}: {exc}")
-    if isinstance(exc, httpx.DecodingError):
+    if isinstance(exc, httpx2.DecodingError):
         return MalformedBackendResponse(f"{what}: undecodable body: {exc}")
     return BackendError(f"{what}: {type(exc).__name__}: {exc}")
 
 
-def _retry_after(response: httpx.Response, default: float) -> float:
+def _retry_after(response: httpx2.Response, default: float) -> float:
     value = response.headers.get("retry-after", "")
     try:
         seconds = float(value)
@@ -106,7 +106,7 @@ def _error_message(body: bytes) -> str:
     return text[:300]
 
 
-def error_for_status(response: httpx.Response, body: bytes, what: str,
+def error_for_status(response: httpx2.Response, body: bytes, what: str,
                      *, model: str) -> P2PInferError:
     """Our error for a non-2xx answer (``body`` is its first bytes)."""
     status = response.status_code
@@ -181,7 +181,7 @@ class HttpBackend(Backend):
             writes and the connection pool).
         connect_timeout: seconds allowed to connect.
         probe_interval: seconds between two catalog probes.
-        transport: an httpx transport to use instead of the network.
+        transport: an httpx2 transport to use instead of the network.
         headers: sent with every request (authorization).
     """
 
@@ -195,50 +195,50 @@ class HttpBackend(Backend):
         timeout: float = 60.0,
         connect_timeout: float = 5.0,
         probe_interval: float = 30.0,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: httpx2.AsyncBaseTransport | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(name, slots=slots)
         self.base_url = base_url.rstrip("/")
         self.remote_model = remote_model
-        self.timeout = httpx.Timeout(timeout, connect=connect_timeout)
+        self.timeout = httpx2.Timeout(timeout, connect=connect_timeout)
         self.probe_interval = probe_interval
         self._transport = transport
         self._headers = dict(headers or {})
-        self._client: httpx.AsyncClient | None = None
+        self._client: httpx2.AsyncClient | None = None
         # Per request path: its URL and the client's transport for it (the
         # client's own pool, or a proxy the environment names).
-        self._targets: dict[str, tuple[httpx.URL, httpx.AsyncBaseTransport]] = {}
+        self._targets: dict[str, tuple[httpx2.URL, httpx2.AsyncBaseTransport]] = {}
         self._stream_headers = {**self._headers, "content-type": "application/json",
                                 "accept": "*/*"}
-        url = httpx.URL(self.base_url)
+        url = httpx2.URL(self.base_url)
         if (url.username or url.password) and not any(
                 k.lower() == "authorization" for k in self._headers):
             # Credentials in the URL (http://user:key@host) are sent as HTTP
-            # Basic, as httpx's client does for its other requests.
+            # Basic, as httpx2's client does for its other requests.
             pair = f"{url.username}:{url.password}".encode()
             self._stream_headers["authorization"] = "Basic " + base64.b64encode(pair).decode()
 
     @functools.cached_property
     def where(self) -> str:
         """The server, for messages (never the credentials)."""
-        url = httpx.URL(self.base_url)
+        url = httpx2.URL(self.base_url)
         return f"{self.kind} server {url.scheme}://{url.host}{f':{url.port}' if url.port else ''}"
 
-    def _target(self, path: str) -> tuple[httpx.URL, httpx.AsyncBaseTransport]:
+    def _target(self, path: str) -> tuple[httpx2.URL, httpx2.AsyncBaseTransport]:
         """``path`` under the base URL, and the transport the client uses for
         it (its connection pool, or the proxy that HTTP_PROXY, HTTPS_PROXY or
         ALL_PROXY name unless NO_PROXY excludes the host), found once."""
         hit = self._targets.get(path)
         if hit is None:
-            url = httpx.URL(self.base_url + "/" + path.lstrip("/"))
+            url = httpx2.URL(self.base_url + "/" + path.lstrip("/"))
             hit = self._targets[path] = (url, self.client()._transport_for_url(url))
         return hit
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Open the HTTP client, then probe the catalog every ``probe_interval``
         (every few seconds while the server is failing)."""
-        async with httpx.AsyncClient(
+        async with httpx2.AsyncClient(
             base_url=self.base_url + "/",
             timeout=self.timeout,
             transport=self._transport,
@@ -282,7 +282,7 @@ class HttpBackend(Backend):
                 ModelState.ERROR, f"the {self.where} does not list model {self.remote_model!r}"
             )
 
-    def client(self) -> httpx.AsyncClient:
+    def client(self) -> httpx2.AsyncClient:
         if self._client is None:
             raise BackendUnavailable(f"model {self.name}: backend is not running")
         return self._client
@@ -292,7 +292,7 @@ class HttpBackend(Backend):
         what = f"GET {path} on the {self.where}"
         try:
             response = await self.client().get(path.lstrip("/"))
-        except httpx.HTTPError as exc:
+        except httpx2.HTTPError as exc:
             raise translate_http_error(exc, what) from exc
         if response.status_code >= 400:
             raise error_for_status(response, response.content, what, model=self.name)
@@ -306,7 +306,7 @@ class HttpBackend(Backend):
         what = f"POST {path} on the {self.where}"
         try:
             response = await self.client().post(path.lstrip("/"), json=body)
-        except httpx.HTTPError as exc:
+        except httpx2.HTTPError as exc:
             raise translate_http_error(exc, what) from exc
         if response.status_code >= 400:
             raise error_for_status(response, response.content, what, model=self.name)
@@ -326,7 +326,7 @@ class HttpBackend(Backend):
 
         Every answer takes this path, so it goes to the client's transport
         for the URL directly (its connection pool, or a proxy from the
-        environment): httpx's request and response types, timeouts and
+        environment): httpx2's request and response types, timeouts and
         error mapping, without the client's per-request work (merging URLs,
         headers and cookies, auth and redirect flows, event hooks), which
         cost the worker ~0.3 ms of CPU an answer
@@ -335,7 +335,7 @@ class HttpBackend(Backend):
         """
         what = f"POST {path} on the {self.where}"
         url, transport = self._target(path)
-        request = httpx.Request(
+        request = httpx2.Request(
             "POST", url, headers=self._stream_headers,
             content=json.dumps(body, ensure_ascii=False, separators=(",", ":"),
                                allow_nan=False).encode(),
@@ -363,19 +363,19 @@ class HttpBackend(Backend):
                         pass
             finally:
                 await response.aclose()
-        except httpx.HTTPError as exc:
+        except httpx2.HTTPError as exc:
             err = translate_http_error(exc, what)
             if isinstance(err, BackendUnavailable):
                 self._set_state(ModelState.ERROR, err.message)
             raise err from exc
 
 
-class _CoalescingStream(httpcore.AsyncNetworkStream):
+class _CoalescingStream(httpcore2.AsyncNetworkStream):
     """A connection whose writes wait for the next read (or close, or
     :data:`COALESCE_LIMIT` bytes): a request's head and its body leave in
     one send.
 
-    httpcore writes an HTTP/1.1 request's head and body separately, and the
+    httpcore2 writes an HTTP/1.1 request's head and body separately, and the
     server wakes for each: on loopback, with the server on the same core,
     that is a second system call and a second switch to the server and back
     for every answer (~2.3 switches an answer with a server on the worker's
@@ -383,7 +383,7 @@ class _CoalescingStream(httpcore.AsyncNetworkStream):
     request, so holding the writes until then changes nothing else; a large
     body still leaves in pieces of about :data:`COALESCE_LIMIT` bytes."""
 
-    def __init__(self, stream: httpcore.AsyncNetworkStream) -> None:
+    def __init__(self, stream: httpcore2.AsyncNetworkStream) -> None:
         self._stream = stream
         self._held: list[bytes] = []
         self._size = 0
@@ -414,7 +414,7 @@ class _CoalescingStream(httpcore.AsyncNetworkStream):
         await self._stream.aclose()
 
     async def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
-                        timeout: float | None = None) -> httpcore.AsyncNetworkStream:  # noqa: ASYNC109
+                        timeout: float | None = None) -> httpcore2.AsyncNetworkStream:  # noqa: ASYNC109
         await self._flush()  # (a proxy's CONNECT is read first anyway)
         return _CoalescingStream(
             await self._stream.start_tls(ssl_context, server_hostname, timeout))
@@ -423,22 +423,22 @@ class _CoalescingStream(httpcore.AsyncNetworkStream):
         return self._stream.get_extra_info(info)
 
 
-class _CoalescingBackend(httpcore.AsyncNetworkBackend):
+class _CoalescingBackend(httpcore2.AsyncNetworkBackend):
     """Connections as ``backend`` makes them, each a :class:`_CoalescingStream`.
-    (The ``timeout`` arguments are httpcore's interface.)"""
+    (The ``timeout`` arguments are httpcore2's interface.)"""
 
-    def __init__(self, backend: httpcore.AsyncNetworkBackend) -> None:
+    def __init__(self, backend: httpcore2.AsyncNetworkBackend) -> None:
         self._backend = backend
 
     async def connect_tcp(self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109
                           local_address: str | None = None,
-                          socket_options: Any = None) -> httpcore.AsyncNetworkStream:
+                          socket_options: Any = None) -> httpcore2.AsyncNetworkStream:
         return _CoalescingStream(await self._backend.connect_tcp(
             host, port, timeout=timeout, local_address=local_address,
             socket_options=socket_options))
 
     async def connect_unix_socket(self, path: str, timeout: float | None = None,  # noqa: ASYNC109
-                                  socket_options: Any = None) -> httpcore.AsyncNetworkStream:
+                                  socket_options: Any = None) -> httpcore2.AsyncNetworkStream:
         return _CoalescingStream(await self._backend.connect_unix_socket(
             path, timeout=timeout, socket_options=socket_options))
 
@@ -446,27 +446,27 @@ class _CoalescingBackend(httpcore.AsyncNetworkBackend):
         await self._backend.sleep(seconds)
 
 
-def coalesce_writes(client: httpx.AsyncClient) -> int:
+def coalesce_writes(client: httpx2.AsyncClient) -> int:
     """Make each of ``client``'s connection pools (its own, and those of the
     proxies the environment names) send a request's head and body together
     (:class:`_CoalescingStream`); returns how many pools it changed.
 
-    httpx has no setting for the network backend of the pools it builds,
+    httpx2 has no setting for the network backend of the pools it builds,
     so this replaces it on each: a transport of another kind (a test's
-    :class:`httpx.MockTransport`), or an httpx whose pools are built
+    :class:`httpx2.MockTransport`), or an httpx2 whose pools are built
     differently, is left as it is, and requests are sent as before."""
     changed = 0
     for transport in (client._transport, *client._mounts.values()):
         pool = getattr(transport, "_pool", None)
         backend = getattr(pool, "_network_backend", None)
-        if isinstance(backend, httpcore.AsyncNetworkBackend) and not isinstance(
+        if isinstance(backend, httpcore2.AsyncNetworkBackend) and not isinstance(
                 backend, _CoalescingBackend):
             pool._network_backend = _CoalescingBackend(backend)  # type: ignore[union-attr]
             changed += 1
     return changed
 
 
-async def _lines(response: httpx.Response, what: str) -> AsyncIterator[str]:
+async def _lines(response: httpx2.Response, what: str) -> AsyncIterator[str]:
     """The body's lines (``\n``, ``\r\n`` or ``\r`` ends one, as in
     server-sent events), each at most :data:`MAX_LINE` bytes; a last line
     without its end is yielded too."""

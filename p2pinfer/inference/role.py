@@ -88,7 +88,7 @@ from contextlib import aclosing
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-import httpx
+import httpx2
 import trio
 
 from ..errors import InvalidParams
@@ -154,7 +154,7 @@ class InferenceRole:
     Args:
         node: the node (its config and registry); outside a node,
             :class:`p2pinfer.testing.FakeContext`.
-        http_transport: an httpx transport for every HTTP backend (tests).
+        http_transport: an httpx2 transport for every HTTP backend (tests).
 
     Raises:
         ConfigError: a bad ``[inference]`` or ``[[models]]`` value, named.
@@ -163,7 +163,7 @@ class InferenceRole:
     name = "inference"
 
     def __init__(self, node: RoleContext, *,
-                 http_transport: httpx.AsyncBaseTransport | None = None) -> None:
+                 http_transport: httpx2.AsyncBaseTransport | None = None) -> None:
         self.node = node
         self.settings = InferenceSettings.from_config(node.config)
         self.metrics = InferenceMetrics(node.registry)

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 import trio
 
 from ..errors import ConfigError
@@ -351,7 +351,7 @@ class RunnerProcess:
         """The runner's last ``n`` lines, joined (for error messages)."""
         return " | ".join(list(self.tail)[-n:])
 
-    async def wait_healthy(self, client: httpx.AsyncClient, limit: float) -> None:
+    async def wait_healthy(self, client: httpx2.AsyncClient, limit: float) -> None:
         """Wait until the runner listens and ``/health`` answers 200.
 
         Raises:
@@ -370,7 +370,7 @@ class RunnerProcess:
                         if r.status_code == 200:
                             nursery.cancel_scope.cancel()
                             return
-                    except httpx.HTTPError:
+                    except httpx2.HTTPError:
                         pass
                     await trio.sleep(0.05)
         if self.returncode is not None:

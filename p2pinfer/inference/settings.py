@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
+import httpx2
 
 from ..config import NodeConfig, Section
 from ..errors import ConfigError
@@ -106,7 +106,7 @@ def _where(section: Section, key: str) -> str:
 
 def _check_url(section: Section, key: str, value: str) -> str:
     try:
-        url = httpx.URL(value)
+        url = httpx2.URL(value)
     except Exception as exc:
         raise ConfigError(f"{_where(section, key)}: not a URL: {value!r}") from exc
     if url.scheme not in ("http", "https") or not url.host:
@@ -203,7 +203,7 @@ class ModelEntry:
 
 
 def _build_one(m: Section, settings: InferenceSettings,
-               transport: httpx.AsyncBaseTransport | None) -> ModelEntry:
+               transport: httpx2.AsyncBaseTransport | None) -> ModelEntry:
     if "name" not in m.data:
         raise ConfigError(f"{_where(m, 'name')}: is required")
     name = _name(m, "name", m.raw("name"))
@@ -295,7 +295,7 @@ def build_models(
     tree: Mapping[str, Any],
     settings: InferenceSettings,
     *,
-    transport: httpx.AsyncBaseTransport | None = None,
+    transport: httpx2.AsyncBaseTransport | None = None,
 ) -> list[ModelEntry]:
     """The models a node serves: every ``[[models]]`` table, or the embedded
     SmolLM2 (``smollm2``, aliases ``smollm2-135m`` and ``default``) and the
@@ -305,7 +305,7 @@ def build_models(
     Args:
         tree: the whole config tree (``NodeConfig.tree``).
         settings: ``[inference]``.
-        transport: an httpx transport for every HTTP backend (tests).
+        transport: an httpx2 transport for every HTTP backend (tests).
     """
     tables = Section("", tree).get_table_list("models")
     entries: list[ModelEntry] = []
