@@ -26,6 +26,10 @@ object; among its keys:
     rps_c64_2core               as rps_c64_1core, the front door on two cores
     cpu_ms_per_answer_c64_1core CPU ms per answer of the hub, its front doors, the
                                 worker, the mock and the load generator
+    core_busy_c64_1core         share of each core used in that cell: the front
+                                door's (hub, front doors) and the other (the rest)
+    scaling_2core_bound         the most rps_c64_2core / rps_c64_1core can be with
+                                those CPU costs (see core_figures)
     c1000_errors                1,000 requests in flight at once: how many failed
     cells                       every cell: target, mode, concurrency, p50, p99, req/s
 
@@ -370,6 +374,23 @@ def profile(swarm: Swarm, out: Path, seconds: float) -> list[subprocess.Popen[by
             for name, pid in targets]
 
 
+def core_figures(cpu: dict[str, float], rps: float) -> dict[str, Any]:
+    """Where the one-core c64 cell is bound, from its CPU per answer.
+
+    ``core_busy_c64_1core``: the share of each core used (the front door's:
+    hub and front doors; the other: worker, mock and load generator); the
+    busier one is the limit. ``scaling_2core_bound``: the most two cores can
+    serve over one, ``2 * max(F, R) / (F + R)`` with F and R the CPU per
+    answer on either side: on two cores everything shares both, so the
+    ratio reaches 1.4 only where the front door's side costs at least 2.33
+    times the rest."""
+    front = cpu["hub"] + cpu["front_doors"]
+    rest = cpu["worker"] + cpu["mock"] + cpu["load_generator"]
+    return {"core_busy_c64_1core": {"front_door": round(front * rps / 1e3, 2),
+                                    "other": round(rest * rps / 1e3, 2)},
+            "scaling_2core_bound": round(2 * max(front, rest) / (front + rest), 2)}
+
+
 async def measure(swarm: Swarm, key: str, cpus: list[int], seconds: float,
                   out: dict[str, Any], profile_dir: str | None = None) -> None:
     door = f"http://127.0.0.1:{swarm.web_port}/v1/chat/completions"
@@ -405,6 +426,8 @@ async def measure(swarm: Swarm, key: str, cpus: list[int], seconds: float,
                     out[f"rps_c64_{label}"] = f["rps"]
                     out[f"overhead_p99_ms_c64_{label}"] = round(f["p99_ms"] - d["p99_ms"], 3)
                     out[f"cpu_ms_per_answer_c64_{label}"] = f.get("cpu_ms_per_answer")
+                    if label == "1core" and f.get("cpu_ms_per_answer"):
+                        out.update(core_figures(f["cpu_ms_per_answer"], f["rps"]))
                 if not stream and c == 1 and label == "1core":
                     out["overhead_p50_ms_c1"] = round(f["p50_ms"] - d["p50_ms"], 3)
                 if stream and c == 64:
