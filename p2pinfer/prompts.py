@@ -54,7 +54,7 @@ __all__ = ["CAPABILITIES", "ROLES", "EmbedRequest", "GenerationParams", "Message
            "OutputFormat",
            "ParamLimits", "PromptRequest", "Tool", "ToolCall", "missing_capability",
            "parse_embed_params", "parse_model_name", "parse_prompt_params",
-           "parse_tool_calls", "token_logprobs"]
+           "parse_tool_calls", "requested_model", "token_logprobs"]
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 MAX_SEED = 2**32 - 1
@@ -611,6 +611,24 @@ def _merge_model_config(params: dict[str, Any]) -> dict[str, Any]:
                 _raise(f"{prefix}{key}", "given twice")
             merged[name] = source[key]
     return merged
+
+
+def requested_model(params: Any) -> str | None:
+    """The model ``params`` name (``model``, or ``modelConfig.model``),
+    checked as :func:`parse_prompt_params` checks it, and nothing else: for
+    a front end that finds the model before handing the request to a
+    gateway, which checks the whole request (InvalidParams)."""
+    if isinstance(params, str):
+        return None
+    if not isinstance(params, dict):
+        _raise("params", f"must be a map (or a prompt string), got {_show(params)}")
+    model = params.get("model")
+    config = params.get("modelConfig")
+    if isinstance(config, dict) and "model" in config:
+        if "model" in params:
+            _raise("modelConfig.model", "given twice")
+        model = config["model"]
+    return None if model is None else parse_model_name(model)
 
 
 def parse_prompt_params(params: Any, limits: ParamLimits | None = None) -> PromptRequest:

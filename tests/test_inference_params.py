@@ -17,7 +17,7 @@ from p2pinfer.inference.backend import GenerationParams, Message, StopMatcher
 from p2pinfer.inference.cache import CachedAnswer, ResponseCache, cache_key
 from p2pinfer.inference.remote import SSEDecoder
 from p2pinfer.inference.settings import InferenceSettings, build_models
-from p2pinfer.prompts import ParamLimits, parse_prompt_params
+from p2pinfer.prompts import ParamLimits, parse_prompt_params, requested_model
 
 
 def test_exports() -> None:
@@ -265,3 +265,25 @@ def test_config_errors_name_the_key(tables: dict[str, Any], message: str) -> Non
     with pytest.raises(ConfigError) as ei:
         build_models(cfg.tree, InferenceSettings.from_config(cfg))
     assert message in ei.value.message
+
+
+@pytest.mark.parametrize("params", [
+    {"prompt": "hi"}, "hi", {"prompt": "hi", "model": "llama3:8b"},
+    {"messages": [{"role": "user", "content": "hi"}], "modelConfig": {"model": "org/m"}},
+    {"prompt": "hi", "model": None},
+])
+def test_the_requested_model_is_what_the_full_parse_finds(params: Any) -> None:
+    assert requested_model(params) == parse_prompt_params(params).model
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"prompt": "hi", "model": 5}, "model"),
+    ({"prompt": "hi", "model": "bad name!"}, "model"),
+    ({"prompt": "hi", "model": "a", "modelConfig": {"model": "b"}}, "modelConfig.model"),
+    (["not", "a", "map"], "params"),
+])
+def test_a_bad_model_is_refused_as_the_full_parse_refuses_it(params: Any, field: str) -> None:
+    for parse in (requested_model, parse_prompt_params):
+        with pytest.raises(InvalidParams) as info:
+            parse(params)
+        assert info.value.data["field"] == field

@@ -185,6 +185,15 @@ async def test_every_error_class_has_its_status_and_shape(tmp_path: Path,
                                      "messages[0].role")):
                     r = await http.post("/api/inference", json=body, headers=alice.key_headers)
                     assert check_error(r, 422, errors.InvalidParams)["data"]["field"] == field
+                # the credential first: a client without a valid one learns
+                # nothing of what its request lacks
+                nope = {"X-API-Key": "p2p_nope"}
+                check_error(await http.post("/api/inference", json={}, headers=nope),
+                            401, errors.InvalidApiKey)
+                r = await http.post("/v1/chat/completions", headers=nope, json={
+                    "model": "fake", "messages": [{"role": "user", "content": "x"}],
+                    "temperature": 9})
+                assert r.status_code == 401, r.text
                 r = await http.post("/api/inference", content=b"{not json",
                                     headers=alice.key_headers)
                 assert check_error(r, 422, errors.InvalidParams)["data"]["field"] == "body"
