@@ -76,49 +76,24 @@ async def with_httpx(base: str, body: dict[str, Any], n: int, concurrency: int) 
         return await timed(one, n, concurrency)
 
 
-async def with_httpx_transport(base: str, body: dict[str, Any], n: int,
-                               concurrency: int) -> float:
-    """httpx's transport driven directly (what the worker's backends did
-    on 2026-12-07 before moving to httpx2): httpx's request and response
-    types and its error mapping, without the client's per-request
-    machinery."""
-    import httpx
+async def with_transport(module: str, base: str, body: dict[str, Any], n: int,
+                         concurrency: int) -> float:
+    """The transport of ``module`` (httpx or httpx2, which share their API)
+    driven directly: its request and response types and error mapping,
+    without the client's per-request machinery. The worker's backends did
+    this on httpx on 2026-12-07 and do it on httpx2 since, whose connection
+    pool assigns a request in one pass."""
+    import importlib
 
+    http: Any = importlib.import_module(module)
     data = json.dumps(body).encode()
-    url = httpx.URL(base + "/v1/chat/completions")
+    url = http.URL(base + "/v1/chat/completions")
     headers = {"content-type": "application/json"}
     timeouts = {"connect": 5.0, "read": 60.0, "write": 60.0, "pool": 60.0}
-    async with httpx.AsyncHTTPTransport() as transport:
+    async with http.AsyncHTTPTransport() as transport:
         async def one() -> None:
-            request = httpx.Request("POST", url, headers=headers, content=data,
-                                    extensions={"timeout": timeouts})
-            response = await transport.handle_async_request(request)
-            try:
-                assert response.status_code == 200
-                pending = b""
-                async for chunk in response.aiter_raw():
-                    *_, pending = (pending + chunk).split(b"\n")
-            finally:
-                await response.aclose()
-
-        return await timed(one, n, concurrency)
-
-
-async def with_httpx2_transport(base: str, body: dict[str, Any], n: int,
-                                concurrency: int) -> float:
-    """httpx2's transport driven directly (what the worker's backends do
-    since 2026-12-07, with httpx2 instead of httpx): the same API, a
-    connection pool that assigns a request in one pass."""
-    import httpx2
-
-    data = json.dumps(body).encode()
-    url = httpx2.URL(base + "/v1/chat/completions")
-    headers = {"content-type": "application/json"}
-    timeouts = {"connect": 5.0, "read": 60.0, "write": 60.0, "pool": 60.0}
-    async with httpx2.AsyncHTTPTransport() as transport:
-        async def one() -> None:
-            request = httpx2.Request("POST", url, headers=headers, content=data,
-                                     extensions={"timeout": timeouts})
+            request = http.Request("POST", url, headers=headers, content=data,
+                                   extensions={"timeout": timeouts})
             response = await transport.handle_async_request(request)
             try:
                 assert response.status_code == 200
@@ -201,10 +176,9 @@ def main() -> None:
             for _ in range(args.rounds):
                 figures["httpx"].append(trio.run(with_httpx, base, body, args.n,
                                                  args.concurrency))
-                figures["httpx_transport"].append(trio.run(
-                    with_httpx_transport, base, body, args.n, args.concurrency))
-                figures["httpx2_transport"].append(trio.run(
-                    with_httpx2_transport, base, body, args.n, args.concurrency))
+                for module in ("httpx", "httpx2"):
+                    figures[f"{module}_transport"].append(trio.run(
+                        with_transport, module, base, body, args.n, args.concurrency))
                 figures["httpcore"].append(trio.run(with_httpcore, base, body, args.n,
                                                     args.concurrency))
                 if not args.whole:  # the backend always streams from the server
