@@ -99,9 +99,10 @@ class Edge:
 
     Each layer of ASGI middleware is a coroutine frame that every resumption
     of the handler passes through and a wrapper every message of the
-    response passes through; the web role's five layers and Starlette's
-    four were ~25 % of a front door's CPU for a whole answer
-    (benchmarks/RESULTS.md, HTTP front door).
+    response passes through: folding the web role's four layers into this
+    one and calling the endpoint here (Starlette's app, its two middleware,
+    the router and the route's wrappers skipped) cut a front door's CPU per
+    whole answer by 12-20 % (benchmarks/RESULTS.md, HTTP front door).
 
     Args:
         app: the Starlette app.
