@@ -245,34 +245,33 @@ class IndexedRouter(Router):
         for path in shadowed:
             del self.exact[path]
 
-    def exact_route(self, scope: MutableMapping[str, Any]) -> Route | None:
-        """The route of fixed path that fully matches ``scope`` (which then
-        names it, as Starlette's routing would), if its endpoint is a
-        coroutine function that :class:`Edge` may call directly; else None."""
+    def _full_match(self, scope: MutableMapping[str, Any]) -> Route | None:
+        """The indexed route that fully matches ``scope``, which then names
+        it as Starlette's routing would; None if none does."""
         if scope["type"] != "http" or scope.get("root_path"):
             return None
         for route in self.exact.get(scope["path"], ()):
             match, child_scope = route.matches(scope)
             if match is Match.FULL:
-                if not route.direct:  # type: ignore[attr-defined]
-                    return None
                 scope.setdefault("router", self)
                 scope["route"] = route
                 scope.update(child_scope)
                 return route
         return None
 
+    def exact_route(self, scope: MutableMapping[str, Any]) -> Route | None:
+        """The route of fixed path that fully matches ``scope`` (see
+        :meth:`_full_match`), if its endpoint is a coroutine function that
+        :class:`Edge` may call directly; else None."""
+        route = self._full_match(scope)
+        return route if route is not None and route.direct else None  # type: ignore[attr-defined]
+
     async def app(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and not scope.get("root_path"):
-            for route in self.exact.get(scope["path"], ()):
-                match, child_scope = route.matches(scope)
-                if match is Match.FULL:
-                    scope.setdefault("router", self)
-                    scope["route"] = route
-                    scope.update(child_scope)
-                    await route.handle(scope, receive, send)
-                    return
-        await super().app(scope, receive, send)
+        route = self._full_match(scope)
+        if route is not None:
+            await route.handle(scope, receive, send)
+        else:
+            await super().app(scope, receive, send)
 
 
 def _dialect_error(web: WebSite, request: Request, err: P2PInferError) -> Response:
