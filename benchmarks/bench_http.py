@@ -14,6 +14,9 @@ pool is itself the bottleneck at high concurrency), closed loop, ``c``
 requests in flight, each reading its whole answer (streamed answers until
 the last event). Every cell runs for ``--seconds`` after a short warm-up.
 
+The same whole answers are then asked over libp2p by an SDK client, so
+that both ways into a swarm are compared in one run.
+
 The front door (``--workers`` front-door processes, 2 by default; 0 serves
 inside the hub) is measured on one core (the hub and every process it
 starts pinned to the first CPU; the worker, the mock and this process on
@@ -30,6 +33,13 @@ object; among its keys:
                                 door's (hub, front doors) and the other (the rest)
     scaling_2core_bound         the most rps_c64_2core / rps_c64_1core can be with
                                 those CPU costs (see core_figures)
+    p2p_rps_c64_1core, p2p_rps_c64_2core, p2p_overhead_p50_ms_c1,
+    p2p_overhead_p99_ms_c64_1core, p2p_cpu_ms_per_answer_c64_1core
+                                the same whole answers over libp2p, from the SDK
+                                (``Client(bootstrap=...)`` in a process of its own,
+                                placed as the load generator), same swarm and layouts
+    http_over_p2p               rps through the front door over rps over libp2p, per layout
+    hub_cpu_ms_per_answer_c64_1core  the hub's CPU per answer on either path
     c1000_errors                1,000 requests in flight at once: how many failed
     cells                       every cell: target, mode, concurrency, p50, p99, req/s
 
@@ -182,6 +192,7 @@ class Swarm:
         self.addrs: dict[str, str] = {}
         self.hub = self._node(["hub"], layout, tables, hub_cpus, 0)
         self.worker = self._node(["worker"], layout, tables, rest, 1)
+        self.pids = {"hub": self.hub.pid, "worker": self.worker.pid, "mock": self.mock.pid}
 
     def _node(self, run: list[str], layout: dict[str, list[str]], tables: dict[str, Any],
               cpus: set[int], i: int) -> subprocess.Popen[bytes]:
@@ -253,21 +264,25 @@ def body(stream: bool) -> dict[str, Any]:
             "max_tokens": TOKENS, "stream": stream}
 
 
-def cpu_seconds(swarm: Swarm) -> dict[str, float]:
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     """CPU seconds (user + system) used so far by each part of the swarm
-    and by this process (the load generator)."""
+    (``pids``: hub, worker, mock) and by this process (the load generator)."""
     import psutil  # type: ignore[import-untyped]
 
     def used(proc: Any) -> float:
         times = proc.cpu_times()
         return float(times.user + times.system)
 
-    hub = psutil.Process(swarm.hub.pid)
+    hub = psutil.Process(pids["hub"])
     return {"hub": used(hub),
             "front_doors": sum(used(c) for c in hub.children(recursive=True)),
-            "worker": used(psutil.Process(swarm.worker.pid)),
-            "mock": used(psutil.Process(swarm.mock.pid)),
+            "worker": used(psutil.Process(pids["worker"])),
+            "mock": used(psutil.Process(pids["mock"])),
             "load_generator": used(psutil.Process())}
+
+
+def per_answer(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    return {k: round((after[k] - before[k]) * 1e3 / n, 3) for k in after}
 
 
 async def cell(url: str, headers: dict[str, str], stream: bool, concurrency: int,
@@ -313,16 +328,15 @@ async def cell(url: str, headers: dict[str, str], stream: bool, concurrency: int
         async def snapshot() -> None:
             await asyncio.sleep(warmup)
             if swarm is not None:
-                before.update(cpu_seconds(swarm))
+                before.update(cpu_seconds(swarm.pids))
 
         await asyncio.gather(snapshot(), *(loop() for _ in range(concurrency)))
         wall = time.perf_counter() - measure_from
-    out = {"p50_ms": round(median(lat) * 1e3, 3), "p99_ms": round(pct(lat, 0.99) * 1e3, 3),
-           "rps": round(len(lat) / wall), "n": len(lat), "errors": errors}
+    out: dict[str, Any] = {
+        "p50_ms": round(median(lat) * 1e3, 3), "p99_ms": round(pct(lat, 0.99) * 1e3, 3),
+        "rps": round(len(lat) / wall), "n": len(lat), "errors": errors}
     if swarm is not None and lat:
-        after = cpu_seconds(swarm)
-        out["cpu_ms_per_answer"] = {k: round((after[k] - before[k]) * 1e3 / len(lat), 3)
-                                    for k in after}
+        out["cpu_ms_per_answer"] = per_answer(before, cpu_seconds(swarm.pids), len(lat))
     return out
 
 
@@ -355,6 +369,106 @@ async def burst(url: str, headers: dict[str, str], n: int) -> dict[str, Any]:
     return {"ok": len(lat), "errors": len(errors), "error_kinds": sorted(set(errors))[:5],
             "wall_s": round(time.perf_counter() - t0, 2),
             "p50_ms": round(median(lat) * 1e3, 1), "p99_ms": round(pct(lat, 0.99) * 1e3, 1)}
+
+
+# -- the same requests over libp2p, from the SDK -----------------------------------------
+def run_p2p_load(spec_path: str) -> None:
+    """Child process: a client of the hub over libp2p (Noise, yamux, msgpack
+    RPC: ``Client(bootstrap=...)``, as a Python program using the SDK
+    would), with the same API key. It runs each cell the parent asks for on
+    standard input (one JSON line: ``c``, ``seconds``, ``warmup``) as
+    :func:`cell` does over HTTP: closed loop, whole answers of the same
+    prompt and length, the swarm's CPU per answer (this process as the load
+    generator); one JSON line back on standard output."""
+    import trio
+
+    from p2pinfer.client import Client
+    from p2pinfer.errors import P2PInferError
+
+    spec = json.loads(Path(spec_path).read_text())
+    pids = spec["pids"]
+
+    async def one_cell(client: Client, c: int, seconds: float, warmup: float
+                       ) -> dict[str, Any]:
+        lat: list[float] = []
+        errors = 0
+        before: dict[str, float] = {}
+        start = time.perf_counter()
+        measure_from = start + warmup
+        stop_at = measure_from + seconds
+
+        async def loop() -> None:
+            nonlocal errors
+            while (t0 := time.perf_counter()) < stop_at:
+                try:
+                    await client.inference("benchmark prompt", model="mock",
+                                           max_tokens=TOKENS)
+                    ok = True
+                except P2PInferError:
+                    ok = False
+                if t0 >= measure_from:
+                    if ok:
+                        lat.append(time.perf_counter() - t0)
+                    else:
+                        errors += 1
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(c):
+                nursery.start_soon(loop)
+            await trio.sleep(warmup)
+            before.update(cpu_seconds(pids))
+        wall = time.perf_counter() - measure_from
+        out: dict[str, Any] = {
+            "p50_ms": round(median(lat) * 1e3, 3), "p99_ms": round(pct(lat, 0.99) * 1e3, 3),
+            "rps": round(len(lat) / wall), "n": len(lat), "errors": errors}
+        if lat:
+            out["cpu_ms_per_answer"] = per_answer(before, cpu_seconds(pids), len(lat))
+        return out
+
+    async def main() -> None:
+        async with Client(bootstrap=[spec["addr"]], api_key=spec["key"]) as client:
+            with trio.fail_after(60):
+                await client.wait_for_model("mock")
+            await client.inference("benchmark prompt", model="mock", max_tokens=TOKENS)
+            print(json.dumps({"ready": True}), flush=True)
+            while line := await trio.to_thread.run_sync(sys.stdin.readline):
+                ask = json.loads(line)
+                result = await one_cell(client, ask["c"], ask["seconds"], ask["warmup"])
+                print(json.dumps(result), flush=True)
+
+    trio.run(main)
+
+
+class P2PLoad:
+    """The parent's handle on :func:`run_p2p_load` (a process of its own:
+    the SDK runs on trio, this process's generator on asyncio)."""
+
+    def __init__(self, swarm: Swarm, key: str, cpus: set[int]) -> None:
+        spec = swarm.base / "p2p-load.json"
+        spec.write_text(json.dumps({"addr": swarm.addrs["hub"], "key": key,
+                                    "pids": swarm.pids}))
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--p2p-load", str(spec)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=open(swarm.base / "p2p-load.log", "wb"),
+            preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+        swarm.procs.append(self.proc)
+        self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the libp2p load generator ended: {self.proc.wait()}")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    async def cell(self, concurrency: int, seconds: float, warmup: float = 0.3
+                   ) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"c": concurrency, "seconds": seconds,
+                                          "warmup": warmup}).encode() + b"\n")
+        self.proc.stdin.flush()
+        return await asyncio.to_thread(self._read)
 
 
 def profile(swarm: Swarm, out: Path, seconds: float) -> list[subprocess.Popen[bytes]]:
@@ -401,9 +515,10 @@ async def measure(swarm: Swarm, key: str, cpus: list[int], seconds: float,
     layouts = [("1core", {cpus[0]}, {cpus[1]} if len(cpus) > 1 else {cpus[0]})]
     if len(cpus) > 1:
         layouts.append(("2core", set(cpus), set(cpus)))
+    p2p = P2PLoad(swarm, key, layouts[0][2])
     for label, hub_cpus, rest in layouts:
         pin(swarm.hub.pid, hub_cpus)
-        for proc in (swarm.worker, swarm.mock):
+        for proc in (swarm.worker, swarm.mock, p2p.proc):
             pin(proc.pid, rest)
         os.sched_setaffinity(0, rest)
         await cell(door, auth, False, 16, 0.5)  # settle after the move
@@ -433,12 +548,31 @@ async def measure(swarm: Swarm, key: str, cpus: list[int], seconds: float,
                 if stream and c == 64:
                     out[f"streamed_overhead_p99_ms_c64_{label}"] = round(
                         f["p99_ms"] - d["p99_ms"], 3)
+        # The same whole answers over libp2p from the SDK, in the same layout.
+        for c in (1, 64) if label == "1core" else (64,):
+            f = await p2p.cell(c, seconds)
+            cells.append({"target": f"p2p_{label}", "mode": "whole", "c": c, **f})
+            d = direct[(False, c)]
+            if c == 1:
+                out["p2p_overhead_p50_ms_c1"] = round(f["p50_ms"] - d["p50_ms"], 3)
+            else:
+                out[f"p2p_rps_c64_{label}"] = f["rps"]
+                out[f"p2p_overhead_p99_ms_c64_{label}"] = round(f["p99_ms"] - d["p99_ms"], 3)
+                out[f"p2p_cpu_ms_per_answer_c64_{label}"] = f.get("cpu_ms_per_answer")
         if label == "2core":
             b = await burst(door, auth, 1000)
             out["c1000_errors"] = b["errors"]
             out["c1000"] = b
     if "rps_c64_2core" in out and out.get("rps_c64_1core"):
         out["scaling_2core_over_1core"] = round(out["rps_c64_2core"] / out["rps_c64_1core"], 2)
+    out["http_over_p2p"] = {
+        f"rps_c64_{label}": round(out[f"rps_c64_{label}"] / out[f"p2p_rps_c64_{label}"], 2)
+        for label, _, _ in layouts if out.get(f"p2p_rps_c64_{label}")}
+    http_cpu = out.get("cpu_ms_per_answer_c64_1core") or {}
+    p2p_cpu = out.get("p2p_cpu_ms_per_answer_c64_1core") or {}
+    if http_cpu.get("hub") and p2p_cpu.get("hub"):
+        out["hub_cpu_ms_per_answer_c64_1core"] = {"http": http_cpu["hub"],
+                                                  "p2p": p2p_cpu["hub"]}
     out["cells"] = cells
 
 
@@ -453,9 +587,13 @@ def main() -> None:
                     help="py-spy (raw stacks) of every process during the one-core "
                          "c64 whole-answer cell, into DIR")
     ap.add_argument("--mock", help=argparse.SUPPRESS)
+    ap.add_argument("--p2p-load", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.mock:
         run_mock(args.mock)
+        return
+    if args.p2p_load:
+        run_p2p_load(args.p2p_load)
         return
     seconds = 1.0 if args.quick else 5.0
     cpus = sorted(os.sched_getaffinity(0))
