@@ -1,10 +1,10 @@
 """What the HTTP backends (OpenAI-compatible, Ollama) share.
 
-- :class:`HttpBackend`: owns an :class:`httpx2.AsyncClient` for the life of
-  :meth:`~HttpBackend.run`, probes the server's catalog now and then to keep
-  the model's state honest, and opens streaming requests whose failures come
-  out as our own errors. The transport is injectable, so tests can put an
-  :class:`httpx2.MockTransport` where the network would be.
+- :class:`HttpBackend`: owns its httpx2 clients (:class:`ClientLanes`) for
+  the life of :meth:`~HttpBackend.run`, probes the server's catalog now and
+  then to keep the model's state honest, and opens streaming requests whose
+  failures come out as our own errors. The transport is injectable, so tests
+  can put an :class:`httpx2.MockTransport` where the network would be.
 - :func:`translate_http_error` and :func:`error_for_status`: httpx2 errors and
   HTTP statuses into the :mod:`p2pinfer.errors` tree (the boundary rule:
   ``raise OurError(...) from exc``).
@@ -26,10 +26,12 @@ Error mapping, for every HTTP backend:
 from __future__ import annotations
 
 import base64
+import collections
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator
+import ssl
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -50,6 +52,7 @@ from ..errors import (
 from .backend import Backend, ModelState
 
 __all__ = [
+    "ClientLanes",
     "HttpBackend",
     "SSEDecoder",
     "coalesce_writes",
@@ -68,6 +71,12 @@ MAX_ERROR_BODY = 4096
 # Bytes a connection holds back before sending without waiting for its read
 # (see _CoalescingStream).
 COALESCE_LIMIT = 64 * 1024
+# Seconds a lane (and so its connection to the server) is kept unused: the
+# keep-alive expiry httpx2's pool has by default.
+KEEPALIVE_EXPIRY = 5.0
+# A lane's pool: one connection, kept between requests.
+ONE_CONNECTION = httpx2.Limits(max_connections=1, max_keepalive_connections=1,
+                               keepalive_expiry=KEEPALIVE_EXPIRY)
 
 
 def translate_http_error(exc: httpx2.HTTPError, what: str) -> InferenceError:
@@ -169,6 +178,95 @@ class SSEDecoder:
         return [data]
 
 
+class _Lane:
+    """One httpx2 client that holds at most one connection, lent to one
+    request at a time; the URL of each request path and the transport the
+    client picks for it (its pool, or a proxy the environment names) are
+    found once."""
+
+    __slots__ = ("client", "idle_since", "targets")
+
+    def __init__(self, client: httpx2.AsyncClient) -> None:
+        self.client = client
+        self.targets: dict[str, tuple[httpx2.URL, httpx2.AsyncBaseTransport]] = {}
+        self.idle_since = 0.0
+
+    def target(self, base_url: str, path: str) -> tuple[httpx2.URL, httpx2.AsyncBaseTransport]:
+        hit = self.targets.get(path)
+        if hit is None:
+            url = httpx2.URL(base_url + "/" + path.lstrip("/"))
+            hit = self.targets[path] = (url, self.client._transport_for_url(url))
+        return hit
+
+
+class ClientLanes:
+    """httpx2 clients of one connection each, lent one request at a time.
+
+    One client for every request keeps one pool, which looks over each of
+    its connections when a request is assigned and again when a response is
+    closed: with 64 answers in flight to one server, that was a quarter of
+    what httpx2 costs the worker per answer
+    (benchmarks/compare_backend_clients.py). A lane's pool has one
+    connection, so that look is one check. A request takes the lane used
+    last (its connection is the warmest), or a new one when every lane is
+    lent (the engine's slots bound how many are); :meth:`sweep` closes the
+    lanes left unused for ``expiry`` seconds with their connections, as a
+    pool closes connections idle that long.
+
+    Args:
+        make: a new client (same base URL, headers, timeouts and TLS
+            settings for every lane; its pool of one connection).
+        expiry: seconds a lane is kept unused.
+    """
+
+    def __init__(self, make: Callable[[], httpx2.AsyncClient], *,
+                 expiry: float = KEEPALIVE_EXPIRY) -> None:
+        self._make = make
+        self._expiry = expiry
+        self._free: collections.deque[_Lane] = collections.deque()
+        self._all: set[_Lane] = set()
+        self._closed = False
+
+    def __len__(self) -> int:
+        """Lanes open, lent or free."""
+        return len(self._all)
+
+    def take(self) -> _Lane:
+        if self._free:
+            return self._free.pop()
+        if self._closed:
+            raise RuntimeError("the lanes are closed")
+        lane = _Lane(self._make())
+        coalesce_writes(lane.client)
+        self._all.add(lane)
+        return lane
+
+    def give(self, lane: _Lane) -> None:
+        if lane in self._all and not self._closed:
+            lane.idle_since = trio.current_time()
+            self._free.append(lane)
+
+    async def sweep(self) -> None:
+        """Every ``expiry`` seconds, close the lanes unused that long."""
+        while True:
+            await trio.sleep(self._expiry)
+            old = trio.current_time() - self._expiry
+            while self._free and self._free[0].idle_since <= old:
+                lane = self._free.popleft()
+                self._all.discard(lane)
+                await lane.client.aclose()
+
+    async def aclose(self) -> None:
+        """Close every lane, lent or not (their requests fail as on a closed
+        client)."""
+        self._closed = True
+        self._free.clear()
+        lanes, self._all = self._all, set()
+        with trio.CancelScope(shield=True):
+            for lane in lanes:
+                await lane.client.aclose()
+
+
 class HttpBackend(Backend):
     """Base of the backends that talk to a model server over HTTP.
 
@@ -205,10 +303,8 @@ class HttpBackend(Backend):
         self.probe_interval = probe_interval
         self._transport = transport
         self._headers = dict(headers or {})
-        self._client: httpx2.AsyncClient | None = None
-        # Per request path: its URL and the client's transport for it (the
-        # client's own pool, or a proxy the environment names).
-        self._targets: dict[str, tuple[httpx2.URL, httpx2.AsyncBaseTransport]] = {}
+        self._lanes: ClientLanes | None = None
+        self._ssl: ssl.SSLContext | None = None
         self._stream_headers = {**self._headers, "content-type": "application/json",
                                 "accept": "*/*"}
         url = httpx2.URL(self.base_url)
@@ -225,28 +321,27 @@ class HttpBackend(Backend):
         url = httpx2.URL(self.base_url)
         return f"{self.kind} server {url.scheme}://{url.host}{f':{url.port}' if url.port else ''}"
 
-    def _target(self, path: str) -> tuple[httpx2.URL, httpx2.AsyncBaseTransport]:
-        """``path`` under the base URL, and the transport the client uses for
-        it (its connection pool, or the proxy that HTTP_PROXY, HTTPS_PROXY or
-        ALL_PROXY name unless NO_PROXY excludes the host), found once."""
-        hit = self._targets.get(path)
-        if hit is None:
-            url = httpx2.URL(self.base_url + "/" + path.lstrip("/"))
-            hit = self._targets[path] = (url, self.client()._transport_for_url(url))
-        return hit
-
-    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Open the HTTP client, then probe the catalog every ``probe_interval``
-        (every few seconds while the server is failing)."""
-        async with httpx2.AsyncClient(
+    def _new_client(self) -> httpx2.AsyncClient:
+        """A lane's client: one connection, the TLS context every lane shares
+        (made once: loading the CA bundle costs ~10 ms)."""
+        if self._ssl is None:
+            self._ssl = httpx2.create_ssl_context()
+        return httpx2.AsyncClient(
             base_url=self.base_url + "/",
             timeout=self.timeout,
             transport=self._transport,
             headers=self._headers,
-        ) as client:
-            coalesce_writes(client)
-            self._client = client
-            try:
+            verify=self._ssl,
+            limits=ONE_CONNECTION,
+        )
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Open the HTTP clients, then probe the catalog every
+        ``probe_interval`` (every few seconds while the server is failing)."""
+        lanes = self._lanes = ClientLanes(self._new_client)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lanes.sweep)
                 task_status.started()
                 while True:
                     await self.probe()
@@ -254,9 +349,9 @@ class HttpBackend(Backend):
                     if self.state is not ModelState.LOADED:
                         interval = min(interval, 5.0)
                     await trio.sleep(interval)
-            finally:
-                self._client = None
-                self._targets.clear()
+        finally:
+            self._lanes = None
+            await lanes.aclose()
 
     async def probe(self) -> None:
         """Ask the server for its catalog and set the model's state from it."""
@@ -282,18 +377,22 @@ class HttpBackend(Backend):
                 ModelState.ERROR, f"the {self.where} does not list model {self.remote_model!r}"
             )
 
-    def client(self) -> httpx2.AsyncClient:
-        if self._client is None:
+    def _take_lane(self) -> tuple[ClientLanes, _Lane]:
+        lanes = self._lanes
+        if lanes is None:
             raise BackendUnavailable(f"model {self.name}: backend is not running")
-        return self._client
+        return lanes, lanes.take()
 
     async def get_json(self, path: str) -> Any:
         """GET ``path`` and decode its JSON body, with our errors."""
         what = f"GET {path} on the {self.where}"
+        lanes, lane = self._take_lane()
         try:
-            response = await self.client().get(path.lstrip("/"))
+            response = await lane.client.get(path.lstrip("/"))
         except httpx2.HTTPError as exc:
             raise translate_http_error(exc, what) from exc
+        finally:
+            lanes.give(lane)
         if response.status_code >= 400:
             raise error_for_status(response, response.content, what, model=self.name)
         try:
@@ -304,10 +403,13 @@ class HttpBackend(Backend):
     async def post_json(self, path: str, body: dict[str, Any]) -> Any:
         """POST ``body`` to ``path`` and decode the JSON answer, with our errors."""
         what = f"POST {path} on the {self.where}"
+        lanes, lane = self._take_lane()
         try:
-            response = await self.client().post(path.lstrip("/"), json=body)
+            response = await lane.client.post(path.lstrip("/"), json=body)
         except httpx2.HTTPError as exc:
             raise translate_http_error(exc, what) from exc
+        finally:
+            lanes.give(lane)
         if response.status_code >= 400:
             raise error_for_status(response, response.content, what, model=self.name)
         try:
@@ -324,17 +426,18 @@ class HttpBackend(Backend):
         a server that is reachable again after a failure marks the model
         loaded.
 
-        Every answer takes this path, so it goes to the client's transport
-        for the URL directly (its connection pool, or a proxy from the
-        environment): httpx2's request and response types, timeouts and
-        error mapping, without the client's per-request work (merging URLs,
-        headers and cookies, auth and redirect flows, event hooks), which
-        cost the worker ~0.3 ms of CPU an answer
+        Every answer takes this path, so it goes to a lane's transport for
+        the URL directly (its connection, or a proxy from the environment):
+        httpx2's request and response types, timeouts and error mapping,
+        without the client's per-request work (merging URLs, headers and
+        cookies, auth and redirect flows, event hooks), which cost the
+        worker ~0.3 ms of CPU an answer
         (benchmarks/compare_backend_clients.py). Credentials in the base
         URL are sent as HTTP Basic, as the client would.
         """
         what = f"POST {path} on the {self.where}"
-        url, transport = self._target(path)
+        lanes, lane = self._take_lane()
+        url, transport = lane.target(self.base_url, path)
         request = httpx2.Request(
             "POST", url, headers=self._stream_headers,
             content=json.dumps(body, ensure_ascii=False, separators=(",", ":"),
@@ -368,6 +471,8 @@ class HttpBackend(Backend):
             if isinstance(err, BackendUnavailable):
                 self._set_state(ModelState.ERROR, err.message)
             raise err from exc
+        finally:
+            lanes.give(lane)
 
 
 class _CoalescingStream(httpcore2.AsyncNetworkStream):
