@@ -102,6 +102,20 @@ class Server:
             await self.changed.wait()
 
 
+async def at_once(engine: InferenceEngine, n: int) -> list[list[str]]:
+    """``n`` answers asked at the same time."""
+    answers: list[list[str]] = []
+
+    async def one() -> None:
+        answers.append(await ask(engine))
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for _ in range(n):
+                nursery.start_soon(one)
+    return answers
+
+
 async def ask(engine: InferenceEngine) -> list[str]:
     chunks: list[str] = []
     async with aclosing(engine.generate(parse_prompt_params({"prompt": "hello"}))) as events:
@@ -134,19 +148,10 @@ async def test_answers_at_once_each_have_a_connection_and_keep_it(
     carrying three answers (the probe's GET went on one of them too)."""
     server = Server(hold=4)
     backend, engine, _ = await started(nursery, await server.start(nursery))
-    with trio.fail_after(10):
-        for _ in range(3):
-            answers: list[list[str]] = []
-            async with trio.open_nursery() as round_:
-                for _ in range(4):
-                    round_.start_soon(_append, answers, engine)
-            assert answers == [["Hi"]] * 4
+    for _ in range(3):
+        assert await at_once(engine, 4) == [["Hi"]] * 4
     assert sorted(server.requests) == [3, 3, 3, 3]
     assert backend._lanes is not None and len(backend._lanes) == 4
-
-
-async def _append(answers: list[list[str]], engine: InferenceEngine) -> None:
-    answers.append(await ask(engine))
 
 
 async def test_a_cancelled_answer_gives_its_lane_back(nursery: trio.Nursery) -> None:
@@ -194,10 +199,7 @@ async def test_unused_lanes_close_with_their_connections(nursery: trio.Nursery) 
 async def test_stopping_the_backend_closes_every_connection(nursery: trio.Nursery) -> None:
     server = Server(hold=3)
     backend, engine, scope = await started(nursery, await server.start(nursery))
-    with trio.fail_after(10):
-        async with trio.open_nursery() as round_:
-            for _ in range(3):
-                round_.start_soon(ask, engine)
+    await at_once(engine, 3)
     assert server.closed == 0
     scope.cancel()
     with trio.fail_after(5):
@@ -211,10 +213,7 @@ async def test_the_lanes_share_one_tls_context(nursery: trio.Nursery) -> None:
     as a default httpx2 client would."""
     server = Server(hold=2)
     backend, engine, _ = await started(nursery, await server.start(nursery))
-    with trio.fail_after(10):
-        async with trio.open_nursery() as round_:
-            for _ in range(2):
-                round_.start_soon(ask, engine)
+    await at_once(engine, 2)
     assert backend._lanes is not None
     contexts = {id(pool._ssl_context) for pool in _pools(backend)}
     assert len(contexts) == 1 and backend._ssl is not None

@@ -40,6 +40,8 @@ from p2pinfer.inference import (
 )
 from p2pinfer.inference.runner import find_llama_server
 
+from .test_http_lanes import Server
+
 
 @pytest.fixture
 def refused_port() -> Iterator[int]:
@@ -254,51 +256,18 @@ async def test_a_stream_that_stalls_mid_answer_times_out(nursery: trio.Nursery) 
 
 async def test_answers_reuse_one_connection_to_the_server(nursery: trio.Nursery) -> None:
     """After an answer's [DONE] the rest of the body (the end of the chunked
-    encoding) is read, so the connection goes back to httpx2's pool: three
-    answers and the catalog probe on one TCP connection (each answer opened
-    a new one before)."""
-    connections = 0
-    models = json.dumps({"object": "list", "data": [{"id": "remote"}]}).encode()
-    events = b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in (
-        {"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": "stop"}]},
-        {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 1}})
-    ) + b"data: [DONE]\n\n"
-
-    async def handle(stream: trio.SocketStream) -> None:
-        nonlocal connections
-        connections += 1
-        buf = b""
-        while True:
-            while b"\r\n\r\n" not in buf:
-                data = await stream.receive_some(65536)
-                if not data:
-                    return
-                buf += data
-            head, _, buf = buf.partition(b"\r\n\r\n")
-            sized = re.search(rb"(?i)content-length: *(\d+)", head)
-            length = int(sized.group(1)) if sized else 0
-            while len(buf) < length:
-                buf += await stream.receive_some(65536)
-            buf = buf[length:]
-            if head.startswith(b"GET"):
-                await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
-                                      b"content-length: %d\r\n\r\n" % len(models) + models)
-                continue
-            await stream.send_all(
-                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
-                b"transfer-encoding: chunked\r\n\r\n"
-                + f"{len(events):x}\r\n".encode() + events + b"\r\n0\r\n\r\n")
-
-    listeners = await nursery.start(partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
-    port = int(listeners[0].socket.getsockname()[1])
+    encoding) is read, so the connection is kept: three answers and the
+    catalog probe on one TCP connection (each answer opened a new one
+    before)."""
+    server = Server()
     engine = await started_engine(nursery, OpenAIBackend(
-        "remote", base_url=f"http://127.0.0.1:{port}/v1", probe_interval=3600))
+        "remote", base_url=await server.start(nursery), probe_interval=3600))
     with trio.fail_after(10):
         assert await engine.wait_settled() == {"remote": "loaded"}
         for _ in range(3):
             chunks, done = await ask(engine, "hello")
             assert chunks == ["Hi"] and done.completion_tokens == 1
-    assert connections == 1
+    assert server.requests == [3]
 
 
 # -- MockTransport: exact failure shapes ------------------------------------------------------
