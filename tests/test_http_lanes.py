@@ -11,6 +11,7 @@ import re
 from contextlib import aclosing
 from typing import Any
 
+import pytest
 import trio
 
 from p2pinfer.inference import InferenceEngine, TextChunk
@@ -224,3 +225,20 @@ def _pools(backend: OpenAIBackend) -> list[Any]:
     assert backend._lanes is not None
     return [lane.client._transport._pool  # type: ignore[attr-defined]
             for lane in backend._lanes._all]
+
+
+async def test_settings_a_client_refuses_stop_the_backend_at_its_start(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy URL in the environment that httpx2 cannot use fails the
+    backend's start, not each request later."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "ftp://proxy.example.test")
+    backend = OpenAIBackend("remote", base_url="http://127.0.0.1:9/v1", probe_interval=3600)
+    with trio.fail_after(5), pytest.raises(BaseExceptionGroup) as failed:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(backend.run)
+            nursery.cancel_scope.cancel()  # started: nothing refused it
+    assert failed.group_contains(ValueError, match="proxy", depth=1)
+    assert backend._lanes is None

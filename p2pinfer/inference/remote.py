@@ -340,6 +340,9 @@ class HttpBackend(Backend):
         ``probe_interval`` (every few seconds while the server is failing)."""
         lanes = self._lanes = ClientLanes(self._new_client)
         try:
+            # The first lane now: settings a client refuses (a proxy URL in
+            # the environment, a CA file) stop the backend at its start.
+            lanes.give(lanes.take())
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(lanes.sweep)
                 task_status.started()
