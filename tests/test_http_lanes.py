@@ -242,3 +242,15 @@ async def test_settings_a_client_refuses_stop_the_backend_at_its_start(
             nursery.cancel_scope.cancel()  # started: nothing refused it
     assert failed.group_contains(ValueError, match="proxy", depth=1)
     assert backend._lanes is None
+
+
+async def test_a_request_that_cannot_be_made_takes_no_lane_for_good(
+        nursery: trio.Nursery) -> None:
+    server = Server()
+    backend, engine, _ = await started(nursery, await server.start(nursery))
+    with pytest.raises(ValueError):
+        async with backend.open_stream("/chat/completions", {"temperature": float("nan")}):
+            pass
+    assert await ask(engine) == ["Hi"]
+    lanes = backend._lanes
+    assert lanes is not None and len(lanes) == 1 and len(lanes._free) == 1

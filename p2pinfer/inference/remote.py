@@ -439,14 +439,14 @@ class HttpBackend(Backend):
         URL are sent as HTTP Basic, as the client would.
         """
         what = f"POST {path} on the {self.where}"
+        content = json.dumps(body, ensure_ascii=False, separators=(",", ":"),
+                             allow_nan=False).encode()
         lanes, lane = self._take_lane()
-        url, transport = lane.target(self.base_url, path)
-        request = httpx2.Request(
-            "POST", url, headers=self._stream_headers,
-            content=json.dumps(body, ensure_ascii=False, separators=(",", ":"),
-                               allow_nan=False).encode(),
-            extensions={"timeout": self.timeout.as_dict()})
         try:
+            url, transport = lane.target(self.base_url, path)
+            request = httpx2.Request("POST", url, headers=self._stream_headers,
+                                     content=content,
+                                     extensions={"timeout": self.timeout.as_dict()})
             response = await transport.handle_async_request(request)
             try:
                 if response.status_code >= 400:
