@@ -41,6 +41,8 @@ Every value is checked when the role is built; a bad one raises
     #           n_threads_batch, repack, gpu_layers (layers offloaded to a GPU)
     # openai:   url, api_key, remote_model, timeout, connect_timeout, context_length
     # ollama:   url, remote_model, timeout, connect_timeout
+    #           (openai and ollama: at most ``slots`` connections to the server,
+    #           each closed after 5 s unused)
     # onnx (embeddings only): path (model.onnx; default the embedded all-MiniLM-L6-v2),
     #           tokenizer (its tokenizer.json), max_length (tokens read, 256), n_threads
     # synthetic (load tests only): tokens, token_delay, first_token_delay, context_length
