@@ -1,7 +1,8 @@
 """What a worker's HTTP client costs per answer from an OpenAI-compatible
 server, on trio: httpx's client (``client.stream``), httpx's transport
-driven directly, httpx2's transport driven directly (what the worker's
-backends do), httpcore (the layer under httpx) driven directly, and
+driven directly, httpx2's transport driven directly on one pool and on
+lanes of one connection (what the worker's backends do), httpcore (the
+layer under httpx) driven directly, and
 (streamed only) the worker's OpenAI-compatible backend itself
 (``backend``: request body, events decoded into chunks).
 
@@ -21,6 +22,7 @@ Usage: python benchmarks/compare_backend_clients.py [--n 2000] [--rounds 2] [--w
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -77,12 +79,14 @@ async def with_httpx(base: str, body: dict[str, Any], n: int, concurrency: int) 
 
 
 async def with_transport(module: str, base: str, body: dict[str, Any], n: int,
-                         concurrency: int) -> float:
+                         concurrency: int, *, lanes: bool = False) -> float:
     """The transport of ``module`` (httpx or httpx2, which share their API)
     driven directly: its request and response types and error mapping,
-    without the client's per-request machinery. The worker's backends did
-    this on httpx on 2026-12-07 and do it on httpx2 since, whose connection
-    pool assigns a request in one pass."""
+    without the client's per-request machinery (the worker's backends did
+    this on httpx's one pool until 2026-12-07). With ``lanes``, each request
+    on a client of one connection lent by
+    :class:`p2pinfer.inference.remote.ClientLanes`, as the worker's backends
+    do since: one pool looks over all its connections on each request."""
     import importlib
 
     http: Any = importlib.import_module(module)
@@ -90,20 +94,39 @@ async def with_transport(module: str, base: str, body: dict[str, Any], n: int,
     url = http.URL(base + "/v1/chat/completions")
     headers = {"content-type": "application/json"}
     timeouts = {"connect": 5.0, "read": 60.0, "write": 60.0, "pool": 60.0}
-    async with http.AsyncHTTPTransport() as transport:
-        async def one() -> None:
-            request = http.Request("POST", url, headers=headers, content=data,
-                                   extensions={"timeout": timeouts})
-            response = await transport.handle_async_request(request)
-            try:
-                assert response.status_code == 200
-                pending = b""
-                async for chunk in response.aiter_raw():
-                    *_, pending = (pending + chunk).split(b"\n")
-            finally:
-                await response.aclose()
 
+    async def send(transport: Any) -> None:
+        request = http.Request("POST", url, headers=headers, content=data,
+                               extensions={"timeout": timeouts})
+        response = await transport.handle_async_request(request)
+        try:
+            assert response.status_code == 200
+            pending = b""
+            async for chunk in response.aiter_raw():
+                *_, pending = (pending + chunk).split(b"\n")
+        finally:
+            await response.aclose()
+
+    if not lanes:
+        async with http.AsyncHTTPTransport() as transport:
+            return await timed(lambda: send(transport), n, concurrency)
+
+    from p2pinfer.inference.remote import ONE_CONNECTION, ClientLanes
+
+    tls = http.create_ssl_context()
+    pool = ClientLanes(lambda: http.AsyncClient(verify=tls, limits=ONE_CONNECTION))
+
+    async def one() -> None:
+        lane = pool.take()
+        try:
+            await send(lane.client._transport_for_url(url))
+        finally:
+            pool.give(lane)
+
+    try:
         return await timed(one, n, concurrency)
+    finally:
+        await pool.aclose()
 
 
 async def with_backend(base: str, body: dict[str, Any], n: int, concurrency: int) -> float:
@@ -171,14 +194,17 @@ def main() -> None:
                 time.sleep(0.05)
             base = f"http://127.0.0.1:{port_file.read_text()}"
             figures: dict[str, list[float]] = {"httpx": [], "httpx_transport": [],
-                                               "httpx2_transport": [], "httpcore": [],
-                                               "backend": []}
+                                               "httpx2_transport": [], "httpx2_lanes": [],
+                                               "httpcore": [], "backend": []}
             for _ in range(args.rounds):
                 figures["httpx"].append(trio.run(with_httpx, base, body, args.n,
                                                  args.concurrency))
                 for module in ("httpx", "httpx2"):
                     figures[f"{module}_transport"].append(trio.run(
                         with_transport, module, base, body, args.n, args.concurrency))
+                figures["httpx2_lanes"].append(trio.run(functools.partial(
+                    with_transport, "httpx2", base, body, args.n, args.concurrency,
+                    lanes=True)))
                 figures["httpcore"].append(trio.run(with_httpcore, base, body, args.n,
                                                     args.concurrency))
                 if not args.whole:  # the backend always streams from the server

@@ -242,7 +242,7 @@ class ClientLanes:
         return lane
 
     def give(self, lane: _Lane) -> None:
-        if lane in self._all and not self._closed:
+        if not self._closed:  # a closed lane is dropped
             lane.idle_since = trio.current_time()
             self._free.append(lane)
 
